@@ -1,0 +1,1 @@
+"""Internal torch modules (not public API)."""

@@ -1,0 +1,54 @@
+"""Parameter text shared by several public functions.
+
+Use :func:`doc_params` as a decorator; the docstring refers to the shared text as `{adata}`, `{copy}` and so on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from textwrap import dedent, indent
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+_PARAMS = {
+    "adata": "Annotated data matrix.",
+    "copy": "Return a copy instead of writing to `adata`.",
+    "device": (
+        "Torch device, e.g. `'cpu'` or `'cuda'`. `None` picks CUDA when it is available and the CPU otherwise."
+    ),
+    "random_state": (
+        "Seed for `random`, `numpy` and `torch` (and every data loader). The same seed, device and package versions "
+        "give identical results on the CPU; GPU kernels may differ slightly. `None` leaves the generators unseeded."
+    ),
+    "progress_bar": "Show one progress bar (tqdm).",
+    "layer": "Layer of `adata` holding the counts; `None` uses `adata.X`.",
+    "library_id": (
+        "Key of `adata.uns['spatial']` to use. `None` takes the only library (or the one named by `library_key`)."
+    ),
+    "spatial_key": "Key in `adata.obsm` with the spot centres in full-resolution image pixels.",
+}
+
+
+def _fmt(text: str, n: int) -> str:
+    return indent(dedent(text), " " * n).lstrip()
+
+
+def doc_params(**extra: str) -> Callable[[F], F]:
+    """Fill `{name}` placeholders in a docstring with the shared parameter text (indented as the placeholder)."""
+
+    def decorator(obj: F) -> F:
+        if obj.__doc__:
+            params = {**_PARAMS, **extra}
+            lines = []
+            for line in obj.__doc__.splitlines():
+                stripped = line.strip()
+                if stripped.startswith("{") and stripped.endswith("}") and stripped[1:-1] in params:
+                    n = len(line) - len(line.lstrip())
+                    lines.append(" " * n + _fmt(params[stripped[1:-1]], n))
+                else:
+                    lines.append(line)
+            obj.__doc__ = "\n".join(lines)
+        return obj
+
+    return decorator

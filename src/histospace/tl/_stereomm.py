@@ -1,0 +1,6 @@
+"""Placeholder: replaced by its implementation."""
+
+
+def stereomm(*args, **kwargs):  # noqa: D103
+    raise NotImplementedError("stereomm is not implemented yet")
+
