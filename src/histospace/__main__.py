@@ -1,14 +1,10 @@
-"""Command line interface (placeholder until the CLI lands)."""
+"""Entry point of `python -m histospace` and the `histospace` console script."""
 
 from __future__ import annotations
 
 import sys
 
-
-def main(argv: list[str] | None = None) -> int:  # noqa: D103
-    print("histospace: the command line is not implemented yet", file=sys.stderr)
-    return 2
-
+from ._cli import main
 
 if __name__ == "__main__":
     sys.exit(main())
