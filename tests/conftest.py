@@ -93,7 +93,7 @@ def adata_graph(adata) -> ad.AnnData:
     """`adata` with squidpy's grid graph in `obsp['spatial_connectivities']`."""
     import squidpy as sq
 
-    sq.gr.spatial_neighbors(adata, coord_type="grid", n_neighs=4)
+    sq.gr.spatial_neighbors_grid(adata, n_neighs=4)
     return adata
 
 
