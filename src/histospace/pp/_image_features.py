@@ -1,6 +1,525 @@
-"""Placeholder: replaced by its implementation."""
+"""`pp.image_features`: CNN features of H&E patches around every spot, streamed in batches."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from anndata import AnnData
+from scanpy import logging as logg
+from torch import nn
+from tqdm.auto import tqdm
+
+from histospace._nn._encoders import build_encoder, fuse_conv_bn
+from histospace._utils import check_random_state, doc_params, resolve_device, version_string
+from histospace._utils._image import PADDING, ImageSource, crop_patches, open_image, resize_patches
+
+__all__ = ["image_features"]
 
 
-def image_features(*args, **kwargs):  # noqa: D103
-    raise NotImplementedError("image_features is not implemented yet")
+@dataclass
+class _Library:
+    """One slide: its spots (row indices), image source and patch size in full-resolution pixels."""
 
+    library_id: str
+    rows: np.ndarray
+    source: ImageSource
+    patch_size_px: float
+    patch_size_um: float | None
+
+
+def _lib_entry(adata: AnnData, library_id: str) -> dict:
+    return adata.uns.get("spatial", {}).get(library_id, {}) if library_id is not None else {}
+
+
+def _image_of_library(adata: AnnData, library_id: str) -> ImageSource | None:
+    """The best image of a library: the full-resolution file, else `hires`, else `lowres` (None if none)."""
+    entry = _lib_entry(adata, library_id)
+    meta = entry.get("metadata", {}) or {}
+    sf = entry.get("scalefactors", {}) or {}
+    path = meta.get("source_image_path")
+    if isinstance(path, str | os.PathLike) and str(path):
+        if Path(path).expanduser().is_file():
+            return open_image(path, kind="fullres", scale=1.0)
+        warnings.warn(
+            f"`adata.uns['spatial'][{library_id!r}]['metadata']['source_image_path']` = {str(path)!r} does not exist; "
+            "falling back to the images in `adata.uns['spatial']`. Pass `img=` to use the full-resolution image.",
+            UserWarning,
+            stacklevel=4,
+        )
+    images = entry.get("images", {}) or {}
+    for res in ("hires", "lowres"):
+        if res in images and images[res] is not None:
+            key = f"tissue_{res}_scalef"
+            if key not in sf:
+                msg = (
+                    f"`adata.uns['spatial'][{library_id!r}]['scalefactors'][{key!r}]` not found; it is needed to map "
+                    f"`obsm['spatial']` onto the {res!r} image. Add it or pass the full-resolution image as `img=`."
+                )
+                raise KeyError(msg)
+            return open_image(
+                np.asarray(images[res]),
+                kind=res,
+                scale=float(sf[key]),
+                name=f"adata.uns['spatial'][{library_id!r}]['images'][{res!r}]",
+            )
+    return None
+
+
+def _patch_size_of_library(
+    adata: AnnData, library_id: str | None, patch_size: float | None, patch_size_um: float | None
+) -> tuple[float, float | None]:
+    """Patch size in full-resolution pixels (and in µm when known) for one library."""
+    entry = _lib_entry(adata, library_id)
+    sf = entry.get("scalefactors", {}) or {}
+    meta = entry.get("metadata", {}) or {}
+    diam_px = sf.get("spot_diameter_fullres")
+    diam_um = meta.get("spot_diameter_um")
+    px_per_um = float(diam_px) / float(diam_um) if diam_px is not None and diam_um else None
+    where = f"adata.uns['spatial'][{library_id!r}]" if library_id is not None else "adata.uns['spatial']"
+    if patch_size is not None:
+        return float(patch_size), (float(patch_size) / px_per_um if px_per_um else None)
+    if patch_size_um is not None:
+        if px_per_um is None:
+            msg = (
+                f"`patch_size_um` needs `{where}['scalefactors']['spot_diameter_fullres']` and "
+                f"`{where}['metadata']['spot_diameter_um']` to convert µm to pixels; pass `patch_size=` in "
+                "full-resolution pixels instead."
+            )
+            raise KeyError(msg)
+        return float(patch_size_um) * px_per_um, float(patch_size_um)
+    if diam_px is None:
+        msg = (
+            f"`{where}['scalefactors']['spot_diameter_fullres']` not found, so the default patch size (the spot "
+            "diameter) is unknown; pass `patch_size=` in full-resolution pixels."
+        )
+        raise KeyError(msg)
+    diam_px = float(diam_px)
+    return diam_px, (diam_px / px_per_um if px_per_um else None)
+
+
+def _resolve_libraries(
+    adata: AnnData,
+    *,
+    img,
+    img_scale: float | None,
+    library_id: str | None,
+    library_key: str | None,
+    patch_size: float | None,
+    patch_size_um: float | None,
+) -> list[_Library]:
+    spatial_uns = adata.uns.get("spatial", None)
+    libs_uns = list(spatial_uns) if isinstance(spatial_uns, dict) else []
+    n = adata.n_obs
+
+    if library_key is not None:
+        if library_key not in adata.obs:
+            msg = (
+                f"`adata.obs[{library_key!r}]` not found; pass `library_key=` naming the obs column that tells "
+                f"the slides apart (obs columns: {list(adata.obs.columns)[:10]})."
+            )
+            raise KeyError(msg)
+        col = adata.obs[library_key].astype(str).to_numpy()
+        ids = list(dict.fromkeys(col))  # order of appearance
+        if library_id is not None:
+            msg = "Pass either `library_id=` (one slide) or `library_key=` (several slides), not both."
+            raise ValueError(msg)
+        if img is not None and len(ids) > 1:
+            msg = (
+                f"`img=` gives one image but `adata.obs[{library_key!r}]` holds {len(ids)} libraries; "
+                "subset `adata` to one library or drop `img=` to use the images in `adata.uns['spatial']`."
+            )
+            raise ValueError(msg)
+        groups = [(lib, np.flatnonzero(col == lib)) for lib in ids]
+    else:
+        if library_id is not None:
+            if library_id not in libs_uns:
+                msg = (
+                    f"library_id={library_id!r} not found in `adata.uns['spatial']` (available: {libs_uns}); "
+                    "pass one of these."
+                )
+                raise KeyError(msg)
+            lib = library_id
+            if "library_id" in adata.obs:
+                others = set(adata.obs["library_id"].astype(str)) - {str(library_id)}
+                if others and str(library_id) in set(adata.obs["library_id"].astype(str)):
+                    msg = (
+                        f"`adata.obs['library_id']` also holds spots of {sorted(others)[:5]}, which would be cut from "
+                        f"the image of {library_id!r}. Pass `library_key='library_id'` to use each slide's image, or "
+                        f"subset first: `adata[adata.obs['library_id'] == {library_id!r}].copy()`."
+                    )
+                    raise ValueError(msg)
+        elif len(libs_uns) == 1:
+            lib = libs_uns[0]
+        elif len(libs_uns) > 1:
+            if img is not None:
+                lib = None
+            else:
+                msg = (
+                    f"`adata.uns['spatial']` holds {len(libs_uns)} libraries {libs_uns}; pass `library_id=` for one "
+                    "slide or `library_key='library_id'` (the obs column naming each spot's slide) for all."
+                )
+                raise ValueError(msg)
+        else:
+            lib = None
+        groups = [(lib, np.arange(n))]
+
+    out = []
+    missing = []
+    for lib, rows in groups:
+        if img is not None:
+            src = open_image(img, kind="img", scale=img_scale)
+        else:
+            if lib is None or lib not in libs_uns:
+                missing.append((lib, rows))
+                continue
+            src = _image_of_library(adata, lib)
+            if src is None:
+                missing.append((lib, rows))
+                continue
+        if img is not None and patch_size is None and patch_size_um is None and lib is None:
+            msg = (
+                "`patch_size` is needed with `img=` when `adata.uns['spatial']` has no library with "
+                "`scalefactors['spot_diameter_fullres']`; pass `patch_size=` in full-resolution pixels."
+            )
+            raise KeyError(msg)
+        ps_px, ps_um = _patch_size_of_library(adata, lib, patch_size, patch_size_um)
+        out.append(_Library(str(lib) if lib is not None else "img", rows, src, ps_px, ps_um))
+    if missing:
+        n_spots = sum(len(r) for _, r in missing)
+        names = [m[0] for m in missing]
+        if not libs_uns:
+            msg = (
+                "No image found: `adata.uns['spatial']` is missing or empty and no `img=` was given. Pass the H&E "
+                "image as `img=` (path, array or squidpy ImageContainer) or add it to `adata.uns['spatial'][library_id]`"
+                " (`images['hires']` + `scalefactors`, or `metadata['source_image_path']`)."
+            )
+        else:
+            msg = (
+                f"No image for {n_spots} spots of libraries {names}: `adata.uns['spatial'][library_id]` has no "
+                "`metadata['source_image_path']` and no `images['hires'|'lowres']` for them (libraries with data: "
+                f"{libs_uns}). Add the image, pass `img=` for one slide, or subset `adata` to slides with images."
+            )
+        raise KeyError(msg)
+    return out
+
+
+def _check_inside(adata: AnnData, libs: list[_Library], coords: np.ndarray) -> None:
+    """Raise when spot centres lie outside their image."""
+    bad = []
+    for lib in libs:
+        c = coords[lib.rows] * lib.source.scale
+        h, w = lib.source.shape
+        out = (c[:, 0] < 0) | (c[:, 1] < 0) | (c[:, 0] >= w) | (c[:, 1] >= h)
+        if out.any():
+            bad.append((lib, lib.rows[out]))
+    if bad:
+        n_bad = sum(len(r) for _, r in bad)
+        lib, rows = bad[0]
+        i = rows[0]
+        x, y = coords[i]
+        h, w = lib.source.shape
+        msg = (
+            f"{n_bad} spots lie outside their image, e.g. {adata.obs_names[i]!r} at full-resolution (x, y) = "
+            f"({x:.1f}, {y:.1f}), scaled by {lib.source.scale:g} outside {lib.source.name} of {w} x {h} px. Check "
+            "that `obsm['spatial']` holds full-resolution pixel (x, y) coordinates and that the image and scale "
+            "factors belong to this slide."
+        )
+        raise ValueError(msg)
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Batch `i` of a library: its RGB uint8 patches `(b, s, s, 3)` (cropping runs in DataLoader workers)."""
+
+    def __init__(self, source, centres, size, input_size, batch_size, exact):
+        self.source, self.centres, self.size = source, centres, size
+        self.input_size, self.batch_size, self.exact = input_size, batch_size, exact
+
+    def __len__(self):
+        return -(-self.centres.shape[0] // self.batch_size)
+
+    def __getitem__(self, i):
+        c = self.centres[i * self.batch_size : (i + 1) * self.batch_size]
+        return torch.from_numpy(crop_patches(self.source, c, self.size, self.input_size, exact=self.exact))
+
+
+@doc_params()
+def image_features(
+    adata: AnnData,
+    *,
+    img=None,
+    img_scale: float | None = None,
+    library_id: str | None = None,
+    library_key: str | None = None,
+    spatial_key: str = "spatial",
+    encoder: str | nn.Module = "densenet121",
+    weights: str | os.PathLike | None = "imagenet",
+    mean: float | tuple[float, float, float] | None = None,
+    std: float | tuple[float, float, float] | None = None,
+    tf_padding: bool = False,
+    patch_size: float | None = None,
+    patch_size_um: float | None = None,
+    input_size: int = 224,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    random_state: int | None = 0,
+    progress_bar: bool = True,
+    key_added: str = "img_features",
+    copy: bool = False,
+) -> AnnData | None:
+    """Compute CNN features of the H&E patch around every spot.
+
+    A square patch is cropped around each spot centre (`obsm[spatial_key]`, full-resolution pixels), resized to
+    `input_size`, normalised for the encoder's weights and run through the encoder in eval mode without gradients, in
+    batches (patches are never all held in memory). Global average pooling gives one feature vector per spot.
+
+    The image is the best one available, in this order:
+
+    1. `img=` (path, array or squidpy `ImageContainer`), for all spots;
+    2. the full-resolution file `uns['spatial'][library_id]['metadata']['source_image_path']` (decoded once per
+       slide; TIFFs are read lazily through `tifffile.memmap` or zarr, so memory stays bounded);
+    3. `uns['spatial'][library_id]['images']['hires']`, then `['lowres']`, with their `tissue_*_scalef`: the patch is
+       cut at `coordinates * scalef` with size `patch_size * scalef` and resized to `input_size` (bilinear, sampled
+       at the exact sub-pixel box when upsampling).
+
+    Image conversion: RGBA drops alpha, greyscale is repeated to RGB, 16-bit (and other integer) images are scaled by
+    `255 / 65535`, float images are taken as `[0, 1]` when their maximum is `<= 1`, else as `[0, 255]`.
+    Patches that run over the image border are padded with constant white (255, empty glass); spots whose centre lies
+    outside the image raise `ValueError`.
+
+    Parameters
+    ----------
+    adata
+        {adata}
+    img
+        H&E image for all spots: a path (JPEG, PNG or TIFF), a numpy array `H x W` or `H x W x C` (C = 1, 3, 4) in
+        full-resolution pixels, or a squidpy `ImageContainer`. `None` uses the images in `adata.uns['spatial']`.
+    img_scale
+        Factor from `obsm[spatial_key]` to pixels of `img`. `None`: 1 (`img` is full resolution), or the
+        `ImageContainer`'s `scale` attribute.
+    library_id
+        {library_id}
+    library_key
+        Column of `adata.obs` naming each spot's slide when `adata` holds several (e.g. `'library_id'`); each slide
+        uses its own image in `adata.uns['spatial']`.
+    spatial_key
+        {spatial_key}
+    encoder
+        `'densenet121'` (1024 features), `'resnet50'` (2048), `'mobilenet_v2'` (1280): torchvision architectures
+        with the classifier removed and global average pooling; or any `torch.nn.Module` mapping normalised
+        `(B, 3, H, W)` images to `(B, d)` features or `(B, d, h, w)` maps (averaged over `h, w`); `d` is inferred.
+        A module is put in eval mode and moved to `device` (in place). Named encoders have their BatchNorm folded
+        into the convolutions for speed (same features up to float rounding).
+    weights
+        `'imagenet'` (torchvision's ImageNet weights, downloaded and cached by torchvision; needs a connection the
+        first time), a path to a state_dict with torchvision keys (classifier keys are ignored), or `None` for random
+        initialisation seeded with `random_state` (a user module is used as given).
+    mean, std
+        Per-channel normalisation of the RGB input in `[0, 1]`: `(x - mean) / std`. `None` uses ImageNet's statistics
+        (right for torchvision weights). For the shared TF-style MobileNetV2 file pass `mean=0.5, std=0.5`.
+    tf_padding
+        Pad stride-2 convolutions like TensorFlow's 'SAME' (one extra row/column at the bottom/right) instead of
+        torchvision's symmetric padding, for weights converted from TensorFlow: the shared MobileNetV2 file reproduces
+        its TFLite original only with `tf_padding=True`. Named encoders only.
+    patch_size
+        Side of the square patch in full-resolution pixels (`224` reproduces mclSTExp on her2st).
+    patch_size_um
+        Side of the patch in µm, converted with `scalefactors['spot_diameter_fullres']` and
+        `metadata['spot_diameter_um']`. Without `patch_size` and `patch_size_um` the patch side is the spot
+        diameter, `scalefactors['spot_diameter_fullres']` (factor 1, as squidpy's image features; for tiles from
+        :func:`histospace.pp.tile_image` this is the tile).
+    input_size
+        Side in pixels of the patches given to the encoder.
+    batch_size
+        Patches per forward pass; memory use grows with it, not with the number of spots.
+    device
+        {device}
+    num_workers
+        DataLoader workers that crop patches while the encoder runs (`0`: crop in the main process).
+    random_state
+        Seed of the random initialisation when `weights=None`.
+    progress_bar
+        {progress_bar}
+    key_added
+        Key in `adata.obsm` and `adata.uns` to write.
+    copy
+        {copy}
+
+    Returns
+    -------
+    Returns `None` if `copy=False`, else returns an `AnnData` object. Sets the following fields:
+
+    `adata.obsm['img_features' | key_added]` : :class:`numpy.ndarray` (dtype `float32`)
+        Image features of shape `(n_obs, d)`.
+    `adata.uns['img_features' | key_added]` : :class:`dict`
+        `'params'`: `encoder`, `weights` (`'imagenet'`, file path, `'random'` or `'module'`), `patch_size_px`,
+        `patch_size_um` (when known), `input_size`, `image` (`'fullres'`, `'hires'`, `'lowres'` or `'img'`), `scale`,
+        `mean`, `std`, `padding` (of patches at the image border), `tf_padding` (when set), `library_ids` and, per library, `libraries[library_id]` with its own `image`,
+        `scale`, `patch_size_px`; `'version'`.
+
+    Examples
+    --------
+    >>> import histospace as hs
+    >>> adata = hs.datasets.her2st("C2")
+    >>> hs.pp.image_features(
+    ...     adata, encoder="mobilenet_v2", weights="mobilenet_v2.pt", mean=0.5, std=0.5, patch_size=224
+    ... )
+    >>> adata.obsm["img_features"].shape
+    (187, 1280)
+    """
+    # ---- check everything before the expensive work --------------------------------------------------------------
+    if not isinstance(adata, AnnData):
+        msg = f"`adata` must be an AnnData, got {type(adata).__name__}."
+        raise TypeError(msg)
+    if spatial_key not in adata.obsm:
+        msg = (
+            f"`adata.obsm[{spatial_key!r}]` not found; it must hold the spot centres in full-resolution pixels (x, y). "
+            "Load the data with a Visium reader (`sc.read_visium`, `squidpy.read.visium`) or set it, or pass "
+            "`spatial_key=`."
+        )
+        raise KeyError(msg)
+    coords = np.asarray(adata.obsm[spatial_key])
+    if coords.ndim != 2 or coords.shape[0] != adata.n_obs or coords.shape[1] < 2:
+        msg = f"`adata.obsm[{spatial_key!r}]` has shape {coords.shape}; expected ({adata.n_obs}, 2) pixel (x, y)."
+        raise ValueError(msg)
+    coords = coords[:, :2].astype(np.float64)
+    if not np.isfinite(coords).all():
+        bad = np.flatnonzero(~np.isfinite(coords).all(axis=1))
+        msg = (
+            f"`adata.obsm[{spatial_key!r}]` has NaN or infinite coordinates for {bad.size} spots, e.g. "
+            f"{adata.obs_names[bad[0]]!r}; remove these spots (`adata = adata[np.isfinite(adata.obsm[{spatial_key!r}])"
+            ".all(1)].copy()`) first."
+        )
+        raise ValueError(msg)
+    for name, v in (("patch_size", patch_size), ("patch_size_um", patch_size_um)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float | np.number) or not v > 0):
+            msg = f"`{name}` must be a positive number, got {v!r}."
+            raise ValueError(msg)
+    for name, v in (("input_size", input_size), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+            msg = f"`{name}` must be a positive integer, got {v!r}."
+            raise ValueError(msg)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int | np.integer) or num_workers < 0:
+        msg = f"`num_workers` must be a non-negative integer, got {num_workers!r}."
+        raise ValueError(msg)
+    if img_scale is not None and not img_scale > 0:
+        msg = f"`img_scale` must be positive, got {img_scale!r}."
+        raise ValueError(msg)
+    if img is None and img_scale is not None:
+        msg = "`img_scale` applies only with `img=`."
+        raise ValueError(msg)
+    random_state = check_random_state(random_state)
+    if tf_padding and isinstance(encoder, nn.Module):
+        msg = "`tf_padding=True` works only with a named encoder ('mobilenet_v2', ...), not with a torch.nn.Module."
+        raise ValueError(msg)
+    dev = resolve_device(device)
+
+    libs = _resolve_libraries(
+        adata,
+        img=img,
+        img_scale=img_scale,
+        library_id=library_id,
+        library_key=library_key,
+        patch_size=patch_size,
+        patch_size_um=patch_size_um,
+    )
+    _check_inside(adata, libs, coords)
+    enc, d, info = build_encoder(
+        encoder, weights, mean, std, random_state=random_state, input_size=input_size, tf_padding=bool(tf_padding)
+    )
+
+    # ---- run -----------------------------------------------------------------------------------------------------
+    start = logg.info(
+        f"computing image features ({info['encoder']}, weights {info['weights']}) for {adata.n_obs} spots"
+    )
+    if isinstance(encoder, str):  # our own fresh copy: fold BatchNorm into the convolutions (faster, same output)
+        fuse_conv_bn(enc.backbone)
+    enc = enc.to(dev)
+    if dev.type == "cpu":
+        enc = enc.to(memory_format=torch.channels_last)
+    feats = np.empty((adata.n_obs, d), dtype=np.float32)
+    n_batches = sum(-(-len(lib.rows) // batch_size) for lib in libs)
+    records = {}
+    with tqdm(total=n_batches, desc="image features", disable=not progress_bar) as bar, torch.inference_mode():
+        for lib in libs:
+            src = lib.source.load()  # decodes a JPEG/PNG once; arrays, memmaps and zarr stay as they are
+            size = lib.patch_size_px * src.scale
+            exact = size < input_size
+            if size < 16:
+                logg.warning(
+                    f"library {lib.library_id!r}: patches are only {size:.1f} px wide in the {src.kind!r} image "
+                    f"(scale {src.scale:g}) and are upsampled to {input_size} px; they carry little detail. A "
+                    "full-resolution image (`img=` or `metadata['source_image_path']`) gives better features."
+                )
+            centres = coords[lib.rows] * src.scale
+            ds = _BatchDataset(src, centres, size, input_size, batch_size, exact)
+            loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=int(num_workers))
+            for i, batch in enumerate(loader):
+                c = centres[i * batch_size : (i + 1) * batch_size]
+                x = resize_patches(batch.to(dev, non_blocking=True), input_size, centres=c, size=size, exact=exact)
+                y = enc(x)
+                feats[lib.rows[i * batch_size : (i + 1) * batch_size]] = y.float().cpu().numpy()
+                bar.update(1)
+            del src, ds, loader
+            rec = {
+                "image": lib.source.kind,
+                "scale": float(lib.source.scale),
+                "patch_size_px": float(lib.patch_size_px),
+            }
+            if lib.patch_size_um is not None:
+                rec["patch_size_um"] = float(lib.patch_size_um)
+            if lib.source.path is not None:
+                rec["image_path"] = str(lib.source.path)
+            records[lib.library_id] = rec
+
+    if not np.isfinite(feats).all():
+        warnings.warn(
+            f"The encoder returned {int((~np.isfinite(feats)).sum())} NaN or infinite feature values; check the "
+            "weights and `mean`/`std`.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    # ---- write ---------------------------------------------------------------------------------------------------
+    params = {
+        "encoder": info["encoder"],
+        "weights": info["weights"],
+        "input_size": int(input_size),
+        "mean": np.asarray(info["mean"], dtype=np.float64),
+        "std": np.asarray(info["std"], dtype=np.float64),
+        "padding": PADDING,
+        "spatial_key": spatial_key,
+        "library_ids": [str(k) for k in records],
+        "libraries": records,
+    }
+    if library_key is not None:
+        params["library_key"] = library_key
+    if tf_padding:
+        params["tf_padding"] = True
+    for k in ("image", "scale", "patch_size_px", "patch_size_um"):
+        vals = [r[k] for r in records.values() if k in r]
+        if not vals:
+            continue
+        if len(vals) == len(records) and all(v == vals[0] for v in vals):
+            params[k] = vals[0]
+        elif k == "image":
+            params[k] = [str(v) for v in vals]
+        else:
+            params[k] = np.asarray(vals, dtype=np.float64)
+    if weights is None and not isinstance(encoder, nn.Module) and random_state is not None:
+        params["random_state"] = int(random_state)
+
+    adata = adata.copy() if copy else adata
+    adata.obsm[key_added] = feats
+    adata.uns[key_added] = {"params": params, "version": version_string()}
+    logg.info(
+        "    finished",
+        time=start,
+        deep=f"added\n    {key_added!r}, image features {feats.shape} (adata.obsm)\n    {key_added!r} (adata.uns)",
+    )
+    return adata if copy else None
