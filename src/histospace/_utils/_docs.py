@@ -14,9 +14,7 @@ F = TypeVar("F", bound=Callable)
 _PARAMS = {
     "adata": "Annotated data matrix.",
     "copy": "Return a copy instead of writing to `adata`.",
-    "device": (
-        "Torch device, e.g. `'cpu'` or `'cuda'`. `None` picks CUDA when it is available and the CPU otherwise."
-    ),
+    "device": ("Torch device, e.g. `'cpu'` or `'cuda'`. `None` picks CUDA when it is available and the CPU otherwise."),
     "random_state": (
         "Seed for `random`, `numpy` and `torch` (and every data loader). The same seed, device and package versions "
         "give identical results on the CPU; GPU kernels may differ slightly. `None` leaves the generators unseeded."

@@ -80,7 +80,9 @@ def get_matrix(adata: AnnData, layer: str | None, *, counts: bool = False):
     if counts:
         data = x.data if sp.issparse(x) else np.asarray(x)
         if data.size and data.min() < 0:
-            msg = f"`{name}` has negative values; pass raw or normalised non-negative expression (e.g. `layer='counts'`)."
+            msg = (
+                f"`{name}` has negative values; pass raw or normalised non-negative expression (e.g. `layer='counts'`)."
+            )
             raise ValueError(msg)
     return x
 
