@@ -1,6 +1,136 @@
-"""Placeholder: replaced by its implementation."""
+"""`pl.domains`: spatial domains drawn over the H&E image (squidpy's `spatial_scatter`)."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+from anndata import AnnData
+from matplotlib.axes import Axes
 
 
-def domains(*args, **kwargs):  # noqa: D103
-    raise NotImplementedError("domains is not implemented yet")
+def _library_id(adata: AnnData, library_id: str | None, library_key: str | None) -> str | None:
+    libs = list(adata.uns.get("spatial", {}))
+    if library_id is not None:
+        if library_id not in libs:
+            msg = f"library_id={library_id!r} not in `adata.uns['spatial']` (available: {libs})."
+            raise KeyError(msg)
+        return library_id
+    if len(libs) == 1:
+        return libs[0]
+    if not libs:
+        return None
+    msg = f"`adata.uns['spatial']` has several libraries {libs}; pass `library_id=`."
+    raise ValueError(msg)
 
+
+def domains(
+    adata: AnnData,
+    *,
+    key: str = "stereomm_domain",
+    groundtruth_key: str | None = None,
+    library_id: str | None = None,
+    library_key: str = "library_id",
+    img: bool = True,
+    img_res_key: str | None = None,
+    size: float | None = None,
+    title: str | None = None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    **kwargs,
+) -> Axes | None:
+    """Plot spatial domains over the H&E image.
+
+    Uses :func:`squidpy.pl.spatial_scatter` (spots at their true size over `uns['spatial'][library_id]['images']`).
+    With `groundtruth_key`, the adjusted Rand index between the domains and that column (spots with a missing label
+    excluded) is added to the title.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix with `obs[key]` (from `hs.tl.domains`), `obsm['spatial']` and, for the image,
+        `uns['spatial']`.
+    key
+        Column of `adata.obs` with the domains.
+    groundtruth_key
+        Column of `adata.obs` with reference labels; the ARI goes into the title.
+    library_id
+        Library (slide) to draw; `None` takes the only one. With several slides in one AnnData only the spots of
+        that library (`obs[library_key]`) are drawn.
+    library_key
+        Column of `adata.obs` that tells the slides apart.
+    img
+        Draw the H&E image under the spots.
+    img_res_key
+        Image to use (`'hires'` or `'lowres'`); `None` takes `'hires'` when present, else `'lowres'`.
+    size
+        Spot size scale passed to squidpy (1 = the spot diameter).
+    title
+        Title; `None` uses `key` (and the ARI).
+    ax
+        Axes to draw into; a new figure otherwise.
+    show
+        Show the figure; `None` follows `scanpy.settings.autoshow`. With `show=False` the `Axes` is returned.
+    **kwargs
+        Passed to :func:`squidpy.pl.spatial_scatter` (e.g. `palette`, `alpha`, `crop_coord`).
+
+    Returns
+    -------
+    The `Axes` when `show=False`, else `None`.
+    """
+    import squidpy as sq
+
+    if key not in adata.obs:
+        msg = f"`adata.obs[{key!r}]` not found; run `hs.tl.domains(adata)` first."
+        raise KeyError(msg)
+    if groundtruth_key is not None and groundtruth_key not in adata.obs:
+        msg = f"`adata.obs[{groundtruth_key!r}]` not found."
+        raise KeyError(msg)
+    if "spatial" not in adata.obsm:
+        msg = "`adata.obsm['spatial']` not found; spot coordinates are needed."
+        raise KeyError(msg)
+    lib = _library_id(adata, library_id, library_key)
+    sub = adata
+    if lib is not None and library_key in adata.obs and adata.obs[library_key].nunique() > 1:
+        sub = adata[adata.obs[library_key].astype(str) == lib]
+    use_img = img and lib is not None
+    if use_img:
+        images = adata.uns["spatial"][lib].get("images", {})
+        if img_res_key is None:
+            img_res_key = "hires" if "hires" in images else ("lowres" if "lowres" in images else None)
+        if img_res_key is None or img_res_key not in images:
+            msg = f"no image {img_res_key!r} in `adata.uns['spatial'][{lib!r}]['images']` (has {list(images)})."
+            raise KeyError(msg)
+    if title is None:
+        title = key
+        if groundtruth_key is not None:
+            from sklearn.metrics import adjusted_rand_score
+
+            gt = sub.obs[groundtruth_key]
+            ok = gt.notna().to_numpy()
+            ari = adjusted_rand_score(gt[ok].astype(str), sub.obs[key][ok].astype(str))
+            title = f"{key} (ARI {ari:.3f} vs {groundtruth_key})"
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 6))
+    sq_kwargs = {"img": use_img, "library_id": lib, "ax": ax, "title": title, "return_ax": True, **kwargs}
+    if use_img:
+        sq_kwargs["img_res_key"] = img_res_key
+    else:
+        sq_kwargs["shape"] = None
+    if size is not None:
+        sq_kwargs["size"] = size
+    if lib is None:
+        sq_kwargs.pop("library_id")
+    sub = sub.copy() if sub is not adata else adata
+    ax = sq.pl.spatial_scatter(sub, color=key, **sq_kwargs)
+    if isinstance(ax, list | np.ndarray):
+        ax = np.ravel(ax)[0]
+    ax.set_xlabel("x (pixels)")
+    ax.set_ylabel("y (pixels)")
+    if show is None:
+        import scanpy as sc
+
+        show = sc.settings.autoshow
+    if show:
+        plt.show()
+        return None
+    return ax

@@ -1,6 +1,158 @@
-"""Placeholder: replaced by its implementation."""
+"""`tl.stereomm`: train StereoMM and write its latent to the AnnData."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from anndata import AnnData
+from scanpy import logging as logg
+
+from histospace._utils import doc_params, version_string
+from histospace.models._stereomm import StereoMM
 
 
-def stereomm(*args, **kwargs):  # noqa: D103
-    raise NotImplementedError("stereomm is not implemented yet")
+def _uns_safe(d: dict[str, Any]) -> dict[str, Any]:
+    """Drop `None` and turn tuples into lists so that the dict survives `write_h5ad`."""
+    out = {}
+    for k, v in d.items():
+        if v is None:
+            continue
+        if isinstance(v, dict):
+            out[k] = _uns_safe(v)
+        elif isinstance(v, list | tuple):
+            out[k] = np.asarray(v)
+        else:
+            out[k] = v
+    return out
 
+
+@doc_params()
+def stereomm(
+    adata: AnnData,
+    *,
+    layer: str | None = None,
+    image_key: str | None = "img_features",
+    connectivity_key: str = "spatial_connectivities",
+    preset: Literal["reference"] | None = None,
+    n_latent: int | None = None,
+    hidden: list[int] | None = None,
+    attention: Literal["auto", "global", "global_trainable", "local", "none"] | None = None,
+    n_pcs: int | None | Literal["default"] = "default",
+    max_epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int | Literal["auto", "full"] = "auto",
+    model_kwargs: dict[str, Any] | None = None,
+    train_kwargs: dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    random_state: int | None = 0,
+    progress_bar: bool = True,
+    key_added: str = "X_stereomm",
+    return_model: bool = False,
+    copy: bool = False,
+) -> AnnData | StereoMM | tuple[AnnData, StereoMM] | None:
+    """Integrate expression, H&E image features and the spatial graph with StereoMM :cite:p:`Luo2024`.
+
+    A thin wrapper around :class:`histospace.models.StereoMM`: build the model, train it and write the latent mean.
+    The defaults are described in :class:`~histospace.models.StereoMM`; `preset='reference'` uses the settings of
+    the StereoMMv1 code. Use `sc.pp.neighbors(adata, use_rep='X_stereomm')` or `hs.tl.domains(adata)` next.
+
+    Parameters
+    ----------
+    {adata}
+    layer
+        Layer with the expression (counts or normalised, non-negative); `None` uses `adata.X`.
+    image_key
+        Key in `adata.obsm` with image features (`hs.pp.image_features`); `None` for an expression-only model.
+    connectivity_key
+        Key in `adata.obsp` with the spatial graph (`squidpy.gr.spatial_neighbors` or `hs.pp.spatial_graph`).
+    preset
+        `None` (histospace defaults) or `'reference'` (StereoMMv1 settings).
+    n_latent
+        Latent width (default 32; 100 with the reference preset).
+    hidden
+        VGAE encoder widths (default `[256, 64]`).
+    attention
+        `'auto'`, `'global'`, `'global_trainable'`, `'local'` or `'none'` (see :class:`~histospace.models.StereoMM`).
+    n_pcs
+        PCA width of both modalities (default 50; `None` keeps z-scored genes).
+    max_epochs
+        Training epochs (default 300; 100 with the reference preset).
+    lr
+        Learning rate (default 1e-3; 1e-4 with the reference preset).
+    batch_size
+        `'auto'` (full batch while it fits in about 2 GiB, spatial tiles with a halo beyond), `'full'`, or an int.
+    model_kwargs
+        Other arguments of :class:`~histospace.models.StereoMM` (e.g. `gene_selection`, `n_top_genes`, `proj_dim`).
+    train_kwargs
+        Other arguments of :meth:`~histospace.models.StereoMM.train` (e.g. `weight_decay`, `clip_norm`).
+    {device}
+    {random_state}
+    {progress_bar}
+    key_added
+        Key in `adata.obsm` for the latent. The `uns` key is `key_added` without a leading `'X_'`.
+    return_model
+        Also return the trained model (to save it, or to look at `.history`).
+    {copy}
+
+    Returns
+    -------
+    `None` if `copy=False`, else an `AnnData`; with `return_model=True` the model, or `(adata, model)` when
+    `copy=True`. Sets the following fields:
+
+    `adata.obsm['X_stereomm' | key_added]` : :class:`numpy.ndarray` (dtype `float32`)
+        Latent mean, shape `(n_obs, n_latent)`.
+    `adata.uns['stereomm' | key_added without 'X_']` : :class:`dict`
+        `'params'` (resolved model and training parameters), `'history'` (`'loss'`, `'reconstruction'`, `'kl'`:
+        float32 arrays, one value per epoch) and `'version'`.
+    """
+    if not isinstance(key_added, str) or not key_added:
+        msg = f"`key_added` must be a non-empty str, got {key_added!r}."
+        raise TypeError(msg)
+    uns_key = key_added[2:] if key_added.startswith("X_") and len(key_added) > 2 else key_added
+    start = logg.info("running StereoMM")
+    model = StereoMM(
+        adata,
+        layer=layer,
+        image_key=image_key,
+        connectivity_key=connectivity_key,
+        preset=preset,
+        n_latent=n_latent,
+        hidden=hidden,
+        attention=attention,
+        n_pcs=n_pcs,
+        **(model_kwargs or {}),
+    )
+    model.train(
+        max_epochs=max_epochs,
+        lr=lr,
+        batch_size=batch_size,
+        device=device,
+        random_state=random_state,
+        progress_bar=progress_bar,
+        **(train_kwargs or {}),
+    )
+    z = model.get_latent_representation()
+    out = adata.copy() if copy else adata
+    out.obsm[key_added] = z.astype(np.float32, copy=False)
+    params = {**model.init_params(), **model.train_params, "layer": layer if layer is not None else "X"}
+    params.pop("fit_seconds", None)
+    params.pop("attention_cache_seconds", None)
+    params["image_key"] = image_key if image_key is not None else "none"
+    params["preset"] = preset if preset is not None else "none"
+    params["n_pcs"] = int(model.config["n_pcs"]) if model.config["n_pcs"] is not None else 0
+    params["width"] = int(model.dim)
+    out.uns[uns_key] = {
+        "params": _uns_safe(params),
+        "history": {k: np.asarray(v, dtype=np.float32) for k, v in model.history.items()},
+        "version": version_string(),
+    }
+    logg.info(
+        "    finished",
+        time=start,
+        deep=f"added\n    {key_added!r}, latent (adata.obsm)\n    {uns_key!r}, parameters and history (adata.uns)",
+    )
+    if copy:
+        return (out, model) if return_model else out
+    return model if return_model else None

@@ -1,0 +1,104 @@
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import histospace as hs
+
+
+@pytest.fixture
+def adata_rep(adata_graph):
+    # a latent with three well separated groups (the fixture's vertical bands)
+    rng = np.random.default_rng(0)
+    dom = adata_graph.obs["domain"].cat.codes.to_numpy()
+    adata_graph.obsm["X_stereomm"] = (np.eye(3)[dom] * 5 + 0.3 * rng.normal(size=(adata_graph.n_obs, 3))).astype(
+        np.float32
+    )
+    return adata_graph
+
+
+def _ari(a, b):
+    from sklearn.metrics import adjusted_rand_score
+
+    return adjusted_rand_score(a, b)
+
+
+@pytest.mark.parametrize("method", ["gmm", "kmeans", "leiden"])
+def test_methods(adata_rep, method):
+    hs.tl.domains(adata_rep, n_clusters=3, method=method)
+    lab = adata_rep.obs["stereomm_domain"]
+    assert isinstance(lab.dtype, pd.CategoricalDtype)
+    assert list(lab.cat.categories) == ["0", "1", "2"]
+    assert _ari(lab, adata_rep.obs["domain"]) > 0.9
+    p = adata_rep.uns["stereomm_domain"]["params"]
+    assert p["method"] == method and p["n_clusters"] == 3
+    if method == "leiden":
+        assert 0 < p["resolution"]
+
+
+def test_choose_n_clusters(adata_rep):
+    hs.tl.domains(adata_rep, n_clusters=None, method="gmm", cluster_range=(2, 6), n_init=2)
+    assert adata_rep.uns["stereomm_domain"]["params"]["criterion"] == "bic"
+    assert adata_rep.uns["stereomm_domain"]["params"]["n_clusters"] == 3
+    hs.tl.domains(adata_rep, n_clusters=None, method="kmeans", cluster_range=(2, 6), key_added="km")
+    assert adata_rep.uns["km"]["params"]["n_clusters"] == 3
+
+
+def test_leiden_not_exact_warns(adata_rep):
+    with pytest.warns(UserWarning, match="closest"):
+        hs.tl.domains(adata_rep, n_clusters=60, method="leiden", refine=False)
+    assert adata_rep.uns["stereomm_domain"]["params"]["n_clusters"] != 60
+
+
+def test_refine_smooths_labels(adata_rep):
+    hs.tl.domains(adata_rep, n_clusters=3, refine=False, key_added="raw")
+    raw = adata_rep.obs["raw"].astype(int).to_numpy().copy()
+    # flip one interior spot: refinement restores it from its neighbours
+    i = 8 * 4 + 1
+    adata_rep.obs["noisy"] = pd.Categorical(raw)
+    from histospace.tl._domains import _refine
+
+    noisy = raw.copy()
+    noisy[i] = (raw[i] + 1) % 3
+    fixed = _refine(noisy, adata_rep.obsp["spatial_connectivities"], 1)
+    assert fixed[i] == raw[i]
+
+
+def test_key_defaults_and_copy(adata_rep):
+    adata_rep.obsm["X_other"] = adata_rep.obsm["X_stereomm"].copy()
+    out = hs.tl.domains(adata_rep, use_rep="X_other", n_clusters=3, copy=True)
+    assert "other_domain" in out.obs and "other_domain" in out.uns
+    assert "other_domain" not in adata_rep.obs and "other_domain" not in adata_rep.uns
+
+
+def test_same_seed(adata_rep):
+    a = hs.tl.domains(adata_rep, n_clusters=4, copy=True, random_state=2)
+    b = hs.tl.domains(adata_rep, n_clusters=4, copy=True, random_state=2)
+    assert a.obs["stereomm_domain"].equals(b.obs["stereomm_domain"])
+
+
+def test_h5ad_roundtrip(adata_rep, tmp_path):
+    hs.tl.domains(adata_rep, n_clusters=3, method="leiden")
+    adata_rep.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    assert back.obs["stereomm_domain"].equals(adata_rep.obs["stereomm_domain"])
+    assert (
+        back.uns["stereomm_domain"]["params"]["resolution"] == adata_rep.uns["stereomm_domain"]["params"]["resolution"]
+    )
+
+
+def test_errors(adata_rep):
+    bare = adata_rep.copy()
+    del bare.obsm["X_stereomm"]
+    with pytest.raises(KeyError, match=r"X_stereomm.*hs\.tl\.stereomm"):
+        hs.tl.domains(bare)
+    with pytest.raises(ValueError, match="fewer than n_clusters"):
+        hs.tl.domains(adata_rep, n_clusters=adata_rep.n_obs + 1)
+    with pytest.raises(ValueError, match="method"):
+        hs.tl.domains(adata_rep, method="mclust")
+    del adata_rep.obsp["spatial_connectivities"]
+    with pytest.raises(KeyError, match="spatial_connectivities"):
+        hs.tl.domains(adata_rep, n_clusters=3)
+    assert "stereomm_domain" not in adata_rep.obs and "stereomm_domain" not in adata_rep.uns
+    hs.tl.domains(adata_rep, n_clusters=3, refine=False)
+    assert "stereomm_domain" in adata_rep.obs
