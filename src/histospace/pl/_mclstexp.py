@@ -1,14 +1,315 @@
-"""Placeholder: replaced by its implementation."""
+"""Plots for mclSTExp: predicted vs observed expression over the H&E image, per-gene correlations, top genes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from matplotlib import pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.collections import EllipseCollection
+from matplotlib.figure import Figure
+
+from histospace._utils import get_matrix
+
+_UNITS = {"log1p_cp10k": "ln(1 + CP10k)", "log10_cp10k": "log10(1 + CP10k)", "none": "expression"}
 
 
-def predicted_vs_observed(*args, **kwargs):  # noqa: D103
-    raise NotImplementedError("predicted_vs_observed is not implemented yet")
+def _library(adata: AnnData, library_id: str | None, library_key: str) -> str | None:
+    spatial = adata.uns.get("spatial", {})
+    if library_id is not None:
+        if library_id not in spatial:
+            msg = f"`adata.uns['spatial'][{library_id!r}]` not found; available: {list(spatial)}."
+            raise KeyError(msg)
+        return library_id
+    if library_key in adata.obs:
+        libs = [str(x) for x in pd.unique(adata.obs[library_key].astype(str))]
+        for lib in libs:
+            if lib in spatial:
+                return lib
+    return next(iter(spatial)) if spatial else None
 
 
-def gene_correlation(*args, **kwargs):  # noqa: D103
-    raise NotImplementedError("gene_correlation is not implemented yet")
+def _draw_spots(
+    ax: Axes,
+    xy: np.ndarray,
+    values: np.ndarray,
+    *,
+    diameter: float,
+    image: np.ndarray | None,
+    cmap: str,
+    alpha: float,
+    vmin: float | None = None,
+    vmax: float | None = None,
+):
+    if image is not None:
+        ax.imshow(image)
+    coll = EllipseCollection(
+        widths=diameter,
+        heights=diameter,
+        angles=0,
+        units="xy",
+        offsets=xy,
+        offset_transform=ax.transData,
+        cmap=cmap,
+        alpha=alpha,
+        linewidths=0,
+    )
+    coll.set_array(np.asarray(values, dtype=float))
+    coll.set_clim(vmin, vmax)
+    ax.add_collection(coll)
+    pad = diameter
+    ax.set_xlim(xy[:, 0].min() - pad, xy[:, 0].max() + pad)
+    ax.set_ylim(xy[:, 1].max() + pad, xy[:, 1].min() - pad)  # image orientation: y down
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return coll
 
 
-def top_genes(*args, **kwargs):  # noqa: D103
-    raise NotImplementedError("top_genes is not implemented yet")
+def predicted_vs_observed(
+    adata: AnnData,
+    *,
+    genes: Sequence[str],
+    key: str = "mclstexp",
+    layer: str | None = None,
+    library_id: str | None = None,
+    library_key: str = "library_id",
+    spatial_key: str = "spatial",
+    img_res: str = "hires",
+    cmap: str = "viridis",
+    alpha: float = 0.9,
+    spot_scale: float = 1.0,
+    panel_size: float = 3.6,
+    show: bool | None = None,
+) -> Figure | None:
+    """Observed and predicted expression of chosen genes side by side over the H&E image.
 
+    Rows are genes; the left column is the observed expression (normalised per spot as the model's targets), the
+    right column the prediction in `adata.layers[key]`. For an AnnData returned by
+    :func:`~histospace.tl.mclstexp_predict` (predictions in `X`, no observed expression) only the prediction is drawn.
+    The title of each prediction gives the Pearson correlation with the observation over the spots shown.
+
+    Parameters
+    ----------
+    adata
+        AnnData with predictions from :func:`~histospace.tl.mclstexp_predict`.
+    genes
+        Genes to show (in `adata.var_names`).
+    key
+        Layer (and `uns` entry) with the predictions.
+    layer
+        Layer with the observed counts; `None` uses `adata.X`. They are normalised as the model's targets
+        (`adata.uns[key]['params']['normalize']`) over the panel genes.
+    library_id
+        Slide to show (key of `adata.uns['spatial']`); default: the first slide of `adata.obs[library_key]`.
+    library_key
+        `adata.obs` column with slides; only its spots of `library_id` are drawn.
+    spatial_key
+        `adata.obsm` key with full-resolution pixel coordinates.
+    img_res
+        Image of `adata.uns['spatial'][library_id]['images']` drawn under the spots (`'hires'` or `'lowres'`).
+    cmap, alpha
+        Colour map and spot opacity.
+    spot_scale
+        Factor on the spot diameter (`spot_diameter_fullres`).
+    panel_size
+        Size in inches of each panel.
+    show
+        Show the figure; `False` returns it.
+
+    Returns
+    -------
+    The :class:`~matplotlib.figure.Figure` if `show=False`, else `None`.
+    """
+    from histospace.models._mclstexp import normalize_expression
+
+    genes = [genes] if isinstance(genes, str) else list(genes)
+    missing = [g for g in genes if g not in adata.var_names]
+    if missing:
+        msg = f"Genes {missing} not in `adata.var_names`."
+        raise KeyError(msg)
+    if spatial_key not in adata.obsm:
+        msg = f"`adata.obsm[{spatial_key!r}]` not found; spot coordinates are needed to draw the tissue."
+        raise KeyError(msg)
+    params = adata.uns.get(key, {}).get("params", {}) if isinstance(adata.uns.get(key), dict) else {}
+    if key in adata.layers:
+        pred_all = np.asarray(adata.layers[key])
+        x = get_matrix(adata, layer)
+        x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+        obs_all = normalize_expression(x, params.get("normalize", "log1p_cp10k"))
+    elif key in adata.uns:
+        x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+        pred_all, obs_all = x, None
+    else:
+        msg = f"`adata.layers[{key!r}]` not found; run `hs.tl.mclstexp_predict(adata, model=...)` first."
+        raise KeyError(msg)
+
+    lib = _library(adata, library_id, library_key)
+    mask = np.ones(adata.n_obs, dtype=bool)
+    if lib is not None and library_key in adata.obs and (adata.obs[library_key].astype(str) == lib).any():
+        mask = (adata.obs[library_key].astype(str) == lib).to_numpy()
+    image, scale, diameter = None, 1.0, None
+    if lib is not None:
+        entry = adata.uns["spatial"][lib]
+        sf = entry.get("scalefactors", {})
+        if img_res in entry.get("images", {}):
+            image = entry["images"][img_res]
+            scale = float(sf.get(f"tissue_{img_res}_scalef", 1.0))
+        if "spot_diameter_fullres" in sf:
+            diameter = float(sf["spot_diameter_fullres"]) * scale
+    xy = np.asarray(adata.obsm[spatial_key], dtype=float)[mask] * scale
+    if diameter is None:
+        from scipy.spatial import cKDTree
+
+        d, _ = cKDTree(xy).query(xy, k=2) if xy.shape[0] > 1 else (np.ones((1, 2)), None)
+        diameter = 0.8 * float(np.median(d[:, 1]))
+    diameter *= spot_scale
+
+    ncol = 1 if obs_all is None else 2
+    fig, axes = plt.subplots(
+        len(genes), ncol, figsize=(panel_size * ncol * 1.15, panel_size * len(genes)), squeeze=False
+    )
+    for i, g in enumerate(genes):
+        j = list(adata.var_names).index(g)
+        pred = pred_all[mask, j]
+        panels = [("predicted", pred)] if obs_all is None else [("observed", obs_all[mask, j]), ("predicted", pred)]
+        for c, (what, vals) in enumerate(panels):
+            ax = axes[i, c]
+            coll = _draw_spots(ax, xy, vals, diameter=diameter, image=image, cmap=cmap, alpha=alpha)
+            cb = fig.colorbar(coll, ax=ax, fraction=0.046, pad=0.02)
+            cb.set_label(_UNITS.get(params.get("normalize", ""), "expression"))
+            title = f"{g} {what}"
+            if what == "predicted" and obs_all is not None:
+                o = obs_all[mask, j]
+                r = np.corrcoef(o, pred)[0, 1] if np.std(o) > 0 and np.std(pred) > 0 else np.nan
+                title += f" (r = {r:.2f})"
+            ax.set_title(title, fontsize=10)
+    if lib is not None:
+        fig.suptitle(f"{lib}", fontsize=11)
+    fig.tight_layout()
+    if show is False:
+        return fig
+    plt.show()
+    return None
+
+
+def _pearson_table(results, method: str) -> pd.DataFrame:
+    if isinstance(results, dict) and "pearson" in results:
+        if method not in results["pearson"]:
+            msg = f"Method {method!r} not in the results; available: {list(results['pearson'])}."
+            raise KeyError(msg)
+        return results["pearson"][method]
+    if isinstance(results, pd.Series):
+        return results.to_frame()
+    if isinstance(results, pd.DataFrame):
+        return results
+    return pd.DataFrame(np.asarray(results, dtype=float).reshape(-1, 1))
+
+
+def gene_correlation(
+    results,
+    *,
+    methods: Sequence[str] | None = None,
+    bins: int = 30,
+    ax: Axes | None = None,
+    show: bool | None = None,
+) -> Axes | None:
+    """Distribution of the per-gene Pearson correlation (mean over held-out folds).
+
+    Parameters
+    ----------
+    results
+        The output of :func:`~histospace.tl.mclstexp_cross_validate` (one histogram per method), or per-gene
+        correlations as a :class:`~pandas.Series`, a genes x folds :class:`~pandas.DataFrame` or an array.
+    methods
+        Methods of `results` to draw (default: all).
+    bins
+        Histogram bins.
+    ax
+        Axes to draw into; a new figure by default.
+    show
+        Show the figure; `False` returns the axes.
+
+    Returns
+    -------
+    The :class:`~matplotlib.axes.Axes` if `show=False`, else `None`.
+    """
+    if isinstance(results, dict) and "pearson" in results:
+        methods = list(results["pearson"]) if methods is None else list(methods)
+        tables = {m: _pearson_table(results, m) for m in methods}
+    else:
+        tables = {"genes": _pearson_table(results, "")}
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 3.8))
+    all_r = np.concatenate([t.mean(axis=1).dropna().to_numpy() for t in tables.values()])
+    edges = np.linspace(min(-0.1, np.nanmin(all_r)), max(0.5, np.nanmax(all_r)), bins + 1)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, t) in enumerate(tables.items()):
+        r = t.mean(axis=1).dropna().to_numpy()
+        c = colours[i % len(colours)]
+        label = f"{name} (mean {r.mean():.3f}, n={r.size})" if name != "genes" else f"mean {r.mean():.3f}, n={r.size}"
+        ax.hist(r, bins=edges, histtype="stepfilled" if len(tables) == 1 else "step", color=c, lw=1.5, label=label)
+        ax.axvline(r.mean(), color=c, ls="--", lw=1)
+    ax.set_xlabel("Pearson r per gene (mean over held-out sections)")
+    ax.set_ylabel("number of genes")
+    ax.legend(fontsize=8, frameon=False)
+    if show is False:
+        return ax
+    plt.show()
+    return None
+
+
+def top_genes(
+    results,
+    *,
+    n: int = 10,
+    method: str = "mclstexp",
+    ax: Axes | None = None,
+    show: bool | None = None,
+) -> Axes | None:
+    """Best-predicted genes ranked by their mean -log10 p-value across held-out sections (as mclSTExp's Fig. 5).
+
+    Parameters
+    ----------
+    results
+        The output of :func:`~histospace.tl.mclstexp_cross_validate`.
+    n
+        Number of genes.
+    method
+        Method of `results`.
+    ax
+        Axes to draw into; a new figure by default.
+    show
+        Show the figure; `False` returns the axes.
+
+    Returns
+    -------
+    The :class:`~matplotlib.axes.Axes` if `show=False`, else `None`.
+    """
+    if not (isinstance(results, dict) and "pvalue" in results and "pearson" in results):
+        msg = "`results` must be the dict returned by `hs.tl.mclstexp_cross_validate`."
+        raise TypeError(msg)
+    if method not in results["pvalue"]:
+        msg = f"Method {method!r} not in the results; available: {list(results['pvalue'])}."
+        raise KeyError(msg)
+    p = results["pvalue"][method]
+    r = results["pearson"][method]
+    score = (-np.log10(p.clip(lower=1e-300))).where(r > 0, 0.0).mean(axis=1).dropna()
+    best = score.sort_values(ascending=False).iloc[:n][::-1]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.0, 0.35 * len(best) + 1.2))
+    ax.barh(best.index, best.to_numpy(), color="#4C72B0")
+    mean_r = r.loc[best.index].mean(axis=1)
+    for y, (s, rr) in enumerate(zip(best.to_numpy(), mean_r.to_numpy(), strict=True)):
+        ax.text(s, y, f"  r={rr:.2f}", va="center", fontsize=8)
+    ax.set_xlim(0, best.max() * 1.25 if len(best) else 1)
+    ax.set_xlabel(f"mean -log10 p across {p.shape[1]} held-out sections")
+    ax.set_ylabel("gene")
+    ax.set_title(f"top {len(best)} genes ({method})", fontsize=10)
+    if show is False:
+        return ax
+    plt.show()
+    return None

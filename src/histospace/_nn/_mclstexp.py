@@ -1,0 +1,188 @@
+"""Torch modules of mclSTExp: spot Transformer with learned position tables, projection heads, CLIP loss.
+
+Architecture as described by Min et al. (2024) and its code (see `reference/mclstexp.md`), with the position tables
+sized to the data instead of 65,536 rows. The "sequence" the spot Transformer attends over is the set of spots
+passed together (a mini-batch), as in the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ProjectionHead(nn.Module):
+    """`Linear -> GELU -> Linear -> Dropout`, plus the first Linear's output (residual), then `LayerNorm`."""
+
+    def __init__(self, in_dim: int, out_dim: int = 256, dropout: float = 0.0):
+        super().__init__()
+        self.projection = nn.Linear(in_dim, out_dim)
+        self.gelu = nn.GELU()
+        self.fc = nn.Linear(out_dim, out_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projected = self.projection(x)
+        x = self.dropout(self.fc(self.gelu(projected)))
+        return self.layer_norm(x + projected)
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, dim_head: int):
+        super().__init__()
+        inner = n_heads * dim_head
+        self.n_heads = n_heads
+        self.dim_head = dim_head
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (b, n, dim); attention over the n spots of each sequence
+        b, n, _ = x.shape
+        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, n, self.n_heads, self.dim_head).transpose(1, 2) for t in (q, k, v))
+        attn = (q @ k.transpose(-1, -2)) * (self.dim_head**-0.5)
+        out = attn.softmax(dim=-1) @ v
+        return self.to_out(out.transpose(1, 2).reshape(b, n, self.n_heads * self.dim_head))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: `x + Attn(LN(x))`, then `x + FF(LN(x))` with `FF = Linear(dim, mlp) -> GELU -> Linear`."""
+
+    def __init__(self, dim: int, n_heads: int = 8, dim_head: int = 64, mlp_dim: int | None = None):
+        super().__init__()
+        mlp_dim = dim if mlp_dim is None else mlp_dim
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _Attention(dim, n_heads, dim_head)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+
+class SpotEncoder(nn.Module):
+    """Expression plus learned x/y position tables, then `n_layers` Transformer blocks over the spots passed together.
+
+    With `use_positions=False` and `n_layers=0` it is the identity (BLEEP's spot side).
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_x: int,
+        n_y: int,
+        *,
+        n_heads: int = 8,
+        dim_head: int = 64,
+        n_layers: int = 2,
+        use_positions: bool = True,
+    ):
+        super().__init__()
+        self.use_positions = use_positions
+        if use_positions:
+            self.x_embed = nn.Embedding(max(int(n_x), 1), n_genes)
+            self.y_embed = nn.Embedding(max(int(n_y), 1), n_genes)
+        self.blocks = nn.ModuleList(
+            [TransformerBlock(n_genes, n_heads=n_heads, dim_head=dim_head) for _ in range(n_layers)]
+        )
+
+    def forward(self, expr: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode `expr` (n, n_genes) with positions `pos` (n, 2) long `(x, y)`; the n spots form one sequence."""
+        h = expr
+        if self.use_positions:
+            h = h + self.x_embed(pos[:, 0]) + self.y_embed(pos[:, 1])
+        if len(self.blocks):
+            h = h.unsqueeze(0)
+            for block in self.blocks:
+                h = block(h)
+            h = h.squeeze(0)
+        return h
+
+
+class MclSTExpModule(nn.Module):
+    """Spot and image towers projected to a shared space, trained with a symmetric CLIP loss.
+
+    Parameters
+    ----------
+    n_genes, img_dim
+        Width of the expression vector and of the image features (or of the image encoder output).
+    n_x, n_y
+        Rows of the x and y position tables (max array coordinate + 1).
+    image_encoder
+        Optional `nn.Module` mapping `(n, 3, h, w)` images in `[-1, 1]`-ish scale to `(n, img_dim)` features
+        (fine-tuning path). `None`: the image input is a feature vector.
+    temperature
+        Logit temperature (reference: 1.0 on unnormalised LayerNorm outputs).
+    l2_normalize
+        L2-normalise the embeddings before the dot product (CLIP), instead of the reference's raw dot product.
+    learn_temperature
+        Learn the temperature (as `log(1/T)`, clamped to T >= 0.01).
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        img_dim: int,
+        n_x: int,
+        n_y: int,
+        *,
+        n_heads: int = 8,
+        dim_head: int = 64,
+        n_layers: int = 2,
+        use_positions: bool = True,
+        projection_dim: int = 256,
+        dropout: float = 0.0,
+        image_encoder: nn.Module | None = None,
+        temperature: float = 1.0,
+        l2_normalize: bool = False,
+        learn_temperature: bool = False,
+    ):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.spot_encoder = SpotEncoder(
+            n_genes, n_x, n_y, n_heads=n_heads, dim_head=dim_head, n_layers=n_layers, use_positions=use_positions
+        )
+        self.image_projection = ProjectionHead(img_dim, projection_dim, dropout)
+        self.spot_projection = ProjectionHead(n_genes, projection_dim, dropout)
+        self.l2_normalize = l2_normalize
+        log_scale = torch.tensor(math.log(1.0 / temperature), dtype=torch.float32)
+        if learn_temperature:
+            self.log_logit_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_logit_scale", log_scale)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """`1 / temperature` (clamped to at most 100)."""
+        return self.log_logit_scale.clamp(max=math.log(100.0)).exp()
+
+    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Image embeddings from features `(n, img_dim)`, or from images `(n, 3, h, w)` with an image encoder."""
+        if self.image_encoder is not None and x.ndim == 4:
+            x = self.image_encoder(x)
+        z = self.image_projection(x)
+        return F.normalize(z, dim=-1) if self.l2_normalize else z
+
+    def embed_spot(self, expr: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Spot embeddings of `expr` (n, n_genes) and positions `pos` (n, 2); the n spots are one sequence."""
+        z = self.spot_projection(self.spot_encoder(expr, pos))
+        return F.normalize(z, dim=-1) if self.l2_normalize else z
+
+    def forward(self, image: torch.Tensor, expr: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the symmetric CLIP loss of one batch of matching (image, spot) pairs."""
+        img = self.embed_image(image)
+        spot = self.embed_spot(expr, pos)
+        return clip_loss(spot, img, self.logit_scale)
+
+
+def clip_loss(spot: torch.Tensor, img: torch.Tensor, logit_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Symmetric cross-entropy of `spot @ img.T * logit_scale` with identity targets (hard CLIP targets)."""
+    logits = spot @ img.T * logit_scale
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))

@@ -1,0 +1,81 @@
+"""Tests of hs.pl.predicted_vs_observed, hs.pl.gene_correlation and hs.pl.top_genes."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+import histospace as hs
+
+TINY = {"n_heads": 2, "dim_head": 8, "projection_dim": 16}
+
+
+@pytest.fixture
+def predicted(adata):
+    a = adata
+    model = hs.tl.mclstexp_train(
+        a, genes=list(a.var_names), max_epochs=2, batch_size=32, device="cpu", progress_bar=False, **TINY
+    )
+    hs.tl.mclstexp_predict(a, model=model, n_neighbors=10)
+    return a, model
+
+
+@pytest.fixture
+def cv_results():
+    rng = np.random.default_rng(0)
+    genes = [f"g{i}" for i in range(40)]
+    r = pd.DataFrame(rng.uniform(-0.2, 0.7, (40, 3)), index=genes, columns=["s1", "s2", "s3"])
+    p = pd.DataFrame(10 ** -rng.uniform(0, 10, (40, 3)), index=genes, columns=["s1", "s2", "s3"])
+    return {"pearson": {"mclstexp": r, "ridge": r - 0.1}, "pvalue": {"mclstexp": p, "ridge": p}}
+
+
+def test_predicted_vs_observed(predicted):
+    a, _ = predicted
+    fig = hs.pl.predicted_vs_observed(a, genes=["gene0", "gene25"], show=False)
+    assert isinstance(fig, Figure)
+    image_axes = [ax for ax in fig.axes if ax.images]
+    assert len(image_axes) == 4  # 2 genes x (observed, predicted), each with the H&E under the spots
+    assert any("observed" in ax.get_title() for ax in fig.axes)
+    assert any("r =" in ax.get_title() for ax in fig.axes)
+    assert len(fig.axes) == 8  # plus one colour bar per panel
+
+
+def test_predicted_vs_observed_he_only(predicted):
+    a, model = predicted
+    q = ad.AnnData(obs=a.obs[["library_id"]].copy())
+    q.obsm["spatial"] = a.obsm["spatial"]
+    q.obsm["img_features"] = a.obsm["img_features"]
+    q.uns["spatial"] = a.uns["spatial"]
+    out = hs.tl.mclstexp_predict(q, model=model, n_neighbors=10)
+    fig = hs.pl.predicted_vs_observed(out, genes="gene3", show=False)
+    assert len([ax for ax in fig.axes if ax.images]) == 1
+
+
+def test_predicted_vs_observed_errors(predicted):
+    a, _ = predicted
+    with pytest.raises(KeyError, match="var_names"):
+        hs.pl.predicted_vs_observed(a, genes=["nope"], show=False)
+    with pytest.raises(KeyError, match=r"layers\['other'\].*mclstexp_predict"):
+        hs.pl.predicted_vs_observed(a, genes=["gene0"], key="other", show=False)
+
+
+def test_gene_correlation(cv_results):
+    ax = hs.pl.gene_correlation(cv_results, show=False)
+    assert isinstance(ax, Axes) and "Pearson" in ax.get_xlabel()
+    assert len(ax.get_legend().get_texts()) == 2
+    ax = hs.pl.gene_correlation(cv_results["pearson"]["mclstexp"]["s1"], show=False)
+    assert ax.get_ylabel() == "number of genes"
+
+
+def test_top_genes(cv_results):
+    ax = hs.pl.top_genes(cv_results, n=7, show=False)
+    assert isinstance(ax, Axes) and len(ax.patches) == 7
+    assert "-log10 p" in ax.get_xlabel()
+    with pytest.raises(KeyError, match="knn"):
+        hs.pl.top_genes(cv_results, method="knn", show=False)
+    with pytest.raises(TypeError, match="mclstexp_cross_validate"):
+        hs.pl.top_genes(pd.Series([0.1]), show=False)

@@ -1,0 +1,191 @@
+"""Tests of hs.tl.mclstexp_train, hs.tl.mclstexp_predict and hs.tl.mclstexp_cross_validate."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import histospace as hs
+
+TINY = {"n_heads": 2, "dim_head": 8, "projection_dim": 16}
+FIT = {"max_epochs": 2, "batch_size": 32, "device": "cpu", "progress_bar": False}
+
+
+_CACHE: dict = {}
+
+
+@pytest.fixture
+def model(adata):
+    # the `adata` fixture is rebuilt identically for every test, so one trained model serves them all
+    if "model" not in _CACHE:
+        _CACHE["model"] = hs.tl.mclstexp_train(adata, genes=list(adata.var_names), **TINY, **FIT)
+    return _CACHE["model"]
+
+
+def test_train_returns_model(adata):
+    before = adata.copy()
+    m = hs.tl.mclstexp_train(adata, n_top_genes=15, **TINY, **FIT)
+    assert isinstance(m, hs.models.MclSTExp) and m.is_trained and len(m.genes) == 15
+    assert set(adata.uns) == set(before.uns) and set(adata.obsm) == set(before.obsm)  # nothing written
+
+
+def test_predict_writes_layer(adata, model):
+    q = adata[:, ::-1].copy()  # same genes, other order
+    assert hs.tl.mclstexp_predict(q, model=model, n_neighbors=10) is None
+    pred = q.layers["mclstexp"]
+    assert pred.shape == q.shape and pred.dtype == np.float32
+    # columns follow q's gene order
+    direct = model.predict(q, n_neighbors=10)
+    col = [model.genes.index(g) for g in q.var_names]
+    np.testing.assert_array_equal(pred, direct[:, col])
+    p = q.uns["mclstexp"]["params"]
+    assert p["n_neighbors"] == 10 and p["weighting"] == "inverse_square"
+    assert "version" in q.uns["mclstexp"]
+
+
+def test_predict_copy_and_key(adata, model):
+    before = adata.copy()
+    out = hs.tl.mclstexp_predict(adata, model=model, n_neighbors=5, key_added="pred", copy=True)
+    assert "pred" in out.layers and "pred" in out.uns
+    assert "pred" not in adata.layers and "pred" not in adata.uns
+    np.testing.assert_array_equal(adata.X.toarray(), before.X.toarray())
+
+
+@pytest.mark.parametrize("weighting", ["inverse_square", "uniform", "softmax"])
+def test_predict_weightings(adata, model, weighting):
+    out = hs.tl.mclstexp_predict(adata, model=model, n_neighbors=8, weighting=weighting, copy=True)
+    x = out.layers["mclstexp"]
+    assert np.isfinite(x).all()
+    ref = model.reference_expression
+    assert x.min() >= ref.min() - 1e-5 and x.max() <= ref.max() + 1e-5  # convex combinations of reference spots
+
+
+def test_predict_smoothing(adata, model):
+    a = hs.tl.mclstexp_predict(adata, model=model, n_neighbors=8, copy=True).layers["mclstexp"]
+    b = hs.tl.mclstexp_predict(adata, model=model, n_neighbors=8, smooth_neighbors=4, copy=True)
+    assert b.uns["mclstexp"]["params"]["smooth_neighbors"] == 4
+    assert not np.array_equal(a, b.layers["mclstexp"])
+
+
+def test_predict_determinism(adata):
+    preds = []
+    for _ in range(2):
+        m = hs.tl.mclstexp_train(adata, genes=list(adata.var_names), random_state=7, **TINY, **FIT)
+        preds.append(hs.tl.mclstexp_predict(adata, model=m, n_neighbors=10, copy=True).layers["mclstexp"])
+    np.testing.assert_array_equal(*preds)
+
+
+def test_predict_he_only_returns_new_anndata(adata, model):
+    q = ad.AnnData(obs=adata.obs[["array_row", "array_col"]].copy())  # H&E only: no genes
+    q.obsm["spatial"] = adata.obsm["spatial"].copy()
+    q.obsm["img_features"] = adata.obsm["img_features"].copy()
+    q.uns["spatial"] = adata.uns["spatial"]
+    before = q.copy()
+    out = hs.tl.mclstexp_predict(q, model=model, n_neighbors=10)
+    assert isinstance(out, ad.AnnData) and out is not q
+    assert list(out.var_names) == model.genes and out.X.dtype == np.float32 and out.shape == (q.n_obs, 30)
+    np.testing.assert_array_equal(out.obsm["spatial"], q.obsm["spatial"])
+    assert "spatial" in out.uns and "mclstexp" in out.uns
+    assert q.n_vars == 0 and "mclstexp" not in q.uns and set(q.obsm) == set(before.obsm)
+    # other genes: a new AnnData too, input untouched
+    other = adata[:, :10].copy()
+    out2 = hs.tl.mclstexp_predict(other, model=model, n_neighbors=10)
+    assert out2.n_vars == 30 and "mclstexp" not in other.layers
+
+
+def test_predict_h5ad_round_trip(adata, model, tmp_path):
+    hs.tl.mclstexp_predict(adata, model=model, n_neighbors=10)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    np.testing.assert_array_equal(back.layers["mclstexp"], adata.layers["mclstexp"])
+    assert back.uns["mclstexp"]["params"]["n_neighbors"] == 10
+    q = ad.AnnData(obs=adata.obs[[]].copy())
+    q.obsm["img_features"] = adata.obsm["img_features"]
+    out = hs.tl.mclstexp_predict(q, model=model, n_neighbors=10)
+    out.write_h5ad(tmp_path / "b.h5ad")
+    np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "b.h5ad").X, out.X)
+
+
+def test_predict_after_save_load(adata, model, tmp_path):
+    model.save(tmp_path / "m")
+    loaded = hs.models.MclSTExp.load(tmp_path / "m")
+    a = hs.tl.mclstexp_predict(adata, model=model, n_neighbors=10, copy=True).layers["mclstexp"]
+    b = hs.tl.mclstexp_predict(adata, model=loaded, n_neighbors=10, copy=True).layers["mclstexp"]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_predict_bad_input(adata, model):
+    before = adata.copy()
+    q = adata.copy()
+    del q.obsm["img_features"]
+    with pytest.raises(KeyError, match=r"obsm\['img_features'\].*hs.pp.image_features"):
+        hs.tl.mclstexp_predict(q, model=model, n_neighbors=5)
+    q = adata.copy()
+    q.obsm["img_features"] = np.zeros((q.n_obs, 5), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"obsm\['img_features'\].*16-d"):
+        hs.tl.mclstexp_predict(q, model=model, n_neighbors=5)
+    q = adata.copy()
+    q.obsm["img_features"][3, 2] = np.nan
+    with pytest.raises(ValueError, match=r"obsm\['img_features'\].*NaN"):
+        hs.tl.mclstexp_predict(q, model=model, n_neighbors=5)
+    with pytest.raises(ValueError, match="n_neighbors"):
+        hs.tl.mclstexp_predict(adata, model=model, n_neighbors=adata.n_obs + 1)
+    with pytest.raises(ValueError, match="weighting"):
+        hs.tl.mclstexp_predict(adata, model=model, n_neighbors=5, weighting="gauss")
+    with pytest.raises(TypeError, match="model"):
+        hs.tl.mclstexp_predict(adata, model="model")
+    # features from another encoder than the reference's
+    ref = adata.copy()
+    ref.uns["img_features"] = {"params": {"encoder": "mobilenet_v2", "patch_size_px": 224}}
+    m = hs.tl.mclstexp_train(ref, genes=list(ref.var_names), **TINY, **FIT)
+    q = adata.copy()
+    q.uns["img_features"] = {"params": {"encoder": "resnet50", "patch_size_px": 224}}
+    with pytest.raises(ValueError, match=r"uns\['img_features'\]\['params'\]\['encoder'\]"):
+        hs.tl.mclstexp_predict(q, model=m, n_neighbors=5)
+    assert "mclstexp" not in q.layers and "mclstexp" not in q.uns
+    assert "mclstexp" not in adata.layers and set(adata.uns) == set(before.uns)
+
+
+def test_cross_validate_two_slides(adata_two_slides):
+    before = adata_two_slides.copy()
+    res = hs.tl.mclstexp_cross_validate(
+        adata_two_slides,
+        groupby="library_id",
+        n_top=10,
+        model_kwargs={**TINY, "n_top_genes": 20},
+        train_kwargs={"max_epochs": 2, "batch_size": 32, "device": "cpu"},
+        predict_kwargs={"n_neighbors": 20},
+        baselines=("bleep", "ridge", "knn"),
+        knn_k=5,
+    )
+    s = res["summary"]
+    assert set(s["method"]) == {"mclstexp", "bleep", "ridge", "knn"} and set(s["fold"]) == {"s1", "s2"}
+    for col in ("pcc_all", "pcc_top", "mse", "mae", "train_time_s", "predict_time_s"):
+        assert np.isfinite(s[col]).all()
+    assert list(res["overall"].index) == ["mclstexp", "bleep", "ridge", "knn"]
+    r = res["pearson"]["mclstexp"]
+    assert isinstance(r, pd.DataFrame) and list(r.columns) == ["s1", "s2"] and r.shape[0] >= 20
+    assert ((r.abs() <= 1) | r.isna()).all().all()
+    assert len(res["top_genes"]["s1"]) == 10
+    assert res["pvalue"]["ridge"].shape == res["pearson"]["ridge"].shape
+    assert set(adata_two_slides.uns) == set(before.uns) and set(adata_two_slides.layers) == set(before.layers)
+    # determinism
+    res2 = hs.tl.mclstexp_cross_validate(
+        adata_two_slides,
+        n_top=10,
+        model_kwargs={**TINY, "n_top_genes": 20},
+        train_kwargs={"max_epochs": 2, "batch_size": 32, "device": "cpu"},
+        predict_kwargs={"n_neighbors": 20},
+    )
+    pd.testing.assert_frame_equal(res2["pearson"]["mclstexp"], r)
+
+
+def test_cross_validate_bad_input(adata_two_slides, adata):
+    with pytest.raises(KeyError, match="patient"):
+        hs.tl.mclstexp_cross_validate(adata_two_slides, groupby="patient")
+    with pytest.raises(ValueError, match="single group"):
+        hs.tl.mclstexp_cross_validate(adata, groupby="library_id")
+    with pytest.raises(ValueError, match="baselines"):
+        hs.tl.mclstexp_cross_validate(adata_two_slides, baselines=("svm",))
