@@ -226,7 +226,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"[predict] her2st C2 from C3-C6: mean per-gene PCC = {np.nanmean(pcc):.3f} over {len(genes)} genes "
             f"({time.perf_counter() - t:.0f} s)"
         )
-        fig = hs.pl.predicted_vs_observed(query, genes=["ERBB2", "GNAS"], show=False)
+        show_genes = [g for g in ("ERBB2", "GNAS") if g in query.var_names]
+        show_genes += [g for g in pcc.sort_values(ascending=False).index if g not in show_genes][: 2 - len(show_genes)]
+        fig = hs.pl.predicted_vs_observed(query, genes=show_genes, show=False)
         fig = getattr(fig, "figure", fig)
         fig.savefig(out / "her2st_C2_predicted.png", dpi=150, bbox_inches="tight")
         plt.close(fig)
