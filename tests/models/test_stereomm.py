@@ -97,6 +97,24 @@ def test_local_attention_is_softmax_over_neighbours():
     torch.testing.assert_close(out[3], v[3], atol=1e-5, rtol=1e-5)
 
 
+def test_local_attention_blocks_equal_one_pass():
+    torch.manual_seed(0)
+    att = CrossModalAttention(4, proj_dim=4, mode="local")
+    assert att.frozen and not att.q.weight.requires_grad
+    n = 50
+    x_t, x_m = torch.randn(n, 4), torch.randn(n, 4)
+    g = torch.Generator().manual_seed(1)
+    src = torch.cat([torch.arange(n), torch.randint(0, n, (200,), generator=g)])
+    dst = torch.cat([torch.arange(n), torch.randint(0, n, (200,), generator=g)])
+    perm = torch.randperm(len(src), generator=g)  # unsorted edges
+    ei = torch.stack([src[perm], dst[perm]])
+    one = att.attend_local(x_t, x_m, ei)
+    torch.testing.assert_close(att.attend_local_blocked(x_t, x_m, ei, max_edges=7), one, atol=1e-6, rtol=1e-5)
+    att.build_cache(x_t, x_m, ei)
+    torch.testing.assert_close(att._cache[0], one, atol=1e-6, rtol=1e-5)
+    assert not CrossModalAttention(4, proj_dim=4, mode="local_trainable").frozen
+
+
 def test_kl_uses_log_variance():
     mu, lv = torch.zeros(3, 2), torch.zeros(3, 2)
     assert float(kl_divergence(mu, lv)) == pytest.approx(0.0)
@@ -105,7 +123,7 @@ def test_kl_uses_log_variance():
 
 
 # ---------------------------------------------------------------- model class
-@pytest.mark.parametrize("attention", ["global", "global_trainable", "local", "none"])
+@pytest.mark.parametrize("attention", ["global", "global_trainable", "local", "local_trainable", "none"])
 def test_attention_modes_train(adata_graph, attention):
     m = hs.models.StereoMM(adata_graph, attention=attention, **TINY)
     m.train(**FAST)
@@ -123,7 +141,7 @@ def test_expression_only(adata_graph):
     assert not m.module.use_image
 
 
-@pytest.mark.parametrize("attention", ["global", "local", "global_trainable"])
+@pytest.mark.parametrize("attention", ["global", "local", "local_trainable", "global_trainable"])
 def test_mini_batch_path(adata_graph, attention):
     m = hs.models.StereoMM(adata_graph, attention=attention, **TINY)
     m.train(batch_size=20, **FAST)
@@ -136,9 +154,17 @@ def test_mini_batch_path(adata_graph, attention):
     assert z.shape == (adata_graph.n_obs, 4) and np.isfinite(z).all()
 
 
-def test_mini_batch_latent_equals_full_batch_latent(adata_graph):
+def test_default_epochs_give_about_300_steps_with_tiles(adata_graph):
+    m = hs.models.StereoMM(adata_graph, attention="local", **TINY).train(batch_size=20, progress_bar=False)
+    n_tiles = len(m._batches)
+    assert n_tiles > 1
+    assert m.train_params["max_epochs"] == max(-(-300 // n_tiles), 5) == len(m.history["loss"])
+
+
+@pytest.mark.parametrize("attention", ["local", "local_trainable"])
+def test_mini_batch_latent_equals_full_batch_latent(adata_graph, attention):
     # the halo covers the receptive field: tiles give the same latent as the full graph for the same weights
-    m = hs.models.StereoMM(adata_graph, attention="local", **TINY)
+    m = hs.models.StereoMM(adata_graph, attention=attention, **TINY)
     m.train(batch_size=20, **FAST)
     z_tiles = m.get_latent_representation()
     m._batches = None

@@ -19,8 +19,10 @@ from torch.utils.checkpoint import checkpoint
 from torch_geometric.nn import GCNConv
 from torch_geometric.utils import softmax as scatter_softmax
 
-AttentionMode = Literal["global", "global_trainable", "local", "none"]
-ATTENTION_MODES = ("global", "global_trainable", "local", "none")
+AttentionMode = Literal["global", "global_trainable", "local", "local_trainable", "none"]
+ATTENTION_MODES = ("global", "global_trainable", "local", "local_trainable", "none")
+#: attention modes whose Q/K/V stay at their random initialisation (the reference's "brief" mode): cached
+FROZEN_MODES = ("global", "local")
 
 
 def gcn_normalized_edges(adj: sp.spmatrix) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +73,9 @@ class CrossModalAttention(nn.Module):
         initialisation as in the reference's "brief" attention, so the attention output before ``W_o`` is a constant
         that is computed once (chunked) and cached. ``'global_trainable'``: the same, with trainable projections
         (chunks are recomputed in the backward pass, so memory stays ``O(chunk * n)``). ``'local'``: each spot attends
-        to its spatial neighbours and itself only (``O(edges)``), trainable. ``'none'``: no attention (identity).
+        to its spatial neighbours and itself only (``O(edges)``), frozen and cached like ``'global'`` (computed once in
+        blocks of query nodes). ``'local_trainable'``: the same with trainable projections (recomputed at every step,
+        which costs several ``(edges x proj_dim)`` gathers per step). ``'none'``: no attention (identity).
     chunk_size
         Number of queries per chunk in global attention; `None` picks ``max(1, 2**25 // n)`` (128 MiB of scores).
     zero_init
@@ -105,7 +109,7 @@ class CrossModalAttention(nn.Module):
         self.k = nn.Linear(dim, proj_dim, bias=False)
         self.v = nn.Linear(dim, proj_dim, bias=False)
         self.out = nn.Linear(proj_dim, dim)
-        if mode == "global":
+        if mode in FROZEN_MODES:
             for lin in (self.q, self.k, self.v):
                 lin.weight.requires_grad_(False)
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -120,8 +124,8 @@ class CrossModalAttention(nn.Module):
 
     @property
     def frozen(self) -> bool:
-        """Whether the attention output before ``W_o`` is constant (``mode='global'``) and can be cached."""
-        return self.mode == "global"
+        """Whether the attention output before ``W_o`` is constant (``'global'``, ``'local'``) and can be cached."""
+        return self.mode in FROZEN_MODES
 
     def clear_cache(self) -> None:
         """Forget the cached attention output (call after changing ``W_q, W_k, W_v`` or the inputs)."""
@@ -163,22 +167,44 @@ class CrossModalAttention(nn.Module):
         out = torch.zeros_like(q).index_add_(0, dst, alpha.unsqueeze(-1) * v[src])
         return out.reshape(xq.shape[0], self.proj_dim)
 
+    def attend_local_blocked(
+        self, xq: torch.Tensor, xkv: torch.Tensor, edge_index: torch.Tensor, max_edges: int = 1 << 21
+    ) -> torch.Tensor:
+        """:meth:`attend_local` in blocks of query nodes with about `max_edges` edges each (bounded memory)."""
+        src, dst = edge_index[0], edge_index[1]
+        order = torch.argsort(dst, stable=True)
+        src, dst = src[order], dst[order]
+        n = xq.shape[0]
+        starts = torch.searchsorted(dst, torch.arange(n + 1, device=dst.device))
+        out = torch.empty(n, self.proj_dim, dtype=xq.dtype, device=xq.device)
+        i = 0
+        while i < n:
+            j = int(torch.searchsorted(starts, starts[i] + max_edges, right=True)) - 1
+            j = min(max(j, i + 1), n)
+            e0, e1 = int(starts[i]), int(starts[j])
+            sub = torch.stack([src[e0:e1], dst[e0:e1] - i])
+            out[i:j] = self.attend_local(xq[i:j], xkv, sub) if e1 > e0 else 0.0
+            i = j
+        return out
+
     def attend(self, x_t, x_m, edge_index=None, chunk_size=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the attention outputs before ``W_o``: ``(A(q=x_t, kv=x_m), A(q=x_m, kv=x_t))``."""
-        if self.mode == "local":
+        if self.mode in ("local", "local_trainable"):
             if edge_index is None:
-                msg = "attention='local' needs the spatial graph (`edge_index`)."
+                msg = f"attention={self.mode!r} needs the spatial graph (`edge_index`)."
                 raise ValueError(msg)
+            if not torch.is_grad_enabled():
+                return self.attend_local_blocked(x_t, x_m, edge_index), self.attend_local_blocked(x_m, x_t, edge_index)
             return self.attend_local(x_t, x_m, edge_index), self.attend_local(x_m, x_t, edge_index)
         return self.attend_global(x_t, x_m, chunk_size), self.attend_global(x_m, x_t, chunk_size)
 
     @torch.no_grad()
-    def build_cache(self, x_t: torch.Tensor, x_m: torch.Tensor) -> None:
-        """Compute and keep the frozen global attention outputs for all spots (``mode='global'`` only)."""
+    def build_cache(self, x_t: torch.Tensor, x_m: torch.Tensor, edge_index: torch.Tensor | None = None) -> None:
+        """Compute and keep the frozen attention outputs for all spots (``'global'``; ``'local'`` with the graph)."""
         if not self.frozen:
-            msg = f"only attention='global' can be cached, not {self.mode!r}."
+            msg = f"only attention='global' or 'local' can be cached, not {self.mode!r}."
             raise ValueError(msg)
-        self._cache = self.attend(x_t, x_m)
+        self._cache = self.attend(x_t, x_m, edge_index)
 
     def forward(
         self,
@@ -209,7 +235,7 @@ class CrossModalAttention(nn.Module):
                 if idx is not None:
                     msg = "build the attention cache on all spots (`build_cache`) before mini-batch training."
                     raise RuntimeError(msg)
-                self.build_cache(x_t, x_m)
+                self.build_cache(x_t, x_m, edge_index)
             h_t, h_m = self._cache
             if idx is not None:
                 h_t, h_m = h_t[idx], h_m[idx]
@@ -297,8 +323,8 @@ class StereoMMModule(nn.Module):
 
     @property
     def n_hops(self) -> int:
-        """Receptive field in graph hops (VGAE layers, plus one for local attention)."""
-        return self.vgae.n_hops + (1 if self.attention.mode == "local" else 0)
+        """Receptive field in graph hops (VGAE layers, plus one for trainable local attention; cached modes add none)."""
+        return self.vgae.n_hops + (1 if self.attention.mode == "local_trainable" else 0)
 
     def inputs(self, x_t, x_m):
         """The reconstruction target: the pre-attention features ``[x_m, x_t]`` (or ``x_t``)."""

@@ -38,7 +38,7 @@ def stereomm(
     preset: Literal["reference"] | None = None,
     n_latent: int | None = None,
     hidden: list[int] | None = None,
-    attention: Literal["auto", "global", "global_trainable", "local", "none"] | None = None,
+    attention: Literal["auto", "global", "global_trainable", "local", "local_trainable", "none"] | None = None,
     n_pcs: int | None | Literal["default"] = "default",
     max_epochs: int | None = None,
     lr: float | None = None,
@@ -74,7 +74,7 @@ def stereomm(
     hidden
         VGAE encoder widths (default `[256, 64]`).
     attention
-        `'auto'`, `'global'`, `'global_trainable'`, `'local'` or `'none'` (see :class:`~histospace.models.StereoMM`).
+        `'auto'`, `'global'`, `'global_trainable'`, `'local'`, `'local_trainable'` or `'none'` (see :class:`~histospace.models.StereoMM`).
     n_pcs
         PCA width of both modalities (default 50; `None` keeps z-scored genes).
     max_epochs
@@ -82,7 +82,8 @@ def stereomm(
     lr
         Learning rate (default 1e-3; 1e-4 with the reference preset).
     batch_size
-        `'auto'` (full batch while it fits in about 2 GiB, spatial tiles with a halo beyond), `'full'`, or an int.
+        `'auto'` (full batch up to 20,000 spots, spatial tiles of 16,384 spots with a halo beyond), `'full'`, or an
+        int.
     model_kwargs
         Other arguments of :class:`~histospace.models.StereoMM` (e.g. `gene_selection`, `n_top_genes`, `proj_dim`).
     train_kwargs
