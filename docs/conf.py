@@ -7,6 +7,7 @@ Cross-links to other projects' docs (intersphinx) need the network: set ``HISTOS
 from __future__ import annotations
 
 import os
+import re
 import sys
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -136,20 +137,41 @@ def _put_back_slots_returns(app, what, name, obj, options, lines: list[str]) -> 
     lines[at:at] = ["", *block]
 
 
-# -- Benchmark results: include every `benchmarks/results/*.md` that exists --------------------------------------
+# -- Benchmark results: `benchmarks.md` names each results file with a `<!-- results: NAME.md -->` line ------------
+# Each such line becomes an include of `benchmarks/results/NAME.md` (its own `# title` left out, as the page gives the
+# section heading and the command), or a note when the file does not exist yet. Results files the page does not name
+# are included at the end, so a new benchmark is never silently missing.
 BENCHMARK_RESULTS = ROOT / "benchmarks" / "results"
+_RESULTS_MARKER = re.compile(r"^<!--\s*results:\s*(?P<name>[\w.-]+\.md)\s*-->\s*$", re.MULTILINE)
+
+
+def _include_results(path: Path, *, skip_title: bool) -> str:
+    """A MyST include of a results file, its headings one level down; `skip_title` leaves out a first `# ` line."""
+    rel = os.path.relpath(path, HERE).replace(os.sep, "/")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    skip = ":start-line: 1\n" if skip_title and lines and lines[0].startswith("# ") else ""
+    return f"```{{include}} {rel}\n{skip}:heading-offset: 1\n:relative-images:\n```\n"
 
 
 def _add_benchmark_results(app, docname: str, source: list[str]) -> None:
     if docname != "benchmarks":
         return
-    files = sorted(BENCHMARK_RESULTS.glob("*.md")) if BENCHMARK_RESULTS.is_dir() else []
-    if not files:
-        source[0] += "\n\n```{note}\nNo benchmark results yet: run the scripts in `benchmarks/` to produce them.\n```\n"
-        return
-    for f in files:
-        rel = os.path.relpath(f, HERE).replace(os.sep, "/")
-        source[0] += f"\n\n```{{include}} {rel}\n:heading-offset: 1\n:relative-images:\n```\n"
+    named: set[str] = set()
+
+    def replace(m: re.Match) -> str:
+        name = m.group("name")
+        named.add(name)
+        path = BENCHMARK_RESULTS / name
+        if not path.is_file():
+            return f"```{{note}}\nNo results yet (`benchmarks/results/{name}` does not exist): run the command above.\n```\n"
+        return _include_results(path, skip_title=True)
+
+    source[0] = _RESULTS_MARKER.sub(replace, source[0])
+    others = (
+        [f for f in sorted(BENCHMARK_RESULTS.glob("*.md")) if f.name not in named] if BENCHMARK_RESULTS.is_dir() else []
+    )
+    for f in others:
+        source[0] += "\n\n" + _include_results(f, skip_title=False)
 
 
 # -- Tutorials: `docs/tutorials` links to the repository's `tutorials/`; list the notebooks found there ------------

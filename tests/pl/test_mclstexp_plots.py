@@ -79,3 +79,15 @@ def test_top_genes(cv_results):
         hs.pl.top_genes(cv_results, method="knn", show=False)
     with pytest.raises(TypeError, match="mclstexp_cross_validate"):
         hs.pl.top_genes(pd.Series([0.1]), show=False)
+
+
+def test_predicted_vs_observed_ax(predicted):
+    import matplotlib.pyplot as plt
+
+    a, _ = predicted
+    fig, axes = plt.subplots(1, 2)
+    assert hs.pl.predicted_vs_observed(a, genes=["gene0"], ax=axes, show=False) is fig
+    assert all(ax.get_xlabel() and ax.get_ylabel() for ax in axes)
+    with pytest.raises(ValueError, match="`ax` must hold 2 Axes"):
+        hs.pl.predicted_vs_observed(a, genes=["gene0"], ax=axes[0], show=False)
+    plt.close(fig)

@@ -13,6 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scanpy import logging as logg
 
+from ._common import log_loaded, spatial_uns
 from ._download import DEFAULT_TIMEOUT, DatasetLocation, ensure_files, join_url, locate_dataset
 
 __all__ = ["dlpfc"]
@@ -180,11 +181,7 @@ def dlpfc(
     meta.update({"technology": "visium", "spot_diameter_um": VISIUM_SPOT_UM})
     if full is not None:
         meta["source_image_path"] = str(full.resolve())
-    logg.info(
-        f"    finished: {adata.n_obs} spots x {adata.n_vars} genes",
-        time=start,
-        deep="added\n    'spatial', spot centres (adata.obsm)\n    'spatial', images and scale factors (adata.uns)",
-    )
+    log_loaded(adata, start)
     return adata
 
 
@@ -253,12 +250,11 @@ def _from_h5ad(path: Path, sid: str) -> ad.AnnData:
         adata.obs[LABEL_KEY] = pd.Categorical(adata.obs[LABEL_KEY])
     adata.obs["library_id"] = pd.Categorical([sid] * adata.n_obs)
     adata.obsm["spatial"] = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-    lib = {
-        "images": {k: np.asarray(v) for k, v in lib.get("images", {}).items()},
-        "scalefactors": {k: float(v) for k, v in lib.get("scalefactors", {}).items()},
-        "metadata": dict(lib.get("metadata", {})),
+    adata.uns = {
+        "spatial": spatial_uns(
+            sid, images=lib.get("images", {}), scalefactors=lib.get("scalefactors", {}), metadata=lib.get("metadata")
+        )
     }
-    adata.uns = {"spatial": {sid: lib}}
     return adata
 
 
@@ -311,7 +307,7 @@ def _from_10x(
         p = spatial_dir / f"tissue_{res}_image.png"
         if image and p.is_file():
             images[res] = _read_png(p)
-    adata.uns["spatial"] = {sid: {"images": images, "scalefactors": scalefactors, "metadata": {}}}
+    adata.uns["spatial"] = spatial_uns(sid, images=images, scalefactors=scalefactors)
     return adata
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scanpy import logging as logg
 
+from ._common import log_loaded, spatial_uns
 from ._download import DEFAULT_TIMEOUT, ensure_files, join_url, locate_dataset
 
 __all__ = ["her2st"]
@@ -253,12 +254,8 @@ def her2st(
             "almaan/her2st (leave `data_dir` and HISTOSPACE_DATA unset on a machine with internet to download them)."
         )
         warnings.warn(msg, UserWarning, stacklevel=2)
-    adata.uns["spatial"] = {section: {"images": images, "scalefactors": scalefactors, "metadata": metadata}}
-    logg.info(
-        f"    finished: {adata.n_obs} spots x {adata.n_vars} genes",
-        time=start,
-        deep="added\n    'spatial', spot centres (adata.obsm)\n    'spatial', images and scale factors (adata.uns)",
-    )
+    adata.uns["spatial"] = spatial_uns(section, images=images, scalefactors=scalefactors, metadata=metadata)
+    log_loaded(adata, start)
     return adata
 
 

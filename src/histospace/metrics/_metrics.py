@@ -48,6 +48,31 @@ def _dense_block(x, sl: slice) -> np.ndarray:
     return np.asarray(block, dtype=np.float64)
 
 
+def _paired_matrices(
+    y_true: Any, y_pred: Any, var_names: Any, *, min_spots: int, too_few: str
+) -> tuple[Any, Any, pd.Index | None]:
+    """Check observed and predicted matrices of one shape (at least `min_spots` rows, else `too_few`) and gene names."""
+    if var_names is None:
+        for x in (y_true, y_pred):
+            if isinstance(x, pd.DataFrame):
+                var_names = x.columns
+                break
+    a = _as_2d(y_true, "y_true")
+    b = _as_2d(y_pred, "y_pred")
+    if a.shape != b.shape:
+        msg = f"`y_true` has shape {a.shape} but `y_pred` has shape {b.shape}; they must match (n_spots, n_genes)."
+        raise ValueError(msg)
+    n, g = a.shape
+    if n < min_spots:
+        raise ValueError(too_few.format(n=n))
+    if var_names is not None:
+        var_names = pd.Index(var_names).astype(str)
+        if len(var_names) != g:
+            msg = f"`var_names` has {len(var_names)} names but the matrices have {g} genes (columns)."
+            raise ValueError(msg)
+    return a, b, var_names
+
+
 def pearson_per_gene(
     y_true: Any,
     y_pred: Any,
@@ -84,25 +109,10 @@ def pearson_per_gene(
     >>> r = hs.metrics.pearson_per_gene(adata.X, adata.layers["mclstexp"], var_names=adata.var_names)
     >>> r.mean(), r.nlargest(5)
     """
-    if var_names is None:
-        for x in (y_true, y_pred):
-            if isinstance(x, pd.DataFrame):
-                var_names = x.columns
-                break
-    a = _as_2d(y_true, "y_true")
-    b = _as_2d(y_pred, "y_pred")
-    if a.shape != b.shape:
-        msg = f"`y_true` has shape {a.shape} but `y_pred` has shape {b.shape}; they must match (n_spots, n_genes)."
-        raise ValueError(msg)
+    a, b, var_names = _paired_matrices(
+        y_true, y_pred, var_names, min_spots=2, too_few="Pearson correlation needs at least 2 spots, got {n}."
+    )
     n, g = a.shape
-    if n < 2:
-        msg = f"Pearson correlation needs at least 2 spots, got {n}."
-        raise ValueError(msg)
-    if var_names is not None:
-        var_names = pd.Index(var_names).astype(str)
-        if len(var_names) != g:
-            msg = f"`var_names` has {len(var_names)} names but the matrices have {g} genes (columns)."
-            raise ValueError(msg)
 
     r = np.empty(g, dtype=np.float64)
     constant = np.zeros(g, dtype=bool)
@@ -147,25 +157,8 @@ def pearson_per_gene(
 
 
 def _error_per_gene(y_true: Any, y_pred: Any, var_names: Any, kind: Literal["mse", "mae"]) -> pd.Series | np.ndarray:
-    if var_names is None:
-        for x in (y_true, y_pred):
-            if isinstance(x, pd.DataFrame):
-                var_names = x.columns
-                break
-    a = _as_2d(y_true, "y_true")
-    b = _as_2d(y_pred, "y_pred")
-    if a.shape != b.shape:
-        msg = f"`y_true` has shape {a.shape} but `y_pred` has shape {b.shape}; they must match (n_spots, n_genes)."
-        raise ValueError(msg)
+    a, b, var_names = _paired_matrices(y_true, y_pred, var_names, min_spots=1, too_few="`y_true` has no spots.")
     n, g = a.shape
-    if n < 1:
-        msg = "`y_true` has no spots."
-        raise ValueError(msg)
-    if var_names is not None:
-        var_names = pd.Index(var_names).astype(str)
-        if len(var_names) != g:
-            msg = f"`var_names` has {len(var_names)} names but the matrices have {g} genes (columns)."
-            raise ValueError(msg)
     out = np.empty(g, dtype=np.float64)
     step = max(1, _MAX_BLOCK_ELEMENTS // n)
     for start in range(0, g, step):
@@ -177,47 +170,46 @@ def _error_per_gene(y_true: Any, y_pred: Any, var_names: Any, kind: Literal["mse
     return pd.Series(out, index=var_names, name=kind)
 
 
+_ERROR_SECTIONS = """
+    Parameters
+    ----------
+    y_true
+        Observed expression, `(n_spots, n_genes)`: NumPy array, SciPy sparse matrix or :class:`pandas.DataFrame`.
+    y_pred
+        Predicted expression of the same shape, on the same scale (e.g. both log-normalised).
+    var_names
+        Gene names, one per column. `None` takes the columns of a `DataFrame` input, else returns a plain array.
+
+    Returns
+    -------
+    The mean {what} error of each gene, as a :class:`pandas.Series` named `'{kind}'` indexed by gene when names are
+    known, else as a :class:`numpy.ndarray` of shape `(n_genes,)`.
+    """
+
+
+def _error_doc(what: str, kind: str):
+    """Append the Parameters and Returns sections shared by the per-gene error metrics to a one-line docstring."""
+
+    def decorator(func):
+        func.__doc__ = (func.__doc__ or "").rstrip() + "\n" + _ERROR_SECTIONS.format(what=what, kind=kind)
+        return func
+
+    return decorator
+
+
+@_error_doc("squared", "mse")
 def mse_per_gene(
     y_true: Any, y_pred: Any, *, var_names: Sequence[str] | pd.Index | None = None
 ) -> pd.Series | np.ndarray:
-    """Mean squared error between observed and predicted expression of each gene, across spots.
-
-    Parameters
-    ----------
-    y_true
-        Observed expression, `(n_spots, n_genes)`: NumPy array, SciPy sparse matrix or :class:`pandas.DataFrame`.
-    y_pred
-        Predicted expression of the same shape, on the same scale (e.g. both log-normalised).
-    var_names
-        Gene names, one per column. `None` takes the columns of a `DataFrame` input, else returns a plain array.
-
-    Returns
-    -------
-    The mean squared error of each gene, as a :class:`pandas.Series` named `'mse'` indexed by gene when names are
-    known, else as a :class:`numpy.ndarray` of shape `(n_genes,)`.
-    """
+    """Mean squared error between observed and predicted expression of each gene, across spots."""
     return _error_per_gene(y_true, y_pred, var_names, "mse")
 
 
+@_error_doc("absolute", "mae")
 def mae_per_gene(
     y_true: Any, y_pred: Any, *, var_names: Sequence[str] | pd.Index | None = None
 ) -> pd.Series | np.ndarray:
-    """Mean absolute error between observed and predicted expression of each gene, across spots.
-
-    Parameters
-    ----------
-    y_true
-        Observed expression, `(n_spots, n_genes)`: NumPy array, SciPy sparse matrix or :class:`pandas.DataFrame`.
-    y_pred
-        Predicted expression of the same shape, on the same scale (e.g. both log-normalised).
-    var_names
-        Gene names, one per column. `None` takes the columns of a `DataFrame` input, else returns a plain array.
-
-    Returns
-    -------
-    The mean absolute error of each gene, as a :class:`pandas.Series` named `'mae'` indexed by gene when names are
-    known, else as a :class:`numpy.ndarray` of shape `(n_genes,)`.
-    """
+    """Mean absolute error between observed and predicted expression of each gene, across spots."""
     return _error_per_gene(y_true, y_pred, var_names, "mae")
 
 

@@ -75,7 +75,7 @@ def domains(
 
     Returns
     -------
-    The `Axes` when `show=False`, else `None`.
+    The `Axes` when `show=False`, else `None`. Like scanpy, sets `adata.uns[key + '_colors']` when absent.
     """
     import squidpy as sq
 

@@ -11,10 +11,23 @@ from matplotlib import pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.collections import EllipseCollection
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from histospace._utils import get_matrix
 
 _UNITS = {"log1p_cp10k": "ln(1 + CP10k)", "log10_cp10k": "log10(1 + CP10k)", "none": "expression"}
+
+
+def _finish(obj, show: bool | None):
+    """Show the figure (`None`: as `scanpy.settings.autoshow`) and return `None`, or return `obj`."""
+    if show is None:
+        import scanpy as sc
+
+        show = sc.settings.autoshow
+    if not show:
+        return obj
+    plt.show()
+    return None
 
 
 def _library(adata: AnnData, library_id: str | None, library_key: str) -> str | None:
@@ -39,13 +52,19 @@ def _draw_spots(
     *,
     diameter: float,
     image: np.ndarray | None,
+    image_scale: float,
     cmap: str,
     alpha: float,
     vmin: float | None = None,
     vmax: float | None = None,
 ):
+    """Spots (full-resolution pixel coordinates) as discs over the image drawn at its own scale."""
     if image is not None:
-        ax.imshow(image)
+        h, w = image.shape[:2]
+        # image pixel i covers [i - 0.5, i + 0.5] at its resolution; full-resolution coordinate = image coordinate / scale
+        ax.imshow(
+            image, extent=(-0.5 / image_scale, (w - 0.5) / image_scale, (h - 0.5) / image_scale, -0.5 / image_scale)
+        )
     coll = EllipseCollection(
         widths=diameter,
         heights=diameter,
@@ -64,8 +83,11 @@ def _draw_spots(
     ax.set_xlim(xy[:, 0].min() - pad, xy[:, 0].max() + pad)
     ax.set_ylim(xy[:, 1].max() + pad, xy[:, 1].min() - pad)  # image orientation: y down
     ax.set_aspect("equal")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.xaxis.set_major_locator(MaxNLocator(3))
+    ax.yaxis.set_major_locator(MaxNLocator(3))
+    ax.tick_params(labelsize=7)
+    ax.set_xlabel("x (full-resolution pixels)", fontsize=8)
+    ax.set_ylabel("y (full-resolution pixels)", fontsize=8)
     return coll
 
 
@@ -83,6 +105,7 @@ def predicted_vs_observed(
     alpha: float = 0.9,
     spot_scale: float = 1.0,
     panel_size: float = 3.6,
+    ax: Axes | Sequence[Axes] | None = None,
     show: bool | None = None,
 ) -> Figure | None:
     """Observed and predicted expression of chosen genes side by side over the H&E image.
@@ -116,9 +139,12 @@ def predicted_vs_observed(
     spot_scale
         Factor on the spot diameter (`spot_diameter_fullres`).
     panel_size
-        Size in inches of each panel.
+        Size in inches of each panel (new figure only).
+    ax
+        Axes to draw into instead of a new figure: one per panel, row by row (for each gene its observed, then its
+        predicted panel; only the predicted one when there is no observed expression).
     show
-        Show the figure; `False` returns it.
+        Show the figure; `None` follows `scanpy.settings.autoshow`. With `show=False` the figure is returned.
 
     Returns
     -------
@@ -159,8 +185,8 @@ def predicted_vs_observed(
             image = entry["images"][img_res]
             scale = float(sf.get(f"tissue_{img_res}_scalef", 1.0))
         if "spot_diameter_fullres" in sf:
-            diameter = float(sf["spot_diameter_fullres"]) * scale
-    xy = np.asarray(adata.obsm[spatial_key], dtype=float)[mask] * scale
+            diameter = float(sf["spot_diameter_fullres"])
+    xy = np.asarray(adata.obsm[spatial_key], dtype=float)[mask]  # full-resolution pixels
     if diameter is None:
         from scipy.spatial import cKDTree
 
@@ -169,31 +195,40 @@ def predicted_vs_observed(
     diameter *= spot_scale
 
     ncol = 1 if obs_all is None else 2
-    fig, axes = plt.subplots(
-        len(genes), ncol, figsize=(panel_size * ncol * 1.15, panel_size * len(genes)), squeeze=False
-    )
+    if ax is None:
+        fig, axes = plt.subplots(
+            len(genes), ncol, figsize=(panel_size * ncol * 1.15, panel_size * len(genes)), squeeze=False
+        )
+    else:
+        flat = [ax] if isinstance(ax, Axes) else list(np.ravel(np.asarray(ax, dtype=object)))
+        if len(flat) != len(genes) * ncol:
+            msg = f"`ax` must hold {len(genes) * ncol} Axes ({len(genes)} gene(s) x {ncol} panel(s)), got {len(flat)}."
+            raise ValueError(msg)
+        axes = np.asarray(flat, dtype=object).reshape(len(genes), ncol)
+        fig = axes[0, 0].figure
     for i, g in enumerate(genes):
         j = list(adata.var_names).index(g)
         pred = pred_all[mask, j]
         panels = [("predicted", pred)] if obs_all is None else [("observed", obs_all[mask, j]), ("predicted", pred)]
         for c, (what, vals) in enumerate(panels):
-            ax = axes[i, c]
-            coll = _draw_spots(ax, xy, vals, diameter=diameter, image=image, cmap=cmap, alpha=alpha)
-            cb = fig.colorbar(coll, ax=ax, fraction=0.046, pad=0.02)
-            cb.set_label(_UNITS.get(params.get("normalize", ""), "expression"))
+            panel = axes[i, c]
+            coll = _draw_spots(
+                panel, xy, vals, diameter=diameter, image=image, image_scale=scale, cmap=cmap, alpha=alpha
+            )
+            cb = panel.figure.colorbar(coll, ax=panel, fraction=0.046, pad=0.02)
+            cb.set_label(_UNITS.get(params.get("normalize", ""), "expression"), fontsize=8)
+            cb.ax.tick_params(labelsize=7)
             title = f"{g} {what}"
             if what == "predicted" and obs_all is not None:
                 o = obs_all[mask, j]
                 r = np.corrcoef(o, pred)[0, 1] if np.std(o) > 0 and np.std(pred) > 0 else np.nan
                 title += f" (r = {r:.2f})"
-            ax.set_title(title, fontsize=10)
-    if lib is not None:
-        fig.suptitle(f"{lib}", fontsize=11)
-    fig.tight_layout()
-    if show is False:
-        return fig
-    plt.show()
-    return None
+            panel.set_title(title, fontsize=10)
+    if ax is None:
+        if lib is not None:
+            fig.suptitle(f"{lib}", fontsize=11)
+        fig.tight_layout()
+    return _finish(fig, show)
 
 
 def _pearson_table(results, method: str) -> pd.DataFrame:
@@ -231,7 +266,7 @@ def gene_correlation(
     ax
         Axes to draw into; a new figure by default.
     show
-        Show the figure; `False` returns the axes.
+        Show the figure; `None` follows `scanpy.settings.autoshow`. With `show=False` the axes are returned.
 
     Returns
     -------
@@ -256,10 +291,7 @@ def gene_correlation(
     ax.set_xlabel("Pearson r per gene (mean over held-out sections)")
     ax.set_ylabel("number of genes")
     ax.legend(fontsize=8, frameon=False)
-    if show is False:
-        return ax
-    plt.show()
-    return None
+    return _finish(ax, show)
 
 
 def top_genes(
@@ -283,7 +315,7 @@ def top_genes(
     ax
         Axes to draw into; a new figure by default.
     show
-        Show the figure; `False` returns the axes.
+        Show the figure; `None` follows `scanpy.settings.autoshow`. With `show=False` the axes are returned.
 
     Returns
     -------
@@ -309,7 +341,4 @@ def top_genes(
     ax.set_xlabel(f"mean -log10 p across {p.shape[1]} held-out sections")
     ax.set_ylabel("gene")
     ax.set_title(f"top {len(best)} genes ({method})", fontsize=10)
-    if show is False:
-        return ax
-    plt.show()
-    return None
+    return _finish(ax, show)

@@ -400,13 +400,14 @@ def image_features(
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float | np.number) or not v > 0):
             msg = f"`{name}` must be a positive number, got {v!r}."
             raise ValueError(msg)
-    for name, v in (("input_size", input_size), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-            msg = f"`{name}` must be a positive integer, got {v!r}."
+    for name, v, lowest in (
+        ("input_size", input_size, 1),
+        ("batch_size", batch_size, 1),
+        ("num_workers", num_workers, 0),
+    ):
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < lowest:
+            msg = f"`{name}` must be a {'positive' if lowest else 'non-negative'} integer, got {v!r}."
             raise ValueError(msg)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int | np.integer) or num_workers < 0:
-        msg = f"`num_workers` must be a non-negative integer, got {num_workers!r}."
-        raise ValueError(msg)
     if img_scale is not None and not img_scale > 0:
         msg = f"`img_scale` must be positive, got {img_scale!r}."
         raise ValueError(msg)

@@ -172,7 +172,8 @@ def domains(
 
     Parameters
     ----------
-    {adata}
+    adata
+        {adata}
     use_rep
         Key in `adata.obsm` with the representation (e.g. `'X_stereomm'` from `hs.tl.stereomm`).
     n_clusters
@@ -195,11 +196,13 @@ def domains(
         Spatial majority-vote refinement passes (`False`/0: none). Needs `adata.obsp[connectivity_key]`.
     connectivity_key
         Key in `adata.obsp` with the spatial graph used by `refine`.
-    {random_state}
+    random_state
+        {random_state}
     key_added
         Key in `adata.obs`; `None` gives `'stereomm_domain'` for `use_rep='X_stereomm'`, else `f'{use_rep}_domain'`
         (a leading `'X_'` removed).
-    {copy}
+    copy
+        {copy}
 
     Returns
     -------

@@ -66,7 +66,8 @@ def mclstexp_cross_validate(
 
     Parameters
     ----------
-    {adata}
+    adata
+        {adata}
         Slides with counts, image features and positions (see :class:`~histospace.models.MclSTExp`).
     groupby
         `adata.obs` column whose groups are held out in turn.

@@ -56,7 +56,8 @@ def mclstexp_predict(
 
     Parameters
     ----------
-    {adata}
+    adata
+        {adata}
         It needs the image features the model was trained on (`adata.obsm[model.params['image_key']]`, from
         :func:`histospace.pp.image_features`), or an image (`img=` or `adata.uns['spatial']`) for a model with a
         fine-tuned encoder. Expression is not needed (H&E-only slides and tiles from
@@ -78,7 +79,8 @@ def mclstexp_predict(
         Query rows per chunk of the nearest-neighbour search.
     key_added
         Key of the layer and of the `uns` entry.
-    {copy}
+    copy
+        {copy}
 
     Returns
     -------

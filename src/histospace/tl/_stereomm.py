@@ -60,7 +60,8 @@ def stereomm(
 
     Parameters
     ----------
-    {adata}
+    adata
+        {adata}
     layer
         Layer with the expression (counts or normalised, non-negative); `None` uses `adata.X`.
     image_key
@@ -88,14 +89,18 @@ def stereomm(
         Other arguments of :class:`~histospace.models.StereoMM` (e.g. `gene_selection`, `n_top_genes`, `proj_dim`).
     train_kwargs
         Other arguments of :meth:`~histospace.models.StereoMM.train` (e.g. `weight_decay`, `clip_norm`).
-    {device}
-    {random_state}
-    {progress_bar}
+    device
+        {device}
+    random_state
+        {random_state}
+    progress_bar
+        {progress_bar}
     key_added
         Key in `adata.obsm` for the latent. The `uns` key is `key_added` without a leading `'X_'`.
     return_model
         Also return the trained model (to save it, or to look at `.history`).
-    {copy}
+    copy
+        {copy}
 
     Returns
     -------
