@@ -164,6 +164,13 @@ def test_model_fine_tune_path(adata, tmp_path):
         hs.models.MclSTExp.load(tmp_path / "ft")
     loaded = hs.models.MclSTExp.load(tmp_path / "ft", encoder=tiny_encoder())
     np.testing.assert_allclose(loaded.predict(q, n_neighbors=5), pred, rtol=1e-5, atol=1e-6)
+    # `img=` per library (a dict), cut with the shared cropping helpers; a library missing from the dict is an error
+    lib = str(adata.obs["library_id"].iloc[0])
+    hires = adata.uns["spatial"][lib]["images"]["hires"]
+    pred_img = model.predict(q, n_neighbors=5, img={lib: hires})
+    assert pred_img.shape == pred.shape and np.isfinite(pred_img).all()
+    with pytest.raises(KeyError, match="img"):
+        model.predict(q, n_neighbors=5, img={"other": hires})
 
 
 @pytest.mark.gpu

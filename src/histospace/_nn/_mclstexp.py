@@ -114,6 +114,8 @@ class MclSTExpModule(nn.Module):
         Width of the expression vector and of the image features (or of the image encoder output).
     n_x, n_y
         Rows of the x and y position tables (max array coordinate + 1).
+    projection_dim, dropout
+        Width of the joint space and dropout of the projection heads.
     image_encoder
         Optional `nn.Module` mapping `(n, 3, h, w)` images in `[-1, 1]`-ish scale to `(n, img_dim)` features
         (fine-tuning path). `None`: the image input is a feature vector.
@@ -123,6 +125,8 @@ class MclSTExpModule(nn.Module):
         L2-normalise the embeddings before the dot product (CLIP), instead of the reference's raw dot product.
     learn_temperature
         Learn the temperature (as `log(1/T)`, clamped to T >= 0.01).
+    **spot_kwargs
+        Keyword arguments of :class:`SpotEncoder` (`n_heads`, `dim_head`, `n_layers`, `use_positions`).
     """
 
     def __init__(
@@ -132,22 +136,17 @@ class MclSTExpModule(nn.Module):
         n_x: int,
         n_y: int,
         *,
-        n_heads: int = 8,
-        dim_head: int = 64,
-        n_layers: int = 2,
-        use_positions: bool = True,
         projection_dim: int = 256,
         dropout: float = 0.0,
         image_encoder: nn.Module | None = None,
         temperature: float = 1.0,
         l2_normalize: bool = False,
         learn_temperature: bool = False,
+        **spot_kwargs,
     ):
         super().__init__()
         self.image_encoder = image_encoder
-        self.spot_encoder = SpotEncoder(
-            n_genes, n_x, n_y, n_heads=n_heads, dim_head=dim_head, n_layers=n_layers, use_positions=use_positions
-        )
+        self.spot_encoder = SpotEncoder(n_genes, n_x, n_y, **spot_kwargs)
         self.image_projection = ProjectionHead(img_dim, projection_dim, dropout)
         self.spot_projection = ProjectionHead(n_genes, projection_dim, dropout)
         self.l2_normalize = l2_normalize

@@ -31,6 +31,7 @@ from histospace._utils import (
     seed_everything,
     version_string,
 )
+from histospace._utils._image import ImageSource, crop_patches, open_image, resize_patches
 
 _NORMALIZE = ("log1p_cp10k", "log10_cp10k", "none")
 _WEIGHTING = ("inverse_square", "uniform", "softmax")
@@ -107,34 +108,38 @@ def _check_feature_params(ref: dict | None, query: dict | None, image_key: str) 
 # --------------------------------------------------------------------------------------------------------------
 # image patches (fine-tuning path)
 # --------------------------------------------------------------------------------------------------------------
-def _read_image(img) -> np.ndarray:
-    if isinstance(img, str | Path):
-        from PIL import Image
+def _image_of_library(adata: AnnData, lib: str, img) -> tuple[ImageSource, float]:
+    """The image of one slide and the factor from `obsm['spatial']` (full-resolution pixels) to its pixels.
 
-        Image.MAX_IMAGE_PIXELS = None
-        with Image.open(img) as im:
-            return np.asarray(im.convert("RGB"))
-    if hasattr(img, "data") and hasattr(img, "__getitem__") and not isinstance(img, np.ndarray):  # ImageContainer
-        layer = next(iter(img.data.data_vars))
-        arr = np.asarray(img[layer])
-        return arr.reshape(arr.shape[0], arr.shape[1], -1)[..., :3]
-    arr = np.asarray(img)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    if arr.dtype != np.uint8:
-        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    return arr[..., :3]
-
-
-def _crop(img: np.ndarray, cx: float, cy: float, size: int) -> np.ndarray:
-    """Square crop of `size` px centred on (cx, cy), zero-padded outside the image."""
-    h, w = img.shape[:2]
-    x0, y0 = int(math.floor(cx)) - size // 2, int(math.floor(cy)) - size // 2
-    out = np.zeros((size, size, 3), dtype=np.uint8)
-    xs0, ys0, xs1, ys1 = max(x0, 0), max(y0, 0), min(x0 + size, w), min(y0 + size, h)
-    if xs1 > xs0 and ys1 > ys0:
-        out[ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0] = img[ys0:ys1, xs0:xs1]
-    return out
+    In this order: `img` (array, path or `ImageContainer`; a dict `{library_id: img}` for several slides, taken as full
+    resolution), `uns['spatial'][lib]['metadata']['source_image_path']`, `uns['spatial'][lib]['images']['hires']`
+    with `tissue_hires_scalef`.
+    """
+    if img is not None:
+        if isinstance(img, dict):
+            if lib not in img:
+                msg = f"`img` is a dict without library {lib!r}; pass one image per library id."
+                raise KeyError(msg)
+            img = img[lib]
+        return open_image(img, kind="img").load(), 1.0
+    entry = adata.uns.get("spatial", {}).get(lib)
+    if entry is None:
+        msg = (
+            f"No image for library {lib!r}: pass `img=` or store it in `adata.uns['spatial'][{lib!r}]` "
+            "(`['metadata']['source_image_path']` or `['images']['hires']`)."
+        )
+        raise KeyError(msg)
+    path = (entry.get("metadata", {}) or {}).get("source_image_path")
+    if path and Path(path).expanduser().is_file():
+        return open_image(path, kind="fullres").load(), 1.0
+    images = entry.get("images", {}) or {}
+    if images.get("hires") is not None and "tissue_hires_scalef" in entry.get("scalefactors", {}):
+        scale = float(entry["scalefactors"]["tissue_hires_scalef"])
+        return open_image(np.asarray(images["hires"]), kind="hires", scale=scale), scale
+    msg = (
+        f"`adata.uns['spatial'][{lib!r}]` holds no usable image (full-resolution path or `hires` + scale); pass `img=`."
+    )
+    raise KeyError(msg)
 
 
 def extract_patches(
@@ -145,15 +150,16 @@ def extract_patches(
     spatial_key: str = "spatial",
     patch_size: int = 224,
     input_size: int = 224,
+    batch_size: int = 256,
 ) -> np.ndarray:
-    """Return uint8 patches `(n_obs, input_size, input_size, 3)` around `obsm[spatial_key]` (full-res pixels).
+    """Return RGB uint8 patches `(n_obs, input_size, input_size, 3)` around `obsm[spatial_key]` (full-res pixels).
 
     The image of each slide is, in this order: `img` (array, path or `ImageContainer`; a dict `{library_id: img}` for
     several slides), `uns['spatial'][lib]['metadata']['source_image_path']` (full resolution), or
-    `uns['spatial'][lib]['images']['hires']` scaled by `tissue_hires_scalef`.
+    `uns['spatial'][lib]['images']['hires']` scaled by `tissue_hires_scalef`. Cropping and resizing are those of
+    :func:`histospace.pp.image_features` (`histospace._utils._image`: white padding outside the image, bilinear
+    resizing with antialiasing, exact sub-pixel boxes when upsampling).
     """
-    import torch.nn.functional as F
-
     if spatial_key not in adata.obsm:
         msg = f"`adata.obsm[{spatial_key!r}]` not found; image patches need spot centres in full-resolution pixels."
         raise KeyError(msg)
@@ -163,38 +169,18 @@ def extract_patches(
     else:
         spatial = adata.uns.get("spatial", {})
         libs = np.full(adata.n_obs, next(iter(spatial)) if len(spatial) == 1 else "_img", dtype=object)
-    out = np.zeros((adata.n_obs, input_size, input_size, 3), dtype=np.uint8)
+    out = np.empty((adata.n_obs, input_size, input_size, 3), dtype=np.uint8)
     for lib in pd.unique(libs):
         m = np.flatnonzero(libs == lib)
-        scale = 1.0
-        if img is not None:
-            image = _read_image(img[lib] if isinstance(img, dict) else img)
-        else:
-            entry = adata.uns.get("spatial", {}).get(lib)
-            if entry is None:
-                msg = (
-                    f"No image for library {lib!r}: pass `img=` or store it in `adata.uns['spatial'][{lib!r}]` "
-                    "(`['metadata']['source_image_path']` or `['images']['hires']`)."
-                )
-                raise KeyError(msg)
-            path = entry.get("metadata", {}).get("source_image_path")
-            if path and Path(path).exists():
-                image = _read_image(path)
-            elif "hires" in entry.get("images", {}):
-                image = _read_image(entry["images"]["hires"])
-                scale = float(entry["scalefactors"]["tissue_hires_scalef"])
-            else:
-                msg = f"`adata.uns['spatial'][{lib!r}]` holds no usable image; pass `img=`."
-                raise KeyError(msg)
-        size = max(int(round(patch_size * scale)), 1)
-        for lo in range(0, m.size, 256):
-            idx = m[lo : lo + 256]
-            crops = np.stack([_crop(image, xy[i, 0] * scale, xy[i, 1] * scale, size) for i in idx])
-            if size != input_size:
-                t = torch.from_numpy(crops).permute(0, 3, 1, 2).float()
-                t = F.interpolate(t, size=(input_size, input_size), mode="bilinear", align_corners=False)
-                crops = t.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-            out[idx] = crops
+        src, scale = _image_of_library(adata, lib, img)
+        size = patch_size * scale
+        exact = size < input_size
+        for lo in range(0, m.size, batch_size):
+            idx = m[lo : lo + batch_size]
+            c = xy[idx] * scale
+            crops = torch.from_numpy(crop_patches(src, c, size, input_size, exact=exact))
+            x = resize_patches(crops, input_size, centres=c, size=size, exact=exact)
+            out[idx] = x.mul(255.0).round_().clamp_(0, 255).byte().permute(0, 2, 3, 1).numpy()
     return out
 
 
@@ -235,6 +221,19 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if sel.any():
             out[sel] = torch.rot90(x[sel], q, dims=(2, 3))
     return out
+
+
+def _adam(params: list[torch.nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.Adam:
+    """Adam with the fused kernel where torch has it for the device (CPU since torch 2.4, CUDA).
+
+    The plain (per-tensor) Adam makes about ten passes over every parameter per step; with 6.4 M parameters (785-gene
+    panel) that was 30-40 % of a training step on 2 CPU threads. The fused kernel does one pass (same update rule,
+    equal up to float rounding).
+    """
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # device or dtype without a fused kernel
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -611,7 +610,12 @@ class MclSTExp:
         Parameters
         ----------
         max_epochs
-            Passes over the reference spots.
+            Passes over the reference spots (reference: 90). Measured on her2st C2-C6 leave-one-slide-out (785 genes,
+            dihedral-averaged MobileNetV2 features, `l2_normalize=True`, `learn_temperature=True`, feature-view
+            augmentation): mean PCC all genes / top 50 of 0.209 / 0.286 at 10 epochs, 0.216 / 0.303 at 20, 0.216 /
+            0.308 at 30, 0.214 / 0.310 at 40, and 0.209 / 0.311 at 90 in an earlier run; nested validation (one
+            training slide held out) chose 30 epochs in 4 of 5 folds. Training time is linear in the epochs, so
+            about 30 epochs give the same accuracy three times faster; the default stays the reference's.
         batch_size
             Spots per mini-batch (the spot Transformer's sequence).
         lr, weight_decay
@@ -649,7 +653,7 @@ class MclSTExp:
         else:
             patches = torch.from_numpy(self._patches)
         gen = make_generator(random_state)
-        opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+        opt = _adam([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
         n = expr.shape[0]
         self.history = {"loss": []}
         module.train()
