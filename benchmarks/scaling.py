@@ -125,13 +125,13 @@ def main() -> None:
         "included). load: 1-min load average at the end of the run (above 2 on this 2-core machine means other jobs "
         "shared the CPU). sim. ARI: domains recovered from the latent (100k-spot subsample beyond 200k spots).",
         "",
-        "| spots | attention | batching | epochs | steps | preprocess (s) | attention cache (s) | train (s) | s/step | "
+        "| spots | attention | batching | epochs | steps | preprocess (s) | attention cache (s) | train (s) | s/step | s/epoch | "
         "latent (s) | total fit (s) | peak RSS (MB) | sim. ARI | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['n_obs']} | {r['requested_attention']} | error | | | | | | | | | | | |")
+            lines.append(f"| {r['n_obs']} | {r['requested_attention']} | error | | | | | | | | | | | | |")
             continue
         total = r["preprocess_seconds"] + r["attention_cache_seconds"] + r["train_seconds"] + r["latent_seconds"]
         batching = "full" if r["batching"] == "full" else f"tiles of {r['batching']} (+halo), {r['n_tiles']} tiles"
@@ -139,7 +139,7 @@ def main() -> None:
         lines.append(
             f"| {r['n_obs']:,} | {r['attention']} | {batching} | {r['epochs']} | {steps} | "
             f"{r['preprocess_seconds']:.1f} | {r['attention_cache_seconds']:.1f} | {r['train_seconds']:.1f} | "
-            f"{r['train_seconds'] / steps:.3f} | {r['latent_seconds']:.1f} | {total:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['train_seconds'] / steps:.3f} | {r['train_seconds'] / r['epochs']:.2f} | {r['latent_seconds']:.1f} | {total:.1f} | {r['peak_rss_mb']:.0f} | "
             f"{r.get('ari_sim', float('nan')):.2f} | {r.get('load_avg_1min', float('nan')):.1f} |"
         )
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")

@@ -168,7 +168,7 @@ class CrossModalAttention(nn.Module):
         return out.reshape(xq.shape[0], self.proj_dim)
 
     def attend_local_blocked(
-        self, xq: torch.Tensor, xkv: torch.Tensor, edge_index: torch.Tensor, max_edges: int = 1 << 21
+        self, xq: torch.Tensor, xkv: torch.Tensor, edge_index: torch.Tensor, max_edges: int = 1 << 18
     ) -> torch.Tensor:
         """:meth:`attend_local` in blocks of query nodes with about `max_edges` edges each (bounded memory)."""
         src, dst = edge_index[0], edge_index[1]
