@@ -7,6 +7,8 @@ import numpy as np
 from anndata import AnnData
 from matplotlib.axes import Axes
 
+from histospace.pl._utils import finish
+
 
 def _library_id(adata: AnnData, library_id: str | None, library_key: str | None) -> str | None:
     libs = list(adata.uns.get("spatial", {}))
@@ -126,11 +128,4 @@ def domains(
         ax = np.ravel(ax)[0]
     ax.set_xlabel("x (pixels)")
     ax.set_ylabel("y (pixels)")
-    if show is None:
-        import scanpy as sc
-
-        show = sc.settings.autoshow
-    if show:
-        plt.show()
-        return None
-    return ax
+    return finish(ax, show)

@@ -9,6 +9,8 @@ import numpy as np
 from anndata import AnnData
 from matplotlib.axes import Axes
 
+from histospace.pl._utils import finish
+
 
 def _history_of(model_or_adata, key: str | None) -> tuple[dict[str, np.ndarray], str]:
     if isinstance(model_or_adata, AnnData):
@@ -88,11 +90,4 @@ def training_history(
     ax.set_title(f"{name} training history")
     ax.legend(frameon=False)
     ax.grid(alpha=0.3)
-    if show is None:
-        import scanpy as sc
-
-        show = sc.settings.autoshow
-    if show:
-        plt.show()
-        return None
-    return ax
+    return finish(ax, show)

@@ -14,20 +14,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from histospace._utils import get_matrix
+from histospace.pl._utils import finish as _finish
 
 _UNITS = {"log1p_cp10k": "ln(1 + CP10k)", "log10_cp10k": "log10(1 + CP10k)", "none": "expression"}
-
-
-def _finish(obj, show: bool | None):
-    """Show the figure (`None`: as `scanpy.settings.autoshow`) and return `None`, or return `obj`."""
-    if show is None:
-        import scanpy as sc
-
-        show = sc.settings.autoshow
-    if not show:
-        return obj
-    plt.show()
-    return None
 
 
 def _library(adata: AnnData, library_id: str | None, library_key: str) -> str | None:
