@@ -374,6 +374,59 @@ def test_tf_padding(adata):
         hs.pp.image_features(adata, **FAST, tf_padding=True)
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50", "densenet121"])
+def test_build_encoder_stages(name):
+    from histospace._nn._encoders import STAGES
+
+    x = torch.rand(2, 3, 64, 64)
+    enc, d, info = build_encoder(name, None, random_state=0, layers="stages")
+    last, d_last, _ = build_encoder(name, None, random_state=0)
+    assert d == STAGES[name][1] and info["layers"] == "stages"
+    with torch.inference_mode():
+        y, y_last = enc(x), last(x)
+    assert y.shape == (2, d)
+    if name == "mobilenet_v2":  # the 320-channel stage is the input of the final 1x1 expansion to 1280
+        with torch.inference_mode():
+            ref = last.backbone[:18]((x - last.mean) / last.std).mean(dim=(2, 3))
+        _close(y[:, -320:].numpy(), ref.numpy())
+    else:  # the last stage is the trunk's output (DenseNet: after its final ReLU, as the 'last' features)
+        _close(y[:, -d_last:].numpy(), y_last.numpy())
+    with pytest.raises(ValueError, match="layers"):
+        build_encoder(name, None, layers="all")
+    with pytest.raises(ValueError, match="named encoder"):
+        build_encoder(TINY, None, layers="stages")
+
+
+def test_layers_stages_and_dihedral(adata):
+    from histospace.pp._image_features import _dihedral_mean
+
+    adata = adata[:12].copy()
+    out = hs.pp.image_features(adata, copy=True, **MOBILENET, layers="stages", dihedral=True)
+    p = out.uns["img_features"]["params"]
+    assert out.obsm["img_features"].shape == (12, 696)
+    assert p["layers"] == "stages" and p["dihedral"] is True
+    plain = hs.pp.image_features(adata, copy=True, **MOBILENET)
+    assert "layers" not in plain.uns["img_features"]["params"]
+    assert "dihedral" not in plain.uns["img_features"]["params"]
+    # the dihedral mean is the mean over the 8 views and does not change when the patch is rotated or flipped
+    enc, _, _ = build_encoder("mobilenet_v2", None, random_state=0)
+    x = torch.rand(3, 3, 32, 32)
+    with torch.inference_mode():
+        views = [
+            enc(torch.rot90(x, k, dims=(2, 3)).flip(-1) if f else torch.rot90(x, k, dims=(2, 3)))
+            for k in range(4)
+            for f in (0, 1)
+        ]
+        mean = _dihedral_mean(enc, x)
+        _close(mean.numpy(), torch.stack(views).mean(0).numpy())
+        _close(_dihedral_mean(enc, torch.rot90(x, 1, dims=(2, 3))).numpy(), mean.numpy())
+        _close(_dihedral_mean(enc, x.flip(-2)).numpy(), mean.numpy())
+    snap = _snapshot(adata)
+    _raises(adata, ValueError, "layers", **MOBILENET, layers="all")
+    _raises(adata, ValueError, "named encoder", **FAST, layers="stages")
+    _assert_unchanged(adata, snap)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # bad input: type, message naming slot/file and fix, AnnData unchanged
 # --------------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,15 @@ ENCODERS = {
     "resnet50": ("resnet50", "ResNet50_Weights", 2048),
     "mobilenet_v2": ("mobilenet_v2", "MobileNet_V2_Weights", 1280),
 }
+#: encoder name -> (indices of the trunk's children whose outputs are the stage outputs pooled by `layers='stages'`,
+#: their total width). MobileNetV2: the ends of its seven bottleneck stages (24, 32, 64, 96, 160, 320 channels; the
+#: final 1x1 expansion to 1280 is left out); ResNet-50: layer1-layer4 (256, 512, 1024, 2048); DenseNet-121: the three
+#: transitions and the final norm (128, 256, 512, 1024).
+STAGES = {
+    "mobilenet_v2": ((3, 6, 10, 13, 16, 17), 696),
+    "resnet50": ((4, 5, 6, 7), 3840),
+    "densenet121": ((5, 7, 9, 11), 1920),
+}
 #: keys of the torchvision classifiers, ignored when a state_dict is loaded
 _CLASSIFIER_PREFIXES = ("classifier.", "fc.")
 
@@ -44,6 +53,9 @@ class ImageEncoder(nn.Module):
         What the weights are: `'imagenet'`, a file path, `'random'` or `'module'` (a user module as given).
     mean, std
         Per-channel normalisation applied to the `[0, 1]` input.
+    taps
+        `None`: pool the trunk's output. Else indices of the trunk's children (an `nn.Sequential`) whose outputs are
+        each average-pooled and concatenated (multi-layer features, `layers='stages'`).
     """
 
     def __init__(
@@ -56,9 +68,11 @@ class ImageEncoder(nn.Module):
         name: str = "module",
         weights: str = "module",
         final_relu: bool = False,
+        taps: tuple[int, ...] | None = None,
     ):
         super().__init__()
         self.backbone = backbone
+        self.taps = None if taps is None else tuple(int(t) for t in taps)
         self.out_dim = int(out_dim)
         self.name = name
         self.weights = weights
@@ -77,6 +91,8 @@ class ImageEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map `(B, 3, H, W)` floats in `[0, 1]` to `(B, out_dim)` features."""
         x = (x - self.mean) / self.std
+        if self.taps is not None:
+            return self._pooled_taps(x)
         y = self.backbone(x)
         if self.final_relu:
             y = F.relu(y)
@@ -85,6 +101,18 @@ class ImageEncoder(nn.Module):
         elif y.ndim != 2:
             y = y.flatten(1)
         return y
+
+    def _pooled_taps(self, x: torch.Tensor) -> torch.Tensor:
+        children = list(self.backbone.named_children())
+        fast_dense = isinstance(self.backbone, DenseNetFeatures) and not self.training
+        last, outs = len(children) - 1, []
+        for i, (name, mod) in enumerate(children[: max(self.taps) + 1]):
+            dense = fast_dense and name.startswith("denseblock")
+            x = DenseNetFeatures._dense_block(mod, x) if dense else mod(x)
+            if i in self.taps:
+                y = F.relu(x) if self.final_relu and i == last else x
+                outs.append(y.mean(dim=(2, 3)))
+        return torch.cat(outs, dim=1)
 
 
 def _torchvision_model(name: str) -> nn.Module:
@@ -292,6 +320,7 @@ def build_encoder(
     random_state: int | None = 0,
     tf_padding: bool = False,
     input_size: int = 224,
+    layers: str = "last",
 ) -> tuple[ImageEncoder, int, dict]:
     """Build an image encoder: `(B, 3, H, W)` float RGB in `[0, 1]` -> `(B, d)` features.
 
@@ -318,6 +347,9 @@ def build_encoder(
         Pad stride-2 convolutions like TensorFlow 'SAME' (for weights converted from TensorFlow).
     input_size
         Patch size used to infer `d` of a user module.
+    layers
+        `'last'`: pool the trunk's final map. `'stages'` (named encoders): pool the output of each stage (see
+        :data:`STAGES`) and concatenate them: texture-level features of the early stages next to the late ones.
 
     Returns
     -------
@@ -365,14 +397,23 @@ def build_encoder(
         )
         raise TypeError(msg)
 
+    if layers not in ("last", "stages"):
+        msg = f"`layers` must be 'last' or 'stages', got {layers!r}."
+        raise ValueError(msg)
+    if layers == "stages" and not isinstance(name_or_module, str):
+        msg = "`layers='stages'` works only with a named encoder ('mobilenet_v2', ...), not with a torch.nn.Module."
+        raise ValueError(msg)
     mean_t = _as_triplet(IMAGENET_MEAN if mean is None else mean, "mean")
     std_t = _as_triplet(IMAGENET_STD if std is None else std, "std")
     if tf_padding:
         _tf_same_padding(trunk)
-    enc = ImageEncoder(trunk, out_dim=1, mean=mean_t, std=std_t, name=name, weights=label, final_relu=final_relu)
+    taps = STAGES[name][0] if layers == "stages" else None
+    enc = ImageEncoder(
+        trunk, out_dim=1, mean=mean_t, std=std_t, name=name, weights=label, final_relu=final_relu, taps=taps
+    )
     enc.eval()
     if isinstance(name_or_module, str):
-        d = ENCODERS[name][2]
+        d = STAGES[name][1] if layers == "stages" else ENCODERS[name][2]
     else:
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -391,4 +432,6 @@ def build_encoder(
     info = {"encoder": name, "weights": label, "mean": list(mean_t), "std": list(std_t)}
     if tf_padding:
         info["tf_padding"] = True
+    if layers != "last":
+        info["layers"] = layers
     return enc, d, info

@@ -6,6 +6,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -248,6 +249,17 @@ class _BatchDataset(torch.utils.data.Dataset):
 
 
 @doc_params()
+def _dihedral_mean(enc: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean of `enc` over the 8 flips/right-angle rotations of the batch `x` `(B, 3, H, W)`."""
+    total = None
+    for k in range(4):
+        r = torch.rot90(x, k, dims=(2, 3))
+        for view in (r, r.flip(-1)):
+            y = enc(view.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else view).float()
+            total = y if total is None else total + y
+    return total / 8
+
+
 def image_features(
     adata: AnnData,
     *,
@@ -261,6 +273,8 @@ def image_features(
     mean: float | tuple[float, float, float] | None = None,
     std: float | tuple[float, float, float] | None = None,
     tf_padding: bool = False,
+    layers: Literal["last", "stages"] = "last",
+    dihedral: bool = False,
     patch_size: float | None = None,
     patch_size_um: float | None = None,
     input_size: int = 224,
@@ -326,6 +340,15 @@ def image_features(
         Pad stride-2 convolutions like TensorFlow's 'SAME' (one extra row/column at the bottom/right) instead of
         torchvision's symmetric padding, for weights converted from TensorFlow: the shared MobileNetV2 file reproduces
         its TFLite original only with `tf_padding=True`. Named encoders only.
+    layers
+        `'last'`: pool the encoder's final feature map (the usual CNN features). `'stages'` (named encoders): pool the
+        output of every stage of the network and concatenate them, from early texture-level maps to the last one:
+        `mobilenet_v2` 696 features (the seven bottleneck stages, without the final 1x1 expansion to 1280),
+        `resnet50` 3840 (`layer1`-`layer4`), `densenet121` 1920 (three transitions and the final block). On her2st
+        expression prediction these predict better than the final features (see the expression benchmark).
+    dihedral
+        Average the features over the 8 flips and right-angle rotations of each patch (H&E has no preferred
+        orientation, so this removes the encoder's orientation noise); 8 times the compute.
     patch_size
         Side of the square patch in full-resolution pixels (`224` reproduces mclSTExp on her2st).
     patch_size_um
@@ -359,8 +382,9 @@ def image_features(
     `adata.uns['img_features' | key_added]` : :class:`dict`
         `'params'`: `encoder`, `weights` (`'imagenet'`, file path, `'random'` or `'module'`), `patch_size_px`,
         `patch_size_um` (when known), `input_size`, `image` (`'fullres'`, `'hires'`, `'lowres'` or `'img'`), `scale`,
-        `mean`, `std`, `padding` (of patches at the image border), `tf_padding` (when set), `library_ids` and, per library, `libraries[library_id]` with its own `image`,
-        `scale`, `patch_size_px`; `'version'`.
+        `mean`, `std`, `padding` (of patches at the image border), `tf_padding`, `layers` and `dihedral` (when
+        set), `library_ids` and, per library, `libraries[library_id]` with its own `image`, `scale`,
+        `patch_size_px`; `'version'`.
 
     Examples
     --------
@@ -418,6 +442,12 @@ def image_features(
     if tf_padding and isinstance(encoder, nn.Module):
         msg = "`tf_padding=True` works only with a named encoder ('mobilenet_v2', ...), not with a torch.nn.Module."
         raise ValueError(msg)
+    if layers not in ("last", "stages"):
+        msg = f"`layers` must be 'last' or 'stages', got {layers!r}."
+        raise ValueError(msg)
+    if layers == "stages" and isinstance(encoder, nn.Module):
+        msg = "`layers='stages'` works only with a named encoder ('mobilenet_v2', ...), not with a torch.nn.Module."
+        raise ValueError(msg)
     dev = resolve_device(device)
 
     libs = _resolve_libraries(
@@ -431,7 +461,14 @@ def image_features(
     )
     _check_inside(adata, libs, coords)
     enc, d, info = build_encoder(
-        encoder, weights, mean, std, random_state=random_state, input_size=input_size, tf_padding=bool(tf_padding)
+        encoder,
+        weights,
+        mean,
+        std,
+        random_state=random_state,
+        input_size=input_size,
+        tf_padding=bool(tf_padding),
+        layers=layers,
     )
 
     # ---- run -----------------------------------------------------------------------------------------------------
@@ -463,7 +500,7 @@ def image_features(
             for i, batch in enumerate(loader):
                 c = centres[i * batch_size : (i + 1) * batch_size]
                 x = resize_patches(batch.to(dev, non_blocking=True), input_size, centres=c, size=size, exact=exact)
-                y = enc(x)
+                y = _dihedral_mean(enc, x) if dihedral else enc(x)
                 feats[lib.rows[i * batch_size : (i + 1) * batch_size]] = y.float().cpu().numpy()
                 bar.update(1)
             del src, ds, loader
@@ -502,6 +539,10 @@ def image_features(
         params["library_key"] = library_key
     if tf_padding:
         params["tf_padding"] = True
+    if layers != "last":
+        params["layers"] = layers
+    if dihedral:
+        params["dihedral"] = True
     for k in ("image", "scale", "patch_size_px", "patch_size_um"):
         vals = [r[k] for r in records.values() if k in r]
         if not vals:
