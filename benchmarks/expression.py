@@ -14,8 +14,8 @@ highest mean expression in the held-out section), MSE, MAE, training and predict
 
 Feature sets (all from `hs.pp.image_features` with the shared MobileNetV2; baselines get the same features, standardised):
 - `f224`: the 224-px patch, final 1280 features (the issue's setting, torchvision padding);
-- `stages224+448`: `tf_padding=True` (the padding the weights were trained with), `layers='stages'` (the seven
-  bottleneck stages pooled, 696 features), `dihedral=True` (mean over the 8 flips/rotations), for the 224-px patch and
+- `stages224+448`: `tf_padding=True` (the padding the weights were trained with), `layers='stages'` (bottleneck
+  stages 2-7 pooled, 696 features), `dihedral=True` (mean over the 8 flips/rotations), for the 224-px patch and
   for a 448-px context patch around the spot (resized to 224), concatenated (1392 features).
 
 Writes `benchmarks/results/expression.md` and `benchmarks/results/expression.json`.

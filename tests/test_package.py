@@ -25,3 +25,24 @@ def test_import_is_light():
     code = "import sys, histospace; print('squidpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_docstrings_have_no_unfilled_placeholders():
+    """Every public function's shared parameter text is filled in (`@doc_params` on the right function)."""
+    import inspect
+    import re
+
+    from histospace._utils._docs import _PARAMS
+
+    placeholder = re.compile(r"^\s*\{(" + "|".join(map(re.escape, _PARAMS)) + r")\}\s*$", re.MULTILINE)
+    found = []
+    for ns in (hs.pp, hs.tl, hs.pl, hs.datasets, hs.metrics, hs.models):
+        for name in getattr(ns, "__all__", dir(ns)):
+            obj = getattr(ns, name, None)
+            if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
+                continue
+            members = (
+                [obj, *(m for _, m in inspect.getmembers(obj, inspect.isfunction))] if inspect.isclass(obj) else [obj]
+            )
+            found += [f"{ns.__name__}.{name}" for m in members if placeholder.search(m.__doc__ or "")]
+    assert not found, f"unfilled docstring placeholders in {found}"

@@ -26,8 +26,8 @@ ENCODERS = {
     "mobilenet_v2": ("mobilenet_v2", "MobileNet_V2_Weights", 1280),
 }
 #: encoder name -> (indices of the trunk's children whose outputs are the stage outputs pooled by `layers='stages'`,
-#: their total width). MobileNetV2: the ends of its seven bottleneck stages (24, 32, 64, 96, 160, 320 channels; the
-#: final 1x1 expansion to 1280 is left out); ResNet-50: layer1-layer4 (256, 512, 1024, 2048); DenseNet-121: the three
+#: their total width). MobileNetV2: the ends of its bottleneck stages 2-7 (24, 32, 64, 96, 160, 320 channels; the
+#: 16-channel first stage and the final 1x1 expansion to 1280 are left out); ResNet-50: layer1-layer4 (256, 512, 1024, 2048); DenseNet-121: the three
 #: transitions and the final norm (128, 256, 512, 1024).
 STAGES = {
     "mobilenet_v2": ((3, 6, 10, 13, 16, 17), 696),

@@ -248,7 +248,6 @@ class _BatchDataset(torch.utils.data.Dataset):
         return torch.from_numpy(crop_patches(self.source, c, self.size, self.input_size, exact=self.exact))
 
 
-@doc_params()
 def _dihedral_mean(enc: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Mean of `enc` over the 8 flips/right-angle rotations of the batch `x` `(B, 3, H, W)`."""
     total = None
@@ -260,6 +259,7 @@ def _dihedral_mean(enc: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return total / 8
 
 
+@doc_params()
 def image_features(
     adata: AnnData,
     *,
@@ -343,7 +343,7 @@ def image_features(
     layers
         `'last'`: pool the encoder's final feature map (the usual CNN features). `'stages'` (named encoders): pool the
         output of every stage of the network and concatenate them, from early texture-level maps to the last one:
-        `mobilenet_v2` 696 features (the seven bottleneck stages, without the final 1x1 expansion to 1280),
+        `mobilenet_v2` 696 features (bottleneck stages 2-7, without the final 1x1 expansion to 1280),
         `resnet50` 3840 (`layer1`-`layer4`), `densenet121` 1920 (three transitions and the final block). On her2st
         expression prediction these predict better than the final features (see the expression benchmark).
     dihedral
