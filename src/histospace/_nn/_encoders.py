@@ -107,8 +107,7 @@ class ImageEncoder(nn.Module):
         fast_dense = isinstance(self.backbone, DenseNetFeatures) and not self.training
         last, outs = len(children) - 1, []
         for i, (name, mod) in enumerate(children[: max(self.taps) + 1]):
-            dense = fast_dense and name.startswith("denseblock")
-            x = DenseNetFeatures._dense_block(mod, x) if dense else mod(x)
+            x = self.backbone.run_child(name, mod, x) if fast_dense else mod(x)
             if i in self.taps:
                 y = F.relu(x) if self.final_relu and i == last else x
                 outs.append(y.mean(dim=(2, 3)))
@@ -135,11 +134,12 @@ class DenseNetFeatures(nn.Sequential):
         if self.training:
             return super().forward(x)
         for name, mod in self.named_children():
-            if name.startswith("denseblock"):
-                x = self._dense_block(mod, x)
-            else:
-                x = mod(x)
+            x = self.run_child(name, mod, x)
         return x
+
+    def run_child(self, name: str, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Run one child module in eval mode (dense blocks through the preallocated buffer)."""
+        return self._dense_block(mod, x) if name.startswith("denseblock") else mod(x)
 
     @staticmethod
     def _dense_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -311,6 +311,16 @@ def _as_triplet(v, name: str) -> tuple[float, float, float]:
     return t
 
 
+def check_layers(layers: str, encoder) -> None:
+    """Raise `ValueError` unless `layers` is `'last'`, or `'stages'` with a named encoder."""
+    if layers not in ("last", "stages"):
+        msg = f"`layers` must be 'last' or 'stages', got {layers!r}."
+        raise ValueError(msg)
+    if layers == "stages" and isinstance(encoder, nn.Module):
+        msg = "`layers='stages'` works only with a named encoder ('mobilenet_v2', ...), not with a torch.nn.Module."
+        raise ValueError(msg)
+
+
 def build_encoder(
     name_or_module: str | nn.Module,
     weights: str | os.PathLike | None = None,
@@ -356,6 +366,7 @@ def build_encoder(
     `(encoder, d, info)`: the :class:`ImageEncoder` in eval mode on the CPU, the feature width, and
     `info = {'encoder': name, 'weights': 'imagenet' | path | 'random' | 'module', 'mean': [...], 'std': [...]}`.
     """
+    check_layers(layers, name_or_module)
     if isinstance(name_or_module, nn.Module):
         module = name_or_module
         name = type(module).__name__
@@ -397,12 +408,6 @@ def build_encoder(
         )
         raise TypeError(msg)
 
-    if layers not in ("last", "stages"):
-        msg = f"`layers` must be 'last' or 'stages', got {layers!r}."
-        raise ValueError(msg)
-    if layers == "stages" and not isinstance(name_or_module, str):
-        msg = "`layers='stages'` works only with a named encoder ('mobilenet_v2', ...), not with a torch.nn.Module."
-        raise ValueError(msg)
     mean_t = _as_triplet(IMAGENET_MEAN if mean is None else mean, "mean")
     std_t = _as_triplet(IMAGENET_STD if std is None else std, "std")
     if tf_padding:

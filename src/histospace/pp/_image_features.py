@@ -15,7 +15,7 @@ from scanpy import logging as logg
 from torch import nn
 from tqdm.auto import tqdm
 
-from histospace._nn._encoders import build_encoder, fuse_conv_bn
+from histospace._nn._encoders import build_encoder, check_layers, fuse_conv_bn
 from histospace._utils import check_random_state, doc_params, resolve_device, version_string
 from histospace._utils._image import PADDING, ImageSource, crop_patches, open_image, resize_patches
 
@@ -442,12 +442,7 @@ def image_features(
     if tf_padding and isinstance(encoder, nn.Module):
         msg = "`tf_padding=True` works only with a named encoder ('mobilenet_v2', ...), not with a torch.nn.Module."
         raise ValueError(msg)
-    if layers not in ("last", "stages"):
-        msg = f"`layers` must be 'last' or 'stages', got {layers!r}."
-        raise ValueError(msg)
-    if layers == "stages" and isinstance(encoder, nn.Module):
-        msg = "`layers='stages'` works only with a named encoder ('mobilenet_v2', ...), not with a torch.nn.Module."
-        raise ValueError(msg)
+    check_layers(layers, encoder)
     dev = resolve_device(device)
 
     libs = _resolve_libraries(
