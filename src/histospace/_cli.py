@@ -142,7 +142,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"tiled {args.image}: {query.n_obs} tiles over the tissue")
     if "img_features" not in query.obsm:
         hs.pp.image_features(query, progress_bar=not args.quiet, **_feature_kwargs(args))
-    model = hs.tl.mclstexp_train(ref, max_epochs=args.max_epochs, progress_bar=not args.quiet)
+    model = hs.tl.mclstexp_train(ref, max_epochs=args.max_epochs, n_models=args.n_models, progress_bar=not args.quiet)
     out = hs.tl.mclstexp_predict(query, model=model, n_neighbors=args.n_neighbors, copy=True)
     if args.genes:
         _save_gene_maps(out, args.genes, args.plot or str(Path(args.output).with_suffix(".png")))
@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="PNG path for the gene maps (default: next to the output)")
     p.add_argument("--n-neighbors", type=int, default=200, help="reference spots averaged (default: %(default)s)")
     p.add_argument("--max-epochs", type=int, default=90, help="training epochs (default: %(default)s)")
+    p.add_argument(
+        "--n-models", type=int, default=1, help="seed ensemble: models trained and averaged (default: %(default)s)"
+    )
     _add_encoder_args(p)
     p.set_defaults(func=cmd_predict)
 

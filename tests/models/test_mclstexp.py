@@ -82,6 +82,39 @@ def test_model_save_load(adata, tmp_path):
         hs.models.MclSTExp.load(tmp_path / "nothing")
 
 
+def test_model_seed_ensemble(adata, tmp_path):
+    genes = list(adata.var_names)
+    ens = hs.models.MclSTExp(adata, genes=genes, **TINY).train(random_state=3, n_models=3, **FIT)
+    assert ens.n_models_ == 3 and len(ens._members) == 3 and "3 models" in repr(ens)
+    singles = [hs.models.MclSTExp(adata, genes=genes, **TINY).train(random_state=s, **FIT) for s in (3, 4, 5)]
+    preds = [m.predict(adata, n_neighbors=5) for m in singles]
+    # the ensemble predicts the mean of the members, each a fresh model from seeds 3, 4, 5
+    np.testing.assert_allclose(ens.predict(adata, n_neighbors=5), np.mean(preds, axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ens.history["loss"], np.mean([m.history["loss"] for m in singles], axis=0), rtol=1e-6)
+    # after training and after predicting, the model exposes its first member
+    np.testing.assert_array_equal(ens.reference_embeddings, singles[0].reference_embeddings)
+    np.testing.assert_array_equal(ens.predict_from_embedding(ens.get_image_embedding(adata), n_neighbors=5), preds[0])
+    # same seed -> same ensemble; save/load keeps every member
+    again = hs.models.MclSTExp(adata, genes=genes, **TINY).train(random_state=3, n_models=3, **FIT)
+    np.testing.assert_array_equal(again.predict(adata, n_neighbors=5), ens.predict(adata, n_neighbors=5))
+    ens.save(tmp_path / "ens")
+    loaded = hs.models.MclSTExp.load(tmp_path / "ens")
+    assert loaded.n_models_ == 3
+    np.testing.assert_array_equal(loaded.predict(adata, n_neighbors=5), ens.predict(adata, n_neighbors=5))
+    # overwriting with a single model drops the members file
+    singles[0].save(tmp_path / "ens", overwrite=True)
+    assert not (tmp_path / "ens" / "members.pt").exists()
+    np.testing.assert_array_equal(hs.models.MclSTExp.load(tmp_path / "ens").predict(adata, n_neighbors=5), preds[0])
+    (tmp_path / "ens2").mkdir()
+    ens.save(tmp_path / "ens2", overwrite=True)
+    (tmp_path / "ens2" / "members.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="members.pt"):
+        hs.models.MclSTExp.load(tmp_path / "ens2")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="n_models"):
+            hs.models.MclSTExp(adata, genes=genes, **TINY).train(n_models=bad, **FIT)
+
+
 def test_model_bleep_variant(adata):
     model = hs.models.MclSTExp(adata, spot_encoder="none", use_positions=False, **TINY).train(**FIT)
     assert len(model.module.spot_encoder.blocks) == 0

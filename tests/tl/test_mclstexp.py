@@ -31,6 +31,19 @@ def test_train_returns_model(adata):
     assert set(adata.uns) == set(before.uns) and set(adata.obsm) == set(before.obsm)  # nothing written
 
 
+def test_train_and_predict_seed_ensemble(adata):
+    genes = list(adata.var_names)
+    ens = hs.tl.mclstexp_train(adata, genes=genes, n_models=2, random_state=1, **TINY, **FIT)
+    assert ens.n_models_ == 2
+    q = adata.copy()
+    hs.tl.mclstexp_predict(q, model=ens, n_neighbors=10)
+    assert q.uns["mclstexp"]["params"]["n_models"] == 2
+    single = [hs.tl.mclstexp_train(adata, genes=genes, random_state=s, **TINY, **FIT) for s in (1, 2)]
+    mean = np.mean([m.predict(adata, n_neighbors=10) for m in single], axis=0)
+    col = [genes.index(g) for g in q.var_names]
+    np.testing.assert_allclose(q.layers["mclstexp"], mean[:, col], rtol=1e-5, atol=1e-6)
+
+
 def test_predict_writes_layer(adata, model):
     q = adata[:, ::-1].copy()  # same genes, other order
     assert hs.tl.mclstexp_predict(q, model=model, n_neighbors=10) is None

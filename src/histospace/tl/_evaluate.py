@@ -83,7 +83,8 @@ def mclstexp_cross_validate(
         capped at the number of training spots.
     baselines
         Also evaluate, on the same folds, genes and targets: `'bleep'` (the same model without spot Transformer and
-        positions), `'ridge'` (:class:`~sklearn.linear_model.RidgeCV` over `ridge_alphas`) and `'knn'`
+        positions, trained with the same `train_kwargs`, a seed ensemble's `n_models` included), `'ridge'`
+        (:class:`~sklearn.linear_model.RidgeCV` over `ridge_alphas`) and `'knn'`
         (:class:`~sklearn.neighbors.KNeighborsRegressor`, `knn_k` neighbours) on the image features standardised
         with the training mean and standard deviation. With `smooth_neighbors > 0` in `predict_kwargs` the ridge and
         kNN inputs are smoothed over the same spatial neighbours.

@@ -11,7 +11,7 @@ from scanpy import logging as logg
 from histospace._utils import check_unique_obs_names, doc_params, version_string
 from histospace.models._mclstexp import MclSTExp
 
-_TRAIN_KEYS = ("max_epochs", "batch_size", "lr", "weight_decay", "device", "random_state", "progress_bar")
+_TRAIN_KEYS = ("max_epochs", "batch_size", "lr", "weight_decay", "device", "random_state", "n_models", "progress_bar")
 
 
 @doc_params()
@@ -25,7 +25,7 @@ def mclstexp_train(adata_ref: AnnData, **kwargs) -> MclSTExp:
     **kwargs
         Keyword arguments of :class:`~histospace.models.MclSTExp` (e.g. `genes`, `image_key`, `library_key`,
         `temperature`) and of :meth:`~histospace.models.MclSTExp.train` (`max_epochs`, `batch_size`, `lr`,
-        `weight_decay`, `device`, `random_state`, `progress_bar`).
+        `weight_decay`, `device`, `random_state`, `n_models`, `progress_bar`).
 
     Returns
     -------
@@ -137,6 +137,7 @@ def mclstexp_predict(
             "normalize": p["normalize"],
             "spot_encoder": p["spot_encoder"],
             "n_reference_spots": int(n_ref),
+            "n_models": int(model.n_models_),
             "genes": list(model.genes),
         },
         "version": version_string(),
