@@ -635,8 +635,8 @@ class MclSTExp:
             each) and predict with the mean of their predictions (each model searches its own embedding of the
             reference). Training and prediction time grow linearly. Measured on her2st C2-C6 leave-one-slide-out
             (stage features + context, 30 epochs, `l2_normalize=True`, `learn_temperature=True`, inverse-square
-            weights): mean PCC all genes / top 50 of 0.220 / 0.328 with 1 model, 0.228 / 0.340 with 3, 0.230 /
-            0.341 with 5 (`benchmarks/results/expression.md`).
+            weights): mean PCC all genes / top 50 of 0.220 / 0.328 with 1 model and 0.230 / 0.341 with 5
+            (`benchmarks/results/expression.md`; 0.228 / 0.340 with 3 in an exploratory run).
         progress_bar
             Show one progress bar per model.
 
