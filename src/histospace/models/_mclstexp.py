@@ -537,7 +537,6 @@ class MclSTExp:
         self.is_trained = False
         self.reference_embeddings: np.ndarray | None = None
         self.reference_expression: np.ndarray = self._expr
-        self.n_models_ = 1
         self._members: list[tuple[dict[str, torch.Tensor], np.ndarray]] = []
 
     # ----------------------------------------------------------------------------------------------------------
@@ -569,7 +568,8 @@ class MclSTExp:
             l2_normalize=p["l2_normalize"],
             learn_temperature=p["learn_temperature"],
         )
-        self.device = torch.device("cpu")
+        self.device = getattr(self, "device", torch.device("cpu"))  # a rebuilt module stays on the model's device
+        self.module.to(self.device)
 
     def to_device(self, device: str | torch.device | None = None) -> MclSTExp:
         """Move the module to `device` (see :func:`histospace._utils.resolve_device`)."""
@@ -674,13 +674,17 @@ class MclSTExp:
         self.train_time_ = time.perf_counter() - t0
         self.batch_size_ = int(batch_size)
         self.random_state_ = random_state
-        self.n_models_ = n_models
         self._members = members
         if members:
             self._use_member(0)
         self.is_trained = True
         logg.info("    finished", time=start)
         return self
+
+    @property
+    def n_models_(self) -> int:
+        """Models in the seed ensemble (1: a single model)."""
+        return max(len(self._members), 1)
 
     def _use_member(self, i: int) -> None:
         """Load the weights and reference embeddings of ensemble member `i` into :attr:`module`."""
@@ -703,8 +707,6 @@ class MclSTExp:
         seed_everything(random_state)
         if random_state is not None or rebuild:
             self._build()
-            self.module.to(dev)
-            self.device = dev
         module = self.module
         expr = torch.from_numpy(self._expr).to(dev)
         pos = torch.from_numpy(self._pos).to(dev)
@@ -942,8 +944,6 @@ class MclSTExp:
             msg = f"{d} exists and is not empty; pass `overwrite=True`."
             raise FileExistsError(msg)
         d.mkdir(parents=True, exist_ok=True)
-        if self._members:
-            self._use_member(0)
         torch.save({k: v.cpu() for k, v in self.module.state_dict().items()}, d / "model.pt")
         if self._members:
             torch.save([state for state, _ in self._members], d / "members.pt")
@@ -1009,7 +1009,7 @@ class MclSTExp:
             self.feature_mean = z["feature_mean"] if "feature_mean" in z else None
             self.feature_std = z["feature_std"] if "feature_std" in z else None
             member_embeddings = z["member_embeddings"] if "member_embeddings" in z else None
-        self.n_models_ = int(meta.get("n_models", 1))
+        n_models = int(meta.get("n_models", 1))
         self._expr = self.reference_expression
         self._feats = self._patches = None
         self._views = []
@@ -1019,9 +1019,9 @@ class MclSTExp:
         self._build()
         self.module.load_state_dict(torch.load(d / "model.pt", map_location="cpu"))
         self._members = []
-        if self.n_models_ > 1:
+        if n_models > 1:
             if member_embeddings is None or not (d / "members.pt").exists():
-                msg = f"{d} holds a {self.n_models_}-model ensemble but `members.pt` or its embeddings are missing."
+                msg = f"{d} holds a {n_models}-model ensemble but `members.pt` or its embeddings are missing."
                 raise FileNotFoundError(msg)
             states = torch.load(d / "members.pt", map_location="cpu")
             self._members = list(zip(states, list(member_embeddings), strict=True))
