@@ -372,6 +372,8 @@ def test_tf_padding(adata):
     assert not np.allclose(plain / np.abs(ref).max(), ref / np.abs(ref).max(), atol=1e-3)
     with pytest.raises(ValueError, match="tf_padding"):
         hs.pp.image_features(adata, **FAST, tf_padding=True)
+    with pytest.raises(ValueError, match="tf_padding"):  # the shared builder refuses too (it would re-pad the module)
+        build_encoder(TINY, None, tf_padding=True)
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50", "densenet121"])

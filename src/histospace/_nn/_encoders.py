@@ -311,13 +311,16 @@ def _as_triplet(v, name: str) -> tuple[float, float, float]:
     return t
 
 
-def check_layers(layers: str, encoder) -> None:
-    """Raise `ValueError` unless `layers` is `'last'`, or `'stages'` with a named encoder."""
+def check_encoder_options(encoder, *, layers: str = "last", tf_padding: bool = False) -> None:
+    """Raise `ValueError` unless `layers` is `'last'` or `'stages'`, and `'stages'`/`tf_padding` name an encoder."""
     if layers not in ("last", "stages"):
         msg = f"`layers` must be 'last' or 'stages', got {layers!r}."
         raise ValueError(msg)
     if layers == "stages" and isinstance(encoder, nn.Module):
         msg = "`layers='stages'` works only with a named encoder ('mobilenet_v2', ...), not with a torch.nn.Module."
+        raise ValueError(msg)
+    if tf_padding and isinstance(encoder, nn.Module):
+        msg = "`tf_padding=True` works only with a named encoder ('mobilenet_v2', ...), not with a torch.nn.Module."
         raise ValueError(msg)
 
 
@@ -366,7 +369,7 @@ def build_encoder(
     `(encoder, d, info)`: the :class:`ImageEncoder` in eval mode on the CPU, the feature width, and
     `info = {'encoder': name, 'weights': 'imagenet' | path | 'random' | 'module', 'mean': [...], 'std': [...]}`.
     """
-    check_layers(layers, name_or_module)
+    check_encoder_options(name_or_module, layers=layers, tf_padding=tf_padding)
     if isinstance(name_or_module, nn.Module):
         module = name_or_module
         name = type(module).__name__

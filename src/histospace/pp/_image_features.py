@@ -15,7 +15,7 @@ from scanpy import logging as logg
 from torch import nn
 from tqdm.auto import tqdm
 
-from histospace._nn._encoders import build_encoder, check_layers, fuse_conv_bn
+from histospace._nn._encoders import build_encoder, check_encoder_options, fuse_conv_bn
 from histospace._utils import check_random_state, doc_params, resolve_device, version_string
 from histospace._utils._image import PADDING, ImageSource, crop_patches, open_image, resize_patches
 
@@ -439,10 +439,7 @@ def image_features(
         msg = "`img_scale` applies only with `img=`."
         raise ValueError(msg)
     random_state = check_random_state(random_state)
-    if tf_padding and isinstance(encoder, nn.Module):
-        msg = "`tf_padding=True` works only with a named encoder ('mobilenet_v2', ...), not with a torch.nn.Module."
-        raise ValueError(msg)
-    check_layers(layers, encoder)
+    check_encoder_options(encoder, layers=layers, tf_padding=tf_padding)
     dev = resolve_device(device)
 
     libs = _resolve_libraries(
