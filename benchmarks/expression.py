@@ -52,6 +52,11 @@ def _data_dir(arg: str | None) -> Path:
     return ROOT.parent.parent / "shared" / "data"
 
 
+def read_panel(data_dir: Path) -> list[str]:
+    """The 785-gene her2st panel of Hist2ST/mclSTExp, in file order."""
+    return [g.strip() for g in open(data_dir / "her2st" / "gene_lists" / GENE_LIST) if g.strip()]
+
+
 def load(data_dir: Path, cache: Path | None) -> tuple[ad.AnnData, dict]:
     """her2st C2-C6 with the feature sets above; cached in `cache` when given."""
     if cache is not None and cache.exists():
@@ -282,7 +287,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     data_dir = _data_dir(args.data_dir)
-    genes = [g.strip() for g in open(data_dir / "her2st" / "gene_lists" / GENE_LIST) if g.strip()]
+    genes = read_panel(data_dir)
     t0 = time.perf_counter()
     adata, feat_times = load(data_dir, Path(args.cache) if args.cache else None)
     t_load = time.perf_counter() - t0

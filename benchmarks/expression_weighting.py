@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from expression import GENE_LIST, ROOT, SECTIONS, TUNED, _data_dir, load, md_table
+from expression import ROOT, SECTIONS, TUNED, _data_dir, load, md_table, read_panel
 
 import histospace as hs
 from histospace.metrics import pearson_per_gene
@@ -49,7 +49,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data_dir = _data_dir(args.data_dir)
-    genes = [g.strip() for g in open(data_dir / "her2st" / "gene_lists" / GENE_LIST) if g.strip()]
+    genes = read_panel(data_dir)
     adata, _ = load(data_dir, Path(args.cache) if args.cache else None)
     genes = [g for g in genes if g in adata.var_names]
     lib = adata.obs["library_id"].astype(str).to_numpy()
@@ -75,8 +75,9 @@ def main() -> None:
                 m = lib == val
                 yt = y[m]
                 top = np.argsort(-yt.mean(axis=0), kind="stable")[:50]
+                emb = model.get_image_embedding(adata[m])  # one embedding, both weightings
                 for w in WEIGHTINGS:
-                    pred = model.predict(adata[m], n_neighbors=200, weighting=w)
+                    pred = model.predict_from_embedding(emb, n_neighbors=200, weighting=w)
                     r = np.asarray(pearson_per_gene(yt, pred), dtype=float)
                     rows.append(
                         {
