@@ -5,6 +5,7 @@ from ._docs import doc_params
 from ._random import make_generator, seed_everything
 from ._validate import (
     check_no_nan,
+    check_number,
     check_obsm,
     check_obsp,
     check_random_state,
@@ -15,6 +16,7 @@ from ._validate import (
 
 __all__ = [
     "check_no_nan",
+    "check_number",
     "check_obsm",
     "check_obsp",
     "check_random_state",

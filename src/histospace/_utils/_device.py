@@ -1,11 +1,16 @@
 from __future__ import annotations
 
-import torch
-from scanpy import logging as logg
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """Return the torch device to use; `None` picks CUDA when present, never MPS on its own."""
+    import torch
+    from scanpy import logging as logg
+
     if device is None:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

@@ -19,10 +19,12 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 PAD_VALUE = 255
 PADDING = "constant white (255)"
@@ -369,7 +371,7 @@ def open_image(obj, *, kind: str = "img", scale: float | None = None, name: str 
         axes = "".join({"y": "Y", "x": "X", "channels": "S"}.get(d, "Q") for d in dims)
         s = float(obj.data.attrs.get("scale", 1.0)) if scale is None else scale
         return ImageSource(da.data, axes, kind=kind, scale=s, name=name or f"ImageContainer[{layer!r}]")
-    if isinstance(obj, torch.Tensor):
+    if type(obj).__module__.startswith("torch") and hasattr(obj, "detach"):  # a torch.Tensor (torch not imported)
         obj = obj.detach().cpu().numpy()
     if not hasattr(obj, "shape") or not hasattr(obj, "dtype"):
         msg = (
@@ -428,6 +430,9 @@ def resize_patches(
     Exact crops (see :func:`crop_patches`) are sampled bilinearly at the sub-pixel box `centre ± size / 2`.
     The result is channels-last in memory (faster convolutions on CPU).
     """
+    import torch
+    import torch.nn.functional as F
+
     x = batch.permute(0, 3, 1, 2).float().div_(255.0)
     if exact:
         assert centres is not None and size is not None

@@ -1,13 +1,18 @@
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def seed_everything(random_state: int | None) -> None:
     """Seed `random`, `numpy` and `torch` (CUDA too). `None` leaves the generators unseeded."""
+    import torch
+
     if random_state is None:
         return
     random.seed(random_state)
@@ -19,6 +24,8 @@ def seed_everything(random_state: int | None) -> None:
 
 def make_generator(random_state: int | None, device: str | torch.device = "cpu") -> torch.Generator:
     """Return a `torch.Generator`, seeded when `random_state` is not `None` (for DataLoaders and samplers)."""
+    import torch
+
     g = torch.Generator(device=device)
     if random_state is None:
         g.seed()

@@ -102,3 +102,59 @@ def check_random_state(random_state) -> int | None:
         msg = f"`random_state` must be an int or None, got {type(random_state).__name__}."
         raise TypeError(msg)
     return int(random_state)
+
+
+def check_number(
+    value,
+    name: str,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    allow_none: bool = False,
+):
+    """Return `value` as int or float after checking it is a finite real number in range.
+
+    Numpy scalars are accepted; `bool`, NaN and infinity are refused. Raises `TypeError` for something that is not a
+    number and `ValueError` for a number out of range, not whole when `integer`, or not finite; the message names
+    `name` and the range.
+    """
+    import numbers
+
+    if integer:
+        kind = "int"
+    else:
+        kind = "number"
+    if low == 0 and not low_inclusive and high is None:
+        want = f"a positive {kind}"
+    elif low == 1 and integer and high is None:
+        want = "a positive int"
+    elif low == 0 and high is None:
+        want = f"a non-negative {kind}"
+    elif low is not None and high is not None:
+        want = f"a{'n' if kind == 'int' else ''} {kind} in {'[' if low_inclusive else '('}{low:g}, {high:g}]"
+    elif low is not None:
+        want = f"a{'n' if kind == 'int' else ''} {kind} {'>=' if low_inclusive else '>'} {low:g}"
+    else:
+        want = f"a{'n' if kind == 'int' else ''} finite {kind}"
+    if allow_none:
+        want += " or None"
+    if value is None:
+        if allow_none:
+            return None
+        msg = f"`{name}` must be {want}, got None."
+        raise TypeError(msg)
+    if isinstance(value, bool | np.bool_):
+        msg = f"`{name}` must be {want}, got {value!r}."
+        raise ValueError(msg)
+    if not isinstance(value, numbers.Real):
+        msg = f"`{name}` must be {want}, got {type(value).__name__} {value!r}."
+        raise TypeError(msg)
+    v = float(value)
+    bad = not np.isfinite(v) or (integer and v != int(v))
+    bad = bad or (low is not None and (v < low or (v == low and not low_inclusive))) or (high is not None and v > high)
+    if bad:
+        msg = f"`{name}` must be {want}, got {value!r}."
+        raise ValueError(msg)
+    return int(v) if integer else v
