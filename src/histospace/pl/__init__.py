@@ -1,7 +1,22 @@
 """Method-specific plots: domains over the H&E image, training history, predicted vs observed expression."""
 
-from ._domains import domains
-from ._history import training_history
-from ._mclstexp import gene_correlation, predicted_vs_observed, top_genes
+from typing import TYPE_CHECKING
+
+from histospace._utils._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ._domains import domains
+    from ._history import training_history
+    from ._mclstexp import gene_correlation, predicted_vs_observed, top_genes
 
 __all__ = ["domains", "gene_correlation", "predicted_vs_observed", "top_genes", "training_history"]
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "domains": "._domains",
+        "gene_correlation": "._mclstexp",
+        "predicted_vs_observed": "._mclstexp",
+        "top_genes": "._mclstexp",
+        "training_history": "._history",
+    },
+)

@@ -1,7 +1,15 @@
 """Preprocessing: H&E patch features, tiles for H&E-only slides, spatial graphs."""
 
-from ._image_features import image_features
-from ._spatial_graph import spatial_graph
-from ._tiles import tile_image
+from typing import TYPE_CHECKING
+
+from histospace._utils._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ._image_features import image_features
+    from ._spatial_graph import spatial_graph
+    from ._tiles import tile_image
 
 __all__ = ["image_features", "spatial_graph", "tile_image"]
+__getattr__, __dir__ = lazy_exports(
+    __name__, {"image_features": "._image_features", "spatial_graph": "._spatial_graph", "tile_image": "._tiles"}
+)

@@ -1,8 +1,23 @@
 """Tools: StereoMM latent and spatial domains, mclSTExp training, prediction and evaluation."""
 
-from ._domains import domains
-from ._evaluate import mclstexp_cross_validate
-from ._mclstexp import mclstexp_predict, mclstexp_train
-from ._stereomm import stereomm
+from typing import TYPE_CHECKING
+
+from histospace._utils._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ._domains import domains
+    from ._evaluate import mclstexp_cross_validate
+    from ._mclstexp import mclstexp_predict, mclstexp_train
+    from ._stereomm import stereomm
 
 __all__ = ["domains", "mclstexp_cross_validate", "mclstexp_predict", "mclstexp_train", "stereomm"]
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "domains": "._domains",
+        "mclstexp_cross_validate": "._evaluate",
+        "mclstexp_predict": "._mclstexp",
+        "mclstexp_train": "._mclstexp",
+        "stereomm": "._stereomm",
+    },
+)
