@@ -295,20 +295,18 @@ def fuse_conv_bn(module: nn.Module) -> nn.Module:
 
 
 def _as_triplet(v, name: str) -> tuple[float, float, float]:
-    if isinstance(v, int | float):
-        v = (float(v),) * 3
-    try:
-        t = tuple(float(x) for x in v)
-    except TypeError as e:
-        msg = f"`{name}` must be a float or three floats (R, G, B), got {v!r}."
-        raise TypeError(msg) from e
-    if len(t) != 3:
-        msg = f"`{name}` must be a float or three floats (R, G, B), got {v!r}."
-        raise ValueError(msg)
-    if name == "std" and min(t) <= 0:
-        msg = f"`std` must be positive, got {t}."
-        raise ValueError(msg)
-    return t
+    """One number (numpy scalars included) for the three channels, or three numbers (R, G, B)."""
+    import numbers
+
+    from histospace._utils import check_number
+
+    if isinstance(v, numbers.Real) and not isinstance(v, bool):
+        v = (v,) * 3
+    if isinstance(v, str | bytes) or not hasattr(v, "__len__") or len(v) != 3:
+        msg = f"`{name}` must be a number or three numbers (R, G, B), got {v!r}."
+        raise (ValueError if hasattr(v, "__len__") and not isinstance(v, str | bytes) else TypeError)(msg)
+    low = {"low": 0, "low_inclusive": False} if name == "std" else {}
+    return tuple(check_number(x, name, **low) for x in v)
 
 
 def check_encoder_options(encoder, *, layers: str = "last", tf_padding: bool = False) -> None:

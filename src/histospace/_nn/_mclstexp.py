@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -185,3 +186,67 @@ def clip_loss(spot: torch.Tensor, img: torch.Tensor, logit_scale: torch.Tensor |
     logits = spot @ img.T * logit_scale
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The reference's image augmentation on a float batch `(b, 3, h, w)` in [0, 1]: colour jitter, flips, rotations."""
+    b = x.shape[0]
+    r = torch.rand(b, 6, generator=generator).to(x.device)
+    bright = (0.5 + r[:, 0]).view(b, 1, 1, 1)
+    x = (x * bright).clamp(0, 1)
+    grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    contrast = (0.5 + r[:, 1]).view(b, 1, 1, 1)
+    x = ((x - grey.mean((2, 3), keepdim=True)) * contrast + grey.mean((2, 3), keepdim=True)).clamp(0, 1)
+    grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    sat = (0.5 + r[:, 2]).view(b, 1, 1, 1)
+    x = ((x - grey) * sat + grey).clamp(0, 1)
+    hflip = r[:, 3] < 0.5
+    x = torch.where(hflip.view(b, 1, 1, 1), x.flip(-1), x)
+    k = (r[:, 4] * 4).long()
+    out = x.clone()
+    for q in range(1, 4):
+        sel = k == q
+        if sel.any():
+            out[sel] = torch.rot90(x[sel], q, dims=(2, 3))
+    return out
+
+
+@torch.no_grad()
+def knn_predict(
+    emb: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    *,
+    n_neighbors: int,
+    weighting: str,
+    logit_scale: float,
+    batch_size: int,
+    device,
+) -> np.ndarray:
+    """Weighted mean of `values` over the cosine top-`n_neighbors` rows of `keys` for every row of `emb`.
+
+    Weights: `'softmax'` of `logit_scale * q . k`, `'inverse_square'` `1/d^2` of the Euclidean distance, or
+    `'uniform'`. Queries go in chunks that keep the `(chunk x n_keys)` similarity matrix near 64 MB.
+    """
+    dev = device
+    keys = torch.from_numpy(np.asarray(keys, dtype=np.float32)).to(dev)
+    key_sq = (keys**2).sum(dim=1)
+    values = torch.from_numpy(np.asarray(values, dtype=np.float32)).to(dev)
+    out = np.zeros((emb.shape[0], values.shape[1]), dtype=np.float32)
+    chunk = max(1, min(batch_size, (16 * 2**20) // max(keys.shape[0], 1)))
+    for lo in range(0, emb.shape[0], chunk):
+        q = torch.from_numpy(emb[lo : lo + chunk]).to(dev)
+        dots = q @ keys.T
+        sim = dots / (q.norm(dim=1, keepdim=True).clamp_min(1e-12) * keys.norm(dim=1).clamp_min(1e-12))
+        top_idx = torch.topk(sim, n_neighbors, dim=1).indices
+        if weighting == "uniform":
+            w = torch.full(top_idx.shape, 1.0 / n_neighbors, device=dev)
+        elif weighting == "softmax":
+            w = torch.softmax(dots.gather(1, top_idx) * logit_scale, dim=1)
+        else:
+            d2 = ((q**2).sum(dim=1, keepdim=True) + key_sq[top_idx] - 2 * dots.gather(1, top_idx)).clamp_min(1e-12)
+            w = 1.0 / d2
+            w = w / w.sum(dim=1, keepdim=True)
+        weights = torch.zeros_like(sim).scatter_(1, top_idx, w)  # sparse rows: k non-zeros each
+        out[lo : lo + q.shape[0]] = (weights @ values).float().cpu().numpy()
+    return out

@@ -8,11 +8,8 @@ sparse, pre-normalised edge list.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Literal
 
-import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -23,34 +20,6 @@ AttentionMode = Literal["global", "global_trainable", "local", "local_trainable"
 ATTENTION_MODES = ("global", "global_trainable", "local", "local_trainable", "none")
 #: attention modes whose Q/K/V stay at their random initialisation (the reference's "brief" mode): cached
 FROZEN_MODES = ("global", "local")
-
-
-def gcn_normalized_edges(adj: sp.spmatrix) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(edge_index, edge_weight)`` of ``D^-1/2 (A + I) D^-1/2`` for a binary, symmetric ``A``.
-
-    ``A`` is symmetrised and binarised (the reference graph is undirected and unweighted) and self loops are added
-    once, as torch-geometric's `gcn_norm` does. The weights are computed once on the whole graph, so the rows of a
-    sub-graph that keeps all neighbours of a node (the interior of a tile) get exactly the full-graph values.
-    """
-    a = sp.csr_matrix(adj, dtype=np.float32)
-    a = ((a + a.T) > 0).astype(np.float32)
-    a.setdiag(0)
-    a.eliminate_zeros()
-    a = (a + sp.eye(a.shape[0], dtype=np.float32, format="csr")).tocoo()
-    deg = np.asarray(a.sum(axis=1)).ravel()
-    dinv = 1.0 / np.sqrt(deg)
-    w = (dinv[a.row] * dinv[a.col]).astype(np.float32)
-    # torch-geometric convention: edge_index[0] = source j, edge_index[1] = target i (messages j -> i)
-    edge_index = torch.from_numpy(np.vstack([a.col, a.row]).astype(np.int64))
-    return edge_index, torch.from_numpy(w)
-
-
-def sparse_adjacency(edge_index: torch.Tensor, edge_weight: torch.Tensor, n: int) -> torch.Tensor:
-    """Weighted adjacency as a torch CSR tensor with rows = targets (what `GCNConv` takes as `adj_t`)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR tensor support is in beta state"
-        coo = torch.sparse_coo_tensor(torch.stack([edge_index[1], edge_index[0]]), edge_weight, (n, n))
-        return coo.coalesce().to_sparse_csr()
 
 
 class CrossModalAttention(nn.Module):
@@ -112,24 +81,40 @@ class CrossModalAttention(nn.Module):
         if mode in FROZEN_MODES:
             for lin in (self.q, self.k, self.v):
                 lin.weight.requires_grad_(False)
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.init_output()
+        # the cached attention outputs before W_o (frozen modes); buffers so that `.to(device)` moves them
+        self.register_buffer("cache_t", None, persistent=False)
+        self.register_buffer("cache_m", None, persistent=False)
+        self._zero_output()
 
-    def init_output(self) -> None:
-        """Zero ``W_o`` when ``zero_init`` (call after re-initialising the layers)."""
-        if self.zero_init and self.mode != "none":
+    def _zero_output(self) -> None:
+        if self.zero_init:
             with torch.no_grad():
                 self.out.weight.zero_()
                 self.out.bias.zero_()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the projections (torch's default), zero ``W_o`` when ``zero_init``, forget the cache."""
+        if self.mode == "none":
+            return
+        for lin in (self.q, self.k, self.v, self.out):
+            lin.reset_parameters()
+        self._zero_output()
+        self.clear_cache()
 
     @property
     def frozen(self) -> bool:
         """Whether the attention output before ``W_o`` is constant (``'global'``, ``'local'``) and can be cached."""
         return self.mode in FROZEN_MODES
 
+    @property
+    def is_cached(self) -> bool:
+        """Whether the attention outputs are cached."""
+        return self.mode != "none" and self.cache_t is not None
+
     def clear_cache(self) -> None:
-        """Forget the cached attention output (call after changing ``W_q, W_k, W_v`` or the inputs)."""
-        self._cache = None
+        """Forget the cached attention outputs (after changing ``W_q, W_k, W_v`` or the inputs)."""
+        if self.mode != "none":
+            self.cache_t = self.cache_m = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], self.n_heads, self.proj_dim // self.n_heads)
@@ -204,49 +189,42 @@ class CrossModalAttention(nn.Module):
         if not self.frozen:
             msg = f"only attention='global' or 'local' can be cached, not {self.mode!r}."
             raise ValueError(msg)
-        self._cache = self.attend(x_t, x_m, edge_index)
+        self.cache_t, self.cache_m = self.attend(x_t, x_m, edge_index)
 
     def forward(
-        self,
-        x_t: torch.Tensor,
-        x_m: torch.Tensor,
-        edge_index: torch.Tensor | None = None,
-        *,
-        idx: torch.Tensor | None = None,
-        keys: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self, x_t: torch.Tensor, x_m: torch.Tensor, edge_index: torch.Tensor | None = None, *, idx=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(X_ma, X_ta)``.
+        """Return ``(X_ma, X_ta)`` of all spots, or of the batch ``idx``.
 
         Parameters
         ----------
         x_t, x_m
-            Expression and image features of the spots in the batch (rows ``idx`` of the full data).
+            Expression and image features of all spots.
         edge_index
-            Graph of the batch (local mode).
+            Graph of all spots, or of the batch when ``idx`` is given (local modes).
         idx
-            Global row indices of the batch, used to read the cache (global mode) in mini-batch training.
-        keys
-            Full ``(x_t, x_m)`` for global_trainable mini-batches (queries from the batch, keys from all spots).
+            Rows of the batch (mini-batch training): queries from the batch; keys from all spots in
+            ``'global_trainable'`` mode, from the batch graph in the local modes; frozen modes read their cache, which
+            must have been built on all spots (:meth:`build_cache`).
         """
+        b_t, b_m = (x_t, x_m) if idx is None else (x_t[idx], x_m[idx])
         if self.mode == "none":
-            return x_m, x_t
+            return b_m, b_t
         if self.frozen:
-            if self._cache is None:
+            if self.cache_t is None:
                 if idx is not None:
                     msg = "build the attention cache on all spots (`build_cache`) before mini-batch training."
                     raise RuntimeError(msg)
                 self.build_cache(x_t, x_m, edge_index)
-            h_t, h_m = self._cache
-            if idx is not None:
-                h_t, h_m = h_t[idx], h_m[idx]
-        elif self.mode == "global_trainable" and keys is not None:
-            h_t, h_m = self.attend_global(x_t, keys[1]), self.attend_global(x_m, keys[0])
+            h_t, h_m = (self.cache_t, self.cache_m) if idx is None else (self.cache_t[idx], self.cache_m[idx])
+        elif self.mode == "global_trainable" and idx is not None:
+            h_t, h_m = self.attend_global(b_t, x_m), self.attend_global(b_m, x_t)
         else:
-            h_t, h_m = self.attend(x_t, x_m, edge_index)
-        return x_m + self.out(h_m), x_t + self.out(h_t)
+            h_t, h_m = self.attend(b_t, b_m, edge_index)
+        return b_m + self.out(h_m), b_t + self.out(h_t)
 
 
-class VGAE(nn.Module):
+class GraphVAE(nn.Module):
     """Variational graph autoencoder with GCN layers and a GCN feature decoder (linear last layer).
 
     Encoder ``in -> hidden[0] -> ... -> hidden[-1]`` (GCN + ReLU), heads ``mu`` and ``logvar`` (GCN, linear),
@@ -269,6 +247,11 @@ class VGAE(nn.Module):
     def n_hops(self) -> int:
         """Receptive field of a reconstructed spot, in graph hops."""
         return len(self.encoder) + 1 + len(self.decoder)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every GCN layer."""
+        for conv in (*self.encoder, self.mu, self.logvar, *self.decoder):
+            conv.reset_parameters()
 
     def encode(self, x, adj):
         """Return ``(mu, logvar)``; ``adj`` is the normalised sparse adjacency (rows = targets)."""
@@ -293,9 +276,9 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 class StereoMMModule(nn.Module):
-    """Cross-modal attention, fusion ``[X_ma, X_ta]`` (image first) and the VGAE.
+    """Cross-modal attention, fusion ``[X_ma, X_ta]`` (image first), the graph VAE and its loss.
 
-    Without image features (``image_dim=0``) the attention is skipped and the VGAE sees ``X_t`` only.
+    Without image features (``use_image=False``) the attention is skipped and the VAE sees ``X_t`` only.
     """
 
     def __init__(
@@ -319,24 +302,55 @@ class StereoMMModule(nn.Module):
             if use_image
             else CrossModalAttention(dim, proj_dim, n_heads, "none")
         )
-        self.vgae = VGAE(dim * (2 if use_image else 1), list(hidden), n_latent, decoder_last_relu=decoder_last_relu)
+        self.vgae = GraphVAE(dim * (2 if use_image else 1), list(hidden), n_latent, decoder_last_relu=decoder_last_relu)
 
     @property
     def n_hops(self) -> int:
-        """Receptive field in graph hops (VGAE layers, plus one for trainable local attention; cached modes add none)."""
+        """Receptive field in graph hops (VAE layers, plus one for trainable local attention; cached modes add none)."""
         return self.vgae.n_hops + (1 if self.attention.mode == "local_trainable" else 0)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the attention (zero-init and cache included) and the graph VAE."""
+        self.attention.reset_parameters()
+        self.vgae.reset_parameters()
+
+    @torch.no_grad()
+    def prepare(self, x_t: torch.Tensor, x_m: torch.Tensor | None, edge_index: torch.Tensor | None = None) -> None:
+        """Cache the frozen attention on all spots when the mode allows it and it is not cached yet."""
+        if self.use_image and self.attention.frozen and not self.attention.is_cached:
+            self.attention.build_cache(x_t, x_m, edge_index)
 
     def inputs(self, x_t, x_m):
         """The reconstruction target: the pre-attention features ``[x_m, x_t]`` (or ``x_t``)."""
         return torch.cat([x_m, x_t], 1) if self.use_image else x_t
 
-    def forward(self, x_t, x_m, adj, edge_index=None, *, idx=None, keys=None, sample=True):
-        """Return ``(x_hat, mu, logvar, z)``; ``adj``: normalised sparse adjacency, ``edge_index``: for local attention."""
+    def forward(self, x_t, x_m, adj, edge_index=None, *, idx=None, sample=True):
+        """Return ``(x_hat, mu, logvar, z)`` of all spots or of the batch ``idx``.
+
+        ``x_t``, ``x_m``: features of all spots; ``adj``: normalised sparse adjacency of the spots (of the batch when
+        ``idx`` is given), ``edge_index``: its edges, for local attention.
+        """
         if self.use_image:
-            x_ma, x_ta = self.attention(x_t, x_m, edge_index, idx=idx, keys=keys)
+            x_ma, x_ta = self.attention(x_t, x_m, edge_index, idx=idx)
             x = torch.cat([x_ma, x_ta], 1)
         else:
-            x = x_t
+            x = x_t if idx is None else x_t[idx]
         mu, logvar = self.vgae.encode(x, adj)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
         return self.vgae.decode(z, adj), mu, logvar, z
+
+    def loss(self, x_t, x_m, adj, edge_index=None, *, idx=None, n_seeds=None, kl_weight: float):
+        """Return ``(loss, reconstruction, kl)``: MSE to the pre-attention features plus ``kl_weight`` x KL.
+
+        With a batch ``idx`` the terms are taken over its first ``n_seeds`` nodes (the tile; the rest is its halo).
+        """
+        x_hat, mu, logvar, _ = self.forward(x_t, x_m, adj, edge_index, idx=idx)
+        if idx is None:
+            target = self.inputs(x_t, x_m)
+        else:
+            seeds = idx[:n_seeds]
+            target = self.inputs(x_t[seeds], None if x_m is None else x_m[seeds])
+            x_hat, mu, logvar = x_hat[:n_seeds], mu[:n_seeds], logvar[:n_seeds]
+        rec = torch.nn.functional.mse_loss(x_hat, target)
+        kl = kl_divergence(mu, logvar)
+        return rec + kl_weight * kl, rec, kl

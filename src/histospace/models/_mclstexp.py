@@ -5,239 +5,38 @@ See :class:`MclSTExp`.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scanpy import logging as logg
-from tqdm.auto import tqdm
 
-from histospace._nn._mclstexp import MclSTExpModule
-from histospace._utils import (
-    check_no_nan,
-    check_random_state,
-    check_unique_obs_names,
-    get_matrix,
-    make_generator,
-    resolve_device,
-    seed_everything,
-    version_string,
-)
-from histospace._utils._image import ImageSource, crop_patches, open_image, resize_patches
+from histospace._constants import FEATURES_KEY, LIBRARY_KEY, POSITION_KEYS, SPATIAL_KEY
+from histospace._nn._mclstexp import MclSTExpModule, augment, knn_predict
+from histospace._utils import check_no_nan, check_number, check_random_state
+from histospace._utils._data import PANEL_NORMALIZATIONS, as_dense, library_labels, smooth_over_neighbors
+from histospace._utils._library import PatchStream
+from histospace.models._base import BaseModelClass
+from histospace.models._reference import FEATURES_HINT, ReferenceData, check_feature_params
 
-_NORMALIZE = ("log1p_cp10k", "log10_cp10k", "none")
 _WEIGHTING = ("inverse_square", "uniform", "softmax")
-_FEATURES_HINT = (
-    "Compute image features first, e.g. `hs.pp.image_features(adata, encoder='mobilenet_v2', weights=...)`, "
-    "or pass `image_key=` naming the `adata.obsm` key that holds them."
-)
+#: the settings validated by the expression benchmark (her2st C2-C6 leave-one-slide-out; see the docs)
+DEFAULTS: dict[str, Any] = {"temperature": 0.1, "l2_normalize": True, "learn_temperature": True}
+DEFAULT_TRAIN: dict[str, Any] = {"max_epochs": 30, "n_models": 5}
+DEFAULT_WEIGHTING = "softmax"
+#: the published settings (mclSTExp code): T = 1 on unnormalised embeddings, 90 epochs, one model, 1/d^2 weights
+REFERENCE: dict[str, Any] = {"temperature": 1.0, "l2_normalize": False, "learn_temperature": False}
+REFERENCE_TRAIN: dict[str, Any] = {"max_epochs": 90, "n_models": 1}
+REFERENCE_WEIGHTING = "inverse_square"
 
 
-def normalize_expression(x: np.ndarray, method: str) -> np.ndarray:
-    """Normalise panel expression per spot: `'log1p_cp10k'` = `ln(1 + 1e4 x / sum)`, `'log10_cp10k'` = reference."""
-    x = np.asarray(x, dtype=np.float64)
-    if method == "none":
-        return x.astype(np.float32)
-    s = x.sum(axis=1, keepdims=True)
-    x = np.divide(1e4 * x, s, out=np.zeros_like(x), where=s > 0)
-    out = np.log1p(x) if method == "log1p_cp10k" else np.log10(1.0 + x)
-    return out.astype(np.float32)
-
-
-def _dense(x) -> np.ndarray:
-    return np.asarray(x.toarray() if sp.issparse(x) else x)
-
-
-def _select_genes(adata: AnnData, layer: str | None, n_top_genes: int, library_key: str | None) -> list[str]:
-    """Highly variable genes of the reference only (Seurat flavour on log-CP10k, per slide when several)."""
-    import scanpy as sc
-
-    tmp = AnnData(X=sp.csr_matrix(get_matrix(adata, layer, counts=True), dtype=np.float32), obs=adata.obs[[]].copy())
-    tmp.var_names = adata.var_names
-    if library_key is not None and library_key in adata.obs:
-        tmp.obs["_lib"] = adata.obs[library_key].astype(str).to_numpy()
-    n_spots = np.asarray((tmp.X > 0).sum(axis=0)).ravel()
-    tmp = tmp[:, n_spots >= max(3, int(0.01 * tmp.n_obs))].copy()
-    sc.pp.normalize_total(tmp, target_sum=1e4)
-    sc.pp.log1p(tmp)
-    n_top = min(n_top_genes, tmp.n_vars)
-    batch = "_lib" if "_lib" in tmp.obs and tmp.obs["_lib"].nunique() > 1 else None
-    sc.pp.highly_variable_genes(tmp, n_top_genes=n_top, batch_key=batch, flavor="seurat")
-    return tmp.var_names[tmp.var["highly_variable"].to_numpy()].tolist()
-
-
-def _grid_positions(xy: np.ndarray, libs: np.ndarray) -> np.ndarray:
-    """Quantise pixel coordinates to a grid (pitch = median nearest-neighbour distance) per slide; `(x, y)`."""
-    from scipy.spatial import cKDTree
-
-    out = np.zeros((xy.shape[0], 2), dtype=np.int64)
-    for lib in np.unique(libs):
-        m = libs == lib
-        p = xy[m]
-        if p.shape[0] > 1:
-            d, _ = cKDTree(p).query(p, k=2)
-            pitch = float(np.median(d[:, 1])) or 1.0
-        else:
-            pitch = 1.0
-        out[m] = np.rint((p - p.min(axis=0)) / pitch).astype(np.int64)
-    return out
-
-
-def _check_feature_params(ref: dict | None, query: dict | None, image_key: str) -> None:
-    """Compare `uns[image_key]['params']` of the reference and the query (encoder, weights, patch size)."""
-    if not ref or not query:
-        return
-    for k in ("encoder", "weights", "patch_size_px", "patch_size_um"):
-        if k in ref and k in query and str(ref[k]) != str(query[k]):
-            msg = (
-                f"`adata.uns[{image_key!r}]['params'][{k!r}]` is {query[k]!r} but the model was trained on features "
-                f"with {k}={ref[k]!r}. Recompute the query features with the same settings "
-                "(`hs.pp.image_features`) as the reference."
-            )
-            raise ValueError(msg)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# image patches (fine-tuning path)
-# --------------------------------------------------------------------------------------------------------------
-def _image_of_library(adata: AnnData, lib: str, img) -> tuple[ImageSource, float]:
-    """The image of one slide and the factor from `obsm['spatial']` (full-resolution pixels) to its pixels.
-
-    In this order: `img` (array, path or `ImageContainer`; a dict `{library_id: img}` for several slides, taken as full
-    resolution), `uns['spatial'][lib]['metadata']['source_image_path']`, `uns['spatial'][lib]['images']['hires']`
-    with `tissue_hires_scalef`.
-    """
-    if img is not None:
-        if isinstance(img, dict):
-            if lib not in img:
-                msg = f"`img` is a dict without library {lib!r}; pass one image per library id."
-                raise KeyError(msg)
-            img = img[lib]
-        return open_image(img, kind="img").load(), 1.0
-    entry = adata.uns.get("spatial", {}).get(lib)
-    if entry is None:
-        msg = (
-            f"No image for library {lib!r}: pass `img=` or store it in `adata.uns['spatial'][{lib!r}]` "
-            "(`['metadata']['source_image_path']` or `['images']['hires']`)."
-        )
-        raise KeyError(msg)
-    path = (entry.get("metadata", {}) or {}).get("source_image_path")
-    if path and Path(path).expanduser().is_file():
-        return open_image(path, kind="fullres").load(), 1.0
-    images = entry.get("images", {}) or {}
-    if images.get("hires") is not None and "tissue_hires_scalef" in entry.get("scalefactors", {}):
-        scale = float(entry["scalefactors"]["tissue_hires_scalef"])
-        return open_image(np.asarray(images["hires"]), kind="hires", scale=scale), scale
-    msg = (
-        f"`adata.uns['spatial'][{lib!r}]` holds no usable image (full-resolution path or `hires` + scale); pass `img=`."
-    )
-    raise KeyError(msg)
-
-
-def extract_patches(
-    adata: AnnData,
-    *,
-    img=None,
-    library_key: str | None = "library_id",
-    spatial_key: str = "spatial",
-    patch_size: int = 224,
-    input_size: int = 224,
-    batch_size: int = 256,
-) -> np.ndarray:
-    """Return RGB uint8 patches `(n_obs, input_size, input_size, 3)` around `obsm[spatial_key]` (full-res pixels).
-
-    The image of each slide is, in this order: `img` (array, path or `ImageContainer`; a dict `{library_id: img}` for
-    several slides), `uns['spatial'][lib]['metadata']['source_image_path']` (full resolution), or
-    `uns['spatial'][lib]['images']['hires']` scaled by `tissue_hires_scalef`. Cropping and resizing are those of
-    :func:`histospace.pp.image_features` (`histospace._utils._image`: white padding outside the image, bilinear
-    resizing with antialiasing, exact sub-pixel boxes when upsampling).
-    """
-    if spatial_key not in adata.obsm:
-        msg = f"`adata.obsm[{spatial_key!r}]` not found; image patches need spot centres in full-resolution pixels."
-        raise KeyError(msg)
-    xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
-    if library_key is not None and library_key in adata.obs:
-        libs = adata.obs[library_key].astype(str).to_numpy()
-    else:
-        spatial = adata.uns.get("spatial", {})
-        libs = np.full(adata.n_obs, next(iter(spatial)) if len(spatial) == 1 else "_img", dtype=object)
-    out = np.empty((adata.n_obs, input_size, input_size, 3), dtype=np.uint8)
-    for lib in pd.unique(libs):
-        m = np.flatnonzero(libs == lib)
-        src, scale = _image_of_library(adata, lib, img)
-        size = patch_size * scale
-        exact = size < input_size
-        for lo in range(0, m.size, batch_size):
-            idx = m[lo : lo + batch_size]
-            c = xy[idx] * scale
-            crops = torch.from_numpy(crop_patches(src, c, size, input_size, exact=exact))
-            x = resize_patches(crops, input_size, centres=c, size=size, exact=exact)
-            out[idx] = x.mul(255.0).round_().clamp_(0, 255).byte().permute(0, 2, 3, 1).numpy()
-    return out
-
-
-def _build_encoder(encoder, weights, *, mean, std, input_size: int) -> tuple[torch.nn.Module, int]:
-    """Image encoder `(n, 3, h, w)` in [0, 1] -> `(n, d)` from `histospace._nn._encoders.build_encoder`.
-
-    It normalises with `mean`/`std` itself; `encoder` is an architecture name or a `torch.nn.Module`.
-    """
-    from histospace._nn._encoders import build_encoder
-
-    if weights == "":
-        weights = None
-    module, d, _ = build_encoder(encoder, weights, mean=mean, std=std, input_size=input_size)
-    return module, int(d)
-
-
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Reference augmentation on a uint8-scaled float batch `(b, 3, h, w)` in [0, 1]: colour jitter, flips, rotations."""
-    b = x.shape[0]
-    dev = x.device
-    r = torch.rand(b, 6, generator=generator).to(dev)
-    # colour jitter (brightness, contrast, saturation 0.5 as the reference)
-    bright = (0.5 + r[:, 0]).view(b, 1, 1, 1)
-    x = (x * bright).clamp(0, 1)
-    grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-    contrast = (0.5 + r[:, 1]).view(b, 1, 1, 1)
-    x = ((x - grey.mean((2, 3), keepdim=True)) * contrast + grey.mean((2, 3), keepdim=True)).clamp(0, 1)
-    grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-    sat = (0.5 + r[:, 2]).view(b, 1, 1, 1)
-    x = ((x - grey) * sat + grey).clamp(0, 1)
-    # flips and right-angle rotations (the dihedral group)
-    hflip = r[:, 3] < 0.5
-    x = torch.where(hflip.view(b, 1, 1, 1), x.flip(-1), x)
-    k = (r[:, 4] * 4).long()
-    out = x.clone()
-    for q in range(1, 4):
-        sel = k == q
-        if sel.any():
-            out[sel] = torch.rot90(x[sel], q, dims=(2, 3))
-    return out
-
-
-def _adam(params: list[torch.nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.Adam:
-    """Adam with the fused kernel where torch has it for the device (CPU since torch 2.4, CUDA).
-
-    The plain (per-tensor) Adam makes about ten passes over every parameter per step; with 6.4 M parameters (785-gene
-    panel) that was 30-40 % of a training step on 2 CPU threads. The fused kernel does one pass (same update rule,
-    equal up to float rounding).
-    """
-    try:
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError, TypeError):  # device or dtype without a fused kernel
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-
-
-# --------------------------------------------------------------------------------------------------------------
-class MclSTExp:
+class MclSTExp(BaseModelClass):
     """mclSTExp :cite:p:`Min2024`: learn a joint embedding of spots and H&E patches, predict expression from H&E.
 
     The spot side encodes the normalised expression of a gene panel plus learned x/y position tables with a small
@@ -245,6 +44,12 @@ class MclSTExp:
     features (frozen encoder, `freeze_encoder=True`) or fine-tunes an image encoder on patches
     (`freeze_encoder=False`). Both are trained with a symmetric CLIP loss. A query patch's expression is the
     weighted mean of the expression of its nearest reference spots in the joint space.
+
+    Defaults (`preset=None`) are the settings the expression benchmark validated (her2st C2-C6 leave-one-slide-out,
+    `benchmarks/expression.py`): L2-normalised embeddings with a learned temperature starting at 0.1; in
+    :meth:`train` 30 epochs and a seed ensemble of 5 models; in :meth:`predict` softmax weights over the 200 nearest
+    reference spots. `preset='reference'` gives the published settings (T = 1 on unnormalised embeddings, 90 epochs,
+    one model, weights `1/d^2`); explicit arguments override a preset.
 
     Parameters
     ----------
@@ -256,13 +61,14 @@ class MclSTExp:
         Gene panel. `None` chooses `n_top_genes` highly variable genes from the reference only.
     n_top_genes
         Panel size when `genes` is `None`.
-    image_key
+    features_key
         `adata.obsm` key with the image features (frozen path).
     augment_keys
         Frozen path: `adata.obsm` keys with features of augmented views of the same patches (e.g. flipped or rotated,
         computed by :func:`histospace.pp.image_features` with a wrapping `encoder=`). During training each spot's
-        image features are drawn at random, per epoch, among `image_key` and these keys (feature-level augmentation,
-        standing in for the reference's image augmentation); the reference and queries use `image_key`.
+        image features are drawn at random, per epoch, among `features_key` and these keys (feature-level
+        augmentation, standing in for the reference's image augmentation); the reference and queries use
+        `features_key`.
     library_key
         `adata.obs` column telling the slides apart (`None`: one slide).
     position_key
@@ -270,20 +76,24 @@ class MclSTExp:
         `adata.obsm[spatial_key]` are quantised to a grid per slide.
     spatial_key
         `adata.obsm` key with full-resolution pixel coordinates.
+    preset
+        `None` (the validated settings) or `'reference'` (the published ones).
     normalize
         `'log1p_cp10k'`: `ln(1 + 1e4 x / s)` with `s` the spot's total over the panel genes; `'log10_cp10k'`: the
         reference code's `log10(1 + 1e4 x / s)`; `'none'`: use the values as given (already normalised).
     scale_features
         Standardise the image features with the reference mean and standard deviation (applied to queries too).
     freeze_encoder
-        `True` (CPU path): train on the features in `adata.obsm[image_key]`. `False`: fine-tune `encoder` end to end
-        on image patches with augmentation (colour jitter, flips, right-angle rotations); the patches are cut around
-        `adata.obsm[spatial_key]` from `img` or from `adata.uns['spatial'][library_id]` (`metadata` →
-        `source_image_path`, else the `hires` image). Queries then need an image too (`img=` of
+        `True` (CPU path): train on the features in `adata.obsm[features_key]`. `False`: fine-tune `encoder` end to
+        end on image patches with augmentation (colour jitter, flips, right-angle rotations); the patches are cut
+        around `adata.obsm[spatial_key]` from `img` or from the slide's image in `adata.uns['spatial']` (as
+        :func:`histospace.pp.image_features` finds it), batch by batch. Queries then need an image too (`img=` of
         :func:`histospace.tl.mclstexp_predict`). GPU advised.
     encoder, encoder_weights
         Fine-tuning path: a torchvision architecture name (`'mobilenet_v2'`, `'resnet50'`, `'densenet121'`) with a
         local state_dict path (`None`: random init), or a `torch.nn.Module` mapping `(n, 3, h, w)` to `(n, d)`.
+    img
+        Fine-tuning path: the image(s) to cut patches from (path, array, `ImageContainer`, or a dict per library).
     patch_size, input_size
         Fine-tuning path: patch side in full-resolution pixels, and the side it is resized to.
     image_mean, image_std
@@ -299,12 +109,12 @@ class MclSTExp:
     dropout
         Dropout in the projection heads (reference: 0).
     temperature
-        Logit temperature (reference: 1.0).
+        Logit temperature (the start value when learned): default 0.1; 1 with the reference preset.
     l2_normalize
-        L2-normalise embeddings before the dot product (CLIP). The reference does not (its LayerNorm outputs have a norm
-        of about 16, so T = 1 gives very peaked logits).
+        L2-normalise embeddings before the dot product (CLIP; default). The reference does not (its LayerNorm outputs
+        have a norm of about 16, so T = 1 gives very peaked logits).
     learn_temperature
-        Learn the temperature, starting at `temperature`.
+        Learn the temperature (default), starting at `temperature`.
     reference_batch_size
         Spots per sequence when embedding the reference after training (default: the training batch size).
 
@@ -318,25 +128,28 @@ class MclSTExp:
     Queries only use the image side, so their predictions do not depend on batching.
     """
 
+    _arrays_file = "reference.npz"
+
     def __init__(
         self,
-        adata: AnnData,
+        adata: AnnData | None,
         *,
         layer: str | None = None,
         genes: Sequence[str] | None = None,
         n_top_genes: int = 1000,
-        image_key: str = "img_features",
+        features_key: str = FEATURES_KEY,
         augment_keys: Sequence[str] = (),
-        library_key: str | None = "library_id",
-        position_key: tuple[str, str] = ("array_row", "array_col"),
-        spatial_key: str = "spatial",
+        library_key: str | None = LIBRARY_KEY,
+        position_key: tuple[str, str] = POSITION_KEYS,
+        spatial_key: str = SPATIAL_KEY,
+        preset: Literal["reference"] | None = None,
         normalize: Literal["log1p_cp10k", "log10_cp10k", "none"] = "log1p_cp10k",
         scale_features: bool = True,
         freeze_encoder: bool = True,
         encoder: str | torch.nn.Module = "mobilenet_v2",
         encoder_weights: str | Path | None = None,
         img=None,
-        patch_size: int = 224,
+        patch_size: float = 224,
         input_size: int = 224,
         image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
@@ -347,267 +160,192 @@ class MclSTExp:
         n_layers: int = 2,
         projection_dim: int = 256,
         dropout: float = 0.0,
-        temperature: float = 1.0,
-        l2_normalize: bool = False,
-        learn_temperature: bool = False,
+        temperature: float | None = None,
+        l2_normalize: bool | None = None,
+        learn_temperature: bool | None = None,
         reference_batch_size: int | None = None,
+        _reference: ReferenceData | None = None,
     ):
-        if not isinstance(adata, AnnData):
-            msg = f"`adata` must be an AnnData, got {type(adata).__name__}."
-            raise TypeError(msg)
-        if normalize not in _NORMALIZE:
-            msg = f"`normalize` must be one of {_NORMALIZE}, got {normalize!r}."
+        init = self._init_params_of(locals())
+        init.pop("img")  # an image is not a parameter (it is not saved either)
+        super().__init__(init)
+        if preset not in (None, "reference"):
+            msg = f"preset={preset!r} is not one of None, 'reference'."
+            raise ValueError(msg)
+        cfg = dict(REFERENCE if preset == "reference" else DEFAULTS)
+        given = {"temperature": temperature, "l2_normalize": l2_normalize, "learn_temperature": learn_temperature}
+        cfg.update({k: v for k, v in given.items() if v is not None})
+        if normalize not in PANEL_NORMALIZATIONS:
+            msg = f"`normalize` must be one of {tuple(PANEL_NORMALIZATIONS)}, got {normalize!r}."
             raise ValueError(msg)
         if spot_encoder not in ("transformer", "none"):
             msg = f"`spot_encoder` must be 'transformer' or 'none', got {spot_encoder!r}."
             raise ValueError(msg)
-        if temperature <= 0:
-            msg = f"`temperature` must be positive, got {temperature}."
-            raise ValueError(msg)
-        check_unique_obs_names(adata)
-        if adata.n_obs < 2:
-            msg = "The reference needs at least 2 spots."
-            raise ValueError(msg)
-
-        # slides
-        if library_key is not None and library_key in adata.obs:
-            libs = adata.obs[library_key].astype(str).to_numpy()
-        elif library_key is not None and library_key != "library_id":
-            msg = f"`adata.obs[{library_key!r}]` not found; pass `library_key=None` for a single slide."
-            raise KeyError(msg)
-        else:
-            libs = np.full(adata.n_obs, "0", dtype=object)
-
-        # genes
-        if genes is None:
-            counts = get_matrix(adata, layer, counts=normalize != "none")
-            genes = _select_genes(adata, layer, n_top_genes, library_key if library_key in adata.obs else None)
-        else:
-            genes = [str(g) for g in genes]
-            if len(set(genes)) != len(genes):
-                msg = "`genes` holds duplicates; pass each gene once."
-                raise ValueError(msg)
-            missing = [g for g in genes if g not in adata.var_names]
-            if missing:
-                msg = (
-                    f"{len(missing)} panel gene(s) not in `adata.var_names` of the reference, e.g. {missing[:5]}. "
-                    "Subset `genes=` to the genes measured in every reference slide."
-                )
-                raise KeyError(msg)
-            counts = get_matrix(adata, layer, counts=normalize != "none")
-        if len(genes) == 0:
-            msg = "The gene panel is empty; pass `genes=` or a reference with expressed genes."
-            raise ValueError(msg)
-        gidx = adata.var_names.get_indexer(genes)
-        x_panel = _dense(counts[:, gidx])
-        check_no_nan(x_panel, "adata.X" if layer is None else f"adata.layers[{layer!r}]")
-        for lib in pd.unique(libs):
-            m = libs == lib
-            if m.sum() > 0 and len(pd.unique(libs)) > 1:
-                zero = np.flatnonzero(np.abs(x_panel[m]).sum(axis=0) == 0)
-                if zero.size > 0.5 * len(genes):
-                    msg = (
-                        f"{zero.size} of {len(genes)} panel genes are all zero in reference slide {lib!r} (e.g. "
-                        f"{[genes[i] for i in zero[:5]]}); the panel genes look missing from that slide. Pass "
-                        "`genes=` measured in every slide, or drop the slide."
-                    )
-                    raise ValueError(msg)
-
-        # positions
-        use_positions = bool(use_positions)
-        pos = np.zeros((adata.n_obs, 2), dtype=np.int64)
-        if use_positions:
-            rk, ck = position_key
-            if rk in adata.obs and ck in adata.obs:
-                rows = pd.to_numeric(adata.obs[rk], errors="coerce").to_numpy()
-                cols = pd.to_numeric(adata.obs[ck], errors="coerce").to_numpy()
-                if not (np.isfinite(rows).all() and np.isfinite(cols).all()):
-                    msg = f"`adata.obs[{rk!r}]`/`adata.obs[{ck!r}]` hold missing values; fill them or drop the spots."
-                    raise ValueError(msg)
-                if (rows < 0).any() or (cols < 0).any():
-                    msg = f"`adata.obs[{rk!r}]`/`adata.obs[{ck!r}]` must be non-negative array coordinates."
-                    raise ValueError(msg)
-                pos = np.column_stack([np.rint(cols), np.rint(rows)]).astype(np.int64)
-            elif spatial_key in adata.obsm:
-                xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
-                check_no_nan(xy, f"adata.obsm[{spatial_key!r}]")
-                pos = _grid_positions(xy, libs)
-                logg.info(f"    no `obs[{rk!r}]`/`obs[{ck!r}]`: positions quantised from `obsm[{spatial_key!r}]`")
-            else:
-                msg = (
-                    f"The reference has no positions: neither `adata.obs[{rk!r}]`/`adata.obs[{ck!r}]` (array "
-                    f"coordinates) nor `adata.obsm[{spatial_key!r}]` (pixels). Add them, or pass "
-                    "`use_positions=False`."
-                )
-                raise KeyError(msg)
-
-        # image side
-        feature_params: dict = {}
-        patches = None
-        if freeze_encoder:
-            if image_key not in adata.obsm:
-                msg = f"`adata.obsm[{image_key!r}]` not found. {_FEATURES_HINT}"
-                raise KeyError(msg)
-            feats = _dense(adata.obsm[image_key]).astype(np.float32)
-            if feats.ndim != 2 or feats.shape[0] != adata.n_obs:
-                msg = f"`adata.obsm[{image_key!r}]` has shape {feats.shape}; expected ({adata.n_obs}, d)."
-                raise ValueError(msg)
-            check_no_nan(feats, f"adata.obsm[{image_key!r}]")
-            img_dim = int(feats.shape[1])
-            views = []
-            for k in augment_keys:
-                if k not in adata.obsm:
-                    msg = f"`adata.obsm[{k!r}]` (in `augment_keys`) not found. {_FEATURES_HINT}"
-                    raise KeyError(msg)
-                v = _dense(adata.obsm[k]).astype(np.float32)
-                if v.shape != feats.shape:
-                    msg = f"`adata.obsm[{k!r}]` has shape {v.shape}; expected {feats.shape} as `adata.obsm[{image_key!r}]`."
-                    raise ValueError(msg)
-                check_no_nan(v, f"adata.obsm[{k!r}]")
-                views.append(v)
-            uns_f = adata.uns.get(image_key, {})
-            if isinstance(uns_f, dict) and isinstance(uns_f.get("params"), dict):
-                feature_params = {
-                    k: v
-                    for k, v in uns_f["params"].items()
-                    if k in ("encoder", "weights", "patch_size_px", "patch_size_um")
-                    and isinstance(v, str | int | float)
-                }
-        else:
-            feats, views = None, []
-            patches = extract_patches(
-                adata,
-                img=img,
-                library_key=library_key,
-                spatial_key=spatial_key,
-                patch_size=patch_size,
-                input_size=input_size,
-            )
-            img_dim = -1  # set when the encoder is built
-
-        self.genes: list[str] = list(genes)
-        self.params = {
-            "layer": "X" if layer is None else layer,
-            "n_top_genes": int(n_top_genes),
-            "image_key": image_key,
-            "augment_keys": [str(k) for k in augment_keys],
-            "library_key": "" if library_key is None else library_key,
-            "position_key": list(position_key),
-            "spatial_key": spatial_key,
-            "normalize": normalize,
-            "scale_features": bool(scale_features),
-            "freeze_encoder": bool(freeze_encoder),
-            "encoder": encoder if isinstance(encoder, str) else "custom",
-            "encoder_weights": "" if encoder_weights is None else str(encoder_weights),
-            "patch_size": int(patch_size),
-            "input_size": int(input_size),
-            "image_mean": [float(v) for v in image_mean],
-            "image_std": [float(v) for v in image_std],
+        cfg["temperature"] = check_number(cfg["temperature"], "temperature", low=0, low_inclusive=False)
+        for name, v in (("n_heads", n_heads), ("dim_head", dim_head), ("projection_dim", projection_dim)):
+            check_number(v, name, integer=True, low=1)
+        check_number(n_layers, "n_layers", integer=True, low=0)
+        check_number(n_top_genes, "n_top_genes", integer=True, low=1)
+        check_number(dropout, "dropout", low=0, high=1)
+        check_number(reference_batch_size, "reference_batch_size", integer=True, low=2, allow_none=True)
+        if not freeze_encoder:
+            check_number(patch_size, "patch_size", low=0, low_inclusive=False)
+            check_number(input_size, "input_size", integer=True, low=1)
+        self.preset = preset
+        #: the neighbour weighting :meth:`predict` uses when none is given
+        self.default_weighting = REFERENCE_WEIGHTING if preset == "reference" else DEFAULT_WEIGHTING
+        self.config = {
+            **cfg,
             "spot_encoder": spot_encoder,
-            "use_positions": use_positions,
+            "use_positions": bool(use_positions),
             "n_heads": int(n_heads),
             "dim_head": int(dim_head),
             "n_layers": int(n_layers) if spot_encoder == "transformer" else 0,
             "projection_dim": int(projection_dim),
             "dropout": float(dropout),
-            "temperature": float(temperature),
-            "l2_normalize": bool(l2_normalize),
-            "learn_temperature": bool(learn_temperature),
-            "reference_batch_size": 0 if reference_batch_size is None else int(reference_batch_size),
         }
-        self._expr = normalize_expression(x_panel, normalize)
-        self._pos = pos
-        self._libs = libs
-        self._feats = feats
-        self._views = views
-        self._patches = patches
-        self.feature_params = feature_params
-        self.n_x = int(pos[:, 0].max()) + 1
-        self.n_y = int(pos[:, 1].max()) + 1
-        self.reference_obs_names = np.asarray(adata.obs_names.astype(str))
-        if feats is not None and scale_features:
-            self.feature_mean = feats.mean(axis=0).astype(np.float32)
-            self.feature_std = np.maximum(feats.std(axis=0), 1e-6).astype(np.float32)
+        self.layer, self.normalize = layer, normalize
+        self.features_key, self.spatial_key = features_key, spatial_key
+        self.library_key = library_key
+        self.freeze_encoder = bool(freeze_encoder)
+        self.reference_batch_size = reference_batch_size
+        self._encoder_spec = (encoder, None if encoder_weights is None else str(encoder_weights))
+        self._fine_tune = {
+            "patch_size": float(patch_size),
+            "input_size": int(input_size),
+            "mean": [float(v) for v in image_mean],
+            "std": [float(v) for v in image_std],
+        }
+        if adata is None:
+            if _reference is None:
+                msg = "`adata` must be an AnnData (the reference slides)."
+                raise TypeError(msg)
+            self.reference = _reference
         else:
-            self.feature_mean = self.feature_std = None
-        self._custom_encoder = encoder if isinstance(encoder, torch.nn.Module) else None
-        self.img_dim = img_dim
-        self._build()
-        self.history: dict[str, list[float]] = {"loss": []}
-        self.is_trained = False
-        self.reference_embeddings: np.ndarray | None = None
-        self.reference_expression: np.ndarray = self._expr
-        self._members: list[tuple[dict[str, torch.Tensor], np.ndarray]] = []
-
-    # ----------------------------------------------------------------------------------------------------------
-    def _build(self) -> None:
-        p = self.params
-        image_encoder = None
-        if not p["freeze_encoder"]:
-            image_encoder, d = _build_encoder(
-                self._custom_encoder if self._custom_encoder is not None else p["encoder"],
-                p["encoder_weights"] or None,
-                mean=p["image_mean"],
-                std=p["image_std"],
-                input_size=p["input_size"],
+            self.reference = ReferenceData.from_anndata(
+                adata,
+                layer=layer,
+                genes=genes,
+                n_top_genes=n_top_genes,
+                normalize=normalize,
+                library_key=library_key,
+                position_key=position_key,
+                spatial_key=spatial_key,
+                use_positions=bool(use_positions),
+                freeze_encoder=self.freeze_encoder,
+                features_key=features_key,
+                augment_keys=augment_keys,
+                scale_features=bool(scale_features),
+                patch_stream={"img": img, "patch_size": patch_size, "input_size": input_size},
             )
-            self.img_dim = d
+        self._build()
+        self.reference_embeddings: np.ndarray | None = None
+        self._members: list[tuple[dict[str, torch.Tensor], np.ndarray]] = []
+        self.n_models_ = 1
+        self.batch_size_: int | None = None
+        self.random_state_: int | None = None
+
+    @property
+    def genes(self) -> list[str]:
+        """The gene panel (columns of the predictions)."""
+        return self.reference.genes
+
+    @property
+    def reference_expression(self) -> np.ndarray:
+        """Normalised panel expression of the reference spots, `(n_reference, n_genes)` float32."""
+        return self.reference.expression
+
+    @property
+    def n_x(self) -> int:
+        """Rows of the x position table."""
+        return self.reference.n_x
+
+    @property
+    def n_y(self) -> int:
+        """Rows of the y position table."""
+        return self.reference.n_y
+
+    @property
+    def img_dim(self) -> int | None:
+        """Width of the image features (or of the fine-tuned encoder's output)."""
+        return self.reference.img_dim
+
+    # ---- the module ------------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        """Build :attr:`module` with fresh weights (drawn from torch's global generator), on the model's device."""
+        c = self.config
+        image_encoder = None
+        if not self.freeze_encoder:
+            from histospace._nn._encoders import build_encoder
+
+            encoder, weights = self._encoder_spec
+            ft = self._fine_tune
+            image_encoder, d, _ = build_encoder(
+                encoder, weights, mean=ft["mean"], std=ft["std"], input_size=ft["input_size"]
+            )
+            self.reference.img_dim = int(d)
         self.module = MclSTExpModule(
             n_genes=len(self.genes),
             img_dim=self.img_dim,
             n_x=self.n_x,
             n_y=self.n_y,
-            n_heads=p["n_heads"],
-            dim_head=p["dim_head"],
-            n_layers=p["n_layers"],
-            use_positions=p["use_positions"],
-            projection_dim=p["projection_dim"],
-            dropout=p["dropout"],
+            n_heads=c["n_heads"],
+            dim_head=c["dim_head"],
+            n_layers=c["n_layers"],
+            use_positions=c["use_positions"],
+            projection_dim=c["projection_dim"],
+            dropout=c["dropout"],
             image_encoder=image_encoder,
-            temperature=p["temperature"],
-            l2_normalize=p["l2_normalize"],
-            learn_temperature=p["learn_temperature"],
+            temperature=c["temperature"],
+            l2_normalize=c["l2_normalize"],
+            learn_temperature=c["learn_temperature"],
         )
-        self.device = getattr(self, "device", torch.device("cpu"))  # a rebuilt module stays on the model's device
         self.module.to(self.device)
 
-    def to_device(self, device: str | torch.device | None = None) -> MclSTExp:
-        """Move the module to `device` (see :func:`histospace._utils.resolve_device`)."""
-        self.device = resolve_device(device)
-        self.module.to(self.device)
-        return self
+    def _repr_fields(self) -> list[str]:
+        kind = "BLEEP-style" if self.config["spot_encoder"] == "none" else "mclSTExp"
+        image = f"image {'features' if self.freeze_encoder else 'encoder'} {self.img_dim}-d"
+        fields = [kind, f"{len(self.genes)} genes", f"{self.reference_expression.shape[0]} reference spots", image]
+        return fields + ([f"{self.n_models_} models"] if self.n_models_ > 1 else [])
 
-    def __repr__(self) -> str:
-        p = self.params
-        kind = "BLEEP-style" if p["spot_encoder"] == "none" else "mclSTExp"
-        return (
-            f"MclSTExp({kind}, {len(self.genes)} genes, {self.reference_expression.shape[0]} reference spots, "
-            f"image {'features' if p['freeze_encoder'] else 'encoder'} {self.img_dim}-d, "
-            + (f"{self.n_models_} models, " if self.n_models_ > 1 else "")
-            + f"trained={self.is_trained})"
-        )
+    def _image_input(self, idx: np.ndarray, augmented: bool) -> torch.Tensor:
+        """Image side of the spots `idx` for one training batch (features, a random view, or streamed patches)."""
+        dev = self.device
+        idx_d = torch.from_numpy(idx).to(dev)
+        if self._train_feats is not None:
+            if self._train_feats.ndim == 3:  # views: one drawn per spot
+                view = torch.randint(0, self._train_feats.shape[0], (len(idx),), generator=self._generator).to(dev)
+                return self._train_feats[view, idx_d]
+            return self._train_feats[idx_d]
+        x = self.reference.patches(idx).to(dev)
+        return augment(x, self._generator) if augmented else x
 
-    # ----------------------------------------------------------------------------------------------------------
-    def _scale(self, feats: np.ndarray) -> np.ndarray:
-        if self.feature_mean is None:
-            return feats.astype(np.float32)
-        return ((feats - self.feature_mean) / self.feature_std).astype(np.float32)
+    # ---- one epoch, one step (the loop is the base class's) ---------------------------------------------------
+    def _batches(self, generator: torch.Generator):
+        n = self.reference.expression.shape[0]
+        perm = torch.randperm(n, generator=generator).numpy()
+        for lo in range(0, n, self._batch_size):
+            idx = perm[lo : lo + self._batch_size]
+            if idx.size >= 2:
+                yield idx
 
-    def _image_tensor(self, patches_u8: torch.Tensor, augment: bool, generator: torch.Generator | None) -> torch.Tensor:
-        x = patches_u8.permute(0, 3, 1, 2).float().div(255.0)
-        if augment:
-            x = _augment(x, generator)
-        return x  # the encoder normalises with `image_mean`/`image_std`
+    def _step(self, idx: np.ndarray):
+        dev = self.device
+        image = self._image_input(idx, augmented=True)
+        t = torch.from_numpy(idx).to(dev)
+        loss = self.module(image, self._train_expr[t], self._train_pos[t])
+        return loss, float(idx.size), {}
 
     def train(
         self,
-        max_epochs: int = 90,
+        *,
+        max_epochs: int | None = None,
         batch_size: int = 128,
         lr: float = 1e-4,
         weight_decay: float = 1e-3,
+        n_models: int | None = None,
         device: str | torch.device | None = None,
         random_state: int | None = 0,
-        n_models: int = 1,
         progress_bar: bool = True,
     ) -> MclSTExp:
         """Train with Adam on the symmetric CLIP loss, then embed the reference spots.
@@ -615,28 +353,21 @@ class MclSTExp:
         Parameters
         ----------
         max_epochs
-            Passes over the reference spots (reference: 90). Measured on her2st C2-C6 leave-one-slide-out (785 genes,
-            dihedral-averaged MobileNetV2 features, `l2_normalize=True`, `learn_temperature=True`, feature-view
-            augmentation): mean PCC all genes / top 50 of 0.209 / 0.286 at 10 epochs, 0.216 / 0.303 at 20, 0.216 /
-            0.308 at 30, 0.214 / 0.310 at 40, and 0.209 / 0.311 at 90 in an earlier run; nested validation (one
-            training slide held out) chose 30 epochs in 4 of 5 folds. Training time is linear in the epochs, so
-            about 30 epochs give the same accuracy three times faster; the default stays the reference's.
+            Passes over the reference spots: 30 by default (the benchmark's nested validation chose it; more epochs
+            overfit the four training sections there), 90 with `preset='reference'`.
         batch_size
             Spots per mini-batch (the spot Transformer's sequence).
         lr, weight_decay
             Adam learning rate and L2 weight decay (reference: 1e-4, 1e-3).
-        device
-            Torch device; `None` picks CUDA when available.
-        random_state
-            Seed for the weights, the batch order, augmentation and the reference batching. Same seed and device give
-            identical results on the CPU.
         n_models
             Seed ensemble: train `n_models` models from seeds `random_state`, `random_state + 1`, ... (fresh weights
             each) and predict with the mean of their predictions (each model searches its own embedding of the
-            reference). Training and prediction time grow linearly. Measured on her2st C2-C6 leave-one-slide-out
-            (stage features + context, 30 epochs, `l2_normalize=True`, `learn_temperature=True`, inverse-square
-            weights): mean PCC all genes / top 50 of 0.220 / 0.328 with 1 model and 0.230 / 0.341 with 5
-            (`benchmarks/results/expression.md`; 0.228 / 0.340 with 3 in an exploratory run).
+            reference). Default 5 (1 with `preset='reference'`). Training and prediction time grow linearly.
+        device
+            Torch device; `None` picks CUDA when available.
+        random_state
+            Seed for the weights, the batch order, augmentation and the reference batching; `None` leaves them
+            unseeded. Same seed and device give identical results on the CPU.
         progress_bar
             Show one progress bar per model.
 
@@ -646,45 +377,77 @@ class MclSTExp:
         ensemble). After training, :attr:`module` and :attr:`reference_embeddings` are those of the first model;
         :meth:`predict` averages over all of them.
         """
+        if not self.reference.trainable:
+            msg = "This model was loaded from a folder: it predicts, but has no reference data to train on."
+            raise RuntimeError(msg)
+        defaults = REFERENCE_TRAIN if self.preset == "reference" else DEFAULT_TRAIN
+        max_epochs = defaults["max_epochs"] if max_epochs is None else max_epochs
+        n_models = defaults["n_models"] if n_models is None else n_models
         random_state = check_random_state(random_state)
-        if max_epochs < 0 or batch_size < 2:
-            msg = f"`max_epochs` must be >= 0 and `batch_size` >= 2, got {max_epochs} and {batch_size}."
-            raise ValueError(msg)
-        if not isinstance(n_models, int | np.integer) or isinstance(n_models, bool) or n_models < 1:
-            msg = f"`n_models` must be a positive integer, got {n_models!r}."
-            raise ValueError(msg)
-        n_models = int(n_models)
+        max_epochs = check_number(max_epochs, "max_epochs", integer=True, low=0)
+        batch_size = check_number(batch_size, "batch_size", integer=True, low=2)
+        n_models = check_number(n_models, "n_models", integer=True, low=1)
+        lr = check_number(lr, "lr", low=0, low_inclusive=False)
+        weight_decay = check_number(weight_decay, "weight_decay", low=0)
         self.to_device(device)
+        dev = self.device
         start = logg.info(
-            f"training mclSTExp on {self._expr.shape[0]} spots, {len(self.genes)} genes"
+            f"training mclSTExp on {self.reference.expression.shape[0]} spots, {len(self.genes)} genes"
             + (f", {n_models} models" if n_models > 1 else "")
         )
         t0 = time.perf_counter()
+        self._batch_size = int(batch_size)
+        ref = self.reference
+        self._train_expr = torch.from_numpy(ref.expression).to(dev)
+        self._train_pos = torch.from_numpy(ref.positions).to(dev)
+        self._train_feats = None
+        if ref.features is not None:
+            feats = torch.from_numpy(ref.scale(ref.features)).to(dev)
+            if ref.views:
+                feats = torch.stack([feats] + [torch.from_numpy(ref.scale(v)).to(dev) for v in ref.views])
+            self._train_feats = feats
         members, losses = [], []
-        for i in range(n_models):
-            seed = None if random_state is None else random_state + i
-            # fresh, seeded weights: same seed -> same model regardless of history (and a fresh model per member)
-            losses.append(self._fit_one(max_epochs, batch_size, lr, weight_decay, seed, i > 0, progress_bar))
-            emb = self._embed_reference(batch_size, seed)
-            if n_models > 1:
-                members.append(({k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}, emb))
-            else:
-                self.reference_embeddings = emb
+        try:
+            for i in range(n_models):
+                seed = None if random_state is None else random_state + i
+                self._seed(seed)
+                self._build()  # fresh weights: same seed -> same model whatever ran before
+                hist = self._fit(
+                    max_epochs=int(max_epochs),
+                    lr=lr,
+                    weight_decay=weight_decay,
+                    clip_norm=None,
+                    random_state=seed,
+                    progress_bar=progress_bar,
+                )
+                losses.append(hist.get("loss", []))
+                emb = self._embed_reference(int(batch_size), seed)
+                if n_models > 1:
+                    members.append(({k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}, emb))
+                else:
+                    self.reference_embeddings = emb
+        finally:
+            del self._train_expr, self._train_pos, self._train_feats
         self.history = {"loss": np.mean(np.asarray(losses, dtype=np.float64), axis=0).tolist() if max_epochs else []}
-        self.train_time_ = time.perf_counter() - t0
-        self.batch_size_ = int(batch_size)
-        self.random_state_ = random_state
         self._members = members
         if members:
             self._use_member(0)
+        self.n_models_ = max(len(members), 1)
+        self.batch_size_, self.random_state_ = int(batch_size), random_state
         self.is_trained = True
+        self.train_params = {
+            "max_epochs": int(max_epochs),
+            "batch_size": int(batch_size),
+            "lr": float(lr),
+            "weight_decay": float(weight_decay),
+            "n_models": n_models,
+            "device": str(dev),
+            "random_state": random_state,
+            "fit_seconds": float(time.perf_counter() - t0),
+        }
+        self.train_time_ = self.train_params["fit_seconds"]
         logg.info("    finished", time=start)
         return self
-
-    @property
-    def n_models_(self) -> int:
-        """Models in the seed ensemble (1: a single model)."""
-        return max(len(self._members), 1)
 
     def _use_member(self, i: int) -> None:
         """Load the weights and reference embeddings of ensemble member `i` into :attr:`module`."""
@@ -692,109 +455,58 @@ class MclSTExp:
         self.module.load_state_dict(state)
         self.reference_embeddings = emb
 
-    def _fit_one(
-        self,
-        max_epochs: int,
-        batch_size: int,
-        lr: float,
-        weight_decay: float,
-        random_state: int | None,
-        rebuild: bool,
-        progress_bar: bool,
-    ) -> list[float]:
-        """Train :attr:`module` from fresh weights (seeded, or `rebuild`); return the mean loss per epoch."""
-        dev = self.device
-        seed_everything(random_state)
-        if random_state is not None or rebuild:
-            self._build()
-        module = self.module
-        expr = torch.from_numpy(self._expr).to(dev)
-        pos = torch.from_numpy(self._pos).to(dev)
-        if self._feats is not None:
-            feats = torch.from_numpy(self._scale(self._feats)).to(dev)
-            if self._views:
-                feats = torch.stack([feats] + [torch.from_numpy(self._scale(v)).to(dev) for v in self._views])
-        else:
-            patches = torch.from_numpy(self._patches)
-        gen = make_generator(random_state)
-        opt = _adam([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-        n = expr.shape[0]
-        history: list[float] = []
-        module.train()
-        for _ in (pbar := tqdm(range(max_epochs), desc="mclSTExp", disable=not progress_bar)):
-            perm = torch.randperm(n, generator=gen)
-            total, count = 0.0, 0
-            for lo in range(0, n, batch_size):
-                idx = perm[lo : lo + batch_size]
-                if idx.numel() < 2:
-                    continue
-                idx_d = idx.to(dev)
-                if self._feats is not None and self._views:
-                    view = torch.randint(0, feats.shape[0], (idx.numel(),), generator=gen).to(dev)
-                    image = feats[view, idx_d]
-                elif self._feats is not None:
-                    image = feats[idx_d]
-                else:
-                    image = self._image_tensor(patches[idx].to(dev), augment=True, generator=gen)
-                loss = module(image, expr[idx_d], pos[idx_d])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * idx.numel()
-                count += idx.numel()
-            epoch_loss = total / max(count, 1)
-            history.append(epoch_loss)
-            pbar.set_postfix(loss=f"{epoch_loss:.4f}")
-        return history
-
     @torch.no_grad()
     def _embed_reference(self, batch_size: int, random_state: int | None) -> np.ndarray:
         """Deterministic reference embeddings: per slide, a seeded permutation cut into nearly equal chunks."""
-        bs = self.params["reference_batch_size"] or batch_size
+        bs = self.reference_batch_size or batch_size
         module = self.module.eval()
         dev = self.device
         rng = np.random.default_rng(0 if random_state is None else random_state)
-        out = np.zeros((self._expr.shape[0], self.params["projection_dim"]), dtype=np.float32)
-        for lib in pd.unique(self._libs):
-            m = np.flatnonzero(self._libs == lib)
+        ref = self.reference
+        out = np.zeros((ref.expression.shape[0], self.config["projection_dim"]), dtype=np.float32)
+        for lib in pd.unique(ref.libs):
+            m = np.flatnonzero(ref.libs == lib)
             m = m[rng.permutation(m.size)]
             for chunk in np.array_split(m, max(1, math.ceil(m.size / bs))):
-                e = torch.from_numpy(self._expr[chunk]).to(dev)
-                p = torch.from_numpy(self._pos[chunk]).to(dev)
+                e = torch.from_numpy(ref.expression[chunk]).to(dev)
+                p = torch.from_numpy(ref.positions[chunk]).to(dev)
                 out[chunk] = module.embed_spot(e, p).float().cpu().numpy()
         return out
 
-    # ----------------------------------------------------------------------------------------------------------
-    def check_query(self, adata: AnnData, *, image_key: str | None = None, img=None) -> None:
+    # ---- queries ----------------------------------------------------------------------------------------------
+    def check_query(self, adata: AnnData, *, img=None) -> None:
         """Raise if `adata` cannot be embedded by this model (missing, mis-sized, NaN or foreign image features)."""
-        if not self.params["freeze_encoder"]:
+        if not isinstance(adata, AnnData):
+            msg = f"`adata` must be an AnnData, got {type(adata).__name__}."
+            raise TypeError(msg)
+        if not self.freeze_encoder:
+            if self.spatial_key not in adata.obsm:
+                msg = f"`adata.obsm[{self.spatial_key!r}]` not found; patches need spot centres in pixels."
+                raise KeyError(msg)
             if img is None and "spatial" not in adata.uns:
                 msg = (
                     "This model fine-tunes its image encoder, so the query needs an image: pass `img=` or store it "
                     "in `adata.uns['spatial']` (e.g. from `hs.pp.tile_image`)."
                 )
                 raise KeyError(msg)
-            if self.params["spatial_key"] not in adata.obsm:
-                msg = f"`adata.obsm[{self.params['spatial_key']!r}]` not found; patches need spot centres in pixels."
-                raise KeyError(msg)
             return
-        key = image_key or self.params["image_key"]
+        key = self.features_key
         if key not in adata.obsm:
-            msg = f"`adata.obsm[{key!r}]` not found. {_FEATURES_HINT}"
+            msg = f"`adata.obsm[{key!r}]` not found. {FEATURES_HINT}"
             raise KeyError(msg)
-        f = adata.obsm[key]
-        shape = f.shape
-        if len(shape) != 2 or shape[1] != self.img_dim:
-            msg = (
-                f"`adata.obsm[{key!r}]` has {shape[1] if len(shape) == 2 else shape} columns but the model was trained "
-                f"on {self.img_dim}-d image features. Compute the query features with the same encoder as the "
-                "reference (`hs.pp.image_features`)."
-            )
-            raise ValueError(msg)
-        check_no_nan(_dense(f), f"adata.obsm[{key!r}]")
+        self._check_width(adata.obsm[key].shape, f"adata.obsm[{key!r}]")
+        check_no_nan(as_dense(adata.obsm[key]), f"adata.obsm[{key!r}]")
         uns_f = adata.uns.get(key, {})
         qp = uns_f.get("params") if isinstance(uns_f, dict) else None
-        _check_feature_params(self.feature_params, qp if isinstance(qp, dict) else None, key)
+        check_feature_params(self.reference.feature_params, qp if isinstance(qp, dict) else None, key)
+
+    def _check_width(self, shape: tuple, name: str) -> None:
+        if len(shape) != 2 or shape[1] != self.img_dim:
+            msg = (
+                f"`{name}` has shape {tuple(shape)} but the model was trained on {self.img_dim}-d image features. "
+                "Compute the query features with the same encoder and settings as the reference (`hs.pp.image_features`)."
+            )
+            raise ValueError(msg)
 
     @torch.no_grad()
     def get_image_embedding(
@@ -806,34 +518,33 @@ class MclSTExp:
         """
         module = self.module.eval()
         dev = self.device
-        if self.params["freeze_encoder"]:
+        out = []
+        if self.freeze_encoder:
             if features is None:
                 self.check_query(adata)
-                features = _dense(adata.obsm[self.params["image_key"]])
-            x = self._scale(np.asarray(features, dtype=np.float32))
-            out = [
-                module.embed_image(torch.from_numpy(x[lo : lo + batch_size]).to(dev)).float().cpu()
-                for lo in range(0, x.shape[0], batch_size)
-            ]
+                features = as_dense(adata.obsm[self.features_key])
+            features = np.asarray(features, dtype=np.float32)
+            self._check_width(features.shape, "features")
+            check_no_nan(features, "features")
+            x = self.reference.scale(features)
+            for lo in range(0, x.shape[0], batch_size):
+                out.append(module.embed_image(torch.from_numpy(x[lo : lo + batch_size]).to(dev)).float().cpu())
         else:
-            p = self.params
-            patches = extract_patches(
+            ft = self._fine_tune
+            stream = PatchStream(
                 adata,
+                library_labels(adata, self.library_key),
                 img=img,
-                library_key=p["library_key"] or None,
-                spatial_key=p["spatial_key"],
-                patch_size=p["patch_size"],
-                input_size=p["input_size"],
+                spatial_key=self.spatial_key,
+                patch_size=ft["patch_size"],
+                input_size=ft["input_size"],
             )
             bs = min(batch_size, 128)
-            out = [
-                module.embed_image(self._image_tensor(torch.from_numpy(patches[lo : lo + bs]).to(dev), False, None))
-                .float()
-                .cpu()
-                for lo in range(0, patches.shape[0], bs)
-            ]
+            for lo in range(0, adata.n_obs, bs):
+                x = stream(np.arange(lo, min(lo + bs, adata.n_obs))).to(dev)
+                out.append(module.embed_image(x).float().cpu())
         if not out:
-            return np.zeros((0, self.params["projection_dim"]), dtype=np.float32)
+            return np.zeros((0, self.config["projection_dim"]), dtype=np.float32)
         return torch.cat(out).numpy()
 
     @torch.no_grad()
@@ -842,54 +553,53 @@ class MclSTExp:
         emb: np.ndarray,
         *,
         n_neighbors: int = 200,
-        weighting: Literal["inverse_square", "uniform", "softmax"] = "inverse_square",
+        weighting: Literal["inverse_square", "uniform", "softmax"] | None = None,
         batch_size: int = 4096,
     ) -> np.ndarray:
         """Expression `(n, n_genes)` as the weighted mean over the cosine top-`n_neighbors` reference spots.
 
-        Weights: `'inverse_square'` `1/d^2` of the Euclidean distance between the (unnormalised) embeddings (the
-        reference); `'uniform'`; `'softmax'` of the model's logits (`logit_scale * q . k`). With a seed ensemble, the
-        search is in the first model's space (:attr:`reference_embeddings`); :meth:`predict` uses all of them.
+        Weights: `'softmax'` of the model's logits (`logit_scale * q . k`; the default); `'inverse_square'` `1/d^2`
+        of the Euclidean distance between the embeddings (the reference, default with `preset='reference'`);
+        `'uniform'`. With a seed ensemble, the search is in the first model's space (:attr:`reference_embeddings`);
+        :meth:`predict` uses all of them.
         """
         self._check_trained()
+        weighting = self._weighting(weighting)
+        n_ref = self.reference_embeddings.shape[0]
+        n_neighbors = check_number(n_neighbors, "n_neighbors", integer=True, low=1, high=n_ref)
+        batch_size = check_number(batch_size, "batch_size", integer=True, low=1)
+        emb = np.asarray(emb, dtype=np.float32)
+        dim = self.config["projection_dim"]
+        if emb.ndim != 2 or emb.shape[1] != dim:
+            msg = f"`emb` has shape {emb.shape}; expected (n, {dim}) joint-space embeddings of this model."
+            raise ValueError(msg)
+        check_no_nan(emb, "emb")
+        check_no_nan(self.reference_embeddings, "reference embeddings of the model")
+        return knn_predict(
+            emb,
+            self.reference_embeddings,
+            self.reference_expression,
+            n_neighbors=n_neighbors,
+            weighting=weighting,
+            logit_scale=float(self.module.logit_scale),
+            batch_size=batch_size,
+            device=self.device,
+        )
+
+    def _weighting(self, weighting: str | None) -> str:
+        if weighting is None:
+            return self.default_weighting
         if weighting not in _WEIGHTING:
             msg = f"`weighting` must be one of {_WEIGHTING}, got {weighting!r}."
             raise ValueError(msg)
-        n_ref = self.reference_embeddings.shape[0]
-        if not 1 <= n_neighbors <= n_ref:
-            msg = f"`n_neighbors={n_neighbors}` must be between 1 and the number of reference spots ({n_ref})."
-            raise ValueError(msg)
-        dev = self.device
-        keys = torch.from_numpy(self.reference_embeddings).to(dev)
-        key_sq = (keys**2).sum(dim=1)
-        values = torch.from_numpy(self.reference_expression).to(dev)
-        scale = float(self.module.logit_scale)
-        out = np.zeros((emb.shape[0], values.shape[1]), dtype=np.float32)
-        # chunks keep the (chunk x n_ref) similarity matrix near 64 MB
-        chunk = max(1, min(batch_size, (16 * 2**20) // max(n_ref, 1)))
-        for lo in range(0, emb.shape[0], chunk):
-            q = torch.from_numpy(np.asarray(emb[lo : lo + chunk], dtype=np.float32)).to(dev)
-            dots = q @ keys.T
-            sim = dots / (q.norm(dim=1, keepdim=True).clamp_min(1e-12) * keys.norm(dim=1).clamp_min(1e-12))
-            top_idx = torch.topk(sim, n_neighbors, dim=1).indices
-            if weighting == "uniform":
-                w = torch.full(top_idx.shape, 1.0 / n_neighbors, device=dev)
-            elif weighting == "softmax":
-                w = torch.softmax(dots.gather(1, top_idx) * scale, dim=1)
-            else:
-                d2 = ((q**2).sum(dim=1, keepdim=True) + key_sq[top_idx] - 2 * dots.gather(1, top_idx)).clamp_min(1e-12)
-                w = 1.0 / d2
-                w = w / w.sum(dim=1, keepdim=True)
-            weights = torch.zeros_like(sim).scatter_(1, top_idx, w)  # sparse rows: k non-zeros each
-            out[lo : lo + q.shape[0]] = (weights @ values).float().cpu().numpy()
-        return out
+        return weighting
 
     def predict(
         self,
         adata: AnnData,
         *,
         n_neighbors: int = 200,
-        weighting: Literal["inverse_square", "uniform", "softmax"] = "inverse_square",
+        weighting: Literal["inverse_square", "uniform", "softmax"] | None = None,
         smooth_neighbors: int = 0,
         img=None,
         batch_size: int = 4096,
@@ -900,7 +610,12 @@ class MclSTExp:
         :func:`histospace.tl.mclstexp_predict` for the parameters.
         """
         self._check_trained()
+        weighting = self._weighting(weighting)
+        smooth_neighbors = check_number(smooth_neighbors, "smooth_neighbors", integer=True, low=0)
         self.check_query(adata, img=img)
+        if smooth_neighbors > 0 and self.spatial_key not in adata.obsm:
+            msg = f"`adata.obsm[{self.spatial_key!r}]` not found; `smooth_neighbors > 0` needs spot coordinates."
+            raise KeyError(msg)
         out = None
         n = max(len(self._members), 1)
         try:
@@ -909,13 +624,9 @@ class MclSTExp:
                     self._use_member(i)
                 emb = self.get_image_embedding(adata, img=img, batch_size=batch_size)
                 if smooth_neighbors > 0:
-                    emb = smooth_over_neighbors(
-                        emb,
-                        adata,
-                        n_neighbors=smooth_neighbors,
-                        spatial_key=self.params["spatial_key"],
-                        library_key=self.params["library_key"] or None,
-                    )
+                    xy = np.asarray(adata.obsm[self.spatial_key], dtype=np.float64)[:, :2]
+                    libs = library_labels(adata, self.library_key)
+                    emb = smooth_over_neighbors(emb, xy, libs, n_neighbors=smooth_neighbors)
                 p = self.predict_from_embedding(
                     emb, n_neighbors=n_neighbors, weighting=weighting, batch_size=batch_size
                 )
@@ -930,50 +641,23 @@ class MclSTExp:
             msg = "The model is not trained; call `model.train()` (or `hs.tl.mclstexp_train`) first."
             raise RuntimeError(msg)
 
-    # ----------------------------------------------------------------------------------------------------------
-    def save(self, dir_path: str | Path, *, overwrite: bool = False) -> None:
-        """Save `state_dict` (`model.pt`), parameters (`params.json`) and reference embeddings/expression (`.npz`).
-
-        A seed ensemble also writes the members' state dicts (`members.pt`) and reference embeddings.
-
-        The AnnData is not saved: a loaded model predicts from the stored reference alone.
-        """
+    # ---- save and load ------------------------------------------------------------------------------------------
+    def _arrays(self) -> dict[str, np.ndarray]:
         self._check_trained()
-        d = Path(dir_path)
-        if d.exists() and any(d.iterdir()) and not overwrite:
-            msg = f"{d} exists and is not empty; pass `overwrite=True`."
-            raise FileExistsError(msg)
-        d.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.cpu() for k, v in self.module.state_dict().items()}, d / "model.pt")
-        if self._members:
-            torch.save([state for state, _ in self._members], d / "members.pt")
-        elif (d / "members.pt").exists():  # overwrite=True over an ensemble
-            (d / "members.pt").unlink()
-        meta = {
-            "params": self.params,
-            "genes": self.genes,
-            "n_x": self.n_x,
-            "n_y": self.n_y,
-            "img_dim": self.img_dim,
-            "feature_params": self.feature_params,
-            "history": self.history,
-            "batch_size": self.batch_size_,
-            "random_state": -1 if self.random_state_ is None else self.random_state_,
-            "n_models": self.n_models_,
-            "version": version_string(),
-        }
-        (d / "params.json").write_text(json.dumps(meta, indent=1))
-        arrays = {
-            "reference_embeddings": self.reference_embeddings,
-            "reference_expression": self.reference_expression,
-            "reference_obs_names": self.reference_obs_names.astype(str),
-        }
-        if self.feature_mean is not None:
-            arrays["feature_mean"] = self.feature_mean
-            arrays["feature_std"] = self.feature_std
+        arrays = {"reference_embeddings": self.reference_embeddings, **self.reference.arrays()}
         if self._members:
             arrays["member_embeddings"] = np.stack([emb for _, emb in self._members])
-        np.savez_compressed(d / "reference.npz", **arrays)
+        return arrays
+
+    def _meta(self) -> dict[str, Any]:
+        meta = {"n_models": self.n_models_, "batch_size": self.batch_size_, "random_state": self.random_state_}
+        return {**self.reference.meta(), **meta}
+
+    def _save_extra(self, folder: Path) -> None:
+        if self._members:
+            torch.save([state for state, _ in self._members], folder / "members.pt")
+        elif (folder / "members.pt").exists():  # overwrite=True over an ensemble
+            (folder / "members.pt").unlink()
 
     @classmethod
     def load(
@@ -983,77 +667,26 @@ class MclSTExp:
 
         Pass `encoder=` (the same architecture) for a model fine-tuned with a custom `torch.nn.Module` encoder.
         """
-        d = Path(dir_path)
-        for f in ("model.pt", "params.json", "reference.npz"):
-            if not (d / f).exists():
-                msg = f"{d / f} not found; `dir_path` must be a folder written by `MclSTExp.save`."
-                raise FileNotFoundError(msg)
-        meta = json.loads((d / "params.json").read_text())
-        self = cls.__new__(cls)
-        self.params = meta["params"]
-        self.genes = list(meta["genes"])
-        self.n_x, self.n_y, self.img_dim = int(meta["n_x"]), int(meta["n_y"]), int(meta["img_dim"])
-        self.feature_params = meta.get("feature_params", {})
-        self.history = {k: list(v) for k, v in meta.get("history", {}).items()}
-        self.batch_size_ = int(meta.get("batch_size", 128))
-        rs = int(meta.get("random_state", 0))
-        self.random_state_ = None if rs < 0 else rs
-        if self.params["encoder"] == "custom" and not self.params["freeze_encoder"] and encoder is None:
+        folder, meta, arrays = cls._read_folder(dir_path)
+        init = dict(meta["init"])
+        custom = isinstance(init.get("encoder"), dict)
+        if custom and not init.get("freeze_encoder", True) and encoder is None:
             msg = "This model was fine-tuned with a custom encoder module; pass the same architecture as `encoder=`."
             raise ValueError(msg)
-        self._custom_encoder = encoder
-        with np.load(d / "reference.npz", allow_pickle=False) as z:
-            self.reference_embeddings = z["reference_embeddings"]
-            self.reference_expression = z["reference_expression"]
-            self.reference_obs_names = z["reference_obs_names"]
-            self.feature_mean = z["feature_mean"] if "feature_mean" in z else None
-            self.feature_std = z["feature_std"] if "feature_std" in z else None
-            member_embeddings = z["member_embeddings"] if "member_embeddings" in z else None
+        if custom:
+            init["encoder"] = encoder if encoder is not None else "mobilenet_v2"
+        if not init.get("freeze_encoder", True):
+            init["encoder_weights"] = None  # the fine-tuned weights come from model.pt
+        model = cls(None, **init, _reference=ReferenceData.from_saved(meta, arrays))
+        model._restore(folder, meta, device)
+        model.batch_size_, model.random_state_ = meta.get("batch_size"), meta.get("random_state")
+        model.reference_embeddings = arrays["reference_embeddings"]
         n_models = int(meta.get("n_models", 1))
-        self._expr = self.reference_expression
-        self._feats = self._patches = None
-        self._views = []
-        self._pos = self._libs = None
-        if not self.params["freeze_encoder"] and self.params["encoder"] != "custom":
-            self.params = {**self.params, "encoder_weights": ""}  # the fine-tuned weights come from model.pt
-        self._build()
-        self.module.load_state_dict(torch.load(d / "model.pt", map_location="cpu"))
-        self._members = []
         if n_models > 1:
-            if member_embeddings is None or not (d / "members.pt").exists():
-                msg = f"{d} holds a {n_models}-model ensemble but `members.pt` or its embeddings are missing."
+            if "member_embeddings" not in arrays or not (folder / "members.pt").exists():
+                msg = f"{folder} holds a {n_models}-model ensemble but `members.pt` or its embeddings are missing."
                 raise FileNotFoundError(msg)
-            states = torch.load(d / "members.pt", map_location="cpu")
-            self._members = list(zip(states, list(member_embeddings), strict=True))
-        self.is_trained = True
-        self.to_device(device)
-        return self
-
-
-def smooth_over_neighbors(
-    x: np.ndarray,
-    adata: AnnData,
-    *,
-    n_neighbors: int,
-    spatial_key: str = "spatial",
-    library_key: str | None = "library_id",
-) -> np.ndarray:
-    """Average the rows of `x` over each spot and its `n_neighbors` nearest spatial neighbours within its slide."""
-    from scipy.spatial import cKDTree
-
-    if spatial_key not in adata.obsm:
-        msg = f"`adata.obsm[{spatial_key!r}]` not found; spatial smoothing needs spot coordinates (or set it to 0)."
-        raise KeyError(msg)
-    xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
-    if library_key is not None and library_key in adata.obs:
-        libs = adata.obs[library_key].astype(str).to_numpy()
-    else:
-        libs = np.zeros(adata.n_obs, dtype=int)
-    out = np.empty_like(x)
-    for lib in pd.unique(libs):
-        m = np.flatnonzero(libs == lib)
-        k = min(n_neighbors + 1, m.size)
-        _, nn = cKDTree(xy[m]).query(xy[m], k=k)
-        nn = nn.reshape(m.size, k)
-        out[m] = x[m][nn].mean(axis=1)
-    return out
+            states = cls._read_torch(folder / "members.pt")
+            model._members = list(zip(states, list(arrays["member_embeddings"]), strict=True))
+            model.n_models_ = n_models
+        return model
