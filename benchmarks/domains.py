@@ -13,7 +13,7 @@ Methods (one default for both sections; nothing tuned per section):
 - `stereomm_reference`: `hs.tl.stereomm(preset='reference', n_pcs=200)` (the StereoMMv1 README settings with both
   modalities PCA'd to 200 as in the reference run quoted in the issue) and the reference's Leiden search;
 - ablations: `expr_only` (the default expression features, PCA 50, Gaussian mixture; no graph, no image),
-  `expr_graph` (StereoMM without image: `image_key=None`), `expr_graph_image` = `stereomm_default`, and
+  `expr_graph` (StereoMM without image: `features_key=None`), `expr_graph_image` = `stereomm_default`, and
   `stereomm_image_weight_1` (the default with the image block at full weight, as in the reference);
 - baselines: `pca_kmeans` (log-normalised 3000 HVG, z-score, PCA 50, KMeans) and `pca_smooth_kmeans` (the same PCs
   averaged over each spot and its 6 neighbours, twice, then KMeans).
@@ -145,7 +145,7 @@ def _worker(method: str, section: str) -> dict:
             t_fit = time.perf_counter() - t_fit
             hs.tl.domains(adata, n_clusters=K)
         elif method == "expr_graph":
-            hs.tl.stereomm(adata, image_key=None, progress_bar=False)
+            hs.tl.stereomm(adata, features_key=None, progress_bar=False)
             t_fit = time.perf_counter() - t_fit
             hs.tl.domains(adata, n_clusters=K)
         else:

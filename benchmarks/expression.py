@@ -149,7 +149,7 @@ def predict_timing(adata: ad.AnnData, genes: list[str], n_models: int = 1) -> di
     model = hs.tl.mclstexp_train(
         adata[lib != "C2"],
         genes=genes,
-        image_key=key,
+        features_key=key,
         max_epochs=1,
         n_models=n_models,
         device="cpu",
@@ -306,7 +306,7 @@ def main() -> None:
             groupby="library_id",
             genes=genes,
             n_top=50,
-            model_kwargs={"image_key": key, **mk},
+            model_kwargs={"features_key": key, **mk},
             train_kwargs={**tk, "device": "cpu"},
             predict_kwargs=pk,
             baselines=baselines,

@@ -62,7 +62,7 @@ def main() -> None:
             model = hs.tl.mclstexp_train(
                 adata[train],
                 genes=genes,
-                image_key=KEY,
+                features_key=KEY,
                 max_epochs=30,
                 device="cpu",
                 random_state=0,

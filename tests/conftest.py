@@ -88,6 +88,12 @@ def adata() -> ad.AnnData:
     return make_adata()
 
 
+@pytest.fixture(scope="module")
+def adata_module() -> ad.AnnData:
+    """The same tiny AnnData as `adata`, shared by the tests of a module (for fixtures that train a model once)."""
+    return make_adata()
+
+
 @pytest.fixture
 def adata_graph(adata) -> ad.AnnData:
     """`adata` with squidpy's grid graph in `obsp['spatial_connectivities']`."""

@@ -90,7 +90,7 @@ def cmd_domains(args: argparse.Namespace) -> int:
         image_key = None
     if "spatial_connectivities" not in adata.obsp:
         hs.pp.spatial_graph(adata)
-    hs.tl.stereomm(adata, image_key=image_key, max_epochs=args.max_epochs, progress_bar=not args.quiet)
+    hs.tl.stereomm(adata, features_key=image_key, max_epochs=args.max_epochs, progress_bar=not args.quiet)
     hs.tl.domains(adata, use_rep="X_stereomm", n_clusters=args.n_clusters, method=args.method)
     counts = adata.obs["stereomm_domain"].value_counts().sort_index()
     print("domains: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))

@@ -11,14 +11,14 @@ from matplotlib.figure import Figure
 
 import histospace as hs
 
-TINY = {"n_heads": 2, "dim_head": 8, "projection_dim": 16}
+TINY = {"model_kwargs": {"n_heads": 2, "dim_head": 8, "projection_dim": 16}}
 
 
 @pytest.fixture
 def predicted(adata):
     a = adata
     model = hs.tl.mclstexp_train(
-        a, genes=list(a.var_names), max_epochs=2, batch_size=32, device="cpu", progress_bar=False, **TINY
+        a, genes=list(a.var_names), max_epochs=2, batch_size=32, n_models=1, device="cpu", progress_bar=False, **TINY
     )
     hs.tl.mclstexp_predict(a, model=model, n_neighbors=10)
     return a, model
@@ -50,16 +50,16 @@ def test_predicted_vs_observed_he_only(predicted):
     q.obsm["spatial"] = a.obsm["spatial"]
     q.obsm["img_features"] = a.obsm["img_features"]
     q.uns["spatial"] = a.uns["spatial"]
-    out = hs.tl.mclstexp_predict(q, model=model, n_neighbors=10)
-    fig = hs.pl.predicted_vs_observed(out, genes="gene3", show=False)
+    hs.tl.mclstexp_predict(q, model=model, n_neighbors=10)
+    fig = hs.pl.predicted_vs_observed(q, genes="gene3", show=False)
     assert len([ax for ax in fig.axes if ax.images]) == 1
 
 
 def test_predicted_vs_observed_errors(predicted):
     a, _ = predicted
-    with pytest.raises(KeyError, match="var_names"):
+    with pytest.raises(KeyError, match="nope.*panel"):
         hs.pl.predicted_vs_observed(a, genes=["nope"], show=False)
-    with pytest.raises(KeyError, match=r"layers\['other'\].*mclstexp_predict"):
+    with pytest.raises(KeyError, match=r"obsm\['other'\].*mclstexp_predict"):
         hs.pl.predicted_vs_observed(a, genes=["gene0"], key="other", show=False)
 
 

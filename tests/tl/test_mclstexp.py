@@ -9,19 +9,14 @@ import pytest
 
 import histospace as hs
 
-TINY = {"n_heads": 2, "dim_head": 8, "projection_dim": 16}
-FIT = {"max_epochs": 2, "batch_size": 32, "device": "cpu", "progress_bar": False}
+TINY = {"model_kwargs": {"n_heads": 2, "dim_head": 8, "projection_dim": 16}}
+FIT = {"max_epochs": 2, "batch_size": 32, "n_models": 1, "device": "cpu", "progress_bar": False}
 
 
-_CACHE: dict = {}
-
-
-@pytest.fixture
-def model(adata):
-    # the `adata` fixture is rebuilt identically for every test, so one trained model serves them all
-    if "model" not in _CACHE:
-        _CACHE["model"] = hs.tl.mclstexp_train(adata, genes=list(adata.var_names), **TINY, **FIT)
-    return _CACHE["model"]
+@pytest.fixture(scope="module")
+def model(adata_module):
+    # one trained model for the tests of this file (the `adata` fixture is rebuilt identically for every test)
+    return hs.tl.mclstexp_train(adata_module, genes=list(adata_module.var_names), **TINY, **FIT)
 
 
 def test_train_returns_model(adata):
@@ -33,7 +28,7 @@ def test_train_returns_model(adata):
 
 def test_train_and_predict_seed_ensemble(adata):
     genes = list(adata.var_names)
-    ens = hs.tl.mclstexp_train(adata, genes=genes, n_models=2, random_state=1, **TINY, **FIT)
+    ens = hs.tl.mclstexp_train(adata, genes=genes, random_state=1, **TINY, **{**FIT, "n_models": 2})
     assert ens.n_models_ == 2
     q = adata.copy()
     hs.tl.mclstexp_predict(q, model=ens, n_neighbors=10)
@@ -42,6 +37,7 @@ def test_train_and_predict_seed_ensemble(adata):
     mean = np.mean([m.predict(adata, n_neighbors=10) for m in single], axis=0)
     col = [genes.index(g) for g in q.var_names]
     np.testing.assert_allclose(q.layers["mclstexp"], mean[:, col], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(q.obsm["mclstexp"].to_numpy(), mean, rtol=1e-5, atol=1e-6)
 
 
 def test_predict_writes_layer(adata, model):
@@ -53,16 +49,21 @@ def test_predict_writes_layer(adata, model):
     direct = model.predict(q, n_neighbors=10)
     col = [model.genes.index(g) for g in q.var_names]
     np.testing.assert_array_equal(pred, direct[:, col])
+    # the same predictions in obsm, in the model's gene order, whatever the query's genes
+    df = q.obsm["mclstexp"]
+    assert isinstance(df, pd.DataFrame) and list(df.columns) == model.genes and df.dtypes.eq(np.float32).all()
+    assert list(df.index) == list(q.obs_names)
+    np.testing.assert_array_equal(df.to_numpy(), direct)
     p = q.uns["mclstexp"]["params"]
-    assert p["n_neighbors"] == 10 and p["weighting"] == "inverse_square"
+    assert p["n_neighbors"] == 10 and p["weighting"] == "softmax"  # the validated default
     assert "version" in q.uns["mclstexp"]
 
 
 def test_predict_copy_and_key(adata, model):
     before = adata.copy()
     out = hs.tl.mclstexp_predict(adata, model=model, n_neighbors=5, key_added="pred", copy=True)
-    assert "pred" in out.layers and "pred" in out.uns
-    assert "pred" not in adata.layers and "pred" not in adata.uns
+    assert "pred" in out.layers and "pred" in out.obsm and "pred" in out.uns
+    assert "pred" not in adata.layers and "pred" not in adata.obsm and "pred" not in adata.uns
     np.testing.assert_array_equal(adata.X.toarray(), before.X.toarray())
 
 
@@ -90,22 +91,22 @@ def test_predict_determinism(adata):
     np.testing.assert_array_equal(*preds)
 
 
-def test_predict_he_only_returns_new_anndata(adata, model):
+def test_predict_he_only_and_other_genes(adata, model):
+    # one output contract whatever genes the query holds: predictions in obsm (a DataFrame of the panel genes)
     q = ad.AnnData(obs=adata.obs[["array_row", "array_col"]].copy())  # H&E only: no genes
     q.obsm["spatial"] = adata.obsm["spatial"].copy()
     q.obsm["img_features"] = adata.obsm["img_features"].copy()
     q.uns["spatial"] = adata.uns["spatial"]
-    before = q.copy()
-    out = hs.tl.mclstexp_predict(q, model=model, n_neighbors=10)
-    assert isinstance(out, ad.AnnData) and out is not q
-    assert list(out.var_names) == model.genes and out.X.dtype == np.float32 and out.shape == (q.n_obs, 30)
-    np.testing.assert_array_equal(out.obsm["spatial"], q.obsm["spatial"])
-    assert "spatial" in out.uns and "mclstexp" in out.uns
-    assert q.n_vars == 0 and "mclstexp" not in q.uns and set(q.obsm) == set(before.obsm)
-    # other genes: a new AnnData too, input untouched
+    assert hs.tl.mclstexp_predict(q, model=model, n_neighbors=10) is None  # copy=False never returns a new object
+    df = q.obsm["mclstexp"]
+    assert list(df.columns) == model.genes and df.shape == (q.n_obs, 30)
+    np.testing.assert_array_equal(df.to_numpy(), model.predict(q, n_neighbors=10))
+    assert q.n_vars == 0 and not q.layers and "mclstexp" in q.uns
+    # other genes: obsm only (no layer of another width)
     other = adata[:, :10].copy()
-    out2 = hs.tl.mclstexp_predict(other, model=model, n_neighbors=10)
-    assert out2.n_vars == 30 and "mclstexp" not in other.layers
+    out = hs.tl.mclstexp_predict(other, model=model, n_neighbors=10, copy=True)
+    assert out.obsm["mclstexp"].shape == (other.n_obs, 30) and "mclstexp" not in out.layers
+    assert "mclstexp" not in other.obsm and "mclstexp" not in other.uns
 
 
 def test_predict_h5ad_round_trip(adata, model, tmp_path):
@@ -114,11 +115,14 @@ def test_predict_h5ad_round_trip(adata, model, tmp_path):
     back = ad.read_h5ad(tmp_path / "a.h5ad")
     np.testing.assert_array_equal(back.layers["mclstexp"], adata.layers["mclstexp"])
     assert back.uns["mclstexp"]["params"]["n_neighbors"] == 10
+    pd.testing.assert_frame_equal(back.obsm["mclstexp"], adata.obsm["mclstexp"])
     q = ad.AnnData(obs=adata.obs[[]].copy())
     q.obsm["img_features"] = adata.obsm["img_features"]
-    out = hs.tl.mclstexp_predict(q, model=model, n_neighbors=10)
-    out.write_h5ad(tmp_path / "b.h5ad")
-    np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "b.h5ad").X, out.X)
+    hs.tl.mclstexp_predict(q, model=model, n_neighbors=10)
+    q.write_h5ad(tmp_path / "b.h5ad")
+    pd.testing.assert_frame_equal(ad.read_h5ad(tmp_path / "b.h5ad").obsm["mclstexp"], q.obsm["mclstexp"])
+    q.write_zarr(tmp_path / "b.zarr")
+    pd.testing.assert_frame_equal(ad.read_zarr(tmp_path / "b.zarr").obsm["mclstexp"], q.obsm["mclstexp"])
 
 
 def test_predict_after_save_load(adata, model, tmp_path):
@@ -157,8 +161,8 @@ def test_predict_bad_input(adata, model):
     q.uns["img_features"] = {"params": {"encoder": "resnet50", "patch_size_px": 224}}
     with pytest.raises(ValueError, match=r"uns\['img_features'\]\['params'\]\['encoder'\]"):
         hs.tl.mclstexp_predict(q, model=m, n_neighbors=5)
-    assert "mclstexp" not in q.layers and "mclstexp" not in q.uns
-    assert "mclstexp" not in adata.layers and set(adata.uns) == set(before.uns)
+    assert "mclstexp" not in q.layers and "mclstexp" not in q.obsm and "mclstexp" not in q.uns
+    assert "mclstexp" not in adata.layers and set(adata.uns) == set(before.uns) and set(adata.obsm) == set(before.obsm)
 
 
 def test_cross_validate_two_slides(adata_two_slides):
@@ -167,8 +171,8 @@ def test_cross_validate_two_slides(adata_two_slides):
         adata_two_slides,
         groupby="library_id",
         n_top=10,
-        model_kwargs={**TINY, "n_top_genes": 20},
-        train_kwargs={"max_epochs": 2, "batch_size": 32, "device": "cpu"},
+        model_kwargs={**TINY["model_kwargs"], "n_top_genes": 20},
+        train_kwargs={"max_epochs": 2, "batch_size": 32, "n_models": 1, "device": "cpu"},
         predict_kwargs={"n_neighbors": 20},
         baselines=("bleep", "ridge", "knn"),
         knn_k=5,
@@ -188,8 +192,8 @@ def test_cross_validate_two_slides(adata_two_slides):
     res2 = hs.tl.mclstexp_cross_validate(
         adata_two_slides,
         n_top=10,
-        model_kwargs={**TINY, "n_top_genes": 20},
-        train_kwargs={"max_epochs": 2, "batch_size": 32, "device": "cpu"},
+        model_kwargs={**TINY["model_kwargs"], "n_top_genes": 20},
+        train_kwargs={"max_epochs": 2, "batch_size": 32, "n_models": 1, "device": "cpu"},
         predict_kwargs={"n_neighbors": 20},
     )
     pd.testing.assert_frame_equal(res2["pearson"]["mclstexp"], r)

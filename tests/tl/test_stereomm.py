@@ -17,7 +17,7 @@ def test_slots(adata_graph):
     assert uns["history"]["loss"].dtype == np.float32 and uns["history"]["loss"].shape == (2,)
     assert set(uns["history"]) == {"loss", "reconstruction", "kl"}
     assert uns["params"]["layer"] == "X" and uns["params"]["n_latent"] == 4
-    assert uns["params"]["image_key"] == "img_features"
+    assert uns["params"]["features_key"] == "img_features"
     # nothing else written
     assert set(adata_graph.obsm) - before[0] == {"X_stereomm"}
     assert set(adata_graph.uns) - before[1] == {"stereomm"}
@@ -46,8 +46,8 @@ def test_same_seed(adata_graph):
 
 
 def test_expression_only_and_reference(adata_graph):
-    hs.tl.stereomm(adata_graph, image_key=None, key_added="X_expr", **KW)
-    assert adata_graph.uns["expr"]["params"]["image_key"] == "none"
+    hs.tl.stereomm(adata_graph, features_key=None, key_added="X_expr", **KW)
+    assert adata_graph.uns["expr"]["params"]["features_key"] is None
     hs.tl.stereomm(adata_graph, preset="reference", key_added="X_ref", **KW)
     assert adata_graph.uns["ref"]["params"]["preset"] == "reference"
     assert adata_graph.obsm["X_ref"].shape == (adata_graph.n_obs, 4)
@@ -75,5 +75,5 @@ def test_errors_leave_adata_unchanged(adata_graph):
     with pytest.raises(KeyError, match=r"img_features.*image_features"):
         hs.tl.stereomm(adata_graph, **KW)
     with pytest.raises(KeyError, match="layers"):
-        hs.tl.stereomm(adata_graph, layer="nope", image_key=None, **KW)
+        hs.tl.stereomm(adata_graph, layer="nope", features_key=None, **KW)
     assert (set(adata_graph.obsm), set(adata_graph.uns)) == orig_keys

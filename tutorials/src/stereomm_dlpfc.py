@@ -155,7 +155,7 @@ sc.pl.umap(adata, color=["layer_guess_reordered", "stereomm_domain"], wspace=0.3
 
 # %%
 half = adata.uns["stereomm"]["params"]["max_epochs"] // 2
-model = hs.models.StereoMM(adata, image_key="img_features", n_latent=16)
+model = hs.models.StereoMM(adata, features_key="img_features", n_latent=16)
 model.train(max_epochs=half, random_state=0, progress_bar=PROGRESS)
 model
 

@@ -7,31 +7,18 @@ import numpy as np
 from anndata import AnnData
 from matplotlib.axes import Axes
 
-from histospace.pl._utils import finish
-
-
-def _library_id(adata: AnnData, library_id: str | None, library_key: str | None) -> str | None:
-    libs = list(adata.uns.get("spatial", {}))
-    if library_id is not None:
-        if library_id not in libs:
-            msg = f"library_id={library_id!r} not in `adata.uns['spatial']` (available: {libs})."
-            raise KeyError(msg)
-        return library_id
-    if len(libs) == 1:
-        return libs[0]
-    if not libs:
-        return None
-    msg = f"`adata.uns['spatial']` has several libraries {libs}; pass `library_id=`."
-    raise ValueError(msg)
+from histospace._constants import DOMAIN_KEY, LIBRARY_KEY
+from histospace._utils._data import library_labels
+from histospace.pl._utils import finish, plot_library
 
 
 def domains(
     adata: AnnData,
     *,
-    key: str = "stereomm_domain",
+    key: str = DOMAIN_KEY,
     groundtruth_key: str | None = None,
     library_id: str | None = None,
-    library_key: str = "library_id",
+    library_key: str = LIBRARY_KEY,
     img: bool = True,
     img_res_key: str | None = None,
     size: float | None = None,
@@ -90,10 +77,9 @@ def domains(
     if "spatial" not in adata.obsm:
         msg = "`adata.obsm['spatial']` not found; spot coordinates are needed."
         raise KeyError(msg)
-    lib = _library_id(adata, library_id, library_key)
-    sub = adata
-    if lib is not None and library_key in adata.obs and adata.obs[library_key].nunique() > 1:
-        sub = adata[adata.obs[library_key].astype(str) == lib]
+    lib = plot_library(adata, library_id, library_key)
+    labels = library_labels(adata, library_key)
+    sub = adata[labels == lib] if lib is not None and len(set(labels)) > 1 else adata
     use_img = img and lib is not None
     if use_img:
         images = adata.uns["spatial"][lib].get("images", {})

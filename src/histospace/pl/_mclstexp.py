@@ -13,25 +13,13 @@ from matplotlib.collections import EllipseCollection
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from histospace._constants import LIBRARY_KEY, MCLSTEXP_KEY, SPATIAL_KEY
 from histospace._utils import get_matrix
+from histospace._utils._data import library_labels, normalize_expression
 from histospace.pl._utils import finish as _finish
+from histospace.pl._utils import plot_library
 
 _UNITS = {"log1p_cp10k": "ln(1 + CP10k)", "log10_cp10k": "log10(1 + CP10k)", "none": "expression"}
-
-
-def _library(adata: AnnData, library_id: str | None, library_key: str) -> str | None:
-    spatial = adata.uns.get("spatial", {})
-    if library_id is not None:
-        if library_id not in spatial:
-            msg = f"`adata.uns['spatial'][{library_id!r}]` not found; available: {list(spatial)}."
-            raise KeyError(msg)
-        return library_id
-    if library_key in adata.obs:
-        libs = [str(x) for x in pd.unique(adata.obs[library_key].astype(str))]
-        for lib in libs:
-            if lib in spatial:
-                return lib
-    return next(iter(spatial)) if spatial else None
 
 
 def _draw_spots(
@@ -84,14 +72,17 @@ def predicted_vs_observed(
     adata: AnnData,
     *,
     genes: Sequence[str],
-    key: str = "mclstexp",
+    key: str = MCLSTEXP_KEY,
     layer: str | None = None,
     library_id: str | None = None,
-    library_key: str = "library_id",
-    spatial_key: str = "spatial",
+    library_key: str = LIBRARY_KEY,
+    spatial_key: str = SPATIAL_KEY,
     img_res: str = "hires",
     cmap: str = "viridis",
     alpha: float = 0.9,
+    shared_scale: bool = True,
+    vmin: float | None = None,
+    vmax: float | None = None,
     spot_scale: float = 1.0,
     panel_size: float = 3.6,
     ax: Axes | Sequence[Axes] | None = None,
@@ -100,23 +91,24 @@ def predicted_vs_observed(
     """Observed and predicted expression of chosen genes side by side over the H&E image.
 
     Rows are genes; the left column is the observed expression (normalised per spot as the model's targets), the
-    right column the prediction in `adata.layers[key]`. For an AnnData returned by
-    :func:`~histospace.tl.mclstexp_predict` (predictions in `X`, no observed expression) only the prediction is drawn.
-    The title of each prediction gives the Pearson correlation with the observation over the spots shown.
+    right column the prediction in `adata.obsm[key]` (written by :func:`~histospace.tl.mclstexp_predict`). When
+    `adata` has no observed expression of the model's panel (an H&E-only slide) only the prediction is drawn. The
+    title of each prediction gives the Pearson correlation with the observation over the spots shown. Observed and
+    predicted share one colour scale per gene by default: separate scales would make any two maps look alike.
 
     Parameters
     ----------
     adata
         AnnData with predictions from :func:`~histospace.tl.mclstexp_predict`.
     genes
-        Genes to show (in `adata.var_names`).
+        Genes to show (of the model's panel).
     key
-        Layer (and `uns` entry) with the predictions.
+        `obsm` (and `uns`) entry with the predictions.
     layer
         Layer with the observed counts; `None` uses `adata.X`. They are normalised as the model's targets
         (`adata.uns[key]['params']['normalize']`) over the panel genes.
     library_id
-        Slide to show (key of `adata.uns['spatial']`); default: the first slide of `adata.obs[library_key]`.
+        Slide to show (key of `adata.uns['spatial']`); default: the only slide with an image.
     library_key
         `adata.obs` column with slides; only its spots of `library_id` are drawn.
     spatial_key
@@ -125,6 +117,11 @@ def predicted_vs_observed(
         Image of `adata.uns['spatial'][library_id]['images']` drawn under the spots (`'hires'` or `'lowres'`).
     cmap, alpha
         Colour map and spot opacity.
+    shared_scale
+        One colour scale for the observed and the predicted map of a gene (from the range of both); `False` gives
+        each map its own.
+    vmin, vmax
+        Fixed ends of the colour scale (override `shared_scale`).
     spot_scale
         Factor on the spot diameter (`spot_diameter_fullres`).
     panel_size
@@ -139,33 +136,30 @@ def predicted_vs_observed(
     -------
     The :class:`~matplotlib.figure.Figure` if `show=False`, else `None`.
     """
-    from histospace.models._mclstexp import normalize_expression
-
     genes = [genes] if isinstance(genes, str) else list(genes)
-    missing = [g for g in genes if g not in adata.var_names]
-    if missing:
-        msg = f"Genes {missing} not in `adata.var_names`."
-        raise KeyError(msg)
     if spatial_key not in adata.obsm:
         msg = f"`adata.obsm[{spatial_key!r}]` not found; spot coordinates are needed to draw the tissue."
         raise KeyError(msg)
-    params = adata.uns.get(key, {}).get("params", {}) if isinstance(adata.uns.get(key), dict) else {}
-    if key in adata.layers:
-        pred_all = np.asarray(adata.layers[key])
-        x = get_matrix(adata, layer)
-        x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
-        obs_all = normalize_expression(x, params.get("normalize", "log1p_cp10k"))
-    elif key in adata.uns:
-        x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
-        pred_all, obs_all = x, None
-    else:
-        msg = f"`adata.layers[{key!r}]` not found; run `hs.tl.mclstexp_predict(adata, model=...)` first."
+    pred_df = adata.obsm.get(key)
+    if not isinstance(pred_df, pd.DataFrame):
+        msg = f"`adata.obsm[{key!r}]` not found (or not a DataFrame); run `hs.tl.mclstexp_predict(adata, model=...)` first."
         raise KeyError(msg)
+    missing = [g for g in genes if g not in pred_df.columns]
+    if missing:
+        msg = f"Genes {missing} are not predicted in `adata.obsm[{key!r}]` (the model's panel)."
+        raise KeyError(msg)
+    uns = adata.uns.get(key)
+    params = uns.get("params", {}) if isinstance(uns, dict) else {}
+    panel = list(pred_df.columns)
+    pred_all = pred_df.to_numpy(dtype=np.float32)
+    obs_all = None
+    if adata.n_vars and all(g in adata.var_names for g in panel):  # observed expression of the whole panel
+        x = get_matrix(adata, layer)[:, adata.var_names.get_indexer(panel)]
+        obs_all = normalize_expression(x, params.get("normalize", "log1p_cp10k"))
 
-    lib = _library(adata, library_id, library_key)
-    mask = np.ones(adata.n_obs, dtype=bool)
-    if lib is not None and library_key in adata.obs and (adata.obs[library_key].astype(str) == lib).any():
-        mask = (adata.obs[library_key].astype(str) == lib).to_numpy()
+    lib = plot_library(adata, library_id, library_key)
+    labels = library_labels(adata, library_key)
+    mask = labels == lib if lib is not None and (labels == lib).any() else np.ones(adata.n_obs, dtype=bool)
     image, scale, diameter = None, 1.0, None
     if lib is not None:
         entry = adata.uns["spatial"][lib]
@@ -196,15 +190,29 @@ def predicted_vs_observed(
         axes = np.asarray(flat, dtype=object).reshape(len(genes), ncol)
         fig = axes[0, 0].figure
     for i, g in enumerate(genes):
-        j = list(adata.var_names).index(g)
+        j = panel.index(g)
         pred = pred_all[mask, j]
         panels = [("predicted", pred)] if obs_all is None else [("observed", obs_all[mask, j]), ("predicted", pred)]
+        lo, hi = vmin, vmax
+        if shared_scale:
+            both = np.concatenate([v for _, v in panels])
+            lo = float(np.nanmin(both)) if lo is None and both.size else lo
+            hi = float(np.nanmax(both)) if hi is None and both.size else hi
         for c, (what, vals) in enumerate(panels):
-            panel = axes[i, c]
+            ax_ = axes[i, c]
             coll = _draw_spots(
-                panel, xy, vals, diameter=diameter, image=image, image_scale=scale, cmap=cmap, alpha=alpha
+                ax_,
+                xy,
+                vals,
+                diameter=diameter,
+                image=image,
+                image_scale=scale,
+                cmap=cmap,
+                alpha=alpha,
+                vmin=lo,
+                vmax=hi,
             )
-            cb = panel.figure.colorbar(coll, ax=panel, fraction=0.046, pad=0.02)
+            cb = ax_.figure.colorbar(coll, ax=ax_, fraction=0.046, pad=0.02)
             cb.set_label(_UNITS.get(params.get("normalize", ""), "expression"), fontsize=8)
             cb.ax.tick_params(labelsize=7)
             title = f"{g} {what}"
@@ -212,7 +220,7 @@ def predicted_vs_observed(
                 o = obs_all[mask, j]
                 r = np.corrcoef(o, pred)[0, 1] if np.std(o) > 0 and np.std(pred) > 0 else np.nan
                 title += f" (r = {r:.2f})"
-            panel.set_title(title, fontsize=10)
+            ax_.set_title(title, fontsize=10)
     if ax is None:
         if lib is not None:
             fig.suptitle(f"{lib}", fontsize=11)

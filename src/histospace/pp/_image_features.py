@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -16,8 +15,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from histospace._nn._encoders import build_encoder, check_encoder_options, fuse_conv_bn
-from histospace._utils import check_random_state, doc_params, resolve_device, version_string
-from histospace._utils._image import PADDING, ImageSource, crop_patches, open_image, resize_patches
+from histospace._utils import check_number, check_random_state, doc_params, resolve_device, version_string
+from histospace._utils._data import check_key_added, library_labels
+from histospace._utils._image import PADDING, ImageSource, crop_patches, resize_patches
+from histospace._utils._library import library_entry, library_image
 
 __all__ = ["image_features"]
 
@@ -33,49 +34,11 @@ class _Library:
     patch_size_um: float | None
 
 
-def _lib_entry(adata: AnnData, library_id: str) -> dict:
-    return adata.uns.get("spatial", {}).get(library_id, {}) if library_id is not None else {}
-
-
-def _image_of_library(adata: AnnData, library_id: str) -> ImageSource | None:
-    """The best image of a library: the full-resolution file, else `hires`, else `lowres` (None if none)."""
-    entry = _lib_entry(adata, library_id)
-    meta = entry.get("metadata", {}) or {}
-    sf = entry.get("scalefactors", {}) or {}
-    path = meta.get("source_image_path")
-    if isinstance(path, str | os.PathLike) and str(path):
-        if Path(path).expanduser().is_file():
-            return open_image(path, kind="fullres", scale=1.0)
-        warnings.warn(
-            f"`adata.uns['spatial'][{library_id!r}]['metadata']['source_image_path']` = {str(path)!r} does not exist; "
-            "falling back to the images in `adata.uns['spatial']`. Pass `img=` to use the full-resolution image.",
-            UserWarning,
-            stacklevel=4,
-        )
-    images = entry.get("images", {}) or {}
-    for res in ("hires", "lowres"):
-        if res in images and images[res] is not None:
-            key = f"tissue_{res}_scalef"
-            if key not in sf:
-                msg = (
-                    f"`adata.uns['spatial'][{library_id!r}]['scalefactors'][{key!r}]` not found; it is needed to map "
-                    f"`obsm['spatial']` onto the {res!r} image. Add it or pass the full-resolution image as `img=`."
-                )
-                raise KeyError(msg)
-            return open_image(
-                np.asarray(images[res]),
-                kind=res,
-                scale=float(sf[key]),
-                name=f"adata.uns['spatial'][{library_id!r}]['images'][{res!r}]",
-            )
-    return None
-
-
 def _patch_size_of_library(
     adata: AnnData, library_id: str | None, patch_size: float | None, patch_size_um: float | None
 ) -> tuple[float, float | None]:
     """Patch size in full-resolution pixels (and in µm when known) for one library."""
-    entry = _lib_entry(adata, library_id)
+    entry = library_entry(adata, library_id)
     sf = entry.get("scalefactors", {}) or {}
     meta = entry.get("metadata", {}) or {}
     diam_px = sf.get("spot_diameter_fullres")
@@ -118,13 +81,7 @@ def _resolve_libraries(
     n = adata.n_obs
 
     if library_key is not None:
-        if library_key not in adata.obs:
-            msg = (
-                f"`adata.obs[{library_key!r}]` not found; pass `library_key=` naming the obs column that tells "
-                f"the slides apart (obs columns: {list(adata.obs.columns)[:10]})."
-            )
-            raise KeyError(msg)
-        col = adata.obs[library_key].astype(str).to_numpy()
+        col = library_labels(adata, library_key, required=True)
         ids = list(dict.fromkeys(col))  # order of appearance
         if library_id is not None:
             msg = "Pass either `library_id=` (one slide) or `library_key=` (several slides), not both."
@@ -172,16 +129,13 @@ def _resolve_libraries(
     out = []
     missing = []
     for lib, rows in groups:
-        if img is not None:
-            src = open_image(img, kind="img", scale=img_scale)
-        else:
-            if lib is None or lib not in libs_uns:
-                missing.append((lib, rows))
-                continue
-            src = _image_of_library(adata, lib)
-            if src is None:
-                missing.append((lib, rows))
-                continue
+        if img is None and (lib is None or lib not in libs_uns):
+            missing.append((lib, rows))
+            continue
+        src = library_image(adata, lib, img=img, img_scale=img_scale)
+        if src is None:
+            missing.append((lib, rows))
+            continue
         if img is not None and patch_size is None and patch_size_um is None and lib is None:
             msg = (
                 "`patch_size` is needed with `img=` when `adata.uns['spatial']` has no library with "
@@ -210,9 +164,18 @@ def _resolve_libraries(
 
 
 def _check_inside(adata: AnnData, libs: list[_Library], coords: np.ndarray) -> None:
-    """Raise when spot centres lie outside their image."""
+    """Raise when spot centres lie outside their image, or a patch is larger than its whole image."""
     bad = []
     for lib in libs:
+        size = lib.patch_size_px * lib.source.scale
+        if size > max(lib.source.shape):
+            h, w = lib.source.shape
+            msg = (
+                f"The patch of library {lib.library_id!r} is {size:.0f} px wide in {lib.source.name} ({w} x {h} px): "
+                "larger than the whole image. Patches are bounded by the image; pass a smaller `patch_size` (in "
+                "full-resolution pixels) or `patch_size_um`."
+            )
+            raise ValueError(msg)
         c = coords[lib.rows] * lib.source.scale
         h, w = lib.source.shape
         out = (c[:, 0] < 0) | (c[:, 1] < 0) | (c[:, 0] >= w) | (c[:, 1] >= h)
@@ -420,21 +383,14 @@ def image_features(
             ".all(1)].copy()`) first."
         )
         raise ValueError(msg)
-    for name, v in (("patch_size", patch_size), ("patch_size_um", patch_size_um)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float | np.number) or not v > 0):
-            msg = f"`{name}` must be a positive number, got {v!r}."
-            raise ValueError(msg)
-    for name, v, lowest in (
-        ("input_size", input_size, 1),
-        ("batch_size", batch_size, 1),
-        ("num_workers", num_workers, 0),
-    ):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < lowest:
-            msg = f"`{name}` must be a {'positive' if lowest else 'non-negative'} integer, got {v!r}."
-            raise ValueError(msg)
-    if img_scale is not None and not img_scale > 0:
-        msg = f"`img_scale` must be positive, got {img_scale!r}."
-        raise ValueError(msg)
+    positive = {"low": 0, "low_inclusive": False}
+    patch_size = check_number(patch_size, "patch_size", **positive, allow_none=True)
+    patch_size_um = check_number(patch_size_um, "patch_size_um", **positive, allow_none=True)
+    input_size = check_number(input_size, "input_size", integer=True, low=1, high=4096)
+    batch_size = check_number(batch_size, "batch_size", integer=True, low=1)
+    num_workers = check_number(num_workers, "num_workers", integer=True, low=0)
+    img_scale = check_number(img_scale, "img_scale", **positive, allow_none=True)
+    check_key_added(key_added)
     if img is None and img_scale is not None:
         msg = "`img_scale` applies only with `img=`."
         raise ValueError(msg)

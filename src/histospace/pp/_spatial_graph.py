@@ -14,7 +14,8 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scanpy import logging as logg
 
-from histospace._utils import check_obsm, doc_params, version_string
+from histospace._utils import check_number, check_obsm, doc_params, version_string
+from histospace._utils._data import check_key_added, library_labels
 
 # Spot diameter (µm) and first-ring grid neighbours per technology (centre-to-centre: Visium 100 µm, legacy ST 200 µm).
 _SPOT_DIAMETER_UM = {"visium": 55.0, "st": 100.0}
@@ -22,15 +23,14 @@ _GRID_NEIGHS = {"visium": 6, "st": 4}
 _DEFAULT_SPOT_DIAMETER_UM = 55.0  # Visium, when nothing says otherwise
 
 
-def _library_ids(adata: AnnData, library_key: str | None) -> list[str]:
-    """Slides present in the data: the values of `obs[library_key]`, else the libraries of `uns['spatial']` in use."""
-    if library_key is not None:
-        col = adata.obs[library_key]
-        return [str(x) for x in pd.unique(col.astype(str))]
+def _library_ids(adata: AnnData, lib_of_spot: np.ndarray | None) -> list[str]:
+    """Slides present in the data: the slide labels of the spots, else the libraries of `uns['spatial']` in use."""
+    if lib_of_spot is not None:
+        return [str(x) for x in pd.unique(lib_of_spot)]
     spatial = adata.uns.get("spatial")
     keys = [str(k) for k in spatial] if isinstance(spatial, Mapping) else []
     if len(keys) > 1 and "library_id" in adata.obs:  # e.g. one slide subset from a multi-slide AnnData
-        present = [str(x) for x in pd.unique(adata.obs["library_id"].astype(str))]
+        present = [str(x) for x in pd.unique(library_labels(adata, "library_id"))]
         if len(present) == 1 and present[0] in keys:
             return present
     return keys
@@ -145,20 +145,6 @@ def _quiet_squidpy():
         sd_logger.setLevel(level)
 
 
-def _check_positive(value, name: str, *, integer: bool = False) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, Real | np.number):
-        msg = f"`{name}` must be a positive {'int' if integer else 'number'}, got {type(value).__name__}."
-        raise TypeError(msg)
-    if integer and float(value) != int(value):
-        msg = f"`{name}` must be a positive int, got {value!r}."
-        raise ValueError(msg)
-    if not np.isfinite(float(value)) or float(value) <= 0:
-        msg = f"`{name}` must be a positive finite number, got {value!r}."
-        raise ValueError(msg)
-
-
 @doc_params()
 def spatial_graph(
     adata: AnnData,
@@ -256,9 +242,7 @@ def spatial_graph(
     if not isinstance(adata, AnnData):
         msg = f"`adata` must be an AnnData, got {type(adata).__name__}."
         raise TypeError(msg)
-    if not isinstance(key_added, str) or not key_added:
-        msg = f"`key_added` must be a non-empty str, got {key_added!r}."
-        raise TypeError(msg)
+    check_key_added(key_added)
     coords = check_obsm(
         adata,
         spatial_key,
@@ -273,11 +257,11 @@ def spatial_graph(
     if coord_type is not None and coord_type not in ("grid", "generic"):
         msg = f"`coord_type` must be 'grid', 'generic' or None, got {coord_type!r}."
         raise ValueError(msg)
-    _check_positive(n_neighs, "n_neighs", integer=True)
-    _check_positive(n_rings, "n_rings", integer=True)
-    _check_positive(radius_um, "radius_um")
-    _check_positive(radius, "radius")
-    _check_positive(spot_diameter_um, "spot_diameter_um")
+    n_neighs = check_number(n_neighs, "n_neighs", integer=True, low=1, allow_none=True)
+    n_rings = check_number(n_rings, "n_rings", integer=True, low=1)
+    radius_um = check_number(radius_um, "radius_um", low=0, low_inclusive=False, allow_none=True)
+    radius = check_number(radius, "radius", low=0, low_inclusive=False, allow_none=True)
+    spot_diameter_um = check_number(spot_diameter_um, "spot_diameter_um", low=0, low_inclusive=False, allow_none=True)
     if radius is not None and radius_um is not None:
         msg = "Give either `radius_um` (µm) or `radius` (full-resolution pixels), not both."
         raise ValueError(msg)
@@ -298,18 +282,8 @@ def spatial_graph(
     if library_key is None and "library_id" in adata.obs and adata.obs["library_id"].nunique(dropna=False) > 1:
         library_key = "library_id"
         logg.info("    building one graph per slide of `adata.obs['library_id']`")
-    if library_key is not None:
-        if library_key not in adata.obs:
-            msg = (
-                f"`adata.obs[{library_key!r}]` not found; `library_key` must name the column telling the slides apart "
-                f"(obs columns: {list(adata.obs.columns)})."
-            )
-            raise KeyError(msg)
-        if adata.obs[library_key].isna().any():
-            n_na = int(adata.obs[library_key].isna().sum())
-            msg = f"`adata.obs[{library_key!r}]` has {n_na} missing values; every spot needs a slide."
-            raise ValueError(msg)
-    libs = _library_ids(adata, library_key)
+    lib_of_spot = library_labels(adata, library_key, required=True) if library_key is not None else None
+    libs = _library_ids(adata, lib_of_spot)
     if library_key is None and len(libs) > 1:
         warnings.warn(
             f"`adata.uns['spatial']` holds {len(libs)} libraries but no `library_key` was given: all spots are treated "
@@ -372,12 +346,11 @@ def spatial_graph(
             raise ValueError(msg)
         else:
             # different pixel sizes per slide: build in µm, then convert the distances back to each slide's pixels
-            lib_of_spot = adata.obs[library_key].astype(str).to_numpy()
             scale_rows = np.array([px_per_um[lib] for lib in lib_of_spot])
 
     if coord_type == "generic" and not (has_radius or delaunay):
         n_neighs = 6 if n_neighs is None else n_neighs
-        smallest = int(adata.obs[library_key].value_counts().min()) if library_key is not None else adata.n_obs
+        smallest = int(pd.Series(lib_of_spot).value_counts().min()) if lib_of_spot is not None else adata.n_obs
         if int(n_neighs) >= smallest:
             msg = f"`n_neighs={n_neighs}` must be smaller than the number of spots of every slide ({smallest})."
             raise ValueError(msg)
@@ -387,8 +360,8 @@ def spatial_graph(
 
     n = adata.n_obs
     obs = pd.DataFrame(index=pd.RangeIndex(n).astype(str))
-    if library_key is not None:
-        obs["_library"] = pd.Categorical(adata.obs[library_key].astype(str).to_numpy())
+    if lib_of_spot is not None:
+        obs["_library"] = pd.Categorical(lib_of_spot)
     tmp = AnnData(obs=obs)
     tmp.obsm["spatial"] = coords / scale_rows[:, None] if scale_rows is not None else coords
     common = {"spatial_key": "spatial", "library_key": "_library" if library_key is not None else None}

@@ -11,7 +11,9 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scanpy import logging as logg
 
+from histospace._constants import CONNECTIVITIES_KEY, STEREOMM_KEY
 from histospace._utils import check_obsm, check_obsp, check_random_state, doc_params, version_string
+from histospace._utils._data import binary_adjacency, check_key_added
 
 _HINTS = {
     "X_stereomm": "Run `hs.tl.stereomm(adata)` first.",
@@ -61,7 +63,7 @@ class _Leiden:
             self.tmp,
             adjacency=self.adjacency,
             resolution=resolution,
-            random_state=self.random_state or 0,
+            random_state=self.random_state,
             flavor="igraph",
             n_iterations=2,
             directed=False,
@@ -104,10 +106,7 @@ def _leiden_bisect(leiden: _Leiden, k: int, lo: float, hi: float, max_steps: int
 
 def _refine(labels: np.ndarray, adj: sp.csr_matrix, n_iter: int) -> np.ndarray:
     """Majority vote over each spot and its spatial neighbours (ties keep the spot's own label)."""
-    adj = sp.csr_matrix(adj)
-    adj = ((adj + adj.T) != 0).astype(np.float32)
-    adj.setdiag(0)
-    adj.eliminate_zeros()
+    adj = binary_adjacency(adj)
     k = labels.max() + 1
     lab = labels.copy()
     for _ in range(n_iter):
@@ -133,7 +132,7 @@ def _relabel(lab: np.ndarray) -> np.ndarray:
 def domains(
     adata: AnnData,
     *,
-    use_rep: str = "X_stereomm",
+    use_rep: str = STEREOMM_KEY,
     n_clusters: int | None = 7,
     method: Literal["gmm", "kmeans", "leiden"] = "gmm",
     covariance_type: Literal["tied", "full", "diag", "spherical"] = "tied",
@@ -143,32 +142,15 @@ def domains(
     resolution_range: tuple[float, float] = (0.1, 1.2),
     cluster_range: tuple[int, int] = (2, 15),
     refine: bool | int = True,
-    connectivity_key: str = "spatial_connectivities",
+    connectivity_key: str = CONNECTIVITIES_KEY,
     random_state: int | None = 0,
     key_added: str | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Cluster a latent representation into spatial domains.
 
-    Methods
-    -------
-    - `'gmm'` (default): scikit-learn's Gaussian mixture, the pure-Python stand-in for R's `mclust` that spatial
-      domain papers (GraphST, STAGATE) use. Default covariance `'tied'` (one full covariance shared by all
-      components, mclust's `EEE` model, which those papers use); `'full'` is mclust's `VVV`. Fitted on the first
-      `n_pcs` principal components of the representation when it is wider, keeping the best likelihood of `n_init`
-      k-means-initialised runs. (On DLPFC the result depends strongly on the initialisation; more restarts and 10
-      PCs made it steadier than one run on 20 PCs.)
-    - `'kmeans'`: scikit-learn KMeans (10 restarts) on the same PCs.
-    - `'leiden'`: Leiden on an `n_neighbors` kNN graph of the representation (exact, symmetrised), with the StereoMM reference's search:
-      the resolution is bisected in `resolution_range` (the upper end grows by 1 while it gives too few clusters)
-      until exactly `n_clusters` clusters appear. When no resolution gives exactly `n_clusters`, the closest
-      clustering is kept with a warning.
-
-    `n_clusters=None` picks the number in `cluster_range`: the lowest BIC for `'gmm'`, the highest silhouette score
-    for `'kmeans'` and `'leiden'` (Leiden scans resolutions over `resolution_range`).
-
-    `refine` smooths the labels over the spatial graph, as GraphST's refinement: each spot takes the label most
-    common among its spatial neighbours and itself (its own label wins ties), repeated `refine` times (`True` = 1).
+    The clustering methods (`'gmm'`, `'kmeans'`, `'leiden'`), how `n_clusters=None` picks the number of domains and
+    the spatial refinement are described in the Notes.
 
     Parameters
     ----------
@@ -177,7 +159,7 @@ def domains(
     use_rep
         Key in `adata.obsm` with the representation (e.g. `'X_stereomm'` from `hs.tl.stereomm`).
     n_clusters
-        Number of domains; `None` chooses it (see above).
+        Number of domains; `None` chooses it (see Notes).
     method
         `'gmm'`, `'kmeans'` or `'leiden'`.
     covariance_type
@@ -212,6 +194,26 @@ def domains(
         Domain labels `'0'`, `'1'`, ... numbered by decreasing size.
     `adata.uns['stereomm_domain' | key_added]` : :class:`dict`
         `'params'` (method, number of clusters found, the Leiden resolution, ...) and `'version'`.
+
+    Notes
+    -----
+    - `'gmm'` (default): scikit-learn's Gaussian mixture, the pure-Python stand-in for R's `mclust` that spatial
+      domain papers (GraphST, STAGATE) use. Default covariance `'tied'` (one full covariance shared by all
+      components, mclust's `EEE` model, which those papers use); `'full'` is mclust's `VVV`. Fitted on the first
+      `n_pcs` principal components of the representation when it is wider, keeping the best likelihood of `n_init`
+      k-means-initialised runs. (On DLPFC the result depends strongly on the initialisation; more restarts and 10
+      PCs made it steadier than one run on 20 PCs.)
+    - `'kmeans'`: scikit-learn KMeans (10 restarts) on the same PCs.
+    - `'leiden'`: Leiden on an `n_neighbors` kNN graph of the representation (exact, symmetrised), with the StereoMM reference's search:
+      the resolution is bisected in `resolution_range` (the upper end grows by 1 while it gives too few clusters)
+      until exactly `n_clusters` clusters appear. When no resolution gives exactly `n_clusters`, the closest
+      clustering is kept with a warning.
+
+    `n_clusters=None` picks the number in `cluster_range`: the lowest BIC for `'gmm'`, the highest silhouette score
+    for `'kmeans'` and `'leiden'` (Leiden scans resolutions over `resolution_range`).
+
+    `refine` smooths the labels over the spatial graph, as GraphST's refinement: each spot takes the label most
+    common among its spatial neighbours and itself (its own label wins ties), repeated `refine` times (`True` = 1).
     """
     if method not in ("gmm", "kmeans", "leiden"):
         msg = f"method={method!r} is not one of 'gmm', 'kmeans', 'leiden'."
@@ -248,10 +250,11 @@ def domains(
             msg = f"`adata.obsp[{connectivity_key!r}]` has shape {adj.shape}; expected ({adata.n_obs}, {adata.n_obs})."
             raise ValueError(msg)
     if key_added is None:
-        key_added = "stereomm_domain" if use_rep == "X_stereomm" else f"{use_rep.removeprefix('X_')}_domain"
+        key_added = "stereomm_domain" if use_rep == STEREOMM_KEY else f"{use_rep.removeprefix('X_')}_domain"
+    check_key_added(key_added)
 
     start = logg.info(f"finding spatial domains ({method}) in {use_rep!r}")
-    params: dict = {"use_rep": use_rep, "method": method, "refine": n_refine, "random_state": random_state or 0}
+    params: dict = {"use_rep": use_rep, "method": method, "refine": n_refine, "random_state": random_state}
     if method == "leiden":
         leiden = _Leiden(x, n_neighbors, random_state)
         params.update(n_neighbors=int(n_neighbors))
@@ -264,7 +267,7 @@ def domains(
                 k = len(np.unique(lab))
                 if not (cluster_range[0] <= k <= cluster_range[1]) or k < 2:
                     continue
-                s = silhouette_score(x, lab, sample_size=min(5000, len(lab)), random_state=random_state or 0)
+                s = silhouette_score(x, lab, sample_size=min(5000, len(lab)), random_state=random_state)
                 if best is None or s > best[0]:
                     best = (s, lab, float(r))
             if best is None:
@@ -307,7 +310,7 @@ def domains(
                     if k < 2:
                         continue
                     lab = _kmeans(xr, k, random_state)
-                    s = silhouette_score(xr, lab, sample_size=min(5000, len(lab)), random_state=random_state or 0)
+                    s = silhouette_score(xr, lab, sample_size=min(5000, len(lab)), random_state=random_state)
                     scores[k] = (-s, lab)
                 kbest = min(scores, key=lambda k: scores[k][0])
                 params["criterion"] = "silhouette"

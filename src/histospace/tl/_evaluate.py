@@ -11,32 +11,22 @@ from anndata import AnnData
 from scanpy import logging as logg
 from tqdm.auto import tqdm
 
+from histospace._constants import FEATURES_KEY, LIBRARY_KEY, SPATIAL_KEY
 from histospace._utils import check_random_state, check_unique_obs_names, doc_params, get_matrix
-from histospace.models._mclstexp import MclSTExp, _dense, normalize_expression, smooth_over_neighbors
+from histospace._utils._data import as_dense, check_genes, library_labels, normalize_expression, smooth_over_neighbors
+from histospace.metrics import pearson_per_gene
 
 _BASELINES = ("bleep", "ridge", "knn")
 
 
 def _pearson_columns(obs: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pearson r and two-sided p-value per column; NaN where either column is constant."""
-    from scipy import stats
+    """Pearson r and two-sided p-value per gene (NaN where either column is constant), without the warning."""
+    import warnings
 
-    obs = np.asarray(obs, dtype=np.float64)
-    pred = np.asarray(pred, dtype=np.float64)
-    n = obs.shape[0]
-    oc = obs - obs.mean(axis=0)
-    pc = pred - pred.mean(axis=0)
-    den = np.sqrt((oc**2).sum(axis=0) * (pc**2).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.where(den > 0, (oc * pc).sum(axis=0) / den, np.nan)
-        r = np.clip(r, -1.0, 1.0)
-        if n > 2:
-            t = r * np.sqrt((n - 2) / np.maximum(1.0 - r**2, 1e-300))
-            p = 2 * stats.t.sf(np.abs(t), df=n - 2)
-        else:
-            p = np.full_like(r, np.nan)
-    p = np.where(np.isnan(r), np.nan, p)
-    return r, p
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        res = pearson_per_gene(obs, pred, return_pvalue=True)
+    return res["r"].to_numpy(), res["pvalue"].to_numpy()
 
 
 @doc_params()
@@ -115,6 +105,8 @@ def mclstexp_cross_validate(
     `'params'` : :class:`dict`
         `groupby`, `n_top`, methods and the keyword arguments used.
     """
+    from histospace.models import MclSTExp
+
     random_state = check_random_state(random_state)
     check_unique_obs_names(adata)
     if groupby not in adata.obs:
@@ -144,19 +136,16 @@ def mclstexp_cross_validate(
     train_kwargs = {"random_state": random_state, "progress_bar": False, **(train_kwargs or {})}
     predict_kwargs = dict(predict_kwargs or {})
     normalize = model_kwargs.get("normalize", "log1p_cp10k")
-    image_key = model_kwargs.get("image_key", "img_features")
-    spatial_key = model_kwargs.get("spatial_key", "spatial")
-    library_key = model_kwargs.get("library_key", "library_id")
+    features_key = model_kwargs.get("features_key", FEATURES_KEY)
+    spatial_key = model_kwargs.get("spatial_key", SPATIAL_KEY)
+    library_key = model_kwargs.get("library_key", LIBRARY_KEY)
     counts = get_matrix(adata, layer, counts=normalize != "none")
     if genes is not None:
-        missing = [g for g in genes if g not in adata.var_names]
-        if missing:
-            msg = f"{len(missing)} panel gene(s) not in `adata.var_names`, e.g. {missing[:5]}; fix `genes=`."
-            raise KeyError(msg)
-    if image_key not in adata.obsm:
-        msg = f"`adata.obsm[{image_key!r}]` not found. Compute image features first with `hs.pp.image_features`."
+        check_genes(genes, adata.var_names, where="adata.var_names", fix="Fix `genes=`.")
+    if features_key not in adata.obsm:
+        msg = f"`adata.obsm[{features_key!r}]` not found. Compute image features first with `hs.pp.image_features`."
         raise KeyError(msg)
-    feats_all = _dense(adata.obsm[image_key]).astype(np.float32)
+    feats_all = as_dense(adata.obsm[features_key]).astype(np.float32)
     methods = ["mclstexp", *baselines]
 
     start = logg.info(f"cross-validating mclSTExp over {len(groups)} groups of `obs[{groupby!r}]`")
@@ -172,7 +161,7 @@ def mclstexp_cross_validate(
         t_train = time.perf_counter() - t0
         panel = model.genes
         gidx = adata.var_names.get_indexer(panel)
-        y_test = normalize_expression(_dense(counts[test_m][:, gidx]), normalize)
+        y_test = normalize_expression(counts[test_m][:, gidx], normalize)
         y_train = model.reference_expression
         order = np.argsort(-y_test.mean(axis=0), kind="stable")[:n_top]
         top_genes[g] = [panel[i] for i in order]
@@ -198,11 +187,14 @@ def mclstexp_cross_validate(
             mu, sd = xtr.mean(axis=0), np.maximum(xtr.std(axis=0), 1e-6)
             xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
             if smooth > 0:
-                xtr = smooth_over_neighbors(
-                    xtr, train, n_neighbors=smooth, spatial_key=spatial_key, library_key=library_key
-                )
-                xte = smooth_over_neighbors(
-                    xte, test, n_neighbors=smooth, spatial_key=spatial_key, library_key=library_key
+                xtr, xte = (
+                    smooth_over_neighbors(
+                        x,
+                        np.asarray(part.obsm[spatial_key], dtype=np.float64)[:, :2],
+                        library_labels(part, library_key),
+                        n_neighbors=smooth,
+                    )
+                    for x, part in ((xtr, train), (xte, test))
                 )
             from sklearn.linear_model import RidgeCV
             from sklearn.neighbors import KNeighborsRegressor

@@ -2,38 +2,111 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
+from histospace._constants import FEATURES_KEY, LIBRARY_KEY, MCLSTEXP_KEY
 from histospace._utils import check_unique_obs_names, doc_params, version_string
-from histospace.models._mclstexp import MclSTExp
+from histospace._utils._data import check_key_added, uns_safe
 
-_TRAIN_KEYS = ("max_epochs", "batch_size", "lr", "weight_decay", "device", "random_state", "n_models", "progress_bar")
+if TYPE_CHECKING:
+    import torch
+
+    from histospace.models import MclSTExp
 
 
 @doc_params()
-def mclstexp_train(adata_ref: AnnData, **kwargs) -> MclSTExp:
+def mclstexp_train(
+    adata_ref: AnnData,
+    *,
+    layer: str | None = None,
+    genes: Sequence[str] | None = None,
+    n_top_genes: int = 1000,
+    features_key: str = FEATURES_KEY,
+    library_key: str | None = LIBRARY_KEY,
+    preset: Literal["reference"] | None = None,
+    max_epochs: int | None = None,
+    n_models: int | None = None,
+    batch_size: int = 128,
+    lr: float = 1e-4,
+    model_kwargs: dict[str, Any] | None = None,
+    train_kwargs: dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    random_state: int | None = 0,
+    progress_bar: bool = True,
+) -> MclSTExp:
     """Build and train an :class:`~histospace.models.MclSTExp` model on reference slides (a thin wrapper).
+
+    The defaults are the settings the expression benchmark validated (see :class:`~histospace.models.MclSTExp`);
+    `preset='reference'` gives the published ones.
 
     Parameters
     ----------
     adata_ref
         Reference: one or more slides with counts, image features in `.obsm` and positions.
-    **kwargs
-        Keyword arguments of :class:`~histospace.models.MclSTExp` (e.g. `genes`, `image_key`, `library_key`,
-        `temperature`) and of :meth:`~histospace.models.MclSTExp.train` (`max_epochs`, `batch_size`, `lr`,
-        `weight_decay`, `device`, `random_state`, `n_models`, `progress_bar`).
+    layer
+        Layer with the counts; `None` uses `adata_ref.X`.
+    genes
+        Gene panel; `None` chooses `n_top_genes` highly variable genes of the reference.
+    n_top_genes
+        Panel size when `genes` is `None`.
+    features_key
+        Key in `adata_ref.obsm` with the image features (:func:`histospace.pp.image_features`).
+    library_key
+        Column of `adata_ref.obs` telling the slides apart (`None`: one slide).
+    preset
+        `None` (validated settings) or `'reference'` (the published settings).
+    max_epochs
+        Training epochs (default 30; 90 with the reference preset).
+    n_models
+        Models of the seed ensemble (default 5; 1 with the reference preset).
+    batch_size
+        Spots per mini-batch.
+    lr
+        Adam learning rate.
+    model_kwargs
+        Other arguments of :class:`~histospace.models.MclSTExp` (e.g. `position_key`, `projection_dim`,
+        `spot_encoder`, `freeze_encoder`).
+    train_kwargs
+        Other arguments of :meth:`~histospace.models.MclSTExp.train` (e.g. `weight_decay`).
+    device
+        {device}
+    random_state
+        {random_state}
+    progress_bar
+        {progress_bar}
 
     Returns
     -------
     The trained model. Nothing is written to `adata_ref`.
     """
-    train_kwargs = {k: kwargs.pop(k) for k in _TRAIN_KEYS if k in kwargs}
-    model = MclSTExp(adata_ref, **kwargs)
-    return model.train(**train_kwargs)
+    from histospace.models import MclSTExp
+
+    model = MclSTExp(
+        adata_ref,
+        layer=layer,
+        genes=genes,
+        n_top_genes=n_top_genes,
+        features_key=features_key,
+        library_key=library_key,
+        preset=preset,
+        **(model_kwargs or {}),
+    )
+    return model.train(
+        max_epochs=max_epochs,
+        n_models=n_models,
+        batch_size=batch_size,
+        lr=lr,
+        device=device,
+        random_state=random_state,
+        progress_bar=progress_bar,
+        **(train_kwargs or {}),
+    )
 
 
 @doc_params()
@@ -42,23 +115,25 @@ def mclstexp_predict(
     *,
     model: MclSTExp,
     n_neighbors: int = 200,
-    weighting: Literal["inverse_square", "uniform", "softmax"] = "inverse_square",
+    weighting: Literal["inverse_square", "uniform", "softmax"] | None = None,
     smooth_neighbors: int = 0,
     img=None,
     batch_size: int = 4096,
-    key_added: str = "mclstexp",
+    key_added: str = MCLSTEXP_KEY,
     copy: bool = False,
 ) -> AnnData | None:
     """Predict the expression of the model's gene panel from the H&E image features of `adata`.
 
     Each query spot (or tile) is embedded by the model's image side; its expression is the weighted mean of the
     normalised expression of its `n_neighbors` nearest reference spots (cosine similarity in the joint space).
+    The output is the same whatever genes the query holds (an H&E-only AnnData with no genes included): the
+    predictions always go to `obsm`, and also to `layers` when the query holds exactly the model's genes.
 
     Parameters
     ----------
     adata
         {adata}
-        It needs the image features the model was trained on (`adata.obsm[model.params['image_key']]`, from
+        It needs the image features the model was trained on (`adata.obsm[model.features_key]`, from
         :func:`histospace.pp.image_features`), or an image (`img=` or `adata.uns['spatial']`) for a model with a
         fine-tuned encoder. Expression is not needed (H&E-only slides and tiles from
         :func:`histospace.pp.tile_image` work).
@@ -68,8 +143,8 @@ def mclstexp_predict(
     n_neighbors
         Reference spots averaged per query (reference: 200); at most the number of reference spots.
     weighting
-        `'inverse_square'`: weights `1/d^2` of the Euclidean embedding distance (reference); `'uniform'`: plain mean;
-        `'softmax'`: softmax of the model's logits over the neighbours.
+        `'softmax'`: softmax of the model's logits over the neighbours (the default); `'inverse_square'`: weights
+        `1/d^2` of the Euclidean embedding distance (the reference, default with `preset='reference'`); `'uniform'`.
     smooth_neighbors
         Average each query's image embedding with those of its `smooth_neighbors` nearest spatial neighbours
         (`obsm['spatial']`, within a slide) before the search. `0` (reference) switches it off.
@@ -78,99 +153,72 @@ def mclstexp_predict(
     batch_size
         Query rows per chunk of the nearest-neighbour search.
     key_added
-        Key of the layer and of the `uns` entry.
+        Key of the `obsm`, `layers` and `uns` entries.
     copy
         {copy}
 
     Returns
     -------
-    The return value depends on the genes of `adata`:
+    Returns `None` if `copy=False`, else returns an `AnnData` object. Sets the following fields:
 
-    * `adata` holds exactly the model's genes (same set, any order): returns `None` if `copy=False`, else a copy,
-      with
+    `adata.obsm['mclstexp' | key_added]` : :class:`pandas.DataFrame` (dtype `float32`)
+        Predicted normalised expression, one column per gene of the model's panel (`model.genes` order), indexed
+        by `obs_names`. Always written.
+    `adata.layers['mclstexp' | key_added]` : :class:`numpy.ndarray` (dtype `float32`)
+        The same predictions in the gene order of `adata`; written only when `adata` holds exactly the model's genes
+        (same set, any order), e.g. to compare with the observed expression.
+    `adata.uns['mclstexp' | key_added]` : :class:`dict`
+        `params` (n_neighbors, weighting, model parameters, genes) and `version`.
 
-      `adata.layers['mclstexp' | key_added]` : :class:`numpy.ndarray` (dtype `float32`)
-          Predicted normalised expression `(n_obs, n_vars)`, in the gene order of `adata`.
-      `adata.uns['mclstexp' | key_added]` : :class:`dict`
-          `params` (n_neighbors, weighting, model parameters) and `version`.
+    Examples
+    --------
+    To get an AnnData with the predicted genes as `X` (e.g. for `sc.pl.spatial` of an H&E-only slide)::
 
-    * otherwise (other genes, or an H&E-only AnnData with no genes): `adata` is left untouched (whatever `copy`) and a
-      **new** AnnData is returned with the model's genes as `var`, the predictions as `X` (float32), `obs`,
-      `obsm['spatial']`, `obsm[image_key]` and `uns['spatial']` carried over, and `uns['mclstexp' | key_added]`.
+        pred = anndata.AnnData(adata.obsm["mclstexp"], obsm={"spatial": adata.obsm["spatial"]}, uns=adata.uns)
     """
+    from histospace.models import MclSTExp
+
     if not isinstance(model, MclSTExp):
         msg = f"`model` must be a trained `hs.models.MclSTExp`, got {type(model).__name__}."
         raise TypeError(msg)
-    model._check_trained()
+    check_key_added(key_added)
     check_unique_obs_names(adata)
-    n_ref = model.reference_expression.shape[0]
-    if not isinstance(n_neighbors, int | np.integer) or not 1 <= n_neighbors <= n_ref:
-        msg = f"`n_neighbors={n_neighbors}` must be an integer between 1 and the number of reference spots ({n_ref})."
-        raise ValueError(msg)
-    if weighting not in ("inverse_square", "uniform", "softmax"):
-        msg = f"`weighting` must be 'inverse_square', 'uniform' or 'softmax', got {weighting!r}."
-        raise ValueError(msg)
-    if smooth_neighbors < 0:
-        msg = f"`smooth_neighbors` must be >= 0, got {smooth_neighbors}."
-        raise ValueError(msg)
-    if smooth_neighbors > 0 and model.params["spatial_key"] not in adata.obsm:
-        msg = f"`adata.obsm[{model.params['spatial_key']!r}]` not found; `smooth_neighbors>0` needs coordinates."
-        raise KeyError(msg)
-    model.check_query(adata, img=img)
-
+    weighting = model.default_weighting if weighting is None else weighting
     start = logg.info(f"predicting {len(model.genes)} genes for {adata.n_obs} spots with mclSTExp")
     pred = model.predict(
         adata,
-        n_neighbors=int(n_neighbors),
+        n_neighbors=n_neighbors,
         weighting=weighting,
-        smooth_neighbors=int(smooth_neighbors),
+        smooth_neighbors=smooth_neighbors,
         img=img,
         batch_size=batch_size,
     )
-    p = model.params
     uns = {
-        "params": {
-            "n_neighbors": int(n_neighbors),
-            "weighting": weighting,
-            "smooth_neighbors": int(smooth_neighbors),
-            "image_key": p["image_key"],
-            "normalize": p["normalize"],
-            "spot_encoder": p["spot_encoder"],
-            "n_reference_spots": int(n_ref),
-            "n_models": int(model.n_models_),
-            "genes": list(model.genes),
-        },
+        "params": uns_safe(
+            {
+                "n_neighbors": int(n_neighbors),
+                "weighting": weighting,
+                "smooth_neighbors": int(smooth_neighbors),
+                "features_key": model.features_key,
+                "normalize": model.normalize,
+                "preset": model.preset,
+                "spot_encoder": model.config["spot_encoder"],
+                "n_reference_spots": int(model.reference_expression.shape[0]),
+                "n_models": int(model.n_models_),
+                "genes": list(model.genes),
+            }
+        ),
         "version": version_string(),
     }
-    same_genes = adata.n_vars == len(model.genes) and set(adata.var_names) == set(model.genes)
-    if same_genes:
-        adata = adata.copy() if copy else adata
-        order = np.asarray([model.genes.index(g) for g in adata.var_names])
-        adata.layers[key_added] = np.ascontiguousarray(pred[:, order], dtype=np.float32)
-        adata.uns[key_added] = uns
-        logg.info(
-            "    finished",
-            time=start,
-            deep=f"added\n    {key_added!r}, predicted expression (adata.layers)\n    {key_added!r}, params (adata.uns)",
-        )
-        return adata if copy else None
-
-    import pandas as pd
-
-    out = AnnData(
-        X=pred.astype(np.float32),
-        obs=adata.obs.copy(),
-        var=pd.DataFrame(index=pd.Index(model.genes, name=None)),
+    out = adata.copy() if copy else adata
+    out.obsm[key_added] = pd.DataFrame(
+        np.ascontiguousarray(pred, dtype=np.float32), index=out.obs_names.copy(), columns=pd.Index(model.genes)
     )
-    sk = p["spatial_key"]
-    if sk in adata.obsm:
-        out.obsm[sk] = np.asarray(adata.obsm[sk]).copy()
-    if p["image_key"] in adata.obsm:
-        out.obsm[p["image_key"]] = np.asarray(adata.obsm[p["image_key"]]).copy()
-    if "spatial" in adata.uns:
-        import copy as _copy
-
-        out.uns["spatial"] = _copy.deepcopy(adata.uns["spatial"])
+    deep = f"added\n    {key_added!r}, predicted expression (adata.obsm)"
+    if out.n_vars == len(model.genes) and set(out.var_names) == set(model.genes):
+        order = pd.Index(model.genes).get_indexer(out.var_names)
+        out.layers[key_added] = np.ascontiguousarray(pred[:, order], dtype=np.float32)
+        deep += f"\n    {key_added!r}, predicted expression in the gene order of adata (adata.layers)"
     out.uns[key_added] = uns
-    logg.info("    finished", time=start, deep="returned a new AnnData: predicted expression in .X")
-    return out
+    logg.info("    finished", time=start, deep=deep + f"\n    {key_added!r}, parameters (adata.uns)")
+    return out if copy else None

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from anndata import AnnData
 from scanpy import logging as logg
 
+from histospace._constants import CONNECTIVITIES_KEY, FEATURES_KEY, STEREOMM_KEY
 from histospace._utils import doc_params, version_string
-from histospace.models._stereomm import StereoMM
+from histospace._utils._data import check_key_added, uns_safe
 
+if TYPE_CHECKING:
+    import torch
 
-def _uns_safe(d: dict[str, Any]) -> dict[str, Any]:
-    """Drop `None` and turn tuples into lists so that the dict survives `write_h5ad`."""
-    out = {}
-    for k, v in d.items():
-        if v is None:
-            continue
-        if isinstance(v, dict):
-            out[k] = _uns_safe(v)
-        elif isinstance(v, list | tuple):
-            out[k] = np.asarray(v)
-        else:
-            out[k] = v
-    return out
+    from histospace.models import StereoMM
 
 
 @doc_params()
@@ -33,8 +23,8 @@ def stereomm(
     adata: AnnData,
     *,
     layer: str | None = None,
-    image_key: str | None = "img_features",
-    connectivity_key: str = "spatial_connectivities",
+    features_key: str | None = FEATURES_KEY,
+    connectivity_key: str = CONNECTIVITIES_KEY,
     preset: Literal["reference"] | None = None,
     n_latent: int | None = None,
     hidden: list[int] | None = None,
@@ -48,7 +38,7 @@ def stereomm(
     device: str | torch.device | None = None,
     random_state: int | None = 0,
     progress_bar: bool = True,
-    key_added: str = "X_stereomm",
+    key_added: str = STEREOMM_KEY,
     return_model: bool = False,
     copy: bool = False,
 ) -> AnnData | StereoMM | tuple[AnnData, StereoMM] | None:
@@ -64,7 +54,7 @@ def stereomm(
         {adata}
     layer
         Layer with the expression (counts or normalised, non-negative); `None` uses `adata.X`.
-    image_key
+    features_key
         Key in `adata.obsm` with image features (`hs.pp.image_features`); `None` for an expression-only model.
     connectivity_key
         Key in `adata.obsp` with the spatial graph (`squidpy.gr.spatial_neighbors` or `hs.pp.spatial_graph`).
@@ -73,7 +63,7 @@ def stereomm(
     n_latent
         Latent width (default 32; 100 with the reference preset).
     hidden
-        VGAE encoder widths (default `[256, 64]`).
+        Encoder widths of the graph VAE (default `[256, 64]`).
     attention
         `'auto'`, `'global'`, `'global_trainable'`, `'local'`, `'local_trainable'` or `'none'` (see :class:`~histospace.models.StereoMM`).
     n_pcs
@@ -113,15 +103,15 @@ def stereomm(
         `'params'` (resolved model and training parameters), `'history'` (`'loss'`, `'reconstruction'`, `'kl'`:
         float32 arrays, one value per epoch) and `'version'`.
     """
-    if not isinstance(key_added, str) or not key_added:
-        msg = f"`key_added` must be a non-empty str, got {key_added!r}."
-        raise TypeError(msg)
+    from histospace.models import StereoMM
+
+    check_key_added(key_added)
     uns_key = key_added[2:] if key_added.startswith("X_") and len(key_added) > 2 else key_added
     start = logg.info("running StereoMM")
     model = StereoMM(
         adata,
         layer=layer,
-        image_key=image_key,
+        features_key=features_key,
         connectivity_key=connectivity_key,
         preset=preset,
         n_latent=n_latent,
@@ -142,15 +132,15 @@ def stereomm(
     z = model.get_latent_representation()
     out = adata.copy() if copy else adata
     out.obsm[key_added] = z.astype(np.float32, copy=False)
-    params = {**model.init_params(), **model.train_params, "layer": layer if layer is not None else "X"}
-    params.pop("fit_seconds", None)
-    params.pop("attention_cache_seconds", None)
-    params["image_key"] = image_key if image_key is not None else "none"
-    params["preset"] = preset if preset is not None else "none"
-    params["n_pcs"] = int(model.config["n_pcs"]) if model.config["n_pcs"] is not None else 0
+    params = {**model.init_params_, **model.config, **model.train_params}
+    params["layer"] = "X" if layer is None else layer
     params["width"] = int(model.dim)
+    for k in ("fit_seconds", "attention_cache_seconds", "chunk_size", "n_pcs"):
+        params.pop(k, None)
+    if model.config["n_pcs"] is not None:
+        params["n_pcs"] = int(model.config["n_pcs"])
     out.uns[uns_key] = {
-        "params": _uns_safe(params),
+        "params": uns_safe(params),
         "history": {k: np.asarray(v, dtype=np.float32) for k, v in model.history.items()},
         "version": version_string(),
     }
