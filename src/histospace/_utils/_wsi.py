@@ -924,7 +924,7 @@ def open_multiscale(
         src = open_image(path, name=name)
         return MultiscaleImage([src], mpp=mpp, name=str(path), path=path, reader="pil")
     if is_xarray_image(obj):
-        label = name or f"SpatialData image {getattr(obj, 'name', None)!r}"
+        label = name or ("SpatialData image" + (f" {obj.name!r}" if getattr(obj, "name", None) else ""))
         if type(obj).__name__ == "DataTree":
             levels = [_dataarray_source(da, f"{label}[scale{i}]") for i, da in enumerate(_tree_levels(obj))]
         else:
