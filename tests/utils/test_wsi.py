@@ -407,3 +407,41 @@ def test_container_with_several_z_planes(container):
         open_image(ic, library_id="c")
     one = ic.crop_corner(0, 0, library_id="b")  # the squidpy way the message suggests
     np.testing.assert_array_equal(read_all(open_image(one)), 255 - img)
+
+
+_INHERITED = {}
+
+
+def _read_in_child():
+    import os
+
+    src = _INHERITED["src"]  # inherited through fork, not pickled (as a DataLoader worker gets its dataset)
+    region = src.read(5, 25, 10, 40)
+    owner = src.arr.handle._pid if hasattr(src.arr, "handle") else src.arr._pid
+    return os.getpid(), owner, region
+
+
+@pytest.mark.parametrize("reader", ["openslide", "tifffile"])
+def test_sources_reopen_in_forked_workers(svs_path, base, reader):
+    """Forked workers must not share the parent's file handle: each process reopens the slide."""
+    import multiprocessing as mp
+    import os
+
+    pytest.importorskip(reader)
+    src = open_slide(svs_path, reader=reader).source(1)
+    src.read(0, 8, 0, 8)  # the parent has the slide open
+    _INHERITED["src"] = src
+    try:
+        with mp.get_context("fork").Pool(1) as pool:
+            pid, owner, region = pool.apply(_read_in_child)
+    finally:
+        _INHERITED.clear()
+    assert pid != os.getpid()
+    assert owner == pid  # the child opened its own handle
+    np.testing.assert_array_equal(region, block_mean(base, 2)[5:25, 10:40])
+
+
+def test_level_downsample_reads_strips(svs_path, base):
+    pytest.importorskip("openslide")
+    src = open_slide(svs_path, reader="openslide").source(0)
+    np.testing.assert_array_equal(src.downsample(2, rows_per_chunk=64), block_mean(base, 2))

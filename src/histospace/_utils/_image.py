@@ -483,7 +483,12 @@ def _container_source(obj, *, kind: str, scale: float | None, name: str | None, 
         # squidpy keeps the crop box in pixels of the scaled image; its pixel 0 sits at (x0 - x_pre, y0 - y_pre)
         offset = np.array([x0 - px, y0 - py]) / c_scale
     s = c_scale if scale is None else scale
-    return ImageSource(da.data, axes, kind=kind, scale=s, name=label, offset=offset)
+    data = da.data
+    if hasattr(data, "dask"):  # a lazy container: read each region with dask's synchronous scheduler
+        from histospace._utils._wsi import _DaskLevel
+
+        data = _DaskLevel(data)
+    return ImageSource(data, axes, kind=kind, scale=s, name=label, offset=offset)
 
 
 def crop_patches(

@@ -10,7 +10,10 @@ Readers (:func:`open_slide`), none of which decodes a whole level:
 - `openslide` (`openslide-python` + the `openslide-bin` wheel): Aperio `.svs`, Hamamatsu `.ndpi`/`.vms`/`.vmu`,
   MIRAX `.mrxs`, Leica `.scn`, Ventana `.bif`, Sakura `.svslide`, DICOM, generic tiled TIFF. Each read is one
   `read_region` at the level; OpenSlide's RGBA output (transparent outside the scanned area) is composited onto the
-  slide's background colour (white unless the slide says otherwise).
+  slide's background colour (white unless the slide says otherwise). `read_region` places regions in level-0
+  pixels, so at a level whose downsample is not an integer (level sizes that do not divide the full size) OpenSlide
+  resamples the region at a sub-pixel offset (under half a level pixel); tiffslide and tifffile return the stored
+  pixels exactly.
 - `tiffslide`: the TIFF-based formats above through tifffile, with the OpenSlide API; used where openslide is not
   installed.
 - `tifffile` (+ zarr): OME-TIFF (SubIFD pyramids), pyramidal and plain TIFF, and the vendor TIFFs tifffile parses
