@@ -445,3 +445,16 @@ def test_level_downsample_reads_strips(svs_path, base):
     pytest.importorskip("openslide")
     src = open_slide(svs_path, reader="openslide").source(0)
     np.testing.assert_array_equal(src.downsample(2, rows_per_chunk=64), block_mean(base, 2))
+
+
+def test_multiscale_downsample_reads_the_best_level(ome_path, base):
+    ms = open_slide(ome_path)
+    np.testing.assert_array_equal(ms.downsample(4), block_mean(base, 4))  # level 2 as stored
+    out = ms.downsample(8)  # level 2 (75 x 100), then 2 x 2 blocks; the last row is a partial block
+    assert out.shape == (38, 50, 3)
+    np.testing.assert_array_equal(out[:37], block_mean(block_mean(base, 4), 2))
+    np.testing.assert_array_equal(out[37], block_mean(np.repeat(block_mean(base, 4)[74:75], 2, axis=0), 2)[0])
+    np.testing.assert_array_equal(ms.downsample(2), block_mean(base, 2))
+    out = ms.downsample(3)  # no level divides 3: level 0, block mean by 3, partial border blocks
+    assert out.shape == (100, 134, 3)
+    np.testing.assert_array_equal(out[:99, :133], block_mean(base, 3)[:99, :133])

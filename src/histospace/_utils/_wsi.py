@@ -239,6 +239,30 @@ class MultiscaleImage:
             raise IndexError(msg)
         return self.levels[int(level)]
 
+    def downsample(self, factor: int, *, rows_per_chunk: int = 4096) -> np.ndarray:
+        """Level 0 reduced by an integer `factor` to RGB `uint8` `(ceil(H / factor), ceil(W / factor), 3)`.
+
+        Read from the coarsest level whose downsample divides `factor` (within 1%), block-averaged by the rest with
+        :meth:`~histospace._utils._image.ImageSource.downsample`, then cropped or padded white to the exact shape
+        (a level whose size was rounded may differ by a pixel). With one level this is a block mean of level 0.
+        """
+        factor = max(1, int(factor))
+        best, k_best = 0, factor
+        for i, d in enumerate(self.level_downsamples):
+            k = factor / d
+            if d <= factor * (1.0 + self.LEVEL_RTOL) and abs(k - round(k)) <= self.LEVEL_RTOL * k:
+                if d > self.level_downsamples[best] or i == 0:
+                    best, k_best = i, max(1, int(round(k)))
+        out = self.source(best).downsample(k_best, rows_per_chunk=rows_per_chunk)
+        h0, w0 = self.shape
+        h_out, w_out = -(-h0 // factor), -(-w0 // factor)
+        if out.shape[:2] != (h_out, w_out):
+            fit = np.full((h_out, w_out, 3), 255, dtype=np.uint8)
+            h, w = min(h_out, out.shape[0]), min(w_out, out.shape[1])
+            fit[:h, :w] = out[:h, :w]
+            out = fit
+        return out
+
     def to_dask(self, level: int = 0, *, chunks: int | tuple | str = 1024):
         """A dask array of `level` in the native dtype, with the axes of `source(level).axes`.
 
