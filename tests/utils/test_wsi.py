@@ -458,3 +458,11 @@ def test_multiscale_downsample_reads_the_best_level(ome_path, base):
     out = ms.downsample(3)  # no level divides 3: level 0, block mean by 3, partial border blocks
     assert out.shape == (100, 134, 3)
     np.testing.assert_array_equal(out[:99, :133], block_mean(base, 3)[:99, :133])
+
+
+@pytest.mark.parametrize("reader", ["openslide", "tiffslide", "tifffile"])
+def test_close_and_reopen(svs_path, base, reader):
+    pytest.importorskip(reader)
+    with open_slide(svs_path, reader=reader) as ms:
+        np.testing.assert_array_equal(ms.source(2).read(0, 5, 0, 5), block_mean(base, 4)[:5, :5])
+    np.testing.assert_array_equal(ms.source(2).read(0, 5, 0, 5), block_mean(base, 4)[:5, :5])  # reopens

@@ -278,6 +278,19 @@ class MultiscaleImage:
             chunks = tuple(chunks if a in "YX" else -1 for a in src.axes)
         return da.from_array(arr, chunks=chunks, lock=False, asarray=True, fancy=False)
 
+    def close(self) -> None:
+        """Close the files this process opened for the levels (they reopen on the next read)."""
+        for lv in self.levels:
+            close = getattr(lv.arr, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> MultiscaleImage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         mpp = "unknown" if self.mpp is None else f"{self.mpp:g}"
         shapes = ", ".join(f"{w}x{h}" for h, w in self.level_shapes)
@@ -333,6 +346,11 @@ class _Handle:
             self._h = _OPENERS[self.kind](self.path)
             self._pid = os.getpid()
         return self._h
+
+    def close(self) -> None:
+        if self._h is not None and self._pid == os.getpid():
+            self._h.close()
+        self._h, self._pid = None, None
 
     def __getstate__(self):
         return {"kind": self.kind, "path": self.path, "_h": None, "_pid": None}
@@ -393,6 +411,9 @@ class _RegionLevel:
             out = self._read(y0, y1, x0, x1)
         out = out[::sy, ::sx, rc[0] : rc[1] : rc[2]]
         return out[tuple(0 if d else slice(None) for d in drop)]
+
+    def close(self) -> None:
+        self.handle.close()
 
     def __array__(self, dtype=None, copy=None):
         out = self[:, :, :]
@@ -468,6 +489,13 @@ class _TiffLevel:
 
     def __getitem__(self, idx) -> np.ndarray:
         return np.asarray(self._get()[idx])
+
+    def close(self) -> None:
+        if self._arr is not None and self._pid == os.getpid():
+            store = getattr(self._arr, "store", None)
+            if store is not None and hasattr(store, "close"):
+                store.close()  # the ZarrTiffStore closes its TiffFile
+        self._arr, self._pid = None, None
 
     def __getstate__(self):
         d = self.__dict__.copy()
