@@ -194,7 +194,7 @@ class MultiscaleImage:
         """µm per level-0 pixel (mean of x and y), or `None` when unknown."""
         return None if self.mpp_xy is None else float(np.mean(self.mpp_xy))
 
-    def level_for(self, mpp: float | None = None, downsample: float | None = None) -> int:
+    def level_for(self, *, mpp: float | None = None, downsample: float | None = None) -> int:
         """The level to read for a wanted resolution: the coarsest level that is not coarser than asked.
 
         Give either `mpp` (µm per pixel, needs :attr:`mpp`) or `downsample` (level-0 pixels per pixel). A level
