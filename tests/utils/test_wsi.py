@@ -208,6 +208,10 @@ def test_open_slide_errors(tmp_path, ome_path):
         open_slide(ome_path, reader="bioformats")
     with pytest.raises(ValueError, match="`mpp` must be a positive"):
         open_slide(ome_path, mpp=-1)
+    czi = tmp_path / "slide.czi"
+    czi.write_bytes(b"ZISRAWFILE" + b"\x00" * 20)
+    with pytest.raises(ValueError, match="No reader opens.*OME-TIFF"):
+        open_slide(czi)
     bad = tmp_path / "broken.tif"
     bad.write_bytes(b"II*\x00" + b"\x00" * 20)
     with pytest.raises(ValueError, match="Could not read the TIFF file"):

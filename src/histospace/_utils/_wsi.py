@@ -641,7 +641,15 @@ def open_slide(
     user_mpp = _check_mpp(mpp, str(path))
     chosen = _auto_reader(path) if reader == "auto" else reader
     if chosen == "pil":
-        src = _PILFileSource(path, kind="img", scale=1.0)
+        try:
+            src = _PILFileSource(path, kind="img", scale=1.0)
+        except OSError as e:
+            msg = (
+                f"No reader opens {str(path)!r} ({e}). histospace reads OpenSlide formats (`{INSTALL['openslide']}`), "
+                "TIFF/OME-TIFF, JPEG and PNG; convert other formats to a pyramidal OME-TIFF, e.g. with Bio-Formats "
+                "`bfconvert -pyramid-resolutions 4 -pyramid-scale 2 -tilex 512 -tiley 512 slide.czi slide.ome.tif`."
+            )
+            raise ValueError(msg) from e
         return MultiscaleImage([src], mpp=user_mpp, name=str(path), path=path, reader="pil")
     if chosen == "openslide":
         levels, meta_mpp, vendor, ds = _read_openslide(path)
