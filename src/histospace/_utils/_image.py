@@ -51,9 +51,32 @@ class ImageSource:
         Factor from full-resolution coordinates (`obsm['spatial']`) to pixels of this image.
     name
         Description used in messages (a path or `adata.uns[...]` slot).
+    path
+        File the image was read from, if any.
+    offset
+        Full-resolution `(x, y)` of this image's pixel-grid origin (a cropped squidpy `ImageContainer` starts there).
+    mpp
+        µm per pixel of this image, when known.
+
+    Notes
+    -----
+    Full-resolution coordinates map to pixels of this image as `(xy - offset) * scale` (:meth:`to_pixels`); a
+    pyramid level sets `scale_xy`, its per-axis scale, when the level's two axes were not reduced by exactly the
+    same factor.
     """
 
-    def __init__(self, arr, axes: str, *, kind: str = "img", scale: float = 1.0, name: str = "image", path=None):
+    def __init__(
+        self,
+        arr,
+        axes: str,
+        *,
+        kind: str = "img",
+        scale: float = 1.0,
+        name: str = "image",
+        path=None,
+        offset: Sequence[float] = (0.0, 0.0),
+        mpp: float | None = None,
+    ):
         axes = axes.upper()
         if len(axes) != len(arr.shape):
             msg = f"{name}: axes {axes!r} do not match the image shape {tuple(arr.shape)}."
@@ -90,11 +113,32 @@ class ImageSource:
             msg = f"{name}: image dtype {self.dtype} is not supported; expected uint8, uint16 or float."
             raise TypeError(msg)
         self._float_max = None
+        offset = np.asarray(offset, dtype=np.float64)
+        if offset.shape != (2,) or not np.isfinite(offset).all():
+            msg = f"{name}: `offset` must be a finite full-resolution (x, y) pair, got {offset.tolist()!r}."
+            raise ValueError(msg)
+        self.offset = offset
+        self.scale_xy: tuple[float, float] | None = None
+        self.mpp = None if mpp is None else float(mpp)
 
     @property
     def shape(self) -> tuple[int, int]:
         """`(height, width)` in pixels of this image."""
         return self.height, self.width
+
+    def _scale_xy(self) -> np.ndarray:
+        return np.asarray(self.scale_xy if self.scale_xy is not None else (self.scale, self.scale), dtype=np.float64)
+
+    def to_pixels(self, xy) -> np.ndarray:
+        """Map full-resolution `(x, y)` coordinates (`obsm['spatial']`, shape `(..., 2)`) to pixels of this image.
+
+        Returns `(xy - offset) * scale` as float64, with the same shape as `xy`.
+        """
+        return (np.asarray(xy, dtype=np.float64) - self.offset) * self._scale_xy()
+
+    def from_pixels(self, pixels) -> np.ndarray:
+        """Map `(x, y)` pixels of this image back to full-resolution coordinates (inverse of :meth:`to_pixels`)."""
+        return np.asarray(pixels, dtype=np.float64) / self._scale_xy() + self.offset
 
     def _index(self, y0: int, y1: int, x0: int, x1: int) -> tuple:
         idx = []
@@ -235,7 +279,18 @@ class _PILFileSource(ImageSource):
                 arr = None
         if arr is None:
             arr = _decode_pil(self.path)
-        return ImageSource(arr, axes, kind=self.kind, scale=self.scale, name=self.name, path=self.path)
+        out = ImageSource(
+            arr,
+            axes,
+            kind=self.kind,
+            scale=self.scale,
+            name=self.name,
+            path=self.path,
+            offset=self.offset,
+            mpp=self.mpp,
+        )
+        out.scale_xy = self.scale_xy
+        return out
 
     def downsample(self, factor: int, **kwargs) -> np.ndarray:
         """Downsample by `factor` without keeping the full image: JPEG DCT scaling (`draft`), then a box filter."""
@@ -299,32 +354,6 @@ def _decode_pil(path: Path) -> np.ndarray:
         raise ValueError(msg) from e
 
 
-def _open_tiff(path: Path, *, kind: str, scale: float) -> ImageSource:
-    """Open a TIFF lazily: `tifffile.memmap` when the data are contiguous, else a zarr view of the tiles."""
-    import tifffile
-
-    with tifffile.TiffFile(path) as tf:
-        series = tf.series[0]
-        axes = series.axes
-        shape = series.shape
-        contiguous = series.dataoffset is not None
-    axes = _tiff_axes(axes, shape)
-    if contiguous:
-        try:
-            arr = tifffile.memmap(path, mode="r")
-            if tuple(arr.shape) == tuple(shape):
-                return ImageSource(arr, axes, kind=kind, scale=scale, name=str(path), path=path)
-        except (ValueError, OSError):
-            pass
-    import zarr
-
-    store = tifffile.imread(path, aszarr=True)
-    z = zarr.open(store, mode="r")
-    if not hasattr(z, "shape"):  # pyramidal TIFF: a group of levels, level '0' is full resolution
-        z = z["0"]
-    return ImageSource(z, axes, kind=kind, scale=scale, name=str(path), path=path)
-
-
 def _tiff_axes(axes: str, shape: Sequence[int]) -> str:
     """Map tifffile axes to ours (Y, X, S = samples/channels; other axes read at index 0)."""
     out = []
@@ -338,14 +367,32 @@ def _tiff_axes(axes: str, shape: Sequence[int]) -> str:
     return "".join(out)
 
 
-def open_image(obj, *, kind: str = "img", scale: float | None = None, name: str | None = None) -> ImageSource:
-    """Open an image lazily from a path (JPEG/PNG/TIFF), a numpy-like array or a squidpy `ImageContainer`.
+def open_image(
+    obj,
+    *,
+    kind: str = "img",
+    scale: float | None = None,
+    name: str | None = None,
+    library_id: str | None = None,
+) -> ImageSource:
+    """Open an image lazily from a path, a numpy-like array, a squidpy `ImageContainer` or a SpatialData image.
 
-    Only the header of a file is read here; :meth:`ImageSource.load` decodes JPEG/PNG once. TIFFs are read region by
-    region through `tifffile.memmap` or zarr, so memory stays bounded.
+    Only the header of a file is read here; :meth:`ImageSource.load` decodes JPEG/PNG once. TIFFs and whole-slide
+    files (`.svs`, `.ndpi`, `.mrxs`, OME-TIFF, ...) are opened with :func:`histospace._utils._wsi.open_slide` and read
+    region by region from their full-resolution level, so memory stays bounded; a multiscale image
+    (:class:`~histospace._utils._wsi.MultiscaleImage`, a SpatialData `DataTree`) gives its level 0. Use
+    :func:`histospace._utils._wsi.open_multiscale` for the whole pyramid.
+
+    A cropped `ImageContainer` (`crop_corner`/`crop_center`) keeps its position in the full image as
+    :attr:`ImageSource.offset`; map coordinates with :meth:`ImageSource.to_pixels`. A container with several z-planes
+    needs `library_id=` (the plane to read).
     """
+    from histospace._utils import _wsi
+
     if isinstance(obj, ImageSource):
         return obj
+    if isinstance(obj, _wsi.MultiscaleImage) or _wsi.is_xarray_image(obj):
+        return _wsi.level_zero(_wsi.open_multiscale(obj, name=name), kind=kind, scale=scale)
     if isinstance(obj, str | os.PathLike):
         path = Path(obj).expanduser()
         if not path.is_file():
@@ -353,30 +400,21 @@ def open_image(obj, *, kind: str = "img", scale: float | None = None, name: str 
             raise FileNotFoundError(msg)
         suffix = "".join(path.suffixes[-2:]).lower() if len(path.suffixes) > 1 else path.suffix.lower()
         s = 1.0 if scale is None else scale
-        if suffix in _TIFF_SUFFIXES or path.suffix.lower() in _TIFF_SUFFIXES:
-            try:
-                return _open_tiff(path, kind=kind, scale=s)
-            except (ValueError, OSError, KeyError) as e:
-                msg = f"Could not read the TIFF file {str(path)!r}: {e}."
-                raise ValueError(msg) from e
+        if suffix in _TIFF_SUFFIXES or path.suffix.lower() in _TIFF_SUFFIXES or _wsi.is_slide_path(path):
+            return _wsi.level_zero(_wsi.open_slide(path), kind=kind, scale=s)
         try:
             return _PILFileSource(path, kind=kind, scale=s)
         except OSError as e:
             msg = f"Could not read the image file {str(path)!r} ({e}); expected a JPEG, PNG or TIFF file."
             raise ValueError(msg) from e
     if _is_image_container(obj):
-        layer = next(iter(obj.data.data_vars))
-        da = obj[layer]
-        dims = [str(d) for d in da.dims]
-        axes = "".join({"y": "Y", "x": "X", "channels": "S"}.get(d, "Q") for d in dims)
-        s = float(obj.data.attrs.get("scale", 1.0)) if scale is None else scale
-        return ImageSource(da.data, axes, kind=kind, scale=s, name=name or f"ImageContainer[{layer!r}]")
+        return _container_source(obj, kind=kind, scale=scale, name=name, library_id=library_id)
     if type(obj).__module__.startswith("torch") and hasattr(obj, "detach"):  # a torch.Tensor (torch not imported)
         obj = obj.detach().cpu().numpy()
     if not hasattr(obj, "shape") or not hasattr(obj, "dtype"):
         msg = (
-            f"`img` must be a path, a numpy array (H x W or H x W x C) or a squidpy ImageContainer, "
-            f"got {type(obj).__name__}."
+            f"`img` must be a path, a numpy array (H x W or H x W x C), a squidpy ImageContainer or a SpatialData "
+            f"image, got {type(obj).__name__}."
         )
         raise TypeError(msg)
     arr = obj if isinstance(obj, np.ndarray) or hasattr(obj, "chunks") else np.asarray(obj)
@@ -388,6 +426,45 @@ def open_image(obj, *, kind: str = "img", scale: float | None = None, name: str 
         msg = f"{name or '`img`'} has shape {tuple(arr.shape)}; expected H x W or H x W x C (C = 1, 3 or 4)."
         raise ValueError(msg)
     return ImageSource(arr, axes, kind=kind, scale=1.0 if scale is None else scale, name=name or "`img`")
+
+
+def _container_source(obj, *, kind: str, scale: float | None, name: str | None, library_id: str | None) -> ImageSource:
+    """The first layer of a squidpy `ImageContainer`, with its crop offset and scale, at one z-plane."""
+    layer = next(iter(obj.data.data_vars))
+    da = obj[layer]
+    label = name or f"ImageContainer[{layer!r}]"
+    planes = [str(z) for z in np.asarray(obj.data.coords["z"].values)] if "z" in obj.data.coords else []
+    if "z" in da.dims and da.sizes["z"] > 1:
+        if library_id is None:
+            msg = (
+                f"{label} has {da.sizes['z']} z-planes {planes}; pass `library_id=` naming the plane to read, or "
+                f"select it with squidpy first, e.g. `img = img.crop_corner(0, 0, library_id={planes[0]!r})`."
+            )
+            raise ValueError(msg)
+        if str(library_id) not in planes:
+            msg = f"{label}: z-plane `library_id={library_id!r}` not found; the container holds {planes}."
+            raise KeyError(msg)
+        da = da.isel(z=planes.index(str(library_id)))
+        label = f"{label}[z={library_id!r}]"
+    dims = [str(d) for d in da.dims]
+    axes = "".join("Y" if d == "y" else "X" if d == "x" else "S" if d.startswith("channels") else "Q" for d in dims)
+    attrs = obj.data.attrs
+    c_scale = float(attrs.get("scale", 1.0) or 1.0)
+    offset = np.zeros(2)
+    coords = attrs.get("coords")
+    if coords is not None and tuple(coords.to_tuple() if hasattr(coords, "to_tuple") else coords) != (0, 0, 0, 0):
+        x0, y0 = (float(coords.x0), float(coords.y0)) if hasattr(coords, "x0") else map(float, tuple(coords)[:2])
+        pad = attrs.get("padding")
+        px, py = (float(pad.x_pre), float(pad.y_pre)) if pad is not None and hasattr(pad, "x_pre") else (0.0, 0.0)
+        # squidpy keeps the crop box in pixels of the scaled image; its pixel 0 sits at (x0 - x_pre, y0 - y_pre)
+        offset = np.array([x0 - px, y0 - py]) / c_scale
+    s = c_scale if scale is None else scale
+    data = da.data
+    if hasattr(data, "dask"):  # a lazy container: read each region with dask's synchronous scheduler
+        from histospace._utils._wsi import _DaskLevel
+
+        data = _DaskLevel(data)
+    return ImageSource(data, axes, kind=kind, scale=s, name=label, offset=offset)
 
 
 def crop_patches(
