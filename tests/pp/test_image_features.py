@@ -538,3 +538,23 @@ def test_her2st_c2_real_signal(data_dir, mobilenet_weights):
     # distance correlation between feature and spatial distances (Mantel statistic) is positive
     fd = np.linalg.norm(z[:, None] - z[None], axis=-1)
     assert np.corrcoef(fd[iu], d[iu])[0, 1] > 0.05
+
+
+def test_cropped_image_container_gives_the_features_of_the_uncropped_image(adata):
+    # a squidpy ImageContainer cropped from the full image keeps its offset: same patches, same features
+    import squidpy as sq
+
+    lib = next(iter(adata.uns["spatial"]))
+    full = adata.uns["spatial"][lib]["images"]["hires"]
+    kw = {"encoder": "mobilenet_v2", "weights": None, "patch_size": 60, "input_size": 32, "progress_bar": False}
+    ref = hs.pp.image_features(adata, img=full, img_scale=0.5, copy=True, **kw).obsm["img_features"]
+    ic = sq.im.ImageContainer(full, layer="image", scale=0.5)
+    crop = ic.crop_corner(20, 10, size=(full.shape[0] - 20, full.shape[1] - 10))
+    out = hs.pp.image_features(adata, img=crop, copy=True, **kw).obsm["img_features"]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # several z-planes: refused with the fix named
+    stack = sq.im.ImageContainer(np.stack([full, full], axis=2), layer="image", dims=("y", "x", "z", "channels"))
+    before = set(adata.obsm)
+    with pytest.raises(ValueError, match="z-planes.*library_id"):
+        hs.pp.image_features(adata, img=stack, **kw)
+    assert set(adata.obsm) == before

@@ -120,7 +120,7 @@ class PatchStream:
             src = self.sources[lib]
             size = self.patch_size * src.scale
             exact = size < self.input_size
-            c = self.xy[idx[sel]] * src.scale
+            c = src.to_pixels(self.xy[idx[sel]])
             crops = torch.from_numpy(crop_patches(src, c, size, self.input_size, exact=exact))
             out[sel] = resize_patches(crops, self.input_size, centres=c, size=size, exact=exact).contiguous()
         return out

@@ -176,7 +176,7 @@ def _check_inside(adata: AnnData, libs: list[_Library], coords: np.ndarray) -> N
                 "full-resolution pixels) or `patch_size_um`."
             )
             raise ValueError(msg)
-        c = coords[lib.rows] * lib.source.scale
+        c = lib.source.to_pixels(coords[lib.rows])
         h, w = lib.source.shape
         out = (c[:, 0] < 0) | (c[:, 1] < 0) | (c[:, 0] >= w) | (c[:, 1] >= h)
         if out.any():
@@ -442,7 +442,7 @@ def image_features(
                     f"(scale {src.scale:g}) and are upsampled to {input_size} px; they carry little detail. A "
                     "full-resolution image (`img=` or `metadata['source_image_path']`) gives better features."
                 )
-            centres = coords[lib.rows] * src.scale
+            centres = src.to_pixels(coords[lib.rows])
             ds = _BatchDataset(src, centres, size, input_size, batch_size, exact)
             loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=int(num_workers))
             for i, batch in enumerate(loader):

@@ -160,9 +160,13 @@ def tile_image(
         msg = f"`library_id` must be a non-empty string, got {library_id!r}."
         raise TypeError(msg)
 
-    src: ImageSource = open_image(img, kind="img", scale=1.0)
-    if _is_image_container(img) and src.scale != 1.0:
-        msg = "`img` is an ImageContainer with scale != 1; tile_image needs the full-resolution image."
+    src: ImageSource = open_image(img, kind="img")
+    if _is_image_container(img) and (src.scale != 1.0 or np.any(src.offset != 0)):
+        msg = (
+            "`img` is an ImageContainer with scale != 1 or cropped from a larger image (offset "
+            f"{tuple(float(v) for v in src.offset)}); tile_image tiles a full-resolution image in its own pixels. Pass "
+            "the uncropped full-resolution container (or its array)."
+        )
         raise ValueError(msg)
     h, w = src.shape
     if tile_size > h or tile_size > w:
