@@ -29,3 +29,19 @@ def test_main_job_is_a_console_script():
     out = subprocess.run([sys.executable, "-m", "histospace", sub, "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert f"usage: histospace {sub}" in out.stdout
+
+
+def test_pre_commit_pins_are_the_dev_group_versions():
+    # pre-commit and CI must run the same linters: the hook revisions equal the dev group's pins
+    import tomllib
+
+    from packaging.version import Version
+
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["dependency-groups"]["dev"]
+    pins = dict(re.fullmatch(r"([\w-]+)==([\w.]+)", d).groups() for d in dev if isinstance(d, str) and "==" in d)
+    hooks = (ROOT / ".pre-commit-config.yaml").read_text()
+    for repo, package in (("ruff-pre-commit", "ruff"), ("pyproject-fmt", "pyproject-fmt")):
+        rev = re.search(rf"{repo}\n\s+rev: v([\w.]+)", hooks).group(1)
+        assert package in pins and Version(rev) == Version(pins[package]), (package, rev, pins.get(package))
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "ruff check ." in ci and "ruff format --check ." in ci and "pyproject-fmt --check" in ci
