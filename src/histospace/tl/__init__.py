@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING
 
-from histospace._utils._lazy import lazy_exports
+from histospace._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._domains import domains

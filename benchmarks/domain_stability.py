@@ -1,0 +1,124 @@
+"""Stability of the default domain pipeline over seeds on DLPFC 151673 and 151674 (k = 7).
+
+For each section: the default image features (cached by `benchmarks/domains.py`, computed here when absent), the
+default graph, then for seeds 0..N-1 the default `hs.tl.stereomm(random_state=s)` followed by the default
+`hs.tl.domains(random_state=s)` — model and clustering seeds change together, as for a user who reruns with another
+seed. Reports ARI mean, sd, min and max against `layer_guess_reordered`. A second set of rows keeps the model of seed
+0 and changes only the clustering seed, to tell the clustering's share of the spread from the model's.
+
+Usage: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/domain_stability.py [--seeds 10] [--domains-kwargs JSON]`
+(writes benchmarks/results/domain_stability.{md,json}; `--tag` names a variant's result files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+N_THREADS = int(os.environ.get("OMP_NUM_THREADS", "2"))
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CACHE = RESULTS / "cache"
+DATA = Path(os.environ.get("HISTOSPACE_DATA", HERE.parent.parent / "shared" / "data"))
+SECTIONS = ["151673", "151674"]
+GT = "layer_guess_reordered"
+
+
+def _features(adata, section: str) -> None:
+    """The domain benchmark's image features (MobileNetV2, 3 spot diameters), from its cache when present."""
+    f = CACHE / f"img_features_{section}.npy"
+    if f.exists():
+        adata.obsm["img_features"] = np.load(f)
+        return
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("domains_bench", HERE / "domains.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod._image_features(adata)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(f, adata.obsm["img_features"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--sections", nargs="*", default=SECTIONS)
+    p.add_argument("--domains-kwargs", default="{}", help="JSON of extra hs.tl.domains arguments (a variant)")
+    p.add_argument("--tag", default="", help="suffix of the result files for a variant")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(N_THREADS)
+    import histospace as hs
+
+    dkw = json.loads(args.domains_kwargs)
+    rows = []
+    for section in args.sections:
+        adata = hs.datasets.dlpfc(section, data_dir=DATA)
+        _features(adata, section)
+        hs.pp.spatial_graph(adata)
+        latent0 = None
+        for s in range(args.seeds):
+            t0 = time.perf_counter()
+            hs.tl.stereomm(adata, random_state=s, progress_bar=False)
+            t_fit = time.perf_counter() - t0
+            if s == 0:
+                latent0 = adata.obsm["X_stereomm"].copy()
+            t0 = time.perf_counter()
+            hs.tl.domains(adata, random_state=s, **dkw)
+            t_dom = time.perf_counter() - t0
+            ari = hs.metrics.ari(adata.obs[GT], adata.obs["stereomm_domain"])
+            rows.append(
+                {"section": section, "kind": "model+clustering seed", "seed": s, "ari": ari, "fit_s": t_fit}
+                | {"domains_s": t_dom, "load": os.getloadavg()[0]}
+            )
+            print(f"{section} seed {s}: ARI {ari:.3f} (fit {t_fit:.1f} s, domains {t_dom:.1f} s)", flush=True)
+        adata.obsm["X_stereomm"] = latent0
+        for s in range(args.seeds):
+            t0 = time.perf_counter()
+            hs.tl.domains(adata, random_state=s, **dkw)
+            ari = hs.metrics.ari(adata.obs[GT], adata.obs["stereomm_domain"])
+            rows.append(
+                {"section": section, "kind": "clustering seed (model seed 0)", "seed": s, "ari": ari}
+                | {"domains_s": time.perf_counter() - t0, "load": os.getloadavg()[0]}
+            )
+    summary = []
+    for section in args.sections:
+        for kind in ("model+clustering seed", "clustering seed (model seed 0)"):
+            a = np.array([r["ari"] for r in rows if r["section"] == section and r["kind"] == kind])
+            summary.append(
+                {"section": section, "kind": kind, "n": int(a.size), "mean": float(a.mean()), "sd": float(a.std(ddof=1))}
+                | {"min": float(a.min()), "max": float(a.max())}
+            )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = f"domain_stability{('_' + args.tag) if args.tag else ''}"
+    meta = {"threads": N_THREADS, "domains_kwargs": dkw, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
+    lines = [
+        f"# Domain stability over {args.seeds} seeds (DLPFC, k = 7)",
+        "",
+        "Default pipeline (`hs.pp.image_features` as in the domain benchmark, `hs.pp.spatial_graph`, `hs.tl.stereomm`, "
+        f"`hs.tl.domains`{' with ' + json.dumps(dkw) if dkw else ''}); ARI against `{GT}`. 'model+clustering seed': "
+        "`random_state=s` in both; 'clustering seed': the model of seed 0, `hs.tl.domains(random_state=s)`.",
+        "",
+        "| section | seeds varied | n | mean ARI | sd | min | max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in summary:
+        lines.append(
+            f"| {r['section']} | {r['kind']} | {r['n']} | {r['mean']:.3f} | {r['sd']:.3f} | {r['min']:.3f} | "
+            f"{r['max']:.3f} |"
+        )
+    lines += ["", "Per seed (model+clustering): " + ", ".join(f"{r['section']}/{r['seed']}: {r['ari']:.3f}" for r in rows if r["kind"].startswith("model")), ""]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
