@@ -1,0 +1,11 @@
+"""Readers and converters for high-resolution platforms: Stereo-seq GEM and stereopy files, re-binning, H&E images.
+
+spatialdata-io's readers (`visium_hd`, `stereoseq`, `visium`) are the documented way in; `histospace.io` adds what
+they do not do. Every function returns or fills a :class:`spatialdata.SpatialData`; heavy packages are imported when
+a function runs, so `import histospace` stays fast.
+"""
+
+from ._gem import read_gem
+from ._units import microns_per_unit, set_microns_per_unit
+
+__all__ = ["microns_per_unit", "read_gem", "set_microns_per_unit"]
