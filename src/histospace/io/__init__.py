@@ -6,6 +6,7 @@ a function runs, so `import histospace` stays fast.
 """
 
 from ._gem import read_gem
+from ._rebin import rebin
 from ._units import microns_per_unit, set_microns_per_unit
 
-__all__ = ["microns_per_unit", "read_gem", "set_microns_per_unit"]
+__all__ = ["microns_per_unit", "read_gem", "rebin", "set_microns_per_unit"]
