@@ -62,6 +62,15 @@ def as_dict(table, layer=None) -> dict:
     return out
 
 
+def test_fixture_is_the_records(gem_path, tmp_path):
+    assert (
+        gem_path.read_text().splitlines()
+        == write_gem(tmp_path / "b.gem", header=("#FileFormat=GEMv0.1", "#OffsetX=0", "#OffsetY=0"))
+        .read_text()
+        .splitlines()
+    )
+
+
 def test_exact_counts_and_layout(tmp_path):
     sdata = hsio.read_gem(write_gem(tmp_path / "SN1.gem"), bin_size=10)
     assert list(sdata.tables) == ["bin10"] and list(sdata.shapes) == ["SN1_bin10"]

@@ -7,6 +7,7 @@ a function runs, so `import histospace` stays fast.
 
 from ._gem import read_gem
 from ._rebin import rebin
+from ._stereopy import read_stereopy
 from ._units import microns_per_unit, set_microns_per_unit
 
-__all__ = ["microns_per_unit", "read_gem", "rebin", "set_microns_per_unit"]
+__all__ = ["microns_per_unit", "read_gem", "read_stereopy", "rebin", "set_microns_per_unit"]
