@@ -5,9 +5,10 @@ they do not do. Every function returns or fills a :class:`spatialdata.SpatialDat
 a function runs, so `import histospace` stays fast.
 """
 
+from ._add_image import add_image
 from ._gem import read_gem
 from ._rebin import rebin
 from ._stereopy import read_stereopy
 from ._units import microns_per_unit, set_microns_per_unit
 
-__all__ = ["microns_per_unit", "read_gem", "read_stereopy", "rebin", "set_microns_per_unit"]
+__all__ = ["add_image", "microns_per_unit", "read_gem", "read_stereopy", "rebin", "set_microns_per_unit"]
