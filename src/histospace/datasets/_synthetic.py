@@ -1228,12 +1228,13 @@ def write_stereoseq(
     for name, stain in ((f"{sn}_regist.tif", "ssdna"), (f"{sn}_mask.tif", "cells")):
         with tifffile.TiffWriter(dirs["03.register"] / name, bigtiff=True) as tw:
 
-            def strips(stain=stain):
+            def tiles(stain=stain):
                 for r in range(0, height, 512):
                     h = min(512, height - r)
-                    yield tissue.render(0.0, r * DNB_UM, DNB_UM, width, h, stain=stain)
+                    strip = tissue.render(0.0, r * DNB_UM, DNB_UM, width, h, stain=stain)
+                    yield from (t[:, :, 0] for t in _tiles_of(strip[:, :, None], 512, 0))
 
-            tw.write(strips(), shape=(height, width), dtype=np.uint8, rowsperstrip=512, compression="zlib")
+            tw.write(tiles(), shape=(height, width), dtype=np.uint8, tile=(512, 512), compression="zlib")
     if image:
         _write_pyramid(
             dirs["03.register"] / f"{sn}_HE.tif", tissue, um_per_px=DNB_UM, origin_um=(0.0, 0.0),
