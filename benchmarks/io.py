@@ -5,8 +5,9 @@ Every measured step runs in its own process (`--worker`), so its peak RSS (`ru_m
 interpreter and `import histospace` (torch and all: reported as `base_rss_mb`, the RSS before the step starts).
 
 - GEM: a simulated section whose side is chosen to give about `--lines` lines (0.5 µm DNB, ~0.8 lines per µm²:
-  10^8 lines is a ~1.1 cm square) is written with `write_gem` (timed: the generator's rate), then read into bin50
-  by `read_gem` in a fresh process. Targets: 10^8 lines <= 5 min and <= 4 GB peak RSS.
+  10^8 lines is a ~1.1 cm square; `--genes` genes, 2000 by default, so that a bin50 holds several hundred distinct
+  genes as real ones do) is written with `write_gem` (timed: the generator's rate), then read into bin50 by
+  `read_gem` in a fresh process. Targets: 10^8 lines <= 5 min and <= 4 GB peak RSS.
 - Re-binning: a Visium HD-like SpatialData of `--bins` 2 µm bins (counts of the simulated section, the table and
   circles as spatialdata-io makes them) is built in memory, then `rebin(factor=8)` (2 -> 16 µm) is timed.
   Target: 10^7 bins <= 2 min.
@@ -55,11 +56,11 @@ def _side_for_lines(n: float) -> float:
     return math.sqrt(n / (x.size / 600.0**2))
 
 
-def _worker_write_gem(n: float, path: str, gz: bool) -> dict:
+def _worker_write_gem(n: float, path: str, gz: bool, genes: int) -> dict:
     import histospace.datasets as hsd
 
     side = _side_for_lines(n)
-    tissue = hsd.simulate_tissue(width_um=side, height_um=side)
+    tissue = hsd.simulate_tissue(width_um=side, height_um=side, n_genes=genes)
     base = _rss_mb()
     t = time.perf_counter()
     hsd.write_gem(path, tissue, gzip=gz)
@@ -171,6 +172,7 @@ def main() -> None:
     p.add_argument("--bins", nargs="*", type=float, default=[1e7])
     p.add_argument("--bin-size", type=int, default=50)
     p.add_argument("--gzip", action="store_true", help="write and read .gem.gz")
+    p.add_argument("--genes", type=int, default=2000, help="genes of the simulated GEM (sets the non-zeros per bin)")
     p.add_argument("--generators", action="store_true")
     p.add_argument("--gen-side", type=float, default=1300.0, help="side (µm) of the generator runs")
     p.add_argument("--tmp", default=None, help="folder for the files (default: a temporary one)")
@@ -180,7 +182,7 @@ def main() -> None:
     if a.worker:
         kind, *rest = a.worker
         if kind == "write_gem":
-            res = _worker_write_gem(float(rest[0]), rest[1], rest[2] == "1")
+            res = _worker_write_gem(float(rest[0]), rest[1], rest[2] == "1", int(rest[3]))
         elif kind == "read_gem":
             res = _worker_read_gem(rest[0], int(rest[1]))
         elif kind == "rebin":
@@ -198,13 +200,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
         if a.lines:
             lines_md += [
-                f"## GEM -> bin{a.bin_size} (`hs.io.read_gem`, {'gzip' if a.gzip else 'plain text'})\n",
+                f"## GEM -> bin{a.bin_size} (`hs.io.read_gem`, {'gzip' if a.gzip else 'plain text'}, {a.genes} genes)\n",
                 "| lines | file MB | write s | read s | lines/s | bins | nnz | base RSS MB | peak RSS MB |",
                 "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
             for n in a.lines:
                 path = str(Path(tmp) / ("chip.gem.gz" if a.gzip else "chip.gem"))
-                w = _run(["write_gem", str(n), path, "1" if a.gzip else "0"], a.timeout)
+                w = _run(["write_gem", str(n), path, "1" if a.gzip else "0", str(a.genes)], a.timeout)
                 r = _run(["read_gem", path, str(a.bin_size)], a.timeout) if "error" not in w else w
                 row = {"target_lines": n, **w, **r}
                 results["gem"].append(row)

@@ -136,15 +136,22 @@ def _reduce(keys: np.ndarray, vals: np.ndarray, *, kind: str = "quicksort") -> t
 
 
 class _Accumulator:
-    """(key -> summed values) in sorted arrays: chunks are reduced, kept pending, and merged geometrically.
+    """(key -> summed values) in sorted arrays, bucketed by blocks of bin rows, merged as chunks come.
 
-    A merge sorts the accumulated array and the pending ones together with a stable sort (timsort: linear in sorted
-    runs), so memory is bounded by about twice the number of distinct keys plus one chunk.
+    Each chunk is reduced (sorted, summed per key) and kept pending; once the pending keys reach an eighth of the
+    accumulated ones (or `min_merge`), they are reduced together and merged bucket by bucket: keys already present
+    are added in place, new keys are inserted at their sorted position. Buckets hold `ROWS` rows of bins, so an
+    insertion copies one bucket, not everything: memory is about 12 bytes per distinct (bin, gene) plus the pending
+    chunks.
     """
 
-    def __init__(self, n_vals: int, min_merge: int = 1 << 23):
-        self.keys = np.empty(0, dtype=np.int64)
-        self.vals = np.empty((0, n_vals), dtype=np.int64)
+    ROWS = 8
+
+    def __init__(self, n_vals: int, min_merge: int = 1 << 22):
+        self.buckets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.size = 0
+        self.n_vals = n_vals
+        self.dtype = np.dtype(np.int32)
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.n_pending = 0
         self.min_merge = min_merge
@@ -153,16 +160,46 @@ class _Accumulator:
         k, v = _reduce(keys, vals)
         self.pending.append((k, v))
         self.n_pending += k.size
-        if self.n_pending >= max(self.keys.size, self.min_merge):
+        if self.n_pending >= max(self.size // 8, self.min_merge):
             self.merge()
 
     def merge(self) -> None:
         if not self.pending:
             return
-        keys = np.concatenate([self.keys] + [k for k, _ in self.pending])
-        vals = np.concatenate([self.vals] + [v for _, v in self.pending])
+        if len(self.pending) == 1:
+            k, v = self.pending[0]
+        else:
+            k, v = _reduce(np.concatenate([p[0] for p in self.pending]), np.concatenate([p[1] for p in self.pending]))
         self.pending, self.n_pending = [], 0
-        self.keys, self.vals = _reduce(keys, vals, kind="stable")
+        if v.size and v.max() > np.iinfo(self.dtype).max // 2 and self.dtype != np.int64:
+            self.dtype = np.dtype(np.int64)
+            self.buckets = {b: (bk, bv.astype(np.int64)) for b, (bk, bv) in self.buckets.items()}
+        v = v.astype(self.dtype, copy=False)
+        bucket = (k >> (2 * _BITS)) // self.ROWS
+        cuts = np.concatenate([[0], np.flatnonzero(bucket[1:] != bucket[:-1]) + 1, [k.size]])
+        for s0, s1 in zip(cuts[:-1], cuts[1:], strict=True):
+            bid = int(bucket[s0])
+            kk, vv = k[s0:s1], v[s0:s1]
+            if bid not in self.buckets:
+                self.buckets[bid] = (kk.copy(), vv.copy())
+                self.size += kk.size
+                continue
+            bk, bv = self.buckets[bid]
+            pos = np.searchsorted(bk, kk)
+            hit = pos < bk.size
+            hit[hit] = bk[pos[hit]] == kk[hit]
+            if hit.any():
+                bv[pos[hit]] += vv[hit]
+            new = ~hit
+            if new.any():
+                self.buckets[bid] = (np.insert(bk, pos[new], kk[new]), np.insert(bv, pos[new], vv[new], axis=0))
+                self.size += int(new.sum())
+
+    def pop_sorted(self):
+        """Yield the buckets' (keys, values) in key order, releasing each."""
+        for bid in sorted(self.buckets):
+            yield self.buckets.pop(bid)
+        self.size = 0
 
 
 def read_gem(
@@ -173,7 +210,7 @@ def read_gem(
     count_column: str | None = None,
     exon: bool = False,
     sep: str = "\t",
-    chunksize: int = 2_000_000,
+    chunksize: int = 1_000_000,
     dataset_id: str | None = None,
     coordinate_system: str = "global",
     microns_per_dnb: float | None = None,
@@ -296,7 +333,7 @@ def read_gem(
     start = logg.info(f"reading GEM {str(path)!r} into bin{bin_size} ({bin_size * microns_per_dnb:g} µm bins)")
     gene_index: dict[str, int] = {}
     gene_names: dict[int, str] = {}
-    acc = _Accumulator(2 if exon else 1, min_merge=4 * int(chunksize))
+    acc = _Accumulator(2 if exon else 1, min_merge=2 * int(chunksize))
     n_lines = 0
     xy_min = np.array([np.iinfo(np.int64).max] * 2)
     xy_max = np.array([np.iinfo(np.int64).min] * 2)
@@ -352,7 +389,7 @@ def read_gem(
             keys = ((y // bin_size) << (2 * _BITS)) | ((x // bin_size) << _BITS) | gcode
             acc.add(keys, vals)
             n_lines += len(chunk)
-            logg.debug(f"    {n_lines} lines, {acc.keys.size + acc.n_pending} (bin, gene) pairs")
+            logg.debug(f"    {n_lines} lines, {acc.size + acc.n_pending} (bin, gene) pairs")
     except (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError) as e:
         msg = f"Could not parse GEM file {str(path)!r} (sep={sep!r}): {e}"
         raise ValueError(msg) from e
@@ -366,7 +403,7 @@ def read_gem(
         raise ValueError(msg)
     acc.merge()
 
-    X, rows, cols, genes, layers = _to_csr(acc.keys, acc.vals, gene_index, exon=exon)
+    X, rows, cols, genes, layers = _to_csr(acc, gene_index, exon=exon)
     var = pd.DataFrame(index=pd.Index(genes, name=None))
     if name_col:
         inv = {v: k for k, v in gene_index.items()}
@@ -400,32 +437,44 @@ def read_gem(
     return sdata
 
 
-def _to_csr(keys: np.ndarray, vals: np.ndarray, gene_index: dict[str, int], *, exon: bool):
-    """CSR (bins x genes, genes sorted by name) from sorted `(row, col, gene)` keys; returns X, rows, cols, genes."""
+def _to_csr(acc: _Accumulator, gene_index: dict[str, int], *, exon: bool):
+    """CSR (bins x genes, genes sorted by name) from the accumulator, bucket by bucket (each released once copied).
+
+    Returns X, the bins' rows and columns, the gene names and the layers.
+    """
     names = np.array(list(gene_index), dtype=object)
     order = np.argsort(names.astype(str), kind="stable")
-    rank = np.empty(len(names), dtype=np.int64)
-    rank[order] = np.arange(len(names))
-    bins = keys >> _BITS
-    first = np.empty(bins.size, dtype=bool)
-    first[:1] = True
-    np.not_equal(bins[1:], bins[:-1], out=first[1:])
-    starts = np.flatnonzero(first)
-    indptr = np.append(starts, bins.size).astype(np.int64)
-    ub = bins[starts]
-    rows = (ub >> _BITS).astype(np.int32)
-    cols = (ub & _MASK).astype(np.int32)
-    indices = rank[keys & _MASK]
-    idx_dtype = np.int32 if max(bins.size, len(names)) < np.iinfo(np.int32).max else np.int64
+    rank = np.empty(len(names), dtype=np.int32)
+    rank[order] = np.arange(len(names), dtype=np.int32)
+    nnz = acc.size
+    idx_dtype = np.int32 if nnz < np.iinfo(np.int32).max else np.int64
+    indices = np.empty(nnz, dtype=idx_dtype)
+    data = [np.empty(nnz, dtype=np.float32) for _ in range(acc.n_vals)]
+    starts, rows, cols = [], [], []
+    at = 0
+    for keys, vals in acc.pop_sorted():
+        n = keys.size
+        first = np.empty(n, dtype=bool)
+        first[:1] = True
+        np.not_equal(keys[1:] >> _BITS, keys[:-1] >> _BITS, out=first[1:])
+        st = np.flatnonzero(first)
+        ub = keys[st] >> _BITS
+        starts.append(st + at)
+        rows.append((ub >> _BITS).astype(np.int32))
+        cols.append((ub & _MASK).astype(np.int32))
+        indices[at : at + n] = rank[(keys & _MASK).astype(np.int32)]
+        for j, d in enumerate(data):
+            d[at : at + n] = vals[:, j]
+        at += n
+        del keys, vals
+    starts = np.concatenate(starts) if starts else np.empty(0, dtype=np.int64)
+    indptr = np.append(starts, nnz).astype(idx_dtype)
     shape = (starts.size, len(names))
-
-    def mat(col: int):
-        m = sp.csr_matrix(
-            (vals[:, col].astype(np.float32), indices.astype(idx_dtype), indptr.astype(idx_dtype)), shape=shape
-        )
+    mats = []
+    for j, d in enumerate(data):
+        m = sp.csr_matrix((d, indices if j == len(data) - 1 else indices.copy(), indptr), shape=shape, copy=False)
         m.sort_indices()
-        return m
-
-    X = mat(0)
-    layers = {"exon": mat(1)} if exon else None
-    return X, rows, cols, list(names[order].astype(str)), layers
+        mats.append(m)
+    rows = np.concatenate(rows) if rows else np.empty(0, dtype=np.int32)
+    cols = np.concatenate(cols) if cols else np.empty(0, dtype=np.int32)
+    return mats[0], rows, cols, list(names[order].astype(str)), ({"exon": mats[1]} if exon else None)
