@@ -1006,59 +1006,65 @@ def write_visium_hd(
 # ---------------------------------------------------------------------------------------------------------------
 # Stereo-seq (SAW)
 # ---------------------------------------------------------------------------------------------------------------
-def _bin_gef(path: Path, tissue: SimulatedTissue, bin_sizes: Sequence[int], *, sn: str, in_tissue_only: bool):
-    """A square-bin GEF (old layout: geneExp/binN/{gene(gene, offset, count), expression(x, y, count), exon})."""
+def _bin_gefs(paths: dict[Path, bool], tissue: SimulatedTissue, bin_sizes: Sequence[int], *, sn: str) -> None:
+    """Square-bin GEFs (old layout: geneExp/binN/{gene(gene, offset, count), expression(x, y, count), exon}).
+
+    `paths` maps each file to whether it keeps only the molecules inside the tissue (SAW's tissue cut); all files
+    come from one pass over the molecules. Records are grouped by gene; `x`, `y` are the bin's corner in DNB.
+    """
     import h5py
 
     n_dx = int(math.ceil(tissue.width_um / DNB_UM))
     n_dy = int(math.ceil(tissue.height_um / DNB_UM))
-    with h5py.File(path, "w") as f:
-        f.attrs["version"] = np.uint32(2)
-        f.attrs["omics"] = "Transcriptomics"
-        f.attrs["sn"] = sn
-        f.attrs["resolution"] = np.uint32(500)
-        f.attrs["offsetX"] = np.int32(0)
-        f.attrs["offsetY"] = np.int32(0)
-        ge = f.create_group("geneExp")
-        for n in sorted({int(b) for b in bin_sizes}):
-            # records per (bin, gene), bins on the absolute DNB grid, x/y = the bin's corner in DNB
-            strip = max(1, int(1000.0 // (n * DNB_UM))) * n * DNB_UM
-            parts = []
-            for y0 in np.arange(0.0, n_dy * DNB_UM, strip):
-                x, y, g = tissue.molecules(0.0, y0, n_dx * DNB_UM, min(y0 + strip, n_dy * DNB_UM))
-                if in_tissue_only:
-                    keep = tissue.in_tissue(x, y)
-                    x, y, g = x[keep], y[keep], g[keep]
-                bx = (x // DNB_UM).astype(np.int64) // n * n
-                by = (y // DNB_UM).astype(np.int64) // n * n
-                key = (g.astype(np.int64) << 42) | (by << 21) | bx
-                k, c = np.unique(key, return_counts=True)
-                parts.append((k, c))
-            k = np.concatenate([p[0] for p in parts])
-            c = np.concatenate([p[1] for p in parts])
-            order = np.argsort(k, kind="stable")  # gene-major, as GEF groups the records by gene
-            k, c = k[order], c[order]
-            genes = (k >> 42).astype(np.int64)
-            exp = np.zeros(k.size, dtype=[("x", "<i4"), ("y", "<i4"), ("count", "<u4")])
-            exp["x"], exp["y"], exp["count"] = k & ((1 << 21) - 1), (k >> 21) & ((1 << 21) - 1), c
-            per_gene = np.bincount(genes, minlength=tissue.n_genes)
-            present = np.flatnonzero(per_gene)
-            gene = np.zeros(present.size, dtype=[("gene", "S64"), ("offset", "<u4"), ("count", "<u4")])
-            gene["gene"] = [tissue.gene_names[i].encode() for i in present]
-            gene["count"] = per_gene[present]
-            gene["offset"] = np.concatenate([[0], np.cumsum(per_gene[present])[:-1]])
-            grp = ge.create_group(f"bin{n}")
-            ds = grp.create_dataset("expression", data=exp, compression="gzip", compression_opts=4)
-            for key, val in (
-                ("minX", exp["x"].min(initial=0)), ("minY", exp["y"].min(initial=0)),
-                ("maxX", exp["x"].max(initial=0)), ("maxY", exp["y"].max(initial=0)),
-            ):  # fmt: skip
-                ds.attrs[key] = np.int32(val)
-            ds.attrs["maxExp"] = np.uint32(c.max(initial=0))
-            ds.attrs["resolution"] = np.uint32(n)
-            grp.create_dataset("gene", data=gene)
-            exon = np.random.default_rng([tissue.random_state, 5, n]).binomial(c, 0.8).astype(np.uint32)
-            grp.create_dataset("exon", data=exon, compression="gzip", compression_opts=4)
+    sizes = sorted({int(b) for b in bin_sizes})
+    parts: dict[tuple[Path, int], list] = {(p, n): [] for p in paths for n in sizes}
+    strip = max(1, int(1000.0 // (sizes[-1] * DNB_UM))) * sizes[-1] * DNB_UM
+    for y0 in np.arange(0.0, n_dy * DNB_UM, strip):
+        x, y, g = tissue.molecules(0.0, y0, n_dx * DNB_UM, min(y0 + strip, n_dy * DNB_UM))
+        inside = tissue.in_tissue(x, y)
+        dx, dy = (x // DNB_UM).astype(np.int64), (y // DNB_UM).astype(np.int64)
+        for p, cut in paths.items():
+            keep = inside if cut else slice(None)
+            for n in sizes:
+                key = (g[keep].astype(np.int64) << 42) | (dy[keep] // n * n << 21) | (dx[keep] // n * n)
+                parts[(p, n)].append(np.unique(key, return_counts=True))
+    for p in paths:
+        with h5py.File(p, "w") as f:
+            f.attrs["version"] = np.uint32(2)
+            f.attrs["omics"] = "Transcriptomics"
+            f.attrs["sn"] = sn
+            f.attrs["resolution"] = np.uint32(500)
+            f.attrs["offsetX"] = np.int32(0)
+            f.attrs["offsetY"] = np.int32(0)
+            ge = f.create_group("geneExp")
+            for n in sizes:
+                k = np.concatenate([q[0] for q in parts[(p, n)]])
+                c = np.concatenate([q[1] for q in parts[(p, n)]])
+                parts[(p, n)] = []
+                # gene-major order, as GEF groups the records by gene; a bin cut by two strips is summed here
+                k, inv = np.unique(k, return_inverse=True)
+                c = np.bincount(inv.ravel(), weights=c, minlength=k.size).astype(np.int64)
+                genes = (k >> 42).astype(np.int64)
+                exp = np.zeros(k.size, dtype=[("x", "<i4"), ("y", "<i4"), ("count", "<u4")])
+                exp["x"], exp["y"], exp["count"] = k & ((1 << 21) - 1), (k >> 21) & ((1 << 21) - 1), c
+                per_gene = np.bincount(genes, minlength=tissue.n_genes)
+                present = np.flatnonzero(per_gene)
+                gene = np.zeros(present.size, dtype=[("gene", "S64"), ("offset", "<u4"), ("count", "<u4")])
+                gene["gene"] = [tissue.gene_names[i].encode() for i in present]
+                gene["count"] = per_gene[present]
+                gene["offset"] = np.concatenate([[0], np.cumsum(per_gene[present])[:-1]])
+                grp = ge.create_group(f"bin{n}")
+                ds = grp.create_dataset("expression", data=exp, compression="gzip", compression_opts=4)
+                for name, val in (
+                    ("minX", exp["x"].min(initial=0)), ("minY", exp["y"].min(initial=0)),
+                    ("maxX", exp["x"].max(initial=0)), ("maxY", exp["y"].max(initial=0)),
+                ):  # fmt: skip
+                    ds.attrs[name] = np.int32(val)
+                ds.attrs["maxExp"] = np.uint32(c.max(initial=0))
+                ds.attrs["resolution"] = np.uint32(n)
+                grp.create_dataset("gene", data=gene)
+                exon = np.random.default_rng([tissue.random_state, 5, n]).binomial(c, 0.8).astype(np.uint32)
+                grp.create_dataset("exon", data=exon, compression="gzip", compression_opts=4)
 
 
 def _cell_counts(tissue: SimulatedTissue, cells: pd.DataFrame) -> sp.csr_matrix:
@@ -1219,8 +1225,8 @@ def write_stereoseq(
     dirs = {k: path / k for k in ("02.count", "03.register", "04.tissuecut", "041.cellcut", "051.cellcluster")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    _bin_gef(dirs["02.count"] / f"{sn}.raw.gef", tissue, bin_sizes, sn=sn, in_tissue_only=False)
-    _bin_gef(dirs["04.tissuecut"] / f"{sn}.tissuecut.gef", tissue, bin_sizes, sn=sn, in_tissue_only=True)
+    gefs = {dirs["02.count"] / f"{sn}.raw.gef": False, dirs["04.tissuecut"] / f"{sn}.tissuecut.gef": True}
+    _bin_gefs(gefs, tissue, bin_sizes, sn=sn)
     if gem:
         write_gem(dirs["04.tissuecut"] / f"{sn}.tissue.gem.gz", tissue, sn=sn, in_tissue_only=True)
     width = int(math.ceil(tissue.width_um / DNB_UM))
