@@ -812,6 +812,15 @@ def _barcodes(bin_um: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return out.view(f"S{out.shape[1]}").ravel()
 
 
+def _arrow_strings(fixed: np.ndarray):
+    """An Arrow string array from a fixed-width bytes array, without Python objects (10^7 barcodes)."""
+    import pyarrow as pa
+
+    n, width = fixed.size, fixed.dtype.itemsize
+    offsets = np.arange(n + 1, dtype=np.int64) * width
+    return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(fixed.tobytes())).cast(pa.string())
+
+
 def _write_10x_h5(path: Path, X: sp.csr_matrix, barcodes: np.ndarray, tissue: SimulatedTissue) -> None:
     """A Cell Ranger / Space Ranger feature-barcode matrix (HDF5, CSC genes x barcodes = CSR barcodes x genes)."""
     import h5py
@@ -933,8 +942,8 @@ def write_visium_hd(
     else:
         hires = tissue.render(-margin, -margin, s / hires_scalef, *hires_wh)
     lowres = _resize(hires, lowres_wh)
-    Image.fromarray(hires).save(path / "spatial" / "tissue_hires_image.png")
-    Image.fromarray(lowres).save(path / "spatial" / "tissue_lowres_image.png")
+    Image.fromarray(hires).save(path / "spatial" / "tissue_hires_image.png", compress_level=1)
+    Image.fromarray(lowres).save(path / "spatial" / "tissue_lowres_image.png", compress_level=1)
 
     def scalefactors(b: int) -> dict:
         return {
@@ -969,10 +978,23 @@ def write_visium_hd(
         f.attrs["metadata_json"] = json.dumps(meta)
         f.attrs["version"] = "histospace-simulated"
 
-    # bins: counts from the molecules of the smallest grid's extent
+    # bins: counts of every size from one pass over the molecules of the smallest grid's extent (so coarse edge
+    # bins hold exactly what their fine bins hold), in strips of whole rows of the largest bins
+    extent_x, extent_y = n_cols0 * b0, n_rows0 * b0
+    grids = {b: (int(math.ceil(n_rows0 / (b // b0))), int(math.ceil(n_cols0 / (b // b0)))) for b in bins}
+    blocks: dict[int, list] = {b: [] for b in bins}
+    strip = bins[-1] * max(1, 1024 // bins[-1])
+    for y0 in range(0, int(math.ceil(extent_y)), strip):
+        y1 = min(y0 + strip, extent_y)
+        x, y, g = tissue.molecules(0.0, float(y0), extent_x, y1)
+        for b in bins:
+            n_cols = grids[b][1]
+            r0, r1 = y0 // b, int(math.ceil(y1 / b))
+            idx = ((y // b).astype(np.int64) - r0) * n_cols + (x // b).astype(np.int64)
+            m = sp.coo_matrix((np.ones(g.size, dtype=np.int32), (idx, g)), shape=((r1 - r0) * n_cols, tissue.n_genes))
+            blocks[b].append(m.tocsr())
     for b in bins:
-        f_ = b // b0
-        n_rows, n_cols = int(math.ceil(n_rows0 / f_)), int(math.ceil(n_cols0 / f_))
+        n_rows, n_cols = grids[b]
         rows, cols = np.divmod(np.arange(n_rows * n_cols, dtype=np.int64), n_cols)
         cx, cy = (cols + 0.5) * b, (rows + 0.5) * b
         in_t = tissue.in_tissue(cx, cy)
@@ -981,7 +1003,7 @@ def write_visium_hd(
         bc = _barcodes(b, rows, cols)
         pos = pa.table(
             {
-                "barcode": pa.array(bc.astype(str), type=pa.string()),
+                "barcode": _arrow_strings(bc),
                 "in_tissue": pa.array(in_t.astype(np.int32)),
                 "array_row": pa.array(rows.astype(np.int32)),
                 "array_col": pa.array(cols.astype(np.int32)),
@@ -990,15 +1012,15 @@ def write_visium_hd(
             }
         )
         pq.write_table(pos, d / "spatial" / "tissue_positions.parquet")
-        del pos
+        del pos, rows, cols, cx, cy
         (d / "spatial" / "scalefactors_json.json").write_text(json.dumps(scalefactors(b), indent=2))
-        extent = (n_cols0 * b0, n_rows0 * b0)  # coarse edge bins hold what their fine bins hold
-        blocks = [m for _, _, m in tissue.bin_counts(b, n_rows=n_rows, n_cols=n_cols, extent_um=extent)]
-        X = sp.vstack(blocks, format="csr")
+        X = sp.vstack(blocks.pop(b), format="csr")
+        X.sum_duplicates()
         _write_10x_h5(d / "filtered_feature_bc_matrix.h5", X[in_t], bc[in_t], tissue)
         if raw:
             _write_10x_h5(d / "raw_feature_bc_matrix.h5", X, bc, tissue)
         logg.debug(f"    square_{b:03d}um: {int(in_t.sum())} bins in tissue, {X.nnz} non-zero")
+        del X
     logg.info("    finished", time=start)
     return path
 
