@@ -102,7 +102,7 @@ def test_gem_round_trip(tmp_path, tissue):
 
 
 def test_visium_hd_read_by_spatialdata_io(tmp_path, tissue):
-    import spatialdata_io
+    spatialdata_io = pytest.importorskip("spatialdata_io")
 
     path = hsd.write_visium_hd(tmp_path / "hd", tissue, raw=True, dataset_id="sim")
     assert (path / "binned_outputs" / "square_016um" / "spatial" / "tissue_positions.parquet").is_file()
@@ -145,7 +145,7 @@ def test_visium_hd_read_by_spatialdata_io(tmp_path, tissue):
 
 
 def test_stereoseq_read_by_spatialdata_io(tmp_path, tissue):
-    import spatialdata_io
+    spatialdata_io = pytest.importorskip("spatialdata_io")
 
     path = hsd.write_stereoseq(tmp_path / "saw", tissue, bin_sizes=(1, 20), gem=True)
     with warnings.catch_warnings():
@@ -183,7 +183,7 @@ def test_wsi_read_with_mpp(tmp_path, tissue, fmt):
     ref = tissue.render(0, 0, 0.25, 800, 640)
     assert np.abs(lvl0.astype(int) - ref).mean() < 6  # JPEG
     if fmt == "svs":
-        import openslide
+        openslide = pytest.importorskip("openslide")
 
         with openslide.OpenSlide(str(path)) as slide:
             assert slide.properties["openslide.vendor"] == "aperio"

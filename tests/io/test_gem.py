@@ -115,7 +115,7 @@ def test_gzip_and_chunking_invariance(tmp_path):
 
 def test_chunking_invariance_random_file(tmp_path):
     rng = np.random.default_rng(0)
-    n = 3000
+    n = 800
     recs = list(
         zip(
             rng.choice([f"g{i}" for i in range(40)], n),
