@@ -9,7 +9,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scanpy import logging as logg
 
-from ._bins import COL_KEY, ROW_KEY, squares
+from ._bins import COL_KEY, ROW_KEY, bin_table, squares
 from ._units import _linear_scale, microns_per_unit, set_microns_per_unit, square_side
 
 __all__ = ["rebin"]
@@ -292,8 +292,6 @@ def rebin(
     }
     if isinstance(table.uns.get("gem"), dict):
         uns["gem"] = {**table.uns["gem"], "bin_size": int(table.uns["gem"].get("bin_size", side)) * factor}
-
-    from ._bins import bin_table
 
     new_table = bin_table(
         X,

@@ -31,10 +31,6 @@ def _check_sdata(sdata) -> None:
         raise TypeError(msg)
 
 
-def _coordinate_systems(sdata) -> list[str]:
-    return list(sdata.coordinate_systems)
-
-
 def set_microns_per_unit(sdata, value: float, *, coordinate_system: str) -> None:
     """Record the size of one coordinate unit of `coordinate_system`, in micrometres.
 
