@@ -93,7 +93,13 @@ def main() -> None:
         for kind in ("model+clustering seed", "clustering seed (model seed 0)"):
             a = np.array([r["ari"] for r in rows if r["section"] == section and r["kind"] == kind])
             summary.append(
-                {"section": section, "kind": kind, "n": int(a.size), "mean": float(a.mean()), "sd": float(a.std(ddof=1))}
+                {
+                    "section": section,
+                    "kind": kind,
+                    "n": int(a.size),
+                    "mean": float(a.mean()),
+                    "sd": float(a.std(ddof=1)),
+                }
                 | {"min": float(a.min()), "max": float(a.max())}
             )
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -115,7 +121,12 @@ def main() -> None:
             f"| {r['section']} | {r['kind']} | {r['n']} | {r['mean']:.3f} | {r['sd']:.3f} | {r['min']:.3f} | "
             f"{r['max']:.3f} |"
         )
-    lines += ["", "Per seed (model+clustering): " + ", ".join(f"{r['section']}/{r['seed']}: {r['ari']:.3f}" for r in rows if r["kind"].startswith("model")), ""]
+    lines += [
+        "",
+        "Per seed (model+clustering): "
+        + ", ".join(f"{r['section']}/{r['seed']}: {r['ari']:.3f}" for r in rows if r["kind"].startswith("model")),
+        "",
+    ]
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

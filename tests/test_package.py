@@ -5,7 +5,7 @@ import histospace as hs
 
 
 def test_namespaces_and_version():
-    for name in ["pp", "tl", "pl", "models", "datasets", "metrics"]:
+    for name in ["pp", "tl", "pl", "models", "datasets", "metrics", "io"]:
         mod = getattr(hs, name)
         assert mod.__all__, name
         for public in mod.__all__:
@@ -36,7 +36,7 @@ def test_docstrings_have_no_unfilled_placeholders():
 
     placeholder = re.compile(r"^\s*\{(" + "|".join(map(re.escape, _PARAMS)) + r")\}\s*$", re.MULTILINE)
     found = []
-    for ns in (hs.pp, hs.tl, hs.pl, hs.datasets, hs.metrics, hs.models):
+    for ns in (hs.pp, hs.tl, hs.pl, hs.datasets, hs.metrics, hs.models, hs.io):
         for name in getattr(ns, "__all__", dir(ns)):
             obj = getattr(ns, name, None)
             if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):

@@ -1,0 +1,117 @@
+"""`hs.io.add_image`: arrays and (pyramidal OME) TIFF paths placed into the bins' coordinate system, lazily."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import tifffile
+from spatialdata.transformations import Affine, get_transformation
+
+import histospace.io as hsio
+
+
+def rgb(h=300, w=400, seed=0):
+    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def matrix(element, cs):
+    return get_transformation(element, cs).to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+
+
+def write_ome(path, img, mpp=0.25, levels=3):
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        meta = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp}
+        tw.write(img, subifds=levels - 1, tile=(64, 64), photometric="rgb", metadata=meta)
+        for i in range(1, levels):
+            tw.write(img[:: 2**i, :: 2**i], subfiletype=1, tile=(64, 64), photometric="rgb")
+    return path
+
+
+def test_array_with_scale_and_offset(gem_path):
+    sdata = hsio.read_gem(gem_path, bin_size=10)
+    img = rgb()
+    hsio.add_image(sdata, img, scale=0.5, offset=(-3, 4), scale_factors=[])
+    el = sdata.images["he"]
+    assert el.dims == ("c", "y", "x") and el.shape == (3, 300, 400) and isinstance(el.data, da.Array)
+    np.testing.assert_allclose(matrix(el, "global"), [[0.5, 0, -3], [0, 0.5, 4], [0, 0, 1]])
+    np.testing.assert_array_equal(el.data[:, 10:12, 20:23].compute(), img[10:12, 20:23].transpose(2, 0, 1))
+    # channels-first and greyscale arrays; an affine; default pyramid
+    hsio.add_image(sdata, img.transpose(2, 0, 1), image_key="cf", affine=[[1, 0, 2], [0, 1, 3]])
+    assert sdata.images["cf"].shape == (3, 300, 400)  # small: one level by default
+    assert isinstance(get_transformation(sdata.images["cf"], "global"), Affine)
+    hsio.add_image(sdata, img[:, :, 0], image_key="grey", scale=2, scale_factors=[2])
+    assert sdata.images["grey"]["scale1"]["image"].shape == (1, 150, 200)
+
+
+def test_ome_tiff_native_levels_and_mpp(tmp_path, gem_path):
+    sdata = hsio.read_gem(gem_path, bin_size=10)  # 0.5 µm per DNB
+    img = rgb(260, 300)
+    path = write_ome(tmp_path / "he.ome.tif", img, mpp=0.25)
+    hsio.add_image(sdata, path, offset=(1, 2))
+    tree = sdata.images["he"]
+    assert list(tree.keys()) == ["scale0", "scale1", "scale2"]  # the file's own levels
+    assert tree["scale1"]["image"].shape == (3, 130, 150)
+    np.testing.assert_allclose(matrix(tree, "global"), [[0.5, 0, 1], [0, 0.5, 2], [0, 0, 1]])  # 0.25 / 0.5
+    lvl1 = tree["scale1"]["image"]
+    np.testing.assert_allclose(matrix(lvl1, "global")[0, 0], 1.0)  # two pixels of level 0
+    np.testing.assert_array_equal(
+        tree["scale0"]["image"].data[:, 50:60, 70:75].compute(), img[50:60, 70:75].transpose(2, 0, 1)
+    )
+    # explicit microns_per_pixel wins over the file
+    hsio.add_image(sdata, path, image_key="he2", microns_per_pixel=1.0)
+    np.testing.assert_allclose(matrix(sdata.images["he2"], "global")[0, 0], 2.0)
+
+
+def test_plain_tiff_and_png(tmp_path, gem_path):
+    from PIL import Image
+
+    sdata = hsio.read_gem(gem_path, bin_size=10)
+    img = rgb(120, 90)
+    tifffile.imwrite(
+        tmp_path / "a.tif", img, photometric="rgb", resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER"
+    )
+    hsio.add_image(sdata, tmp_path / "a.tif")
+    np.testing.assert_allclose(matrix(sdata.images["he"], "global")[0, 0], 1.0)  # 0.5 µm/px over 0.5 µm/DNB
+    Image.fromarray(img).save(tmp_path / "a.png")
+    hsio.add_image(sdata, tmp_path / "a.png", image_key="png", scale=1)
+    np.testing.assert_array_equal(sdata.images["png"].data.compute(), img.transpose(2, 0, 1))
+
+
+def test_errors(tmp_path, gem_path):
+    sdata = hsio.read_gem(gem_path, bin_size=10)
+    with pytest.raises(ValueError, match="µm per pixel is unknown"):
+        hsio.add_image(sdata, rgb())
+    sdata.attrs.clear()
+    with pytest.raises(ValueError, match="µm per unit of 'global' is unknown"):
+        hsio.add_image(sdata, rgb(), microns_per_pixel=0.5)
+    with pytest.raises(FileNotFoundError):
+        hsio.add_image(sdata, tmp_path / "none.tif", scale=1)
+    with pytest.raises(ValueError, match="shape"):
+        hsio.add_image(sdata, np.zeros((5, 6, 7, 8)), scale=1)
+    with pytest.raises(ValueError, match="at most one"):
+        hsio.add_image(sdata, rgb(), scale=1, affine=np.eye(3))
+    with pytest.raises(ValueError, match="affine"):
+        hsio.add_image(sdata, rgb(), affine=np.eye(2))
+    with pytest.raises(ValueError, match="scale"):
+        hsio.add_image(sdata, rgb(), scale=-1)
+    with pytest.raises(TypeError, match="transformation"):
+        hsio.add_image(sdata, rgb(), transformation=np.eye(3))
+    hsio.add_image(sdata, rgb(), scale=1)
+    with pytest.raises(ValueError, match="exists already"):
+        hsio.add_image(sdata, rgb(), scale=1)
+    with pytest.raises(TypeError, match="SpatialData"):
+        hsio.add_image(sdata.tables["bin10"], rgb(), scale=1)
+
+
+def test_zarr_round_trip(tmp_path, gem_path):
+    from spatialdata import read_zarr
+
+    sdata = hsio.read_gem(gem_path, bin_size=10)
+    img = rgb(200, 150)
+    hsio.add_image(sdata, write_ome(tmp_path / "he.ome.tif", img), offset=(5, 5))
+    sdata.write(tmp_path / "s.zarr")
+    back = read_zarr(tmp_path / "s.zarr")
+    np.testing.assert_allclose(matrix(back.images["he"], "global"), matrix(sdata.images["he"], "global"))
+    np.testing.assert_array_equal(back.images["he"]["scale0"]["image"].data.compute(), img.transpose(2, 0, 1))
+    assert list(back.images["he"].keys()) == ["scale0", "scale1", "scale2"]
