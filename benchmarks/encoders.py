@@ -25,6 +25,7 @@ taken on a shared machine are pessimistic.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 
@@ -138,6 +139,10 @@ def worker(name: str, args) -> dict:
         out["gpu"] = gpu
 
     if args.data_dir:
+        del enc  # image_features builds its own copy: never two models in memory at once
+        gc.collect()
+        if use_cuda:
+            torch.cuda.empty_cache()
         dev = "cuda" if use_cuda else "cpu"
         adata = hs.datasets.her2st("C2", data_dir=args.data_dir)
         if args.n_obs:

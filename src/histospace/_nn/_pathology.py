@@ -386,7 +386,7 @@ def _import_timm():
     try:
         import timm
     except ImportError as e:  # pragma: no cover - timm is a dependency
-        msg = "The pathology encoders are built with timm; install it with `pip install 'timm>=1.0'`."
+        msg = "The pathology encoders are built with timm; install it with `pip install 'timm>=1.0.3'`."
         raise ImportError(msg) from e
     return timm
 
@@ -408,7 +408,10 @@ def create_vit(model: str | PathologyModel, *, meta: bool = False, random_state:
     kwargs = entry.timm_kwargs()
     if meta:  # shapes only: timm's initialisation is skipped (it costs ~1 s per giant model even on meta)
         with torch.device("meta"):
-            return timm.create_model(entry.arch, pretrained=False, weight_init="skip", **kwargs)
+            try:
+                return timm.create_model(entry.arch, pretrained=False, weight_init="skip", **kwargs)
+            except (AssertionError, TypeError, ValueError):  # timm versions without weight_init='skip'
+                return timm.create_model(entry.arch, pretrained=False, **kwargs)
     with torch.random.fork_rng(devices=[]):
         if random_state is not None:
             torch.manual_seed(int(random_state))
