@@ -342,6 +342,9 @@ def build_encoder(
         the classifier removed and global average pooling (DenseNet: after its final ReLU, as torchvision does).
         Or any `torch.nn.Module` taking normalised `(B, 3, H, W)` input and returning `(B, d)` or a map
         `(B, d, h, w)` (then averaged over `h, w`); `d` is found with one forward pass at `input_size`.
+        Or a pathology foundation model of :data:`histospace._nn._pathology.PATHOLOGY_ENCODERS` (`'uni'`,
+        `'uni2-h'`, `'h-optimus-0'`, `'h0-mini'`, `'virchow2'`, `'phikon-v2'`, `'gigapath'`), built by
+        :func:`~histospace._nn._pathology.build_pathology_encoder` (its own `weights=`, mean/std and `info`).
     weights
         `'imagenet'`: torchvision's `IMAGENET1K_V1` weights (downloaded and cached by torchvision; offline it raises
         `RuntimeError` suggesting a local file). A path: a state_dict with torchvision keys (read with
@@ -368,6 +371,12 @@ def build_encoder(
     `info = {'encoder': name, 'weights': 'imagenet' | path | 'random' | 'module', 'mean': [...], 'std': [...]}`.
     """
     check_encoder_options(name_or_module, layers=layers, tf_padding=tf_padding)
+    from histospace._nn._pathology import PATHOLOGY_ENCODERS, build_pathology_encoder, is_pathology_encoder
+
+    if is_pathology_encoder(name_or_module):  # pathology foundation models (timm ViTs): see `_pathology`
+        return build_pathology_encoder(
+            name_or_module, weights, mean=mean, std=std, random_state=random_state, layers=layers, tf_padding=tf_padding
+        )
     if isinstance(name_or_module, nn.Module):
         module = name_or_module
         name = type(module).__name__
@@ -383,7 +392,10 @@ def build_encoder(
     elif isinstance(name_or_module, str):
         name = name_or_module.lower()
         if name not in ENCODERS:
-            msg = f"Unknown encoder {name_or_module!r}; choose one of {sorted(ENCODERS)} or pass a torch.nn.Module."
+            msg = (
+                f"Unknown encoder {name_or_module!r}; choose one of {sorted(ENCODERS)}, a pathology model "
+                f"{sorted(PATHOLOGY_ENCODERS)}, or pass a torch.nn.Module."
+            )
             raise ValueError(msg)
         if weights is None:
             label = "random"
