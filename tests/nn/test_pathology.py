@@ -486,10 +486,16 @@ def test_mclstexp_fine_tunes_a_pathology_encoder(adata):
         adata, freeze_encoder=False, encoder="tiny-h0-mini", patch_size=60, input_size=28, **tiny
     )
     assert isinstance(model.module.image_encoder, PathologyEncoder) and model.img_dim == 2 * WIDTH
-    model.train(max_epochs=1, batch_size=32, device="cpu", progress_bar=False)
+    model.train(max_epochs=1, batch_size=32, n_models=1, device="cpu", progress_bar=False)
     enc = model.module.image_encoder
     assert isinstance(enc, PathologyEncoder)
-    np.testing.assert_allclose(enc.mean.flatten().numpy(), 0.5)  # MclSTExp's own image_mean is passed through
+    # the encoder normalises with its own statistics unless image_mean/image_std are given
+    own, _, _ = build_pathology_encoder("tiny-h0-mini", None)
+    np.testing.assert_allclose(enc.mean.flatten().numpy(), own.mean.flatten().numpy())
+    given = hs.models.MclSTExp(
+        adata, freeze_encoder=False, encoder="tiny-h0-mini", patch_size=60, input_size=28, image_mean=0.5, **tiny
+    )
+    np.testing.assert_allclose(given.module.image_encoder.mean.flatten().numpy(), 0.5)
     init, _, _ = build_pathology_encoder("tiny-h0-mini", None)  # the seed-0 start the model was built from
     assert not torch.equal(init.backbone.vit.blocks[0].attn.qkv.weight, enc.backbone.vit.blocks[0].attn.qkv.weight)
     pred = model.predict(adata, n_neighbors=5)

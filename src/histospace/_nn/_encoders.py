@@ -34,6 +34,30 @@ STAGES = {
     "resnet50": ((4, 5, 6, 7), 3840),
     "densenet121": ((5, 7, 9, 11), 1920),
 }
+#: weight files whose input normalisation is known (SHA-256 of the file -> mean, std of inputs in [0, 1]): used when
+#: `mean`/`std` are not given. The TF-converted ImageNet MobileNetV2 (google-coral/test_data, the shared weights
+#: folder) expects `x / 127.5 - 1`.
+KNOWN_WEIGHTS = {
+    "6b0398544a2505f102dd61afb70dfc85bf5817a8672ccff805e78ed846022b90": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def known_normalization(weights) -> tuple[tuple, tuple] | None:
+    """`(mean, std)` of a known weights file (by its SHA-256), else `None`."""
+    import hashlib
+
+    if not isinstance(weights, str | os.PathLike):
+        return None
+    p = Path(weights).expanduser()
+    if not p.is_file() or p.stat().st_size > 2**30:
+        return None
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return KNOWN_WEIGHTS.get(h.hexdigest())
+
+
 #: keys of the torchvision classifiers, ignored when a state_dict is loaded
 _CLASSIFIER_PREFIXES = ("classifier.", "fc.")
 
@@ -352,9 +376,10 @@ def build_encoder(
         `classifier.*`/`fc.*` are ignored). `None`: random initialisation seeded with `random_state` (a user module is
         used as given).
     mean, std
-        Per-channel normalisation of the `[0, 1]` input. `None` uses ImageNet's mean/std
-        (`(0.485, 0.456, 0.406)` / `(0.229, 0.224, 0.225)`), right for torchvision weights. TF-style weights such as
-        the shared MobileNetV2 file need `mean=0.5, std=0.5` (i.e. `x / 127.5 - 1`).
+        Per-channel normalisation of the `[0, 1]` input. `None` uses the statistics of a known weights file (see
+        :data:`KNOWN_WEIGHTS`: the TF-converted ImageNet MobileNetV2 of the shared weights folder takes
+        `x / 127.5 - 1`, i.e. `mean=std=0.5`), else ImageNet's mean/std (`(0.485, 0.456, 0.406)` /
+        `(0.229, 0.224, 0.225)`), right for torchvision weights.
     random_state
         Seed for random initialisation (`weights=None`); the global torch generator is left untouched.
     tf_padding
@@ -421,8 +446,9 @@ def build_encoder(
         )
         raise TypeError(msg)
 
-    mean_t = _as_triplet(IMAGENET_MEAN if mean is None else mean, "mean")
-    std_t = _as_triplet(IMAGENET_STD if std is None else std, "std")
+    known = known_normalization(weights) if mean is None or std is None else None
+    mean_t = _as_triplet(mean if mean is not None else (known[0] if known else IMAGENET_MEAN), "mean")
+    std_t = _as_triplet(std if std is not None else (known[1] if known else IMAGENET_STD), "std")
     if tf_padding:
         _tf_same_padding(trunk)
     taps = STAGES[name][0] if layers == "stages" else None

@@ -442,8 +442,9 @@ def image_features(
         first time), a path to a state_dict with torchvision keys (classifier keys are ignored), or `None` for random
         initialisation seeded with `random_state` (a user module is used as given).
     mean, std
-        Per-channel normalisation of the RGB input in `[0, 1]`: `(x - mean) / std`. `None` uses ImageNet's statistics
-        (right for torchvision weights). For the shared TF-style MobileNetV2 file pass `mean=0.5, std=0.5`.
+        Per-channel normalisation of the RGB input in `[0, 1]`: `(x - mean) / std`. `None` uses the statistics the
+        weights were trained with: the model's own for the pathology encoders, `0.5, 0.5` for the shared TF-style
+        MobileNetV2 file (recognised by its checksum), ImageNet's for torchvision weights.
     tf_padding
         Pad stride-2 convolutions like TensorFlow's 'SAME' (one extra row/column at the bottom/right) instead of
         torchvision's symmetric padding, for weights converted from TensorFlow: the shared MobileNetV2 file reproduces
@@ -527,6 +528,10 @@ def image_features(
     check_encoder_options(encoder, layers=layers, tf_padding=tf_padding)
     dev = resolve_device(device)
 
+    from histospace._nn._pathology import get_pathology_model, is_pathology_encoder
+
+    if patch_size is None and patch_size_um is None and is_pathology_encoder(encoder):
+        patch_size_um = get_pathology_model(encoder).patch_size_um  # the tissue size the model was trained on
     adata, ctx = as_table(adata, table_key)
     if ctx is None:
         coords = _anndata_coords(adata, spatial_key)
@@ -644,6 +649,9 @@ def image_features(
         params["dihedral"] = True
     if context is not None:
         params["context"] = float(context)
+    for k in ("pooling", "mpp"):
+        if info.get(k) is not None:
+            params[k] = info[k]
     for k in ("image", "scale", "patch_size_px", "patch_size_um") + _SDATA_KEYS:
         vals = [r[k] for r in records.values() if k in r]
         if not vals:
