@@ -499,7 +499,7 @@ def test_imagenet_offline_error(adata, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
-    _raises(adata, RuntimeError, r"Could not download.*local state_dict file.*weights=None", weights="imagenet")
+    _raises(adata, ConnectionError, r"Could not download.*local state_dict file.*weights=None", weights="imagenet")
 
 
 def test_bad_arguments(adata):

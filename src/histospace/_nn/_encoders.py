@@ -207,7 +207,7 @@ def _imagenet_state_dict(name: str) -> dict:
             f"`torch.save(torchvision.models.{ENCODERS[name][0]}(weights='IMAGENET1K_V1').state_dict(), path)` on a "
             "connected machine) together with its `mean=`/`std=`, or `weights=None` for random initialisation."
         )
-        raise RuntimeError(msg) from e
+        raise ConnectionError(msg) from e
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:
@@ -371,7 +371,7 @@ def build_encoder(
         :func:`~histospace._nn._pathology.build_pathology_encoder` (its own `weights=`, mean/std and `info`).
     weights
         `'imagenet'`: torchvision's `IMAGENET1K_V1` weights (downloaded and cached by torchvision; offline it raises
-        `RuntimeError` suggesting a local file). A path: a state_dict with torchvision keys (read with
+        `ConnectionError` suggesting a local file). A path: a state_dict with torchvision keys (read with
         `weights_only=True`; a `'state_dict'`/`'model'` wrapper and a `'module.'` prefix are removed; classifier keys
         `classifier.*`/`fc.*` are ignored). `None`: random initialisation seeded with `random_state` (a user module is
         used as given).

@@ -66,7 +66,9 @@ def domains(
     -------
     The `Axes` when `show=False`, else `None`. Like scanpy, sets `adata.uns[key + '_colors']` when absent.
     """
-    import squidpy as sq
+    from histospace._utils._deps import quiet_import
+
+    sq = quiet_import("squidpy")
 
     if key not in adata.obs:
         msg = f"`adata.obs[{key!r}]` not found; run `hs.tl.domains(adata)` first."

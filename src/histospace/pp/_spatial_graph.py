@@ -356,7 +356,9 @@ def spatial_graph(
             raise ValueError(msg)
 
     # ---- build with squidpy on a light AnnData holding only what the builder reads ----
-    import squidpy as sq
+    from histospace._utils._deps import quiet_import
+
+    sq = quiet_import("squidpy")
 
     n = adata.n_obs
     obs = pd.DataFrame(index=pd.RangeIndex(n).astype(str))
