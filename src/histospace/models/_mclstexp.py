@@ -613,6 +613,7 @@ class MclSTExp(BaseModelClass):
         self._check_trained()
         weighting = self._weighting(weighting)
         smooth_neighbors = check_number(smooth_neighbors, "smooth_neighbors", integer=True, low=0)
+        batch_size = check_number(batch_size, "batch_size", integer=True, low=1)
         self.check_query(adata, img=img)
         if smooth_neighbors > 0 and self.spatial_key not in adata.obsm:
             msg = f"`adata.obsm[{self.spatial_key!r}]` not found; `smooth_neighbors > 0` needs spot coordinates."

@@ -12,7 +12,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from histospace._constants import CONNECTIVITIES_KEY, STEREOMM_KEY
-from histospace._utils import check_obsm, check_obsp, check_random_state, doc_params, version_string
+from histospace._utils import check_number, check_obsm, check_obsp, check_random_state, doc_params, version_string
 from histospace._utils._data import binary_adjacency, check_key_added
 from histospace._utils._sdata import as_table, table_output
 
@@ -227,7 +227,13 @@ def domains(
         msg = f"method={method!r} is not one of 'gmm', 'kmeans', 'leiden'."
         raise ValueError(msg)
     random_state = check_random_state(random_state)
+    n_pcs = check_number(n_pcs, "n_pcs", integer=True, low=1, allow_none=True)
+    n_init = check_number(n_init, "n_init", integer=True, low=1)
+    n_neighbors = check_number(n_neighbors, "n_neighbors", integer=True, low=1)
     adata, ctx = as_table(adata, table_key)
+    if adata.n_obs < 2:
+        msg = f"`adata` has {adata.n_obs} spot(s); spatial domains need at least 2."
+        raise ValueError(msg)
     hint = _HINTS.get(
         use_rep, f"Compute the representation first (e.g. `hs.tl.stereomm(adata, key_added={use_rep!r})`)."
     )
