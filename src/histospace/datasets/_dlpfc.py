@@ -293,7 +293,11 @@ def _from_10x(
     if labels is not None:
         adata.obs[LABEL_KEY] = labels
     else:
-        logg.warning(f"DLPFC sample {sid}: no layer annotation ({root / LAYER_MAP}) found; no `obs[{LABEL_KEY!r}]`.")
+        warnings.warn(
+            f"DLPFC sample {sid}: no layer annotation ({root / LAYER_MAP}) found; no `obs[{LABEL_KEY!r}]`.",
+            UserWarning,
+            stacklevel=3,
+        )
     adata.obs["library_id"] = pd.Categorical([sid] * adata.n_obs)
     adata.obsm["spatial"] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
 

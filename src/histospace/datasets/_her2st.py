@@ -220,7 +220,11 @@ def her2st(
         if lbl_path.is_file():
             obs["label"] = _read_labels(lbl_path, spot_ids)
         else:
-            logg.warning(f"her2st section {section}: pathologist labels {lbl_path} not found; no `obs['label']`.")
+            warnings.warn(
+                f"her2st section {section}: pathologist labels {lbl_path} not found; no `obs['label']`.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     var_names = pd.Index(genes)
     if not var_names.is_unique:
@@ -351,7 +355,11 @@ def _pixels_per_um(coords: pd.DataFrame) -> float:
         if np.unique(np.round(a)).size >= 2:
             slopes.append(abs(np.polyfit(a, p, 1)[0]))
     if not slopes:
-        logg.warning("too few spots to fit the pixel size; assuming 1.28 px/µm (her2st patient C images)")
+        warnings.warn(
+            "too few spots to fit the pixel size; assuming 1.28 px/µm (her2st patient C images)",
+            UserWarning,
+            stacklevel=3,
+        )
         return 1.28
     return float(np.mean(slopes)) / ST_PITCH_UM
 

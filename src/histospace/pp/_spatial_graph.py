@@ -100,9 +100,11 @@ def _spot_diameter_um(adata: AnnData, lib: str, spot_diameter_um: float | None, 
             "to pixels. Pass `spot_diameter_um=` (the spot diameter in µm) or `radius=` in full-resolution pixels."
         )
         raise ValueError(msg)
-    logg.warning(
+    warnings.warn(
         f"library {lib!r}: no technology or `spot_diameter_um` in `adata.uns['spatial'][{lib!r}]['metadata']`; "
-        f"assuming Visium spots of {_DEFAULT_SPOT_DIAMETER_UM:g} µm. Pass `spot_diameter_um=` otherwise."
+        f"assuming Visium spots of {_DEFAULT_SPOT_DIAMETER_UM:g} µm. Pass `spot_diameter_um=` otherwise.",
+        UserWarning,
+        stacklevel=3,
     )
     return _DEFAULT_SPOT_DIAMETER_UM
 
