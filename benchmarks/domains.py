@@ -8,7 +8,8 @@ image-using methods, are computed once per section by their own worker, timed an
 
 Methods (one default for both sections; nothing tuned per section):
 
-- `stereomm_default`: `hs.pp.image_features` (MobileNetV2 ImageNet weights, lowres image, patch 3 spot diameters),
+- `stereomm_default`: `hs.pp.image_features` with its defaults (MobileNetV2, the shared ImageNet weights, lowres
+  image, patch of 3 spot diameters),
   `hs.pp.spatial_graph` (Visium hex grid, 6 neighbours), `hs.tl.stereomm` (defaults), `hs.tl.domains` (defaults);
 - `stereomm_reference`: `hs.tl.stereomm(preset='reference', n_pcs=200)` (the StereoMMv1 README settings with both
   modalities PCA'd to 200 as in the reference run quoted in the issue) and the reference's Leiden search;
@@ -42,7 +43,6 @@ RESULTS = HERE / "results"
 CACHE = RESULTS / "cache"
 DATA = Path(os.environ.get("HISTOSPACE_DATA", HERE.parent.parent / "shared" / "data"))
 WEIGHTS = DATA / "weights" / "mobilenet_v2_imagenet_coral" / "mobilenet_v2_imagenet_fp32_torchvision_keys.pt"
-PATCH_DIAMETERS = 3.0  # image patch = 3 spot diameters (the lowres image has ~4 px per spot)
 METHODS = [
     "load_only",
     "image_features",
@@ -81,18 +81,8 @@ def _graph(adata):
 def _image_features(adata):
     import histospace as hs
 
-    lib = next(iter(adata.uns["spatial"]))
-    diam = float(adata.uns["spatial"][lib]["scalefactors"]["spot_diameter_fullres"])
-    hs.pp.image_features(
-        adata,
-        encoder="mobilenet_v2",
-        weights=str(WEIGHTS),
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        patch_size=PATCH_DIAMETERS * diam,
-        device="cpu",
-        progress_bar=False,
-    )
+    # the defaults: MobileNetV2, patches of three spot diameters, the weights' own normalisation (x / 127.5 - 1)
+    hs.pp.image_features(adata, weights=str(WEIGHTS), device="cpu", progress_bar=False)
 
 
 def _expr_pcs(adata, n_pcs=50):
