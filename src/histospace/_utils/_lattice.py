@@ -32,7 +32,7 @@ def grid_indices(adata: AnnData) -> tuple[np.ndarray, np.ndarray] | None:
     """Integer `(row, col)` of every spot on a square grid, or `None`.
 
     `None` when `obs['array_row']`/`obs['array_col']` are absent, not whole numbers, not finite, or hexagonal
-    (Visium spots: `row + col` always even). Each axis is divided by the greatest common step of its values, so
+    (Visium spots: `row + col` always even, or always odd in a crop). Each axis is divided by the greatest common step of its values, so
     grids numbered in steps of the bin size (e.g. DNB corners of Stereo-seq bins) become unit steps. Indices are
     shifted to start at 0 and returned as `int64`.
     """
@@ -54,7 +54,8 @@ def grid_indices(adata: AnnData) -> tuple[np.ndarray, np.ndarray] | None:
         step = int(np.gcd.reduce(np.diff(u))) if u.size > 1 else 1
         out.append(v // step if step > 1 else v)
     r, c = out
-    if np.unique(r).size > 1 and bool(np.all((r + c) % 2 == 0)):  # hexagonal (Visium) array
+    parity = (r + c) % 2
+    if np.unique(r).size > 1 and bool(np.all(parity == parity[0])):  # hexagonal (Visium) array: one parity
         return None
     return r, c
 
