@@ -58,7 +58,7 @@ def simulate_bins(n_bins: float, seed: int = 0):
     r, c = r[keep], c[keep]
     perm = rng.permutation(r.size)
     r, c = r[perm], c[perm]
-    dom = np.clip(((c + 0.3 * side * np.sin(r / side * 3.0)) / side * 8).astype(int), 0, 7)
+    dom = np.clip(((c + 0.3 * side * np.sin(r / side * 3.0)) / (1.3 * side) * 8).astype(int), 0, 7)
     obs = pd.DataFrame(
         {"array_row": r, "array_col": c, "domain": pd.Categorical([f"D{d}" for d in dom])},
         index=pd.RangeIndex(r.size).astype(str),
