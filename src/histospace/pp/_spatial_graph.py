@@ -413,6 +413,7 @@ def spatial_graph(
     if bins is not None and not isinstance(bins, bool | np.bool_):
         msg = f"`bins` must be True, False or None, got {type(bins).__name__} {bins!r}."
         raise TypeError(msg)
+    bins = None if bins is None else bool(bins)
     n_neighs = check_number(n_neighs, "n_neighs", integer=True, low=1, allow_none=True)
     n_rings = check_number(n_rings, "n_rings", integer=True, low=1)
     radius_um = check_number(radius_um, "radius_um", low=0, low_inclusive=False, allow_none=True)
