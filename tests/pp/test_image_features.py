@@ -77,7 +77,7 @@ def test_writes_documented_slots(adata):
     assert p["weights"] == "random"
     assert p["image"] == "hires"
     assert p["scale"] == pytest.approx(0.5)
-    assert p["patch_size_px"] == pytest.approx(55.0)  # default: the spot diameter
+    assert p["patch_size_px"] == pytest.approx(165.0)  # default: three spot diameters
     assert "patch_size_um" not in p  # spot_diameter_um unknown in the fixture
     assert p["input_size"] == 32
     assert "white" in p["padding"]
@@ -153,7 +153,7 @@ def test_h5ad_round_trip(adata, tmp_path):
         assert q[k] == p[k]
     assert q["scale"] == pytest.approx(p["scale"])
     np.testing.assert_allclose(q["mean"], p["mean"])
-    assert q["libraries"]["lib"]["patch_size_px"] == pytest.approx(55.0)
+    assert q["libraries"]["lib"]["patch_size_px"] == pytest.approx(165.0)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -499,7 +499,7 @@ def test_imagenet_offline_error(adata, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
-    _raises(adata, RuntimeError, r"Could not download.*local state_dict file.*weights=None", weights="imagenet")
+    _raises(adata, ConnectionError, r"Could not download.*local state_dict file.*weights=None", weights="imagenet")
 
 
 def test_bad_arguments(adata):

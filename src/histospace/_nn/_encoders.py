@@ -34,6 +34,30 @@ STAGES = {
     "resnet50": ((4, 5, 6, 7), 3840),
     "densenet121": ((5, 7, 9, 11), 1920),
 }
+#: weight files whose input normalisation is known (SHA-256 of the file -> mean, std of inputs in [0, 1]): used when
+#: `mean`/`std` are not given. The TF-converted ImageNet MobileNetV2 (google-coral/test_data, the shared weights
+#: folder) expects `x / 127.5 - 1`.
+KNOWN_WEIGHTS = {
+    "6b0398544a2505f102dd61afb70dfc85bf5817a8672ccff805e78ed846022b90": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def known_normalization(weights) -> tuple[tuple, tuple] | None:
+    """`(mean, std)` of a known weights file (by its SHA-256), else `None`."""
+    import hashlib
+
+    if not isinstance(weights, str | os.PathLike):
+        return None
+    p = Path(weights).expanduser()
+    if not p.is_file() or p.stat().st_size > 2**30:
+        return None
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return KNOWN_WEIGHTS.get(h.hexdigest())
+
+
 #: keys of the torchvision classifiers, ignored when a state_dict is loaded
 _CLASSIFIER_PREFIXES = ("classifier.", "fc.")
 
@@ -183,7 +207,7 @@ def _imagenet_state_dict(name: str) -> dict:
             f"`torch.save(torchvision.models.{ENCODERS[name][0]}(weights='IMAGENET1K_V1').state_dict(), path)` on a "
             "connected machine) together with its `mean=`/`std=`, or `weights=None` for random initialisation."
         )
-        raise RuntimeError(msg) from e
+        raise ConnectionError(msg) from e
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:
@@ -342,16 +366,20 @@ def build_encoder(
         the classifier removed and global average pooling (DenseNet: after its final ReLU, as torchvision does).
         Or any `torch.nn.Module` taking normalised `(B, 3, H, W)` input and returning `(B, d)` or a map
         `(B, d, h, w)` (then averaged over `h, w`); `d` is found with one forward pass at `input_size`.
+        Or a pathology foundation model of :data:`histospace._nn._pathology.PATHOLOGY_ENCODERS` (`'uni'`,
+        `'uni2-h'`, `'h-optimus-0'`, `'h0-mini'`, `'virchow2'`, `'phikon-v2'`, `'gigapath'`), built by
+        :func:`~histospace._nn._pathology.build_pathology_encoder` (its own `weights=`, mean/std and `info`).
     weights
         `'imagenet'`: torchvision's `IMAGENET1K_V1` weights (downloaded and cached by torchvision; offline it raises
-        `RuntimeError` suggesting a local file). A path: a state_dict with torchvision keys (read with
+        `ConnectionError` suggesting a local file). A path: a state_dict with torchvision keys (read with
         `weights_only=True`; a `'state_dict'`/`'model'` wrapper and a `'module.'` prefix are removed; classifier keys
         `classifier.*`/`fc.*` are ignored). `None`: random initialisation seeded with `random_state` (a user module is
         used as given).
     mean, std
-        Per-channel normalisation of the `[0, 1]` input. `None` uses ImageNet's mean/std
-        (`(0.485, 0.456, 0.406)` / `(0.229, 0.224, 0.225)`), right for torchvision weights. TF-style weights such as
-        the shared MobileNetV2 file need `mean=0.5, std=0.5` (i.e. `x / 127.5 - 1`).
+        Per-channel normalisation of the `[0, 1]` input. `None` uses the statistics of a known weights file (see
+        :data:`KNOWN_WEIGHTS`: the TF-converted ImageNet MobileNetV2 of the shared weights folder takes
+        `x / 127.5 - 1`, i.e. `mean=std=0.5`), else ImageNet's mean/std (`(0.485, 0.456, 0.406)` /
+        `(0.229, 0.224, 0.225)`), right for torchvision weights.
     random_state
         Seed for random initialisation (`weights=None`); the global torch generator is left untouched.
     tf_padding
@@ -368,6 +396,12 @@ def build_encoder(
     `info = {'encoder': name, 'weights': 'imagenet' | path | 'random' | 'module', 'mean': [...], 'std': [...]}`.
     """
     check_encoder_options(name_or_module, layers=layers, tf_padding=tf_padding)
+    from histospace._nn._pathology import PATHOLOGY_ENCODERS, build_pathology_encoder, is_pathology_encoder
+
+    if is_pathology_encoder(name_or_module):  # pathology foundation models (timm ViTs): see `_pathology`
+        return build_pathology_encoder(
+            name_or_module, weights, mean=mean, std=std, random_state=random_state, layers=layers, tf_padding=tf_padding
+        )
     if isinstance(name_or_module, nn.Module):
         module = name_or_module
         name = type(module).__name__
@@ -383,7 +417,10 @@ def build_encoder(
     elif isinstance(name_or_module, str):
         name = name_or_module.lower()
         if name not in ENCODERS:
-            msg = f"Unknown encoder {name_or_module!r}; choose one of {sorted(ENCODERS)} or pass a torch.nn.Module."
+            msg = (
+                f"Unknown encoder {name_or_module!r}; choose one of {sorted(ENCODERS)}, a pathology model "
+                f"{sorted(PATHOLOGY_ENCODERS)}, or pass a torch.nn.Module."
+            )
             raise ValueError(msg)
         if weights is None:
             label = "random"
@@ -409,8 +446,9 @@ def build_encoder(
         )
         raise TypeError(msg)
 
-    mean_t = _as_triplet(IMAGENET_MEAN if mean is None else mean, "mean")
-    std_t = _as_triplet(IMAGENET_STD if std is None else std, "std")
+    known = known_normalization(weights) if mean is None or std is None else None
+    mean_t = _as_triplet(mean if mean is not None else (known[0] if known else IMAGENET_MEAN), "mean")
+    std_t = _as_triplet(std if std is not None else (known[1] if known else IMAGENET_STD), "std")
     if tf_padding:
         _tf_same_padding(trunk)
     taps = STAGES[name][0] if layers == "stages" else None

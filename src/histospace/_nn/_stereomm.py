@@ -13,8 +13,11 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch_geometric.nn import GCNConv
-from torch_geometric.utils import softmax as scatter_softmax
+
+from histospace._utils._deps import quiet_import
+
+GCNConv = quiet_import("torch_geometric.nn").GCNConv
+scatter_softmax = quiet_import("torch_geometric.utils").softmax
 
 AttentionMode = Literal["global", "global_trainable", "local", "local_trainable", "none"]
 ATTENTION_MODES = ("global", "global_trainable", "local", "local_trainable", "none")

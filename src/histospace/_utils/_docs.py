@@ -12,8 +12,15 @@ from typing import TypeVar
 F = TypeVar("F", bound=Callable)
 
 _PARAMS = {
-    "adata": "Annotated data matrix.",
-    "copy": "Return a copy instead of writing to `adata`.",
+    "adata": (
+        "Annotated data matrix, or a :class:`spatialdata.SpatialData` whose table `table_key` is used and written to "
+        "(results go into the table exactly as into an AnnData)."
+    ),
+    "copy": (
+        "Return a copy instead of writing to `adata` (for a SpatialData, a new SpatialData holding a copy of the table; "
+        "the other elements are shared, not copied)."
+    ),
+    "table_key": "With a SpatialData: the table to use and write to; `None` takes the only table.",
     "device": ("Torch device, e.g. `'cpu'` or `'cuda'`. `None` picks CUDA when it is available and the CPU otherwise."),
     "random_state": (
         "Seed for `random`, `numpy` and `torch` (and every data loader). The same seed, device and package versions "

@@ -76,6 +76,10 @@ def get_matrix(adata: AnnData, layer: str | None, *, counts: bool = False):
     if x is None:
         msg = f"`{name}` is empty; pass `layer=` naming a layer with expression."
         raise ValueError(msg)
+    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    if not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
+        msg = f"`{name}` has dtype {dtype}; expected numbers (counts or normalised expression)."
+        raise TypeError(msg)
     check_no_nan(x, name)
     if counts:
         data = x.data if sp.issparse(x) else np.asarray(x)

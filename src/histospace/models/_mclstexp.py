@@ -97,7 +97,8 @@ class MclSTExp(BaseModelClass):
     patch_size, input_size
         Fine-tuning path: patch side in full-resolution pixels, and the side it is resized to.
     image_mean, image_std
-        Fine-tuning path: per-channel normalisation of images in [0, 1] (default: `x * 2 - 1`, MobileNetV2's scaling).
+        Fine-tuning path: per-channel normalisation of images in [0, 1]; `None`: the statistics of the encoder's
+        weights (see :func:`histospace.pp.image_features`).
     spot_encoder
         `'transformer'` (mclSTExp) or `'none'` (BLEEP: the expression goes straight into the projection head).
     use_positions
@@ -151,8 +152,8 @@ class MclSTExp(BaseModelClass):
         img=None,
         patch_size: float = 224,
         input_size: int = 224,
-        image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-        image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        image_mean: float | tuple[float, float, float] | None = None,
+        image_std: float | tuple[float, float, float] | None = None,
         spot_encoder: Literal["transformer", "none"] = "transformer",
         use_positions: bool = True,
         n_heads: int = 8,
@@ -213,8 +214,8 @@ class MclSTExp(BaseModelClass):
         self._fine_tune = {
             "patch_size": float(patch_size),
             "input_size": int(input_size),
-            "mean": [float(v) for v in image_mean],
-            "std": [float(v) for v in image_std],
+            "mean": image_mean,  # checked by the encoder builder (a number or three)
+            "std": image_std,
         }
         if adata is None:
             if _reference is None:
@@ -612,6 +613,7 @@ class MclSTExp(BaseModelClass):
         self._check_trained()
         weighting = self._weighting(weighting)
         smooth_neighbors = check_number(smooth_neighbors, "smooth_neighbors", integer=True, low=0)
+        batch_size = check_number(batch_size, "batch_size", integer=True, low=1)
         self.check_query(adata, img=img)
         if smooth_neighbors > 0 and self.spatial_key not in adata.obsm:
             msg = f"`adata.obsm[{self.spatial_key!r}]` not found; `smooth_neighbors > 0` needs spot coordinates."

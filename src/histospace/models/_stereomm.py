@@ -6,7 +6,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -27,7 +27,11 @@ from histospace._utils import (
 from histospace._utils._data import binary_adjacency, check_genes
 from histospace._utils._graph import GraphBatch, gcn_normalized_edges, make_tiles, sparse_adjacency
 from histospace._utils._preprocess import Preprocessor
+from histospace._utils._sdata import as_table
 from histospace.models._base import BaseModelClass
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
 
 IMAGE_HINT = (
     "Compute image features first, e.g. `hs.pp.image_features(adata)` (or `squidpy.im.calculate_image_features`), "
@@ -118,7 +122,10 @@ class StereoMM(BaseModelClass):
     Parameters
     ----------
     adata
-        Annotated data matrix with expression, image features in `.obsm` and a spatial graph in `.obsp`.
+        Annotated data matrix with expression, image features in `.obsm` and a spatial graph in `.obsp`; or a
+        SpatialData whose table `table_key` holds them.
+    table_key
+        With a SpatialData: the table to use; `None` takes the only table.
     layer
         Layer with the expression (counts or normalised, non-negative); `None` uses `adata.X`.
     features_key
@@ -170,8 +177,9 @@ class StereoMM(BaseModelClass):
 
     def __init__(
         self,
-        adata: AnnData,
+        adata: AnnData | SpatialData,
         *,
+        table_key: str | None = None,
         layer: str | None = None,
         features_key: str | None = FEATURES_KEY,
         connectivity_key: str = CONNECTIVITIES_KEY,
@@ -215,9 +223,7 @@ class StereoMM(BaseModelClass):
             cfg["n_pcs"] = n_pcs
         self._check_config(cfg)
         # ---- inputs -------------------------------------------------------------------------------------------
-        if not isinstance(adata, AnnData):
-            msg = f"`adata` must be an AnnData, got {type(adata).__name__}."
-            raise TypeError(msg)
+        adata, _ = as_table(adata, table_key)
         check_unique_obs_names(adata)
         x_expr = get_matrix(adata, layer, counts=True)
         if adata.n_obs < 3:
@@ -535,12 +541,16 @@ class StereoMM(BaseModelClass):
         return {"config": self.config, "n_obs": self.n_obs}
 
     @classmethod
-    def load(cls, dir_path: str | Path, *, adata: AnnData, device: str | torch.device | None = "cpu") -> StereoMM:
+    def load(
+        cls, dir_path: str | Path, *, adata: AnnData | SpatialData, device: str | torch.device | None = "cpu"
+    ) -> StereoMM:
         """Load a model saved with :meth:`save` onto `adata` (the same spots, and the genes the model uses).
 
-        StereoMM is transductive: its latent is that of the spots it was trained on, so `adata` must hold them.
+        StereoMM is transductive: its latent is that of the spots it was trained on, so `adata` must hold them (for a
+        SpatialData, its table `table_key` of the saved model).
         """
         folder, meta, arrays = cls._read_folder(dir_path)
+        adata, _ = as_table(adata, meta["init"].get("table_key"))
         obs_names = arrays.pop("obs_names")
         if adata.n_obs != len(obs_names) or not np.array_equal(np.asarray(adata.obs_names).astype(str), obs_names):
             msg = (

@@ -161,7 +161,9 @@ def domains(
         ax.set_ylabel(f"y{unit}")
         return finish(ax, show)
 
-    import squidpy as sq
+    from histospace._utils._deps import quiet_import
+
+    sq = quiet_import("squidpy")
 
     sq_kwargs = {"img": use_img, "library_id": lib, "ax": ax, "title": title, "return_ax": True, **kwargs}
     if use_img:

@@ -4,34 +4,62 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from anndata import AnnData
 from scanpy import logging as logg
 from torch import nn
-from tqdm.auto import tqdm
 
+from histospace._constants import FEATURES_KEY, SPATIAL_KEY
 from histospace._nn._encoders import build_encoder, check_encoder_options, fuse_conv_bn
 from histospace._utils import check_number, check_random_state, doc_params, resolve_device, version_string
 from histospace._utils._data import check_key_added, library_labels
 from histospace._utils._image import PADDING, ImageSource, crop_patches, resize_patches
 from histospace._utils._library import library_entry, library_image
+from histospace._utils._progress import progress
+from histospace._utils._sdata import TableContext, affine_scale, apply_affine, as_table, table_output
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
 
 __all__ = ["image_features"]
 
 
+#: default patch side, in spot diameters (validated on DLPFC by the domain benchmark: 3 diameters = 165 µm on Visium)
+DEFAULT_PATCH_DIAMETERS = 3.0
+#: default patch side for square bins, in µm (the Visium default's physical size)
+DEFAULT_PATCH_UM = 165.0
+#: parameters of the SpatialData path recorded in `uns[key]['params']`
+_SDATA_KEYS = ("table_key", "image_key", "shapes_key", "coordinate_system", "level", "context_level")
+
+
 @dataclass
 class _Library:
-    """One slide: its spots (row indices), image source and patch size in full-resolution pixels."""
+    """One slide: its spots (row indices), image and patch size in full-resolution units (the units of the centres).
+
+    `multiscale` is the image's pyramid when it has one: patches are then read from the level that fits the patch.
+    """
 
     library_id: str
     rows: np.ndarray
     source: ImageSource
     patch_size_px: float
     patch_size_um: float | None
+    multiscale: object | None = None
+    extra: dict = field(default_factory=dict)
+
+    def source_for(self, size_px: float, input_size: int) -> tuple[int, ImageSource]:
+        """`(level, image)` to read patches of `size_px` full-resolution pixels from (the coarsest level on which the
+        patch still spans `input_size` pixels).
+        """  # noqa: D205
+        ms = self.multiscale
+        if ms is None or ms.n_levels < 2:
+            return 0, self.source
+        level = ms.level_for(downsample=max(1.0, size_px / input_size))
+        return level, ms.source(level)
 
 
 def _patch_size_of_library(
@@ -58,12 +86,12 @@ def _patch_size_of_library(
         return float(patch_size_um) * px_per_um, float(patch_size_um)
     if diam_px is None:
         msg = (
-            f"`{where}['scalefactors']['spot_diameter_fullres']` not found, so the default patch size (the spot "
-            "diameter) is unknown; pass `patch_size=` in full-resolution pixels."
+            f"`{where}['scalefactors']['spot_diameter_fullres']` not found, so the default patch size (three spot "
+            "diameters) is unknown; pass `patch_size=` in full-resolution pixels."
         )
         raise KeyError(msg)
-    diam_px = float(diam_px)
-    return diam_px, (diam_px / px_per_um if px_per_um else None)
+    px = DEFAULT_PATCH_DIAMETERS * float(diam_px)
+    return px, (px / px_per_um if px_per_um else None)
 
 
 def _resolve_libraries(
@@ -163,11 +191,109 @@ def _resolve_libraries(
     return out
 
 
-def _check_inside(adata: AnnData, libs: list[_Library], coords: np.ndarray) -> None:
+def _sdata_libraries(
+    ctx: TableContext,
+    *,
+    image_key: str | None,
+    shapes_key: str | None,
+    coordinate_system: str | None,
+    patch_size: float | None,
+    patch_size_um: float | None,
+) -> tuple[np.ndarray, list[_Library]]:
+    """Centres in pixels of the image's full-resolution level and the patch size, from the elements of a SpatialData.
+
+    The regions' centres are mapped shapes -> `coordinate_system` -> image level 0 with spatialdata's
+    transformations; µm come from :func:`histospace.io.microns_per_unit` of the coordinate system.
+    """
+    from histospace._utils._wsi import coordinate_system_to_pixels, open_multiscale
+    from histospace.io import microns_per_unit
+
+    sdata = ctx.sdata
+    images = list(sdata.images)
+    if image_key is None:
+        if len(images) != 1:
+            msg = (
+                f"The SpatialData holds {len(images)} images {images}; pass `image_key=` naming the H&E."
+                if images
+                else "The SpatialData holds no image; add the H&E with `hs.io.add_image(sdata, ...)` or pass `img=`."
+            )
+            raise (ValueError if images else KeyError)(msg)
+        image_key = images[0]
+    elif image_key not in sdata.images:
+        msg = f"`sdata.images[{image_key!r}]` not found; images: {images}."
+        raise KeyError(msg)
+    shapes_key = ctx.shapes_key(shapes_key)
+    cs = ctx.coordinate_system(coordinate_system, [shapes_key, image_key])
+    rows = ctx.rows_of(shapes_key)
+    if rows.size != ctx.table.n_obs:
+        msg = (
+            f"The table {ctx.table_key!r} annotates several regions; image features of one image are computed for one "
+            "region at a time: subset the table to the rows of one region."
+        )
+        raise ValueError(msg)
+    xy, sizes, kind = ctx.geometry(shapes_key, rows)
+    to_image = coordinate_system_to_pixels(sdata, image_key=image_key, coordinate_system=cs, level=0)
+    m = to_image @ ctx.to_coordinate_system(shapes_key, cs)  # shapes -> image level-0 pixels
+    centres = apply_affine(m, xy)
+    units_per_px = 1.0 / affine_scale(to_image)  # coordinate-system units per level-0 pixel
+    um_per_unit = microns_per_unit(sdata, cs, table_key=ctx.table_key)
+    um_per_px = None if um_per_unit is None else um_per_unit * units_per_px
+    where = (
+        f"the coordinate system {cs!r} has no µm scale (set it with `hs.io.set_microns_per_unit(sdata, value, "
+        f"coordinate_system={cs!r})`)"
+    )
+    if patch_size is not None:
+        px = float(patch_size)
+    elif patch_size_um is not None:
+        if um_per_px is None:
+            msg = (
+                f"`patch_size_um` needs µm, but {where}; or pass `patch_size=` in pixels of the full-resolution image."
+            )
+            raise ValueError(msg)
+        px = float(patch_size_um) / um_per_px
+    elif kind == "square":
+        if um_per_px is None:
+            msg = f"The default patch of square bins is {DEFAULT_PATCH_UM:g} µm, but {where}; or pass `patch_size=`."
+            raise ValueError(msg)
+        px = DEFAULT_PATCH_UM / um_per_px
+    else:  # spots: three diameters
+        px = DEFAULT_PATCH_DIAMETERS * float(np.median(sizes)) * affine_scale(m)
+    ms = open_multiscale(sdata.images[image_key], mpp=um_per_px, name=f"sdata.images[{image_key!r}]")
+    extra = {"image_key": image_key, "shapes_key": shapes_key, "coordinate_system": cs, "table_key": ctx.table_key}
+    um = None if um_per_px is None else px * um_per_px
+    return centres, [_Library(shapes_key, rows, ms.source(0), px, um, multiscale=ms, extra=extra)]
+
+
+def _anndata_coords(adata: AnnData, spatial_key: str) -> np.ndarray:
+    """`obsm[spatial_key]` as float64 `(n_obs, 2)` pixel coordinates, checked."""
+    if spatial_key not in adata.obsm:
+        msg = (
+            f"`adata.obsm[{spatial_key!r}]` not found; it must hold the spot centres in full-resolution pixels (x, y). "
+            "Load the data with a Visium reader (`sc.read_visium`, `squidpy.read.visium`) or set it, or pass "
+            "`spatial_key=`."
+        )
+        raise KeyError(msg)
+    coords = np.asarray(adata.obsm[spatial_key])
+    if coords.ndim != 2 or coords.shape[0] != adata.n_obs or coords.shape[1] < 2:
+        msg = f"`adata.obsm[{spatial_key!r}]` has shape {coords.shape}; expected ({adata.n_obs}, 2) pixel (x, y)."
+        raise ValueError(msg)
+    coords = coords[:, :2].astype(np.float64)
+    if not np.isfinite(coords).all():
+        bad = np.flatnonzero(~np.isfinite(coords).all(axis=1))
+        msg = (
+            f"`adata.obsm[{spatial_key!r}]` has NaN or infinite coordinates for {bad.size} spots, e.g. "
+            f"{adata.obs_names[bad[0]]!r}; remove these spots (`adata = adata[np.isfinite(adata.obsm[{spatial_key!r}])"
+            ".all(1)].copy()`) first."
+        )
+        raise ValueError(msg)
+    return coords
+
+
+def _check_inside(adata: AnnData, libs: list[_Library], coords: np.ndarray, *, max_factor: float = 1.0) -> None:
     """Raise when spot centres lie outside their image, or a patch is larger than its whole image."""
     bad = []
     for lib in libs:
-        size = lib.patch_size_px * lib.source.scale
+        size = lib.patch_size_px * max_factor * lib.source.scale
         if size > max(lib.source.shape):
             h, w = lib.source.shape
             msg = (
@@ -224,14 +350,18 @@ def _dihedral_mean(enc: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @doc_params()
 def image_features(
-    adata: AnnData,
+    adata: AnnData | SpatialData,
     *,
+    table_key: str | None = None,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    coordinate_system: str | None = None,
     img=None,
     img_scale: float | None = None,
     library_id: str | None = None,
     library_key: str | None = None,
-    spatial_key: str = "spatial",
-    encoder: str | nn.Module = "densenet121",
+    spatial_key: str = SPATIAL_KEY,
+    encoder: str | nn.Module = "mobilenet_v2",
     weights: str | os.PathLike | None = "imagenet",
     mean: float | tuple[float, float, float] | None = None,
     std: float | tuple[float, float, float] | None = None,
@@ -240,15 +370,16 @@ def image_features(
     dihedral: bool = False,
     patch_size: float | None = None,
     patch_size_um: float | None = None,
+    context: float | None = None,
     input_size: int = 224,
     batch_size: int = 32,
     device: str | torch.device | None = None,
     num_workers: int = 0,
     random_state: int | None = 0,
     progress_bar: bool = True,
-    key_added: str = "img_features",
+    key_added: str = FEATURES_KEY,
     copy: bool = False,
-) -> AnnData | None:
+) -> AnnData | SpatialData | None:
     """Compute CNN features of the H&E patch around every spot.
 
     A square patch is cropped around each spot centre (`obsm[spatial_key]`, full-resolution pixels), resized to
@@ -264,6 +395,11 @@ def image_features(
        cut at `coordinates * scalef` with size `patch_size * scalef` and resized to `input_size` (bilinear, sampled
        at the exact sub-pixel box when upsampling).
 
+    With a SpatialData the spots (or bins) are the shapes that the table `table_key` annotates (circles, squares or
+    polygons; their centroids), mapped into the pixels of the image `image_key` through spatialdata's coordinate
+    transformations in `coordinate_system`; a multiscale image is read lazily, from the pyramid level that fits the
+    patch. The features go into the table.
+
     Image conversion: RGBA drops alpha, greyscale is repeated to RGB, 16-bit (and other integer) images are scaled by
     `255 / 65535`, float images are taken as `[0, 1]` when their maximum is `<= 1`, else as `[0, 255]`.
     Patches that run over the image border are padded with constant white (255, empty glass); spots whose centre lies
@@ -273,6 +409,15 @@ def image_features(
     ----------
     adata
         {adata}
+    table_key
+        {table_key}
+    image_key
+        With a SpatialData: the H&E element of `sdata.images` (`None`: the only image).
+    shapes_key
+        With a SpatialData: the shapes element whose centres are used (`None`: the one the table annotates).
+    coordinate_system
+        With a SpatialData: the coordinate system joining the shapes and the image (`None`: the one they share, or
+        `'global'`).
     img
         H&E image for all spots: a path (JPEG, PNG or TIFF), a numpy array `H x W` or `H x W x C` (C = 1, 3, 4) in
         full-resolution pixels, or a squidpy `ImageContainer`. `None` uses the images in `adata.uns['spatial']`.
@@ -297,8 +442,9 @@ def image_features(
         first time), a path to a state_dict with torchvision keys (classifier keys are ignored), or `None` for random
         initialisation seeded with `random_state` (a user module is used as given).
     mean, std
-        Per-channel normalisation of the RGB input in `[0, 1]`: `(x - mean) / std`. `None` uses ImageNet's statistics
-        (right for torchvision weights). For the shared TF-style MobileNetV2 file pass `mean=0.5, std=0.5`.
+        Per-channel normalisation of the RGB input in `[0, 1]`: `(x - mean) / std`. `None` uses the statistics the
+        weights were trained with: the model's own for the pathology encoders, `0.5, 0.5` for the shared TF-style
+        MobileNetV2 file (recognised by its checksum), ImageNet's for torchvision weights.
     tf_padding
         Pad stride-2 convolutions like TensorFlow's 'SAME' (one extra row/column at the bottom/right) instead of
         torchvision's symmetric padding, for weights converted from TensorFlow: the shared MobileNetV2 file reproduces
@@ -313,12 +459,18 @@ def image_features(
         Average the features over the 8 flips and right-angle rotations of each patch (H&E has no preferred
         orientation, so this removes the encoder's orientation noise); 8 times the compute.
     patch_size
-        Side of the square patch in full-resolution pixels (`224` reproduces mclSTExp on her2st).
+        Side of the square patch in full-resolution pixels (of the image's full-resolution level for a SpatialData;
+        `224` reproduces mclSTExp on her2st).
     patch_size_um
         Side of the patch in µm, converted with `scalefactors['spot_diameter_fullres']` and
-        `metadata['spot_diameter_um']`. Without `patch_size` and `patch_size_um` the patch side is the spot
-        diameter, `scalefactors['spot_diameter_fullres']` (factor 1, as squidpy's image features; for tiles from
-        :func:`histospace.pp.tile_image` this is the tile).
+        `metadata['spot_diameter_um']` (with a SpatialData, with :func:`histospace.io.microns_per_unit`). Without
+        `patch_size` and `patch_size_um` the patch side is three spot diameters (`3 x
+        scalefactors['spot_diameter_fullres']`; 165 µm on Visium, the setting the domain benchmark validated), and
+        165 µm for square bins.
+    context
+        Also encode a context patch `context` times wider around the same centre (resized to `input_size` as well)
+        and append its features: the width doubles. `context=2` with `layers='stages'` and `dihedral=True` are the
+        features the expression benchmark validated for mclSTExp.
     input_size
         Side in pixels of the patches given to the encoder.
     batch_size
@@ -341,7 +493,7 @@ def image_features(
     Returns `None` if `copy=False`, else returns an `AnnData` object. Sets the following fields:
 
     `adata.obsm['img_features' | key_added]` : :class:`numpy.ndarray` (dtype `float32`)
-        Image features of shape `(n_obs, d)`.
+        Image features of shape `(n_obs, d)` (`d` doubles with `context`). For a SpatialData, in its table.
     `adata.uns['img_features' | key_added]` : :class:`dict`
         `'params'`: `encoder`, `weights` (`'imagenet'`, file path, `'random'` or `'module'`), `patch_size_px`,
         `patch_size_um` (when known), `input_size`, `image` (`'fullres'`, `'hires'`, `'lowres'` or `'img'`), `scale`,
@@ -360,29 +512,6 @@ def image_features(
     (187, 1280)
     """
     # ---- check everything before the expensive work --------------------------------------------------------------
-    if not isinstance(adata, AnnData):
-        msg = f"`adata` must be an AnnData, got {type(adata).__name__}."
-        raise TypeError(msg)
-    if spatial_key not in adata.obsm:
-        msg = (
-            f"`adata.obsm[{spatial_key!r}]` not found; it must hold the spot centres in full-resolution pixels (x, y). "
-            "Load the data with a Visium reader (`sc.read_visium`, `squidpy.read.visium`) or set it, or pass "
-            "`spatial_key=`."
-        )
-        raise KeyError(msg)
-    coords = np.asarray(adata.obsm[spatial_key])
-    if coords.ndim != 2 or coords.shape[0] != adata.n_obs or coords.shape[1] < 2:
-        msg = f"`adata.obsm[{spatial_key!r}]` has shape {coords.shape}; expected ({adata.n_obs}, 2) pixel (x, y)."
-        raise ValueError(msg)
-    coords = coords[:, :2].astype(np.float64)
-    if not np.isfinite(coords).all():
-        bad = np.flatnonzero(~np.isfinite(coords).all(axis=1))
-        msg = (
-            f"`adata.obsm[{spatial_key!r}]` has NaN or infinite coordinates for {bad.size} spots, e.g. "
-            f"{adata.obs_names[bad[0]]!r}; remove these spots (`adata = adata[np.isfinite(adata.obsm[{spatial_key!r}])"
-            ".all(1)].copy()`) first."
-        )
-        raise ValueError(msg)
     positive = {"low": 0, "low_inclusive": False}
     patch_size = check_number(patch_size, "patch_size", **positive, allow_none=True)
     patch_size_um = check_number(patch_size_um, "patch_size_um", **positive, allow_none=True)
@@ -390,6 +519,7 @@ def image_features(
     batch_size = check_number(batch_size, "batch_size", integer=True, low=1)
     num_workers = check_number(num_workers, "num_workers", integer=True, low=0)
     img_scale = check_number(img_scale, "img_scale", **positive, allow_none=True)
+    context = check_number(context, "context", low=1, low_inclusive=False, allow_none=True)
     check_key_added(key_added)
     if img is None and img_scale is not None:
         msg = "`img_scale` applies only with `img=`."
@@ -398,16 +528,36 @@ def image_features(
     check_encoder_options(encoder, layers=layers, tf_padding=tf_padding)
     dev = resolve_device(device)
 
-    libs = _resolve_libraries(
-        adata,
-        img=img,
-        img_scale=img_scale,
-        library_id=library_id,
-        library_key=library_key,
-        patch_size=patch_size,
-        patch_size_um=patch_size_um,
-    )
-    _check_inside(adata, libs, coords)
+    from histospace._nn._pathology import get_pathology_model, is_pathology_encoder
+
+    if patch_size is None and patch_size_um is None and is_pathology_encoder(encoder):
+        patch_size_um = get_pathology_model(encoder).patch_size_um  # the tissue size the model was trained on
+    adata, ctx = as_table(adata, table_key)
+    if ctx is None:
+        coords = _anndata_coords(adata, spatial_key)
+        libs = _resolve_libraries(
+            adata,
+            img=img,
+            img_scale=img_scale,
+            library_id=library_id,
+            library_key=library_key,
+            patch_size=patch_size,
+            patch_size_um=patch_size_um,
+        )
+    elif img is not None:
+        msg = "With a SpatialData the image is an element of `sdata.images`: pass `image_key=`, not `img=`."
+        raise ValueError(msg)
+    else:
+        coords, libs = _sdata_libraries(
+            ctx,
+            image_key=image_key,
+            shapes_key=shapes_key,
+            coordinate_system=coordinate_system,
+            patch_size=patch_size,
+            patch_size_um=patch_size_um,
+        )
+    factors = (1.0,) if context is None else (1.0, float(context))
+    _check_inside(adata, libs, coords, max_factor=factors[-1])
     enc, d, info = build_encoder(
         encoder,
         weights,
@@ -428,39 +578,45 @@ def image_features(
     enc = enc.to(dev)
     if dev.type == "cpu":
         enc = enc.to(memory_format=torch.channels_last)
-    feats = np.empty((adata.n_obs, d), dtype=np.float32)
-    n_batches = sum(-(-len(lib.rows) // batch_size) for lib in libs)
+    feats = np.empty((adata.n_obs, d * len(factors)), dtype=np.float32)
+    n_batches = len(factors) * sum(-(-len(lib.rows) // batch_size) for lib in libs)
     records = {}
-    with tqdm(total=n_batches, desc="image features", disable=not progress_bar) as bar, torch.inference_mode():
+    with progress(total=n_batches, desc="image features", disable=not progress_bar) as bar, torch.inference_mode():
         for lib in libs:
-            src = lib.source.load()  # decodes a JPEG/PNG once; arrays, memmaps and zarr stay as they are
-            size = lib.patch_size_px * src.scale
-            exact = size < input_size
-            if size < 16:
-                logg.warning(
-                    f"library {lib.library_id!r}: patches are only {size:.1f} px wide in the {src.kind!r} image "
-                    f"(scale {src.scale:g}) and are upsampled to {input_size} px; they carry little detail. A "
-                    "full-resolution image (`img=` or `metadata['source_image_path']`) gives better features."
-                )
-            centres = src.to_pixels(coords[lib.rows])
-            ds = _BatchDataset(src, centres, size, input_size, batch_size, exact)
-            loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=int(num_workers))
-            for i, batch in enumerate(loader):
-                c = centres[i * batch_size : (i + 1) * batch_size]
-                x = resize_patches(batch.to(dev, non_blocking=True), input_size, centres=c, size=size, exact=exact)
-                y = _dihedral_mean(enc, x) if dihedral else enc(x)
-                feats[lib.rows[i * batch_size : (i + 1) * batch_size]] = y.float().cpu().numpy()
-                bar.update(1)
-            del src, ds, loader
-            rec = {
-                "image": lib.source.kind,
-                "scale": float(lib.source.scale),
-                "patch_size_px": float(lib.patch_size_px),
-            }
+            rec = {"patch_size_px": float(lib.patch_size_px), **lib.extra}
+            for j, factor in enumerate(factors):
+                full = lib.patch_size_px * factor  # patch side in full-resolution units
+                level, src = lib.source_for(full, input_size)
+                src = src.load()  # JPEG/PNG decoded once; others stay lazy
+                size = full * src.scale
+                exact = size < input_size
+                if size < 16 and j == 0:
+                    warnings.warn(
+                        f"library {lib.library_id!r}: patches are only {size:.1f} px wide in the {src.kind!r} image "
+                        f"(scale {src.scale:g}) and are upsampled to {input_size} px; they carry little detail. A "
+                        "full-resolution image (`img=` or `metadata['source_image_path']`) gives better features.",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+                centres = src.to_pixels(coords[lib.rows])
+                ds = _BatchDataset(src, centres, size, input_size, batch_size, exact)
+                loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=int(num_workers))
+                cols = slice(j * d, (j + 1) * d)
+                for i, batch in enumerate(loader):
+                    c = centres[i * batch_size : (i + 1) * batch_size]
+                    x = resize_patches(batch.to(dev, non_blocking=True), input_size, centres=c, size=size, exact=exact)
+                    y = _dihedral_mean(enc, x) if dihedral else enc(x)
+                    feats[lib.rows[i * batch_size : (i + 1) * batch_size], cols] = y.float().cpu().numpy()
+                    bar.update(1)
+                if j == 0:
+                    rec |= {"image": src.kind, "scale": float(src.scale)}
+                    if src.path is not None:
+                        rec["image_path"] = str(src.path)
+                if lib.multiscale is not None and lib.multiscale.n_levels > 1:
+                    rec["level" if j == 0 else "context_level"] = int(level)
+                del src, ds, loader
             if lib.patch_size_um is not None:
                 rec["patch_size_um"] = float(lib.patch_size_um)
-            if lib.source.path is not None:
-                rec["image_path"] = str(lib.source.path)
             records[lib.library_id] = rec
 
     if not np.isfinite(feats).all():
@@ -491,25 +647,32 @@ def image_features(
         params["layers"] = layers
     if dihedral:
         params["dihedral"] = True
-    for k in ("image", "scale", "patch_size_px", "patch_size_um"):
+    if context is not None:
+        params["context"] = float(context)
+    for k in ("pooling", "mpp"):
+        if info.get(k) is not None:
+            params[k] = info[k]
+    for k in ("image", "scale", "patch_size_px", "patch_size_um") + _SDATA_KEYS:
         vals = [r[k] for r in records.values() if k in r]
         if not vals:
             continue
         if len(vals) == len(records) and all(v == vals[0] for v in vals):
             params[k] = vals[0]
-        elif k == "image":
+        elif k == "image" or k in _SDATA_KEYS:
             params[k] = [str(v) for v in vals]
         else:
             params[k] = np.asarray(vals, dtype=np.float64)
     if weights is None and not isinstance(encoder, nn.Module) and random_state is not None:
         params["random_state"] = int(random_state)
 
-    adata = adata.copy() if copy else adata
-    adata.obsm[key_added] = feats
-    adata.uns[key_added] = {"params": params, "version": version_string()}
+    if ctx is not None:
+        params.pop("spatial_key")
+    out = adata.copy() if copy else adata
+    out.obsm[key_added] = feats
+    out.uns[key_added] = {"params": params, "version": version_string()}
     logg.info(
         "    finished",
         time=start,
         deep=f"added\n    {key_added!r}, image features {feats.shape} (adata.obsm)\n    {key_added!r} (adata.uns)",
     )
-    return adata if copy else None
+    return table_output(ctx, out, copy)

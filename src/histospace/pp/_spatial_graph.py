@@ -625,7 +625,9 @@ def spatial_graph(
             conn, dist = _radius_graph(coords, lib_codes, r_lib, set_diag=bool(set_diag))
     else:
         # squidpy on a light AnnData holding only what the builder reads
-        import squidpy as sq
+        from histospace._utils._deps import quiet_import
+
+        sq = quiet_import("squidpy")
 
         obs = pd.DataFrame(index=pd.RangeIndex(n).astype(str))
         if lib_of_spot is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -12,8 +12,12 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from histospace._constants import CONNECTIVITIES_KEY, STEREOMM_KEY
-from histospace._utils import check_obsm, check_obsp, check_random_state, doc_params, version_string
+from histospace._utils import check_number, check_obsm, check_obsp, check_random_state, doc_params, version_string
 from histospace._utils._data import binary_adjacency, check_key_added
+from histospace._utils._sdata import as_table, table_output
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
 
 _HINTS = {
     "X_stereomm": "Run `hs.tl.stereomm(adata)` first.",
@@ -130,8 +134,9 @@ def _relabel(lab: np.ndarray) -> np.ndarray:
 
 @doc_params()
 def domains(
-    adata: AnnData,
+    adata: AnnData | SpatialData,
     *,
+    table_key: str | None = None,
     use_rep: str = STEREOMM_KEY,
     n_clusters: int | None = 7,
     method: Literal["gmm", "kmeans", "leiden"] = "gmm",
@@ -146,7 +151,7 @@ def domains(
     random_state: int | None = 0,
     key_added: str | None = None,
     copy: bool = False,
-) -> AnnData | None:
+) -> AnnData | SpatialData | None:
     """Cluster a latent representation into spatial domains.
 
     The clustering methods (`'gmm'`, `'kmeans'`, `'leiden'`), how `n_clusters=None` picks the number of domains and
@@ -156,6 +161,8 @@ def domains(
     ----------
     adata
         {adata}
+    table_key
+        {table_key}
     use_rep
         Key in `adata.obsm` with the representation (e.g. `'X_stereomm'` from `hs.tl.stereomm`).
     n_clusters
@@ -188,7 +195,8 @@ def domains(
 
     Returns
     -------
-    `None` if `copy=False`, else an `AnnData`. Sets the following fields:
+    `None` if `copy=False`, else an `AnnData` (a `SpatialData` for a SpatialData). Sets the following fields (of the
+    table, for a SpatialData):
 
     `adata.obs['stereomm_domain' | key_added]` : :class:`pandas.Categorical`
         Domain labels `'0'`, `'1'`, ... numbered by decreasing size.
@@ -219,6 +227,13 @@ def domains(
         msg = f"method={method!r} is not one of 'gmm', 'kmeans', 'leiden'."
         raise ValueError(msg)
     random_state = check_random_state(random_state)
+    n_pcs = check_number(n_pcs, "n_pcs", integer=True, low=1, allow_none=True)
+    n_init = check_number(n_init, "n_init", integer=True, low=1)
+    n_neighbors = check_number(n_neighbors, "n_neighbors", integer=True, low=1)
+    adata, ctx = as_table(adata, table_key)
+    if adata.n_obs < 2:
+        msg = f"`adata` has {adata.n_obs} spot(s); spatial domains need at least 2."
+        raise ValueError(msg)
     hint = _HINTS.get(
         use_rep, f"Compute the representation first (e.g. `hs.tl.stereomm(adata, key_added={use_rep!r})`)."
     )
@@ -336,4 +351,4 @@ def domains(
         time=start,
         deep=f"added\n    {key_added!r}, domains (adata.obs)\n    {key_added!r}, parameters (adata.uns)",
     )
-    return out if copy else None
+    return table_output(ctx, out, copy)

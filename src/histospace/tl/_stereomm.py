@@ -11,17 +11,20 @@ from scanpy import logging as logg
 from histospace._constants import CONNECTIVITIES_KEY, FEATURES_KEY, STEREOMM_KEY
 from histospace._utils import doc_params, version_string
 from histospace._utils._data import check_key_added, uns_safe
+from histospace._utils._sdata import as_table, table_output
 
 if TYPE_CHECKING:
     import torch
+    from spatialdata import SpatialData
 
     from histospace.models import StereoMM
 
 
 @doc_params()
 def stereomm(
-    adata: AnnData,
+    adata: AnnData | SpatialData,
     *,
+    table_key: str | None = None,
     layer: str | None = None,
     features_key: str | None = FEATURES_KEY,
     connectivity_key: str = CONNECTIVITIES_KEY,
@@ -41,7 +44,7 @@ def stereomm(
     key_added: str = STEREOMM_KEY,
     return_model: bool = False,
     copy: bool = False,
-) -> AnnData | StereoMM | tuple[AnnData, StereoMM] | None:
+) -> AnnData | SpatialData | StereoMM | tuple[AnnData | SpatialData, StereoMM] | None:
     """Integrate expression, H&E image features and the spatial graph with StereoMM :cite:p:`Luo2024`.
 
     A thin wrapper around :class:`histospace.models.StereoMM`: build the model, train it and write the latent mean.
@@ -52,6 +55,8 @@ def stereomm(
     ----------
     adata
         {adata}
+    table_key
+        {table_key}
     layer
         Layer with the expression (counts or normalised, non-negative); `None` uses `adata.X`.
     features_key
@@ -94,8 +99,8 @@ def stereomm(
 
     Returns
     -------
-    `None` if `copy=False`, else an `AnnData`; with `return_model=True` the model, or `(adata, model)` when
-    `copy=True`. Sets the following fields:
+    `None` if `copy=False`, else an `AnnData` (a `SpatialData` for a SpatialData); with `return_model=True` the model,
+    or `(copy, model)` when `copy=True`. Sets the following fields (of the table, for a SpatialData):
 
     `adata.obsm['X_stereomm' | key_added]` : :class:`numpy.ndarray` (dtype `float32`)
         Latent mean, shape `(n_obs, n_latent)`.
@@ -106,6 +111,7 @@ def stereomm(
     from histospace.models import StereoMM
 
     check_key_added(key_added)
+    adata, ctx = as_table(adata, table_key)
     uns_key = key_added[2:] if key_added.startswith("X_") and len(key_added) > 2 else key_added
     start = logg.info("running StereoMM")
     model = StereoMM(
@@ -150,5 +156,6 @@ def stereomm(
         deep=f"added\n    {key_added!r}, latent (adata.obsm)\n    {uns_key!r}, parameters and history (adata.uns)",
     )
     if copy:
+        out = table_output(ctx, out, copy)
         return (out, model) if return_model else out
     return model if return_model else None

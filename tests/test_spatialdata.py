@@ -1,0 +1,119 @@
+"""The same functions on an AnnData and on a SpatialData give the same results (and zarr round trips)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import histospace as hs
+
+
+@pytest.fixture
+def sdata(adata_graph):
+    """The tiny Visium-like slide as a SpatialData: circles, the hires image with its transform, the table."""
+    from spatialdata_io.experimental import from_legacy_anndata
+
+    return from_legacy_anndata(adata_graph)
+
+
+KW = {"hidden": [8], "n_latent": 4, "max_epochs": 2, "device": "cpu", "progress_bar": False}
+
+
+def test_table_functions_write_into_the_table(adata_graph, sdata):
+    table = sdata.tables["table"]
+    assert hs.tl.stereomm(sdata, **KW) is None
+    hs.tl.stereomm(adata_graph, **KW)
+    np.testing.assert_array_equal(table.obsm["X_stereomm"], adata_graph.obsm["X_stereomm"])
+    assert hs.tl.domains(sdata, n_clusters=3) is None
+    hs.tl.domains(adata_graph, n_clusters=3)
+    pd.testing.assert_series_equal(
+        table.obs["stereomm_domain"], adata_graph.obs["stereomm_domain"], check_names=False, check_index=False
+    )
+    assert set(table.uns) >= {"stereomm", "stereomm_domain"}
+
+
+def test_copy_returns_a_spatialdata_and_leaves_the_input(sdata):
+    from spatialdata import SpatialData
+
+    out = hs.tl.stereomm(sdata, copy=True, **KW)
+    assert isinstance(out, SpatialData) and "X_stereomm" in out.tables["table"].obsm
+    assert "X_stereomm" not in sdata.tables["table"].obsm
+    assert out.images.keys() == sdata.images.keys() and out.shapes.keys() == sdata.shapes.keys()
+    res = hs.tl.domains(out, n_clusters=3, copy=True)
+    assert "stereomm_domain" in res.tables["table"].obs and "stereomm_domain" not in out.tables["table"].obs
+
+
+def test_models_take_a_spatialdata(adata_graph, sdata, tmp_path):
+    m = hs.models.StereoMM(sdata, hidden=[8], n_latent=4).train(max_epochs=2, progress_bar=False)
+    ref = hs.models.StereoMM(adata_graph, hidden=[8], n_latent=4).train(max_epochs=2, progress_bar=False)
+    np.testing.assert_array_equal(m.get_latent_representation(), ref.get_latent_representation())
+    m.save(tmp_path / "m")
+    again = hs.models.StereoMM.load(tmp_path / "m", adata=sdata)
+    np.testing.assert_array_equal(again.get_latent_representation(), m.get_latent_representation())
+
+
+def test_table_key_errors(sdata):
+    before = set(sdata.tables["table"].obsm)
+    with pytest.raises(KeyError, match=r"tables\['nope'\]"):
+        hs.tl.stereomm(sdata, table_key="nope", **KW)
+    sdata.tables["other"] = sdata.tables["table"].copy()
+    with pytest.raises(ValueError, match="2 tables.*table_key"):
+        hs.tl.domains(sdata)
+    with pytest.raises(TypeError, match="AnnData or a SpatialData"):
+        hs.tl.domains("adata")
+    assert set(sdata.tables["table"].obsm) == before
+
+
+def test_zarr_round_trip(sdata, tmp_path):
+    import spatialdata as sd
+
+    hs.tl.stereomm(sdata, **KW)
+    hs.tl.domains(sdata, n_clusters=3)
+    sdata.write(tmp_path / "s.zarr")
+    back = sd.read_zarr(tmp_path / "s.zarr")
+    t, b = sdata.tables["table"], back.tables["table"]
+    np.testing.assert_array_equal(b.obsm["X_stereomm"], t.obsm["X_stereomm"])
+    assert b.obs["stereomm_domain"].astype(str).tolist() == t.obs["stereomm_domain"].astype(str).tolist()
+    np.testing.assert_array_equal(b.uns["stereomm"]["history"]["loss"], t.uns["stereomm"]["history"]["loss"])
+
+
+FEAT = {"encoder": "mobilenet_v2", "weights": None, "input_size": 32, "progress_bar": False, "device": "cpu"}
+
+
+def test_image_features_same_as_anndata(adata_graph, sdata):
+    # the same spots mapped into the same image through spatialdata's transformations: the same bytes
+    hs.pp.image_features(adata_graph, **FEAT)
+    hs.pp.image_features(sdata, **FEAT)
+    table = sdata.tables["table"]
+    np.testing.assert_array_equal(table.obsm["img_features"], adata_graph.obsm["img_features"])
+    p = table.uns["img_features"]["params"]
+    assert p["shapes_key"] == "locations" and p["image_key"] in sdata.images and p["table_key"] == "table"
+    assert p["patch_size_px"] == pytest.approx(165.0 * 0.5)  # three diameters, in pixels of the hires image
+    # context doubles the width; copy returns a SpatialData and leaves the input
+    out = hs.pp.image_features(sdata, context=2, key_added="ctx", copy=True, **FEAT)
+    assert out.tables["table"].obsm["ctx"].shape == (table.n_obs, 2 * 1280)
+    np.testing.assert_array_equal(out.tables["table"].obsm["ctx"][:, :1280], table.obsm["img_features"])
+    assert "ctx" not in table.obsm
+
+
+def test_image_features_errors_leave_the_table(sdata):
+    from spatialdata.models import Image2DModel
+
+    table = sdata.tables["table"]
+    before = set(table.obsm)
+    with pytest.raises(KeyError, match=r"images\['nope'\]"):
+        hs.pp.image_features(sdata, image_key="nope", **FEAT)
+    with pytest.raises(ValueError, match="Coordinate system 'other' does not connect"):
+        hs.pp.image_features(sdata, coordinate_system="other", **FEAT)
+    with pytest.raises(ValueError, match="patch_size_um.*µm scale.*set_microns_per_unit"):
+        hs.pp.image_features(sdata, patch_size_um=50, **FEAT)
+    with pytest.raises(ValueError, match="image_key=.*not `img=`"):
+        hs.pp.image_features(sdata, img=np.zeros((10, 10, 3), np.uint8), **FEAT)
+    sdata.images["second"] = Image2DModel.parse(np.zeros((3, 8, 8), np.uint8), dims=("c", "y", "x"))
+    with pytest.raises(ValueError, match="2 images.*image_key="):
+        hs.pp.image_features(sdata, **FEAT)
+    table.uns["spatialdata_attrs"]["region"] = "gone"
+    with pytest.raises(ValueError, match="annotates no shapes"):
+        hs.pp.image_features(sdata, image_key="second", **FEAT)
+    assert set(table.obsm) == before
