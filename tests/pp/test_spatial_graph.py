@@ -363,3 +363,293 @@ def test_dlpfc_visium_hex(data_dir):
         warnings.simplefilter("ignore", UserWarning)
         hs.pp.spatial_graph(a, radius_um=110, key_added="r110")
     assert (a.obsp["r110_connectivities"] != a.obsp[CONN]).nnz == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# square bins (Visium HD, Stereo-seq)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _bins(n_rows=7, n_cols=9, *, pitch=16.0, holes=((2, 3), (2, 4), (5, 0)), lib=None, seed=0, names="hd", angle=0.0):
+    """A small grid of square bins with holes; centres `pitch` apart (rotated by `angle` rad, as Visium HD images)."""
+    r, c = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    r, c = r.ravel(), c.ravel()
+    keep = np.ones(r.size, dtype=bool)
+    for hr, hc in holes:
+        keep &= ~((r == hr) & (c == hc))
+    r, c = r[keep], c[keep]
+    perm = np.random.default_rng(seed).permutation(r.size)  # bins in no particular order
+    r, c = r[perm], c[perm]
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    xy = (np.column_stack([c, r]) * pitch) @ rot.T + [100.0, 50.0]
+    suffix = "1" if lib is None else lib
+    if names == "hd":
+        index = [f"s_008um_{ri:05d}_{ci:05d}-{suffix}" for ri, ci in zip(r, c, strict=True)]
+    else:
+        index = [f"bin{i}-{suffix}" for i in range(r.size)]
+    obs = pd.DataFrame({"array_row": r, "array_col": c}, index=index)
+    if lib is not None:
+        obs["library_id"] = lib
+    a = ad.AnnData(obs=obs)
+    a.obsm["spatial"] = xy
+    return a
+
+
+def _hand_graph(a, n_neighs, n_rings=1, libs=None):
+    """Brute force over all pairs: same slide and lattice distance 1..n_rings (Manhattan for 4, Chebyshev for 8)."""
+    r = a.obs["array_row"].to_numpy()
+    c = a.obs["array_col"].to_numpy()
+    libs = np.zeros(a.n_obs) if libs is None else libs
+    dr, dc = np.abs(r[:, None] - r[None, :]), np.abs(c[:, None] - c[None, :])
+    ring = dr + dc if n_neighs == 4 else np.maximum(dr, dc)
+    adj = (ring >= 1) & (ring <= n_rings) & (libs[:, None] == libs[None, :])
+    xy = a.obsm["spatial"]
+    d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1))
+    return adj, np.where(adj, d, 0.0)
+
+
+@pytest.mark.parametrize(("n_neighs", "n_rings"), [(4, 1), (8, 1), (4, 2), (8, 2)])
+def test_bins_grid_equals_hand_built(n_neighs, n_rings):
+    a = _bins(angle=0.02)
+    hs.pp.spatial_graph(a, n_neighs=n_neighs, n_rings=n_rings)
+    adj, d = _hand_graph(a, n_neighs, n_rings)
+    conn, dist = a.obsp[CONN], a.obsp[DIST]
+    for m in (conn, dist):
+        assert sp.issparse(m) and m.format == "csr" and m.dtype == np.float32 and m.has_sorted_indices
+    np.testing.assert_array_equal(conn.toarray(), adj.astype(np.float32))
+    np.testing.assert_allclose(dist.toarray(), d, rtol=1e-6)  # Euclidean, in coordinate units
+    assert conn.nnz == dist.nnz  # no explicit zeros, one distance per edge
+    params = a.uns[UNS]["params"]
+    assert params["coord_type"] == "grid" and params["bins"] is True
+    assert params["n_neighbors"] == n_neighs and params["n_rings"] == n_rings
+    assert params["mean_degree"] == pytest.approx(adj.sum(1).mean())
+
+
+def test_bins_default_is_8_neighbour_grid():
+    a = _bins(holes=())
+    hs.pp.spatial_graph(a)
+    params = a.uns[UNS]["params"]
+    assert params["coord_type"] == "grid" and params["n_neighbors"] == 8 and params["bins"] is True
+    deg = np.diff(a.obsp[CONN].indptr)
+    assert deg.max() == 8 and deg.min() == 3  # interior and corner bins
+    assert a.obsp[DIST].max() == pytest.approx(16.0 * np.sqrt(2))
+
+
+def test_bins_two_slides_stay_separate():
+    # both slides use the same grid positions: only the slide column tells them apart
+    a = ad.concat([_bins(lib="s1", seed=1), _bins(lib="s2", seed=2, holes=((0, 0),))])
+    a.obs["library_id"] = pd.Categorical(a.obs["library_id"])
+    lib = a.obs["library_id"].to_numpy()
+    hs.pp.spatial_graph(a)  # found from obs['library_id']
+    adj, _ = _hand_graph(a, 8, 1, libs=lib)
+    np.testing.assert_array_equal(a.obsp[CONN].toarray(), adj.astype(np.float32))
+    assert a.uns[UNS]["params"]["library_key"] == "library_id"
+
+    del a.obs["library_id"]
+    before = _snapshot(a)
+    with pytest.raises(ValueError, match=r"share their grid position.*library_key"):
+        hs.pp.spatial_graph(a)
+    _assert_unchanged(a, before)
+
+
+def test_bins_grid_index_steps():
+    # stereopy-style positions in DNB (multiples of the bin size) give the same graph as unit indices
+    a = _bins(names="plain")
+    b = a.copy()
+    b.obs["array_row"] = b.obs["array_row"] * 50 + 1000
+    b.obs["array_col"] = b.obs["array_col"] * 50
+    b.uns["gem"] = {"bin_size": 50}
+    hs.pp.spatial_graph(b)
+    assert b.uns[UNS]["params"]["bins"] is True
+    hs.pp.spatial_graph(a, bins=True)
+    assert (a.obsp[CONN] != b.obsp[CONN]).nnz == 0
+
+
+@pytest.mark.parametrize(
+    "mark",
+    ["barcodes", "technology", "gem", "rebin", "stereopy", "tiling", "many"],
+)
+def test_bins_detected(mark):
+    a = _bins(names="hd" if mark == "barcodes" else "plain")
+    if mark == "technology":
+        a.uns["spatial"] = {"x": {"metadata": {"technology": "Visium_HD"}, "scalefactors": {}}}
+    elif mark in ("gem", "rebin"):
+        a.uns[mark] = {"factor": 2}
+    elif mark == "stereopy":
+        a.uns["bin_type"] = "bins"
+    elif mark == "tiling":  # squares as wide as the grid pitch
+        a.uns["spatial"] = {"x": {"scalefactors": {"spot_diameter_fullres": 16.0}, "metadata": {}}}
+    elif mark == "many":
+        a = _bins(80, 70, names="plain", holes=())
+    hs.pp.spatial_graph(a)
+    params = a.uns[UNS]["params"]
+    assert params["bins"] is True and params["coord_type"] == "grid" and params["n_neighbors"] == 8
+
+
+def test_spots_not_taken_for_bins(adata):
+    # legacy-ST-like square array: spots of 55 px, 100 px apart, no bin marker -> squidpy as before
+    hs.pp.spatial_graph(adata)
+    assert adata.uns[UNS]["params"]["bins"] is False
+    # bins=False turns detection off
+    a = _bins()
+    hs.pp.spatial_graph(a, bins=False)
+    params = a.uns[UNS]["params"]
+    assert params["bins"] is False and params["coord_type"] == "generic" and params["n_neighbors"] == 6
+
+
+def test_bins_radius_equals_squidpy():
+    import squidpy as sq
+
+    a = _bins(angle=0.3)
+    ref = a.copy()
+    sq.gr.spatial_neighbors_radius(ref, radius=37.0)
+    hs.pp.spatial_graph(a, radius=37.0)
+    assert a.uns[UNS]["params"]["bins"] is True and a.uns[UNS]["params"]["coord_type"] == "generic"
+    assert (a.obsp[CONN] != ref.obsp[CONN]).nnz == 0
+    np.testing.assert_allclose(a.obsp[DIST].toarray(), ref.obsp[DIST].toarray(), rtol=1e-6)
+
+    # radius in µm through microns_per_unit (0.5 µm per unit: 18.5 µm = 37 units)
+    hs.pp.spatial_graph(a, radius_um=18.5, microns_per_unit=0.5, key_added="um")
+    assert (a.obsp["um_connectivities"] != ref.obsp[CONN]).nnz == 0
+    p = a.uns["um_neighbors"]["params"]
+    assert p["radius"] == pytest.approx(37.0) and p["microns_per_unit"] == 0.5 and p["radius_um"] == 18.5
+
+
+def test_bins_radius_two_slides_own_units():
+    # slide s2 in units twice as fine (0.25 µm): same tissue, coordinates x2
+    a = ad.concat([_bins(lib="s1", seed=1), _bins(lib="s2", seed=2)])
+    s2 = (a.obs["library_id"] == "s2").to_numpy()
+    a.obsm["spatial"][s2] *= 2
+    hs.pp.spatial_graph(a, radius_um=12, microns_per_unit={"s1": 0.5, "s2": 0.25}, library_key="library_id")
+    conn, dist = a.obsp[CONN], a.obsp[DIST]
+    blocks = [np.flatnonzero(~s2), np.flatnonzero(s2)]
+    lib = a.obs["library_id"].to_numpy()
+    coo = conn.tocoo()
+    assert np.all(lib[coo.row] == lib[coo.col])
+    for b, unit in zip(blocks, (1.0, 2.0), strict=True):
+        sub = a[b].copy()
+        adj, _ = _hand_graph(sub, 8, 1)  # 24 units of 0.5 µm (12 µm) covers the diagonal of 16-unit bins
+        np.testing.assert_array_equal(conn[b][:, b].toarray(), adj.astype(np.float32))
+        assert dist[b][:, b].max() == pytest.approx(16.0 * np.sqrt(2) * unit)
+    p = a.uns[UNS]["params"]
+    assert p["radius"] == {"s1": pytest.approx(24.0), "s2": pytest.approx(48.0)}
+    assert p["microns_per_unit"] == {"s1": 0.5, "s2": 0.25}
+
+
+def test_bins_radius_um_from_scalefactors():
+    # Visium HD scale factors carry microns_per_pixel
+    a = _bins()
+    a.uns["spatial"] = {
+        "hd": {"scalefactors": {"microns_per_pixel": 0.5, "spot_diameter_fullres": 16.0}, "metadata": {}}
+    }
+    hs.pp.spatial_graph(a, radius_um=12)
+    p = a.uns[UNS]["params"]
+    assert p["radius"] == pytest.approx(24.0) and p["microns_per_unit"] == pytest.approx(0.5)
+
+
+def test_bins_radius_um_needs_units():
+    a = _bins()
+    before = _snapshot(a)
+    with pytest.raises(KeyError, match="microns_per_unit"):
+        hs.pp.spatial_graph(a, radius_um=12)
+    _assert_unchanged(a, before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"n_neighs": 6}, ValueError, "4 or 8"),
+        ({"coord_type": "grid", "delaunay": True}, ValueError, "delaunay"),
+        ({"radius_um": 10, "microns_per_unit": 0.5, "spot_diameter_um": 8}, ValueError, "microns_per_unit"),
+        ({"radius_um": 10, "microns_per_unit": 0}, ValueError, "microns_per_unit"),
+        ({"radius_um": 10, "microns_per_unit": "0.5"}, TypeError, "microns_per_unit"),
+        ({"radius_um": 10, "microns_per_unit": {"x": 0.5}}, ValueError, "library_key"),
+        ({"bins": "yes"}, TypeError, "bins"),
+    ],
+)
+def test_bins_bad_arguments(kwargs, exc, match):
+    a = _bins()
+    before = _snapshot(a)
+    with pytest.raises(exc, match=match):
+        hs.pp.spatial_graph(a, **kwargs)
+    _assert_unchanged(a, before)
+
+
+def test_bins_missing_slide_in_microns_per_unit():
+    a = ad.concat([_bins(lib="s1", seed=1), _bins(lib="s2", seed=2)])
+    with pytest.raises(KeyError, match=r"microns_per_unit.*s2"):
+        hs.pp.spatial_graph(a, radius_um=10, microns_per_unit={"s1": 0.5}, library_key="library_id")
+
+
+def test_bins_true_needs_square_indices(adata):
+    del adata.obs["array_row"]
+    with pytest.raises(KeyError, match="array_row"):
+        hs.pp.spatial_graph(adata, bins=True)
+    rows, cols = np.meshgrid(np.arange(4), np.arange(8), indexing="ij")
+    keep = ((rows + cols) % 2 == 0).ravel()
+    hexa = ad.AnnData(obs=pd.DataFrame({"array_row": rows.ravel()[keep], "array_col": cols.ravel()[keep]}))
+    hexa.obsm["spatial"] = np.column_stack([hexa.obs["array_col"] * 50.0, hexa.obs["array_row"] * 86.6])
+    with pytest.raises(ValueError, match="square lattice"):
+        hs.pp.spatial_graph(hexa, bins=True)
+
+
+def test_bins_isolated_warn_and_set_diag():
+    a = _bins(holes=())
+    lonely = ad.AnnData(obs=pd.DataFrame({"array_row": [30], "array_col": [30]}, index=["lonely"]))
+    lonely.obsm["spatial"] = np.array([[900.0, 900.0]])
+    a = ad.concat([a, lonely])
+    with pytest.warns(UserWarning, match=r"1 of 64 bins .*'lonely'"):
+        hs.pp.spatial_graph(a, bins=True, set_diag=True)
+    assert np.all(a.obsp[CONN].diagonal() == 1)
+    assert a.uns[UNS]["params"]["n_isolated"] == 1
+    assert a.uns[UNS]["params"]["mean_degree"] == pytest.approx(np.diff(a.obsp[CONN].indptr).mean() - 1)
+
+
+def test_bins_copy_and_h5ad_round_trip(tmp_path):
+    a = _bins()
+    before = _snapshot(a)
+    out = hs.pp.spatial_graph(a, radius_um=12, microns_per_unit=0.5, copy=True)
+    _assert_unchanged(a, before)
+    out.write_h5ad(tmp_path / "b.h5ad")
+    b = ad.read_h5ad(tmp_path / "b.h5ad")
+    assert (b.obsp[CONN] != out.obsp[CONN]).nnz == 0
+    assert b.uns[UNS]["params"]["bins"] is True or b.uns[UNS]["params"]["bins"] == np.bool_(True)
+    assert set(b.uns[UNS]["params"]) == set(out.uns[UNS]["params"])
+
+
+def test_bins_no_dense_work():
+    # 10^5 bins: memory grows with the edges (a dense n x n matrix would take 80 GB) and it takes well under a second
+    import time
+    import tracemalloc
+
+    side = 400
+    rng = np.random.default_rng(0)
+    r, c = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    keep = rng.random(side * side) < 0.65
+    a = ad.AnnData(obs=pd.DataFrame({"array_row": r.ravel()[keep], "array_col": c.ravel()[keep]}))
+    a.obsm["spatial"] = np.column_stack([a.obs["array_col"] * 16.0, a.obs["array_row"] * 16.0])
+    assert 1e5 <= a.n_obs <= 1.1e5
+    hs.pp.spatial_graph(a, copy=True)  # warm up
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a few isolated bins in the random mask
+        hs.pp.spatial_graph(a, n_neighs=4)
+        hs.pp.spatial_graph(a, radius=17.0, key_added="r")
+    elapsed = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 120e6, f"peak {peak / 1e6:.0f} MB"
+    assert elapsed < 3.0, f"{elapsed:.2f} s"
+    assert (a.obsp[CONN] != a.obsp["r_connectivities"]).nnz == 0  # 4 neighbours = radius just above the pitch
+
+
+def test_hex_crop_not_taken_for_bins():
+    # a crop of a Visium array starting at an odd column: row + col always odd; spots as wide as the grid pitch
+    rows, cols = np.meshgrid(np.arange(10), np.arange(1, 21), indexing="ij")
+    keep = ((rows + cols) % 2 == 1).ravel()
+    a = ad.AnnData(obs=pd.DataFrame({"array_row": rows.ravel()[keep], "array_col": cols.ravel()[keep]}))
+    a.obsm["spatial"] = np.column_stack([a.obs["array_col"] * 50.0, a.obs["array_row"] * 50.0 * np.sqrt(3)])
+    a.uns["spatial"] = {"x": {"scalefactors": {"spot_diameter_fullres": 65.8}, "metadata": {}}}
+    hs.pp.spatial_graph(a)
+    assert a.uns[UNS]["params"]["bins"] is False
