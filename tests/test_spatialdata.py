@@ -117,3 +117,63 @@ def test_image_features_errors_leave_the_table(sdata):
     with pytest.raises(ValueError, match="annotates no shapes"):
         hs.pp.image_features(sdata, image_key="second", **FEAT)
     assert set(table.obsm) == before
+
+
+def test_spatial_graph_same_as_anndata(adata_graph, sdata):
+    hs.pp.spatial_graph(adata_graph, key_added="g")
+    hs.pp.spatial_graph(sdata, key_added="g")
+    t = sdata.tables["table"]
+    assert (t.obsp["g_connectivities"] != adata_graph.obsp["g_connectivities"]).nnz == 0
+    assert t.uns["g_neighbors"]["params"]["table_key"] == "table"
+
+
+def test_plot_domains_of_a_spatialdata(sdata):
+    import matplotlib.pyplot as plt
+
+    hs.tl.stereomm(sdata, **KW)
+    hs.tl.domains(sdata, n_clusters=3)
+    ax = hs.pl.domains(sdata, show=False)
+    assert ax.images and ax.get_title() == "stereomm_domain"
+    assert "stereomm_domain_colors" in sdata.tables["table"].uns
+    plt.close(ax.figure)
+
+
+@pytest.fixture(scope="module")
+def visium_hd(tmp_path_factory):
+    """A simulated Visium HD section in Space Ranger's layout, read by spatialdata-io (16 µm bins)."""
+    import warnings
+
+    import spatialdata_io
+
+    tissue = hs.datasets.simulate_tissue(width_um=320, height_um=240, n_genes=40, random_state=2)
+    path = hs.datasets.write_visium_hd(tmp_path_factory.mktemp("hd") / "hd", tissue, bin_sizes=(16,), dataset_id="s")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return spatialdata_io.visium_hd(path, load_segmentations_only=False), tissue
+
+
+def test_visium_hd_bins_pipeline(visium_hd, tmp_path):
+    import matplotlib.pyplot as plt
+    import spatialdata as sd
+
+    sdata, _ = visium_hd
+    tk = {"table_key": "square_016um"}
+    hs.pp.spatial_graph(sdata, **tk)
+    t = sdata.tables["square_016um"]
+    g = t.obsp["spatial_connectivities"]
+    assert t.uns["spatial_neighbors"]["params"]["bins"] is True
+    assert np.diff(g.indptr).max() == 8  # interior bins: the 8 touching squares
+    hs.pp.image_features(sdata, image_key="s_full_image", **tk, **FEAT)
+    p = t.uns["img_features"]["params"]
+    assert p["patch_size_um"] == pytest.approx(165.0) and p["patch_size_px"] == pytest.approx(165.0 / 0.5)
+    assert t.obsm["img_features"].shape == (t.n_obs, 1280) and np.isfinite(t.obsm["img_features"]).all()
+    assert p["level"] >= 1  # 330-px patches resized to 32 px: read from a coarser pyramid level
+    hs.tl.stereomm(sdata, **tk, **KW)
+    hs.tl.domains(sdata, n_clusters=4, **tk)
+    ax = hs.pl.domains(sdata, image_key="s_hires_image", show=False, **tk)
+    assert ax.images
+    plt.close(ax.figure)
+    sdata.write(tmp_path / "hd.zarr")
+    back = sd.read_zarr(tmp_path / "hd.zarr").tables["square_016um"]
+    np.testing.assert_array_equal(back.obsm["X_stereomm"], t.obsm["X_stereomm"])
+    assert (back.obsp["spatial_connectivities"] != g).nnz == 0

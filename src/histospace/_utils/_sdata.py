@@ -160,6 +160,10 @@ class TableContext:
         if len(shared) > 1:
             if "global" in shared:
                 return "global"
+            # the one the first element (the shapes) lives in as it is, e.g. a Visium HD dataset's full-resolution one
+            own = [c for c in sorted(shared) if np.allclose(self.to_coordinate_system(elements[0], c), np.eye(3))]
+            if own:  # equivalent for these elements (the same coordinates): the first by name
+                return own[0]
             msg = f"{elements} share several coordinate systems {sorted(shared)}; pass `coordinate_system=`."
             raise ValueError(msg)
         return next(iter(shared))

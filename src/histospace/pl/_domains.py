@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
 from matplotlib.axes import Axes
 from matplotlib.patches import Patch
 
@@ -22,8 +26,12 @@ _RENDER_KWARGS = ("palette", "alpha", "na_color")
 
 
 def domains(
-    adata: AnnData,
+    adata: AnnData | SpatialData,
     *,
+    table_key: str | None = None,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    coordinate_system: str | None = None,
     key: str = DOMAIN_KEY,
     groundtruth_key: str | None = None,
     library_id: str | None = None,
@@ -50,7 +58,16 @@ def domains(
     ----------
     adata
         Annotated data matrix with `obs[key]` (from `hs.tl.domains`), `obsm['spatial']` and, for the image,
-        `uns['spatial']`.
+        `uns['spatial']`. Or a SpatialData: the table `table_key`, its annotated shapes and the image `image_key`
+        (read at a pyramid level of about 2,000 px), joined by spatialdata's transformations in `coordinate_system`.
+    table_key
+        With a SpatialData: the table with `obs[key]` (`None`: the only table).
+    image_key
+        With a SpatialData: the H&E element of `sdata.images` (`None`: the only image; no image, none drawn).
+    shapes_key
+        With a SpatialData: the shapes the table annotates (`None`: the only ones).
+    coordinate_system
+        With a SpatialData: the coordinate system joining the shapes and the image.
     key
         Column of `adata.obs` with the domains.
     groundtruth_key
@@ -84,6 +101,14 @@ def domains(
     -------
     The `Axes` when `show=False`, else `None`. Like scanpy, sets `adata.uns[key + '_colors']` when absent.
     """
+    if not isinstance(adata, AnnData):
+        view, image, extra = _sdata_view(adata, table_key, image_key, shapes_key, coordinate_system, key, img)
+        out = domains(view, key=key, groundtruth_key=groundtruth_key, img=image, scale_factor=1.0, size=size,
+                      title=title, ax=ax, show=False, **kwargs)  # fmt: skip
+        table = adata.tables[extra]
+        if f"{key}_colors" in view.uns and f"{key}_colors" not in table.uns:
+            table.uns[f"{key}_colors"] = view.uns[f"{key}_colors"]
+        return finish(out, show)
     if key not in adata.obs:
         msg = f"`adata.obs[{key!r}]` not found; run `hs.tl.domains(adata)` first."
         raise KeyError(msg)
@@ -238,3 +263,45 @@ def _draw_domains(
     handles = [Patch(facecolor=colors[c], edgecolor="none", label=categories[c]) for c in sorted(present) if c >= 0]
     if handles:
         ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, title=key)
+
+
+#: longest side of the image level drawn under a SpatialData's spots or bins
+PLOT_IMAGE_SIDE = 2000
+
+
+def _sdata_view(sdata, table_key, image_key, shapes_key, coordinate_system, key, img):
+    """An AnnData to draw (the table's obs, centres in pixels of a small image level) and that level's pixels."""
+    from histospace._utils._sdata import apply_affine, as_table
+    from histospace._utils._wsi import coordinate_system_to_pixels, open_multiscale
+
+    table, ctx = as_table(sdata, table_key)
+    if key not in table.obs:
+        msg = f"`sdata.tables[{ctx.table_key!r}].obs[{key!r}]` not found; run `hs.tl.domains(sdata)` first."
+        raise KeyError(msg)
+    shapes_key = ctx.shapes_key(shapes_key)
+    rows = ctx.rows_of(shapes_key)
+    xy, _, _ = ctx.geometry(shapes_key, rows)
+    images = list(sdata.images)
+    if image_key is None and len(images) > 1 and img is not False:
+        msg = f"The SpatialData holds {len(images)} images {images}; pass `image_key=` (or `img=False`)."
+        raise ValueError(msg)
+    image_key = image_key if image_key is not None else (images[0] if images and img is not False else None)
+    if image_key is None:
+        cs = ctx.coordinate_system(coordinate_system, [shapes_key])
+        centres, image = apply_affine(ctx.to_coordinate_system(shapes_key, cs), xy), False
+    else:
+        if image_key not in sdata.images:
+            msg = f"`sdata.images[{image_key!r}]` not found; images: {images}."
+            raise KeyError(msg)
+        cs = ctx.coordinate_system(coordinate_system, [shapes_key, image_key])
+        ms = open_multiscale(sdata.images[image_key], name=f"sdata.images[{image_key!r}]")
+        level = ms.level_for(downsample=max(1.0, max(ms.shape) / PLOT_IMAGE_SIDE))
+        m = coordinate_system_to_pixels(sdata, image_key=image_key, coordinate_system=cs, level=level)
+        centres = apply_affine(m @ ctx.to_coordinate_system(shapes_key, cs), xy)
+        src = ms.source(level)
+        image = src.read(0, src.height, 0, src.width)
+    view = AnnData(obs=table.obs.iloc[rows].copy())
+    view.obsm["spatial"] = centres
+    if f"{key}_colors" in table.uns:
+        view.uns[f"{key}_colors"] = table.uns[f"{key}_colors"]
+    return view, image, ctx.table_key

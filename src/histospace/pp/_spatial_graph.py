@@ -11,17 +11,21 @@ import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from numbers import Real
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
 from scanpy import logging as logg
 
 from histospace._utils import check_number, check_obsm, doc_params, version_string
 from histospace._utils._data import check_key_added, library_labels
 from histospace._utils._lattice import bins_evidence, grid_indices
+from histospace._utils._sdata import TableContext, apply_affine, as_table, table_output
 
 # Spot diameter (µm) and first-ring grid neighbours per technology (centre-to-centre: Visium 100 µm, legacy ST 200 µm).
 _SPOT_DIAMETER_UM = {"visium": 55.0, "st": 100.0}
@@ -268,8 +272,11 @@ def _quiet_squidpy():
 
 @doc_params()
 def spatial_graph(
-    adata: AnnData,
+    adata: AnnData | SpatialData,
     *,
+    table_key: str | None = None,
+    shapes_key: str | None = None,
+    coordinate_system: str | None = None,
     spatial_key: str = "spatial",
     library_key: str | None = None,
     coord_type: Literal["grid", "generic"] | None = None,
@@ -284,7 +291,7 @@ def spatial_graph(
     set_diag: bool = False,
     key_added: str = "spatial",
     copy: bool = False,
-) -> AnnData | None:
+) -> AnnData | SpatialData | None:
     """Build the spatial neighbour graph of spots or square bins, one graph per slide, with a radius in µm.
 
     Spot arrays (Visium, legacy ST, any point cloud) go to squidpy's own builders
@@ -315,6 +322,14 @@ def spatial_graph(
     ----------
     adata
         {adata}
+        With a SpatialData, the centres are those of the shapes the table annotates, in `coordinate_system`; squares
+        are taken as bins and the µm per coordinate unit is :func:`histospace.io.microns_per_unit`.
+    table_key
+        {table_key}
+    shapes_key
+        With a SpatialData: the shapes element whose centres are used (`None`: the one the table annotates).
+    coordinate_system
+        With a SpatialData: the coordinate system of the centres (`None`: the shapes' only one, or `'global'`).
     spatial_key
         Key in `adata.obsm` with the spot or bin centres (full-resolution image pixels, or the coordinate units of
         the bins' shapes: e.g. DNB for Stereo-seq).
@@ -394,15 +409,21 @@ def spatial_graph(
     >>> hs.pp.spatial_graph(bins, radius_um=20, microns_per_unit=hs.io.microns_per_unit(sdata, "global"))
     """
     # ---- check everything before any work; nothing is written to `adata` until the end ----
-    if not isinstance(adata, AnnData):
-        msg = f"`adata` must be an AnnData, got {type(adata).__name__}."
-        raise TypeError(msg)
     check_key_added(key_added)
-    coords = check_obsm(
-        adata,
-        spatial_key,
-        hint="Store the spot centres (full-resolution pixels, x then y) there, e.g. with `scanpy.read_visium`.",
-    ).astype(np.float64)
+    adata, ctx = as_table(adata, table_key)
+    if ctx is None:
+        coords = check_obsm(
+            adata,
+            spatial_key,
+            hint="Store the spot centres (full-resolution pixels, x then y) there, e.g. with `scanpy.read_visium`.",
+        ).astype(np.float64)
+    else:  # the centres of the annotated shapes in the coordinate system; µm and bins from the elements
+        coords, cs_units, square = _sdata_centres(ctx, shapes_key, coordinate_system)
+        spatial_key = f"{ctx.table_key}: centres of the annotated shapes in {cs_units[0]!r}"
+        if microns_per_unit is None:
+            microns_per_unit = cs_units[1]
+        if bins is None and square:
+            bins = True
     if coords.shape[1] < 2:
         msg = f"`adata.obsm[{spatial_key!r}]` has {coords.shape[1]} column(s); expected (x, y) coordinates."
         raise ValueError(msg)
@@ -733,12 +754,13 @@ def spatial_graph(
         params["microns_per_unit"] = microns_per_unit if isinstance(microns_per_unit, float) else dict(microns_per_unit)
     params["version"] = version_string()
 
+    if ctx is not None:
+        params["table_key"] = ctx.table_key
     conns_key, dists_key, uns_key = f"{key_added}_connectivities", f"{key_added}_distances", f"{key_added}_neighbors"
-    if copy:
-        adata = adata.copy()
-    adata.obsp[conns_key] = conn
-    adata.obsp[dists_key] = dist
-    adata.uns[uns_key] = {"connectivities_key": conns_key, "distances_key": dists_key, "params": params}
+    out = adata.copy() if copy else adata
+    out.obsp[conns_key] = conn
+    out.obsp[dists_key] = dist
+    out.uns[uns_key] = {"connectivities_key": conns_key, "distances_key": dists_key, "params": params}
     logg.info(
         "    finished",
         time=start,
@@ -747,4 +769,19 @@ def spatial_graph(
             f"    {uns_key!r}, parameters (adata.uns)"
         ),
     )
-    return adata if copy else None
+    return table_output(ctx, out, copy)
+
+
+def _sdata_centres(ctx: TableContext, shapes_key: str | None, coordinate_system: str | None):
+    """Centres of the shapes the table annotates, in a coordinate system; `((cs, µm per unit), square shapes)`."""
+    from histospace.io import microns_per_unit
+
+    shapes_key = ctx.shapes_key(shapes_key)
+    cs = ctx.coordinate_system(coordinate_system, [shapes_key])
+    rows = ctx.rows_of(shapes_key)
+    if rows.size != ctx.table.n_obs:
+        msg = f"The table {ctx.table_key!r} annotates several regions; build one graph per region (subset the table)."
+        raise ValueError(msg)
+    xy, _, kind = ctx.geometry(shapes_key, rows)
+    centres = apply_affine(ctx.to_coordinate_system(shapes_key, cs), xy)
+    return centres, (cs, microns_per_unit(ctx.sdata, cs, table_key=ctx.table_key)), kind == "square"
