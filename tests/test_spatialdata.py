@@ -177,3 +177,22 @@ def test_visium_hd_bins_pipeline(visium_hd, tmp_path):
     back = sd.read_zarr(tmp_path / "hd.zarr").tables["square_016um"]
     np.testing.assert_array_equal(back.obsm["X_stereomm"], t.obsm["X_stereomm"])
     assert (back.obsp["spatial_connectivities"] != g).nnz == 0
+
+
+def test_tile_image_adds_tiles_to_a_spatialdata(visium_hd):
+    import spatialdata as sd
+
+    sdata, _ = visium_hd
+    s = sd.SpatialData(images={"he": sdata.images["s_full_image"]}, attrs=dict(sdata.attrs))
+    assert hs.pp.tile_image(s, tile_size=64, tissue_fraction=0.3) is None
+    t = s.tables["tiles"]
+    assert t.n_obs > 0 and t.n_vars == 0 and "tiles_squares" in s.shapes
+    assert t.uns["spatialdata_attrs"]["region"] == "tiles_squares"
+    side = np.sqrt(s.shapes["tiles_squares"].geometry.area.to_numpy())
+    np.testing.assert_allclose(side, 64.0)
+    # the tiles are spots like any other: image features through the same transformations
+    hs.pp.image_features(s, table_key="tiles", **FEAT)  # default patch: the tile
+    assert t.obsm["img_features"].shape == (t.n_obs, 1280)
+    assert t.uns["img_features"]["params"]["patch_size_px"] == pytest.approx(64.0)
+    with pytest.raises(ValueError, match="already holds an element 'tiles'"):
+        hs.pp.tile_image(s, tile_size=64)

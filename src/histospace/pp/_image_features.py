@@ -90,7 +90,9 @@ def _patch_size_of_library(
             "diameters) is unknown; pass `patch_size=` in full-resolution pixels."
         )
         raise KeyError(msg)
-    px = DEFAULT_PATCH_DIAMETERS * float(diam_px)
+    # spots: three diameters; tiles of `pp.tile_image`: the tile itself
+    factor = 1.0 if meta.get("technology") == "he_tiles" else DEFAULT_PATCH_DIAMETERS
+    px = factor * float(diam_px)
     return px, (px / px_per_um if px_per_um else None)
 
 
@@ -251,6 +253,8 @@ def _sdata_libraries(
             )
             raise ValueError(msg)
         px = float(patch_size_um) / um_per_px
+    elif "tile_image" in ctx.table.uns:  # tiles of `pp.tile_image`: the tile itself
+        px = float(np.median(sizes)) * affine_scale(m)
     elif kind == "square":
         if um_per_px is None:
             msg = f"The default patch of square bins is {DEFAULT_PATCH_UM:g} µm, but {where}; or pass `patch_size=`."
@@ -465,8 +469,8 @@ def image_features(
         Side of the patch in µm, converted with `scalefactors['spot_diameter_fullres']` and
         `metadata['spot_diameter_um']` (with a SpatialData, with :func:`histospace.io.microns_per_unit`). Without
         `patch_size` and `patch_size_um` the patch side is three spot diameters (`3 x
-        scalefactors['spot_diameter_fullres']`; 165 µm on Visium, the setting the domain benchmark validated), and
-        165 µm for square bins.
+        scalefactors['spot_diameter_fullres']`; 165 µm on Visium, the setting the domain benchmark validated), the
+        tile for tiles of :func:`histospace.pp.tile_image`, and 165 µm for square bins.
     context
         Also encode a context patch `context` times wider around the same centre (resized to `input_size` as well)
         and append its features: the width doubles. `context=2` with `layers='stages'` and `dihedral=True` are the

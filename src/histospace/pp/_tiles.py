@@ -11,8 +11,10 @@ import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 
-from histospace._utils import version_string
-from histospace._utils._image import ImageSource, _is_image_container, open_image
+from histospace._utils import check_number, version_string
+from histospace._utils._image import ImageSource, _is_image_container
+from histospace._utils._sdata import is_spatialdata
+from histospace._utils._wsi import open_multiscale
 
 __all__ = ["tile_image"]
 
@@ -67,6 +69,8 @@ def tissue_mask(rgb: np.ndarray, *, threshold: float | None = None, smooth: floa
 def tile_image(
     img,
     *,
+    image_key: str | None = None,
+    key_added: str = "tiles",
     tile_size: int = 224,
     stride: int | None = None,
     tissue_only: bool = True,
@@ -75,7 +79,7 @@ def tile_image(
     library_id: str = "he",
     mpp: float | None = None,
     hires_max_size: int = 2000,
-) -> ad.AnnData:
+) -> ad.AnnData | None:
     """Cut an H&E image into a grid of square tiles over the tissue, as an AnnData of spots without expression.
 
     Use it for slides that were never sequenced: :func:`histospace.pp.image_features` on the result gives one feature
@@ -90,8 +94,16 @@ def tile_image(
     Parameters
     ----------
     img
-        The H&E image: a path (JPEG, PNG or TIFF; TIFFs are read lazily, JPEGs are downsampled while decoding), a
-        numpy array `H x W` or `H x W x C` in full-resolution pixels, or a squidpy `ImageContainer`.
+        The H&E image: a path (JPEG, PNG, TIFF or a whole-slide file; read lazily, the thumbnail from a coarse pyramid
+        level), a numpy array `H x W` or `H x W x C` in full-resolution pixels, or a squidpy `ImageContainer`. Or a
+        SpatialData: its image `image_key` is tiled and the tiles are added to it as square shapes and a table
+        annotating them (both named `key_added`), in the image's coordinate systems, so that
+        `hs.pp.image_features(sdata, table_key=key_added)` and `hs.tl.mclstexp_predict(sdata, table_key=key_added)`
+        work on them.
+    image_key
+        With a SpatialData: the H&E element of `sdata.images` (`None`: the only image).
+    key_added
+        With a SpatialData: the name of the new table (its shapes are `key_added + '_squares'`).
     tile_size
         Side of a tile in full-resolution pixels (224 matches mclSTExp's patches on her2st).
     stride
@@ -112,7 +124,9 @@ def tile_image(
 
     Returns
     -------
-    An AnnData with one observation per tile and these fields:
+    For a SpatialData: `None`; `sdata.shapes[key_added + '_squares']` (the tiles' squares, in level-0 pixels of the
+    image, with the image's transformations) and `sdata.tables[key_added]` (as the AnnData below, annotating them,
+    without `uns['spatial']`) are added. Otherwise an AnnData with one observation per tile and these fields:
 
     `adata.X` : :class:`numpy.ndarray` (dtype `float32`)
         Empty matrix of shape `(n_tiles, 0)` (no expression).
@@ -138,29 +152,24 @@ def tile_image(
     >>> tiles = hs.pp.tile_image("slide.jpg", tile_size=224)
     >>> hs.pp.image_features(tiles, encoder="mobilenet_v2", weights="mobilenet_v2.pt", mean=0.5, std=0.5)
     """
-    for name, v in (("tile_size", tile_size), ("hires_max_size", hires_max_size)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-            msg = f"`{name}` must be a positive integer, got {v!r}."
-            raise ValueError(msg)
-    if stride is None:
-        stride = tile_size
-    if isinstance(stride, bool) or not isinstance(stride, int | np.integer) or stride < 1:
-        msg = f"`stride` must be a positive integer or None, got {stride!r}."
-        raise ValueError(msg)
+    tile_size = check_number(tile_size, "tile_size", integer=True, low=1)
+    hires_max_size = check_number(hires_max_size, "hires_max_size", integer=True, low=1)
+    stride = tile_size if stride is None else check_number(stride, "stride", integer=True, low=1)
     if not 0.0 <= float(tissue_fraction) <= 1.0:
         msg = f"`tissue_fraction` must be in [0, 1], got {tissue_fraction!r}."
         raise ValueError(msg)
     if tissue_threshold is not None and not 0.0 <= float(tissue_threshold) < 1.0:
         msg = f"`tissue_threshold` must be in [0, 1) or None, got {tissue_threshold!r}."
         raise ValueError(msg)
-    if mpp is not None and not (isinstance(mpp, int | float | np.number) and mpp > 0):
-        msg = f"`mpp` (microns per pixel) must be a positive number or None, got {mpp!r}."
-        raise ValueError(msg)
+    mpp = check_number(mpp, "mpp", low=0, low_inclusive=False, allow_none=True)
     if not isinstance(library_id, str) or not library_id:
         msg = f"`library_id` must be a non-empty string, got {library_id!r}."
         raise TypeError(msg)
-
-    src: ImageSource = open_image(img, kind="img")
+    sdata = None
+    if is_spatialdata(img):
+        sdata, img, image_key, mpp = _sdata_image(img, image_key, key_added, mpp)
+    ms = open_multiscale(img)
+    src: ImageSource = ms.source(0)
     if _is_image_container(img) and (src.scale != 1.0 or np.any(src.offset != 0)):
         msg = (
             "`img` is an ImageContainer with scale != 1 or cropped from a larger image (offset "
@@ -175,7 +184,7 @@ def tile_image(
 
     start = logg.info(f"tiling a {w} x {h} px image into {tile_size}-px tiles")
     factor = max(1, math.ceil(max(h, w) / hires_max_size))
-    hires = src.downsample(factor)
+    hires = ms.downsample(factor)  # from a coarse pyramid level when there is one
     scalef = 1.0 / factor
     mask, thr = tissue_mask(hires, threshold=tissue_threshold)
 
@@ -249,9 +258,69 @@ def tile_image(
     if mpp is not None:
         params["mpp"] = float(mpp)
     tiles.uns["tile_image"] = {"params": params, "version": version_string()}
+    if sdata is not None:
+        _add_tiles(sdata, tiles, image_key=image_key, key_added=key_added, tile_size=tile_size)
+        logg.info("    finished", time=start, deep=f"added {tiles.n_obs} tiles as sdata.shapes/tables[{key_added!r}]")
+        return None
     logg.info(
         "    finished",
         time=start,
         deep=f"{tiles.n_obs} tiles of {n_rows * n_cols} over tissue (threshold {thr:.3f})",
     )
     return tiles
+
+
+def _sdata_image(sdata, image_key: str | None, key_added: str, mpp: float | None):
+    """`(sdata, image element, image_key, µm per level-0 pixel)` of the image to tile."""
+    from spatialdata.transformations import get_transformation
+
+    from histospace._utils._sdata import affine_scale
+    from histospace._utils._wsi import coordinate_system_to_pixels
+    from histospace.io import microns_per_unit
+
+    images = list(sdata.images)
+    if image_key is None:
+        if len(images) != 1:
+            msg = f"The SpatialData holds {len(images)} images {images}; pass `image_key=` naming the H&E."
+            raise ValueError(msg)
+        image_key = images[0]
+    if image_key not in sdata.images:
+        msg = f"`sdata.images[{image_key!r}]` not found; images: {images}."
+        raise KeyError(msg)
+    if not isinstance(key_added, str) or not key_added:
+        msg = f"`key_added` must be a non-empty str, got {key_added!r}."
+        raise TypeError(msg)
+    taken = [k for k in (key_added, f"{key_added}_squares") if k in set(sdata.images) | set(sdata.labels)
+             | set(sdata.points) | set(sdata.shapes) | set(sdata.tables)]  # fmt: skip
+    if taken:
+        msg = f"`sdata` already holds an element {taken[0]!r}; pass another `key_added=` or delete it first."
+        raise ValueError(msg)
+    if mpp is None:
+        for cs in get_transformation(sdata.images[image_key], get_all=True):
+            um = microns_per_unit(sdata, cs)
+            if um is not None:
+                m = coordinate_system_to_pixels(sdata, image_key=image_key, coordinate_system=cs)
+                mpp = um / affine_scale(m)
+                break
+    return sdata, sdata.images[image_key], image_key, mpp
+
+
+def _add_tiles(sdata, tiles: ad.AnnData, *, image_key: str, key_added: str, tile_size: int) -> None:
+    """Add the tiles to `sdata`: their squares (level-0 pixels, the image's transformations) and a table over them."""
+    from spatialdata.models import TableModel
+    from spatialdata.transformations import get_transformation
+
+    from histospace.io._bins import squares
+
+    transformations = get_transformation(sdata.images[image_key], get_all=True)
+    shapes = squares(tiles.obsm["spatial"], float(tile_size), transformations=transformations)
+    table = tiles.copy()
+    del table.uns["spatial"]
+    region = f"{key_added}_squares"
+    table.obs["region"] = pd.Categorical([region] * table.n_obs)
+    table.obs["instance_id"] = np.arange(table.n_obs)
+    table.uns["tile_image"]["params"]["image_key"] = image_key
+    table = TableModel.parse(table, region=region, region_key="region", instance_key="instance_id")
+    shapes.index = table.obs["instance_id"].to_numpy()
+    sdata.shapes[region] = shapes
+    sdata.tables[key_added] = table
