@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--sections", nargs="*", default=SECTIONS)
     p.add_argument("--domains-kwargs", default="{}", help="JSON of extra hs.tl.domains arguments (a variant)")
     p.add_argument("--tag", default="", help="suffix of the result files for a variant")
+    p.add_argument("--save-latents", action="store_true", help="keep each seed's latent in results/cache")
     args = p.parse_args()
     import torch
 
@@ -70,6 +71,9 @@ def main() -> None:
             t_fit = time.perf_counter() - t0
             if s == 0:
                 latent0 = adata.obsm["X_stereomm"].copy()
+            if args.save_latents:  # for comparing clustering variants on the same latents
+                CACHE.mkdir(parents=True, exist_ok=True)
+                np.save(CACHE / f"latent_{args.tag or 'default'}_{section}_seed{s}.npy", adata.obsm["X_stereomm"])
             t0 = time.perf_counter()
             hs.tl.domains(adata, random_state=s, **dkw)
             t_dom = time.perf_counter() - t0
