@@ -185,6 +185,7 @@ def domains(
     covariance_type: Literal["tied", "full", "diag", "spherical"] = "tied",
     n_pcs: int | None = 10,
     n_init: int = 10,
+    consensus: bool = False,
     n_neighbors: int = 20,
     resolution_range: tuple[float, float] = (0.1, 1.2),
     cluster_range: tuple[int, int] = (2, 15),
@@ -216,7 +217,11 @@ def domains(
     n_pcs
         Cluster the first `n_pcs` principal components when the representation is wider (`None`: never).
     n_init
-        Restarts of the Gaussian mixture (the best likelihood is kept).
+        Restarts of the Gaussian mixture: the best likelihood is kept, or, with `consensus`, all of them vote.
+    consensus
+        Gaussian mixture: label each spot by the majority vote of the `n_init` fits (their labels aligned to each
+        other by Hungarian matching) instead of keeping the fit of highest likelihood, which changes with the seed
+        more than the vote does. Linear in the number of spots.
     n_neighbors
         Neighbours of the kNN graph for Leiden.
     resolution_range
@@ -350,6 +355,7 @@ def domains(
         if method == "gmm":
             params["covariance_type"] = covariance_type
             params["n_init"] = int(n_init)
+            params["consensus"] = bool(consensus)
         if n_clusters is None:
             ks = range(cluster_range[0], min(cluster_range[1], adata.n_obs - 1) + 1)
             if method == "gmm":
@@ -373,7 +379,11 @@ def domains(
                 params["criterion"] = "silhouette"
             labels = scores[kbest][1]
         elif method == "gmm":
-            labels, _ = _gmm(xr, int(n_clusters), covariance_type, random_state, n_init)
+            if consensus:
+                labels, agreement = _gmm_consensus(xr, int(n_clusters), covariance_type, random_state, n_init)
+                params["consensus_agreement"] = agreement
+            else:
+                labels, _ = _gmm(xr, int(n_clusters), covariance_type, random_state, n_init)
         else:
             labels = _kmeans(xr, int(n_clusters), random_state)
     labels = _relabel(np.asarray(labels, dtype=int))
