@@ -289,6 +289,7 @@ def test_cross_validate_fdr_and_gene_scores(cv):
             "pcc_sd",
             "n_folds",
             "n_spots",
+            "n_eff",
             "pvalue",
             "fdr",
             "frac_folds_fdr05",
@@ -297,10 +298,14 @@ def test_cross_validate_fdr_and_gene_scores(cv):
         assert gs.index.equals(r.index)
         np.testing.assert_allclose(gs["pcc"], r.mean(axis=1), equal_nan=True)
         np.testing.assert_array_equal(gs["n_folds"], r.notna().sum(axis=1))
-        # Stouffer's combination of Fisher z by hand, weights sqrt(n - 3)
+        # Stouffer's combination of Fisher z by hand, weights sqrt(n_eff - 3)
         from scipy.stats import norm
 
-        w = (n_test[r.columns].to_numpy() - 3.0)[None, :] * r.notna().to_numpy()
+        ne = cv["n_eff"][m]
+        assert ((ne <= n_test[ne.columns].to_numpy()) & (ne >= 3) | ne.isna()).all().all()
+        assert ne.isna().equals(r.isna())
+        w = (ne.to_numpy() - 3.0) * r.notna().to_numpy()
+        w = np.nan_to_num(w)
         z = np.arctanh(r.fillna(0).to_numpy())
         big_z = (w * z).sum(axis=1) / np.sqrt(w.sum(axis=1))
         ok = gs["n_folds"].to_numpy() > 0
@@ -308,8 +313,9 @@ def test_cross_validate_fdr_and_gene_scores(cv):
         np.testing.assert_allclose(gs["fdr"], _bh(gs["pvalue"]), rtol=1e-10, equal_nan=True)
         sig = ((q < 0.05) & (r > 0)).sum(axis=1) / gs["n_folds"].clip(lower=1)
         np.testing.assert_allclose(gs["frac_folds_fdr05"].to_numpy()[ok], sig.to_numpy()[ok])
-    # the planted signal: domain genes are predictable from domain-driven image features
-    assert (cv["gene_scores"]["mclstexp"]["fdr"] < 0.05).sum() > 0
+    # the planted signal: domain genes are predictable from domain-driven image features (ridge: 2 epochs of the tiny
+    # mclSTExp are too few to say)
+    assert (cv["gene_scores"]["ridge"]["fdr"] < 0.05).mean() > 0.8
 
 
 def test_cross_validate_predictions_and_std(cv, two_slides_module):
@@ -356,7 +362,7 @@ def test_cross_validate_trust_bad_input(adata_two_slides):
     q = adata_two_slides.copy()
     del q.obsm["spatial"]
     with pytest.raises(KeyError, match=r"obsm\['spatial'\].*smooth_neighbors"):
-        hs.tl.mclstexp_cross_validate(q, predict_kwargs={"smooth_neighbors": 2}, **{"model_kwargs": {}})
+        hs.tl.mclstexp_cross_validate(q, predict_kwargs={"smooth_neighbors": 2}, pvalues="independent")
 
 
 @pytest.fixture(scope="module")
@@ -496,3 +502,74 @@ def test_domains_from_embedding(adata, model):
     assert he.obs["mclstexp_domain"].nunique() == 3
     # the image features carry the planted domains, and so does the embedding
     assert hs.metrics.ari(he.obs["domain"], he.obs["mclstexp_domain"]) > 0.5
+
+
+def _n_eff_by_hand(xy, obs, pred, n_classes=13):
+    """Dutilleul's effective sample size with explicit loops over the pairs (one slide, all spots)."""
+    n = len(xy)
+    d = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1))
+    iu = np.triu_indices(n, 1)
+    edges = np.linspace(0, d[iu].max(), n_classes + 1)
+    out = []
+    for j in range(obs.shape[1]):
+        zx, zy = obs[:, j] - obs[:, j].mean(), pred[:, j] - pred[:, j].mean()
+        vx, vy = (zx**2).mean(), (zy**2).mean()
+        total = float(n)  # the diagonal: rho = 1 for both
+        for c in range(n_classes):
+            lo, hi = edges[c], edges[c + 1]
+            pairs = [
+                (a, b)
+                for a in range(n)
+                for b in range(n)
+                if a != b and (lo < d[a, b] <= hi or (c == 0 and d[a, b] == 0))
+            ]
+            if not pairs:
+                continue
+            rx = np.mean([zx[a] * zx[b] for a, b in pairs]) / vx
+            ry = np.mean([zy[a] * zy[b] for a, b in pairs]) / vy
+            total += len(pairs) * rx * ry
+        var = total / n**2
+        out.append(np.clip(1 + 1 / var, 3, n))
+    return np.asarray(out)
+
+
+def test_cross_validate_spatial_pvalues(cv, two_slides_module):
+    from scipy.stats import t as student_t
+
+    a = two_slides_module
+    fold = "s2"
+    obs = cv["observed"][fold].to_numpy(np.float64)
+    pred = cv["predictions"]["ridge"][fold].to_numpy(np.float64)
+    xy = a[a.obs["library_id"] == fold].obsm["spatial"]
+    cols = [0, 5, 12, 19]
+    expected = _n_eff_by_hand(xy, obs[:, cols], pred[:, cols])
+    ne = cv["n_eff"]["ridge"][fold].loc[cv["observed"][fold].columns].to_numpy()
+    np.testing.assert_allclose(ne[cols], expected, rtol=1e-8)
+    # domain-level genes on a banded slide: far fewer effective spots than spots
+    assert np.nanmedian(ne) < 0.5 * len(xy)
+    r = cv["pearson"]["ridge"][fold].loc[cv["observed"][fold].columns].to_numpy()
+    df = ne - 2
+    p = 2 * student_t.sf(np.abs(r) * np.sqrt(df / (1 - r**2)), df)
+    np.testing.assert_allclose(cv["pvalue"]["ridge"][fold].loc[cv["observed"][fold].columns], p, rtol=1e-8)
+
+
+def test_cross_validate_independent_pvalues(adata_two_slides):
+    kw = {**CV_KW, "train_kwargs": FIT, "baselines": ("ridge",)}
+    res = hs.tl.mclstexp_cross_validate(adata_two_slides, pvalues="independent", return_predictions=True, **kw)
+    fold = "s1"
+    obs, pred = res["observed"][fold], res["predictions"]["ridge"][fold]
+    ref = hs.metrics.pearson_per_gene(obs, pred, return_pvalue=True)
+    np.testing.assert_allclose(res["pvalue"]["ridge"][fold].loc[obs.columns], ref["pvalue"], rtol=1e-10)
+    assert (res["n_eff"]["ridge"][fold].dropna() == 64).all()
+    assert res["params"]["pvalues"] == "independent"
+    # spatially random data: the effective sample size stays near the number of spots
+    rng = np.random.default_rng(0)
+    b = adata_two_slides.copy()
+    b.obsm["spatial"] = rng.permutation(b.obsm["spatial"])  # the maps lose their spatial structure
+    res = hs.tl.mclstexp_cross_validate(b, groups=[fold], **kw)
+    assert res["n_eff"]["ridge"][fold].median() > 40
+    with pytest.raises(ValueError, match="pvalues"):
+        hs.tl.mclstexp_cross_validate(b, pvalues="moran")
+    del b.obsm["spatial"]
+    with pytest.raises(KeyError, match="pvalues='independent'"):
+        hs.tl.mclstexp_cross_validate(b)

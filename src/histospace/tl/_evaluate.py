@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,14 @@ from histospace._constants import FEATURES_KEY, LIBRARY_KEY, SPATIAL_KEY
 from histospace._utils import check_random_state, check_unique_obs_names, doc_params, get_matrix
 from histospace._utils._data import as_dense, check_genes, library_labels, normalize_expression, smooth_over_neighbors
 from histospace.metrics import pearson_per_gene
-from histospace.tl._gene_scores import FDR_LEVEL, bh_fdr, gene_score_table
+from histospace.tl._gene_scores import (
+    FDR_LEVEL,
+    SpatialPairs,
+    bh_fdr,
+    effective_n,
+    gene_score_table,
+    pearson_pvalue,
+)
 
 _BASELINES = ("bleep", "ridge", "ridge_pca256", "knn")
 #: components of the `'ridge_pca256'` baseline (HEST-Benchmark's PCA-256 of standardised features)
@@ -90,6 +98,7 @@ def mclstexp_cross_validate(
     knn_k: int = 50,
     ridge_alphas: Sequence[float] = tuple(np.logspace(-2, 6, 17)),
     groups: Sequence[str] | None = None,
+    pvalues: Literal["spatial", "independent"] = "spatial",
     return_predictions: bool = False,
     random_state: int | None = 0,
     progress_bar: bool = False,
@@ -135,6 +144,11 @@ def mclstexp_cross_validate(
         Baseline settings.
     groups
         Groups to hold out (default: all).
+    pvalues
+        `'spatial'`: p-values of the held-out correlations by Dutilleul's modified t-test, which replaces the number
+        of spots by an effective sample size that accounts for the spatial autocorrelation of both the observed and
+        the predicted expression (needs `adata.obsm[spatial_key]`; see Notes). `'independent'`: the plain test of
+        :func:`scipy.stats.pearsonr`, as if the spots were independent.
     return_predictions
         Also return the held-out predictions, the observed targets and, for seed ensembles, the per-spot standard
         deviation over the members (`'predictions'`, `'observed'`, `'prediction_std'`).
@@ -154,13 +168,15 @@ def mclstexp_cross_validate(
         positive r at FDR < 0.05 in that fold), `train_time_s`, `predict_time_s`.
     `'overall'` : :class:`pandas.DataFrame`
         Mean of the summary columns over folds, one row per method.
-    `'pearson'`, `'pvalue'`, `'fdr'` : :class:`dict` of :class:`pandas.DataFrame`
-        Per method, genes x folds: Pearson r, its two-sided p-value, and the Benjamini-Hochberg adjusted p-value
-        (:func:`scipy.stats.false_discovery_control`) over the panel genes of that fold. NaN for a constant gene, or
-        a gene outside that fold's panel.
+    `'pearson'`, `'pvalue'`, `'fdr'`, `'n_eff'` : :class:`dict` of :class:`pandas.DataFrame`
+        Per method, genes x folds: Pearson r, its two-sided p-value (see `pvalues`), the Benjamini-Hochberg adjusted
+        p-value (:func:`scipy.stats.false_discovery_control`) over the panel genes of that fold, and the effective
+        number of spots behind the test (the held-out spots with `pvalues='independent'`). NaN for a constant gene,
+        or a gene outside that fold's panel.
     `'gene_scores'` : :class:`dict` of :class:`pandas.DataFrame`
         Per method, one row per gene: `pcc` (mean r over the folds where it is defined), `pcc_median`, `pcc_sd`
-        (across folds), `n_folds`, `n_spots` (held-out spots of those folds), `pvalue` (one-sided, r > 0, folds
+        (across folds), `n_folds`, `n_spots` (held-out spots of those folds), `n_eff` (their effective number, summed
+        over the folds), `pvalue` (one-sided, r > 0, folds
         combined by Stouffer's method, see Notes), `fdr` (Benjamini-Hochberg over the genes), `frac_folds_fdr05`
         (fraction of the folds with a positive r at fold FDR < 0.05) and `mean_expression` (mean observed normalised
         expression over the held-out spots).
@@ -176,18 +192,22 @@ def mclstexp_cross_validate(
 
     Notes
     -----
-    Combining folds: each fold gives `z_i = atanh(r_i) sqrt(n_i - 3)`, standard normal when the gene's true
-    correlation is 0 (Fisher's transform), and `Z = sum_i sqrt(n_i - 3) z_i / sqrt(sum_i (n_i - 3))` (Stouffer's
-    method weighted by fold size; the same as testing the pooled Fisher-z mean). It keeps the sign: a gene predicted
-    well in one section and anti-correlated in another does not look significant, while Fisher's combination of the
-    two-sided p-values would call it so. The one-sided p-value asks the question a user has: is the prediction
-    positively correlated with the truth on unseen sections?
+    Spatial p-values: neighbouring spots are alike (tissue domains), and so are their predictions, so two unrelated
+    but smooth maps correlate by chance far more often than independent spots would allow; the plain test then calls
+    most genes significant. The modified t-test (Clifford, Richardson & Hemon 1989; Dutilleul 1993, as R's
+    `SpatialPack::modified.ttest`) estimates, per gene, `var(r) = sum_ij rho_obs(ij) rho_pred(ij) / n^2` from the
+    spatial autocorrelation of the observed and the predicted map in 13 equal-width distance classes (pairs within
+    one slide; a seeded subset of 1000 spots estimates them in larger groups), and tests r with
+    `n_eff - 2 = 1 / var(r) - 1` degrees of freedom (`n_eff` kept within `[3, n]`).
 
-    The p-values treat the held-out spots as independent. Neighbouring spots are correlated (spatial
-    autocorrelation of both the expression and the image), so the effective sample size is smaller and the p-values
-    and FDRs are optimistic, most for smooth, domain-level genes; the FDR ranks genes well but its 5 % is nominal.
-    `frac_folds_fdr05` and `pcc_sd` show how stable a gene is across sections. With one patient the sections share
-    the patient, so the scores are optimistic for a new patient too.
+    Combining folds: each fold gives `z_i = atanh(r_i) sqrt(n_i - 3)` with `n_i` its effective spots, standard
+    normal when the gene's true correlation is 0 (Fisher's transform), and
+    `Z = sum_i sqrt(n_i - 3) z_i / sqrt(sum_i (n_i - 3))` (Stouffer's method weighted by the folds' information;
+    the same as testing the pooled Fisher-z mean). It keeps the sign: a gene predicted well in one section and
+    anti-correlated in another does not look significant, while Fisher's combination of the two-sided p-values
+    would call it so. The one-sided p-value asks the question a user has: is the prediction positively correlated
+    with the truth on unseen sections? `frac_folds_fdr05` and `pcc_sd` show how stable a gene is across sections.
+    With one patient the sections share the patient, so every score is optimistic for a new patient.
     """
     from histospace.models import MclSTExp
 
@@ -232,6 +252,15 @@ def mclstexp_cross_validate(
     if features_key not in adata.obsm:
         msg = f"`adata.obsm[{features_key!r}]` not found. Compute image features first with `hs.pp.image_features`."
         raise KeyError(msg)
+    if pvalues not in ("spatial", "independent"):
+        msg = f"`pvalues` must be 'spatial' or 'independent', got {pvalues!r}."
+        raise ValueError(msg)
+    if pvalues == "spatial" and spatial_key not in adata.obsm:
+        msg = (
+            f"`adata.obsm[{spatial_key!r}]` not found; spatially corrected p-values need spot coordinates. Pass "
+            "`pvalues='independent'` to treat the spots as independent."
+        )
+        raise KeyError(msg)
     regressions = [b for b in baselines if b in ("ridge", "ridge_pca256", "knn")]
     if regressions and int(predict_kwargs.get("smooth_neighbors", 0)) > 0 and spatial_key not in adata.obsm:
         msg = f"`adata.obsm[{spatial_key!r}]` not found; `smooth_neighbors > 0` needs spot coordinates."
@@ -241,7 +270,7 @@ def mclstexp_cross_validate(
 
     start = logg.info(f"cross-validating mclSTExp over {len(groups)} groups of `obs[{groupby!r}]`")
     rows, top_genes, n_test, expr_sum = [], {}, {}, {}
-    pearson, pvalue, fdr = ({m: {} for m in methods} for _ in range(3))
+    pearson, pvalue, fdr, n_eff = ({m: {} for m in methods} for _ in range(4))
     predictions, prediction_std, observed = {m: {} for m in methods}, {}, {}
     for g in tqdm(groups, desc="folds", disable=not progress_bar):
         test_m = labels == g
@@ -300,10 +329,21 @@ def mclstexp_cross_validate(
                 )
                 preds[b] = (p, tt + t_prep, tp, None)
 
+        pairs = rho_obs = None
+        if pvalues == "spatial":
+            xy = np.asarray(test.obsm[spatial_key], dtype=np.float64)[:, :2]
+            pairs = SpatialPairs(xy, library_labels(test, library_key), random_state=random_state)
+            rho_obs = pairs.autocorrelation(y_test)
         for meth in methods:
             p, tt, tp, sd = preds[meth]
             r, pv = _pearson_columns(y_test, p)
+            ne = np.full(r.shape, float(n_test[g]))
+            if pairs is not None:
+                ne = effective_n(pairs, rho_obs, pairs.autocorrelation(p))
+                pv = pearson_pvalue(r, ne)
+            ne = np.where(np.isfinite(r), ne, np.nan)
             q = bh_fdr(pv)
+            n_eff[meth][g] = pd.Series(ne, index=panel_index)
             pearson[meth][g] = pd.Series(r, index=panel_index)
             pvalue[meth][g] = pd.Series(pv, index=panel_index)
             fdr[meth][g] = pd.Series(q, index=panel_index)
@@ -334,7 +374,10 @@ def mclstexp_cross_validate(
     summary = pd.DataFrame(rows)
     overall = summary.drop(columns=["fold"]).groupby("method", sort=False).mean(numeric_only=True)
     # genes may differ between folds when chosen per fold: the tables align them on the union (NaN elsewhere)
-    tables = {name: {m: pd.DataFrame(d[m]) for m in methods} for name, d in (("r", pearson), ("p", pvalue), ("q", fdr))}
+    tables = {
+        name: {m: pd.DataFrame(d[m]) for m in methods}
+        for name, d in (("r", pearson), ("p", pvalue), ("q", fdr), ("n", n_eff))
+    }
     expr = pd.DataFrame(expr_sum)
     out = {
         "summary": summary,
@@ -342,7 +385,10 @@ def mclstexp_cross_validate(
         "pearson": tables["r"],
         "pvalue": tables["p"],
         "fdr": tables["q"],
-        "gene_scores": {m: gene_score_table(tables["r"][m], tables["q"][m], n_test, expr) for m in methods},
+        "n_eff": tables["n"],
+        "gene_scores": {
+            m: gene_score_table(tables["r"][m], tables["q"][m], tables["n"][m], n_test, expr) for m in methods
+        },
         "top_genes": top_genes,
         "params": {
             "groupby": groupby,
@@ -352,6 +398,7 @@ def mclstexp_cross_validate(
             "train_kwargs": {k: v for k, v in train_kwargs.items() if isinstance(v, str | int | float | bool)},
             "predict_kwargs": predict_kwargs,
             "knn_k": int(knn_k),
+            "pvalues": pvalues,
         },
     }
     if return_predictions:

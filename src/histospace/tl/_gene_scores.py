@@ -1,4 +1,4 @@
-"""Per-gene trust of expression predictions: BH-FDR per fold, Stouffer's combination over folds, score tables.
+"""Per-gene trust of expression predictions: spatially corrected p-values, BH-FDR, Stouffer over folds, tables.
 
 Used by :func:`histospace.tl.mclstexp_cross_validate` (which computes the tables), by
 :func:`histospace.tl.mclstexp_predict` (which records them next to the predictions, `gene_scores=`) and by
@@ -21,6 +21,7 @@ SCORE_COLUMNS = (
     "pcc_sd",
     "n_folds",
     "n_spots",
+    "n_eff",
     "pvalue",
     "fdr",
     "frac_folds_fdr05",
@@ -62,23 +63,29 @@ def stouffer_pearson(r: np.ndarray, n: np.ndarray) -> np.ndarray:
 
 
 def gene_score_table(
-    pearson: pd.DataFrame, fdr: pd.DataFrame, n_test: Mapping[str, int], expr_sum: pd.DataFrame
+    pearson: pd.DataFrame,
+    fdr: pd.DataFrame,
+    n_eff: pd.DataFrame,
+    n_test: Mapping[str, int],
+    expr_sum: pd.DataFrame,
 ) -> pd.DataFrame:
     """The per-gene summary of one method over folds (see :func:`~histospace.tl.mclstexp_cross_validate`).
 
-    `pearson`, `fdr`: genes x folds; `n_test`: held-out spots per fold; `expr_sum`: genes x folds sums of the observed
-    (normalised) expression over the held-out spots (NaN where the gene was not in that fold's panel).
+    `pearson`, `fdr`, `n_eff`: genes x folds (r, its fold FDR, the effective number of spots behind it); `n_test`:
+    held-out spots per fold; `expr_sum`: genes x folds sums of the observed (normalised) expression over the held-out
+    spots (NaN where the gene was not in that fold's panel).
     """
     folds = list(pearson.columns)
     r = pearson.to_numpy(dtype=np.float64)
     n = np.asarray([n_test[f] for f in folds], dtype=np.float64)[None, :]
+    neff = n_eff.reindex(index=pearson.index, columns=folds).to_numpy(dtype=np.float64)
     finite = np.isfinite(r)
     n_folds = finite.sum(axis=1)
     sig = (np.nan_to_num(fdr.to_numpy(dtype=np.float64), nan=1.0) < FDR_LEVEL) & finite & (np.nan_to_num(r) > 0)
     esum = expr_sum.reindex(index=pearson.index, columns=folds).to_numpy(dtype=np.float64)
     evaluated = np.isfinite(esum)
     spots = np.where(evaluated, n, 0.0).sum(axis=1)
-    pvalue = stouffer_pearson(r, np.where(finite, n, 0.0))
+    pvalue = stouffer_pearson(r, np.where(finite, neff, 0.0))
     mean = _nanmean(r)
     dev = np.where(finite, r - mean[:, None], 0.0)
     pcc_sd = np.where(n_folds > 1, np.sqrt((dev**2).sum(axis=1) / np.maximum(n_folds - 1, 1)), np.nan)
@@ -89,6 +96,7 @@ def gene_score_table(
             "pcc_sd": pcc_sd,
             "n_folds": n_folds.astype(np.int64),
             "n_spots": np.where(finite, n, 0.0).sum(axis=1).astype(np.int64),
+            "n_eff": np.where(finite, neff, 0.0).sum(axis=1),
             "pvalue": pvalue,
             "fdr": bh_fdr(pvalue),
             "frac_folds_fdr05": np.where(n_folds > 0, sig.sum(axis=1) / np.maximum(n_folds, 1), np.nan),
@@ -155,3 +163,107 @@ def scores_from(gene_scores, *, method: str = "mclstexp", where: str = "gene_sco
     out = df[numeric].copy()
     out.index = out.index.astype(str)
     return out
+
+
+#: distance classes of the modified t-test (Dutilleul 1993; the default of R's SpatialPack::modified.ttest)
+N_DISTANCE_CLASSES = 13
+#: spots used to estimate the spatial autocorrelation of one held-out group (a seeded random subset beyond it)
+MAX_SPOTS_AUTOCORRELATION = 1000
+
+
+class SpatialPairs:
+    """Distance classes of the pairs of (a subset of) held-out spots, for :func:`effective_n`.
+
+    Pairs are binned into `n_classes` equal-width classes of their Euclidean distance, `(e_{k-1}, e_k]` up to the
+    largest distance within a slide (distance 0 in the first). Pairs of spots of different slides (`libs`) are in no
+    class: their correlation counts as 0. Beyond `max_spots` spots, a seeded random subset of `max_spots` estimates
+    the class autocorrelations and the share of pairs in each class.
+    """
+
+    def __init__(
+        self,
+        xy: np.ndarray,
+        libs: np.ndarray | None = None,
+        *,
+        n_classes: int = N_DISTANCE_CLASSES,
+        max_spots: int = MAX_SPOTS_AUTOCORRELATION,
+        random_state: int | None = 0,
+    ):
+        import scipy.sparse as sp
+        from scipy.spatial.distance import pdist
+
+        xy = np.asarray(xy, dtype=np.float64)
+        self.n = n = xy.shape[0]
+        if n > max_spots:
+            self.subset = np.sort(np.random.default_rng(random_state).choice(n, max_spots, replace=False))
+        else:
+            self.subset = np.arange(n)
+        m = self.subset.size
+        self.matrices, self.frac = [], []
+        if m < 2:
+            return
+        d = pdist(xy[self.subset])
+        i, j = np.triu_indices(m, 1)
+        if libs is not None:
+            lab = np.asarray(libs)[self.subset]
+            same = lab[i] == lab[j]
+            d, i, j = d[same], i[same], j[same]
+        if d.size == 0:
+            self.frac = np.zeros(0)
+            return
+        edges = np.linspace(0.0, d.max(), n_classes + 1)
+        k = np.clip(np.searchsorted(edges, d, side="left") - 1, 0, n_classes - 1)
+        for c in range(n_classes):
+            sel = k == c
+            if not sel.any():
+                continue
+            w = sp.coo_matrix((np.ones(sel.sum()), (i[sel], j[sel])), shape=(m, m)).tocsr()
+            self.matrices.append((w + w.T).tocsr())
+            self.frac.append(2.0 * sel.sum() / (m * (m - 1)))  # share of the ordered pairs i != j
+        self.frac = np.asarray(self.frac)
+
+    def autocorrelation(self, x: np.ndarray) -> np.ndarray:
+        """`(n_classes, n_genes)` Moran-type autocorrelation of each column of `x` (rows: all held-out spots).
+
+        `rho_k = mean over pairs of class k of z_i z_j / mean of z^2`, `z` the centred column; NaN for a constant
+        column.
+        """
+        z = np.asarray(x, dtype=np.float64)[self.subset]
+        z = z - z.mean(axis=0)
+        var = (z**2).mean(axis=0)
+        out = np.empty((len(self.matrices), z.shape[1]))
+        for c, w in enumerate(self.matrices):
+            out[c] = (z * (w @ z)).sum(axis=0) / w.nnz
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(var > 0, out / np.where(var > 0, var, 1.0), np.nan)
+
+
+def effective_n(pairs: SpatialPairs, rho_x: np.ndarray, rho_y: np.ndarray) -> np.ndarray:
+    """Effective sample size of the correlation of two spatially autocorrelated variables, per column.
+
+    Clifford, Richardson & Hemon (1989) and Dutilleul (1993): under independence of the two variables,
+    `var(r) = sum_ij rho_x(ij) rho_y(ij) / n^2`, estimated by class: `(n + n (n - 1) sum_k f_k rho_x(k) rho_y(k)) / n^2`
+    with `f_k` the share of pairs in class `k`; `n_eff = 1 + 1 / var(r)`, kept within `[3, n]` (never more
+    information than the spots themselves). `n` for a constant column, or with fewer than 2 spots.
+    """
+    n = pairs.n
+    if not len(pairs.matrices):
+        return np.full(rho_x.shape[1], float(n))
+    s = np.nansum(pairs.frac[:, None] * rho_x * rho_y, axis=0)
+    var = (n + n * (n - 1.0) * s) / n**2
+    with np.errstate(divide="ignore"):
+        n_eff = np.where(var > 0, 1.0 + 1.0 / np.where(var > 0, var, 1.0), n)
+    n_eff = np.clip(n_eff, min(3.0, n), n)
+    return np.where(np.isfinite(rho_x).all(axis=0) & np.isfinite(rho_y).all(axis=0), n_eff, float(n))
+
+
+def pearson_pvalue(r: np.ndarray, n_eff: np.ndarray) -> np.ndarray:
+    """Two-sided p-value of Pearson's r with `n_eff - 2` degrees of freedom (the modified t-test); NaN for NaN r."""
+    from scipy.stats import t as student_t
+
+    r = np.asarray(r, dtype=np.float64)
+    df = np.maximum(np.asarray(n_eff, dtype=np.float64) - 2.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.abs(r) * np.sqrt(df / np.maximum(1.0 - r**2, 0.0))
+    p = 2.0 * student_t.sf(t, df)
+    return np.where(np.isfinite(r), np.clip(p, 0.0, 1.0), np.nan)
