@@ -647,7 +647,7 @@ class MclSTExp(BaseModelClass):
         if smooth_neighbors > 0 and self.spatial_key not in adata.obsm:
             msg = f"`adata.obsm[{self.spatial_key!r}]` not found; `smooth_neighbors > 0` needs spot coordinates."
             raise KeyError(msg)
-        out = run_mean = m2 = first_emb = None
+        out = m2 = first_emb = None
         n = max(len(self._members), 1)
         try:
             for i in range(n):
@@ -664,13 +664,11 @@ class MclSTExp(BaseModelClass):
                 p = self.predict_from_embedding(
                     emb, n_neighbors=n_neighbors, weighting=weighting, batch_size=batch_size
                 )
-                if with_std and n > 1:  # Welford's running mean and sum of squared deviations
-                    if run_mean is None:
-                        run_mean, m2 = p.copy(), np.zeros_like(p)
+                if with_std and n > 1:  # Welford's sum of squared deviations, the running mean taken from the sum
+                    if m2 is None:
+                        m2 = np.zeros_like(p)
                     else:
-                        delta = p - run_mean
-                        run_mean += delta / np.float32(i + 1)
-                        m2 += delta * (p - run_mean)
+                        m2 += (p - out / np.float32(i)) * (p - (out + p) / np.float32(i + 1))
                 out = p if out is None else out + p
         finally:
             if self._members:
