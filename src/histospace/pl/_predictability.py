@@ -95,9 +95,7 @@ def gene_predictability(
     ax.set_xscale("log")
     pool = np.flatnonzero(sig if "fdr" in scores.columns else keep)
     best = pool[np.argsort(-y[pool], kind="stable")][:n_labels]
-    names = scores.index.to_numpy()
-    for i in best:
-        ax.annotate(names[i], (x[i], y[i]), xytext=(3, 2), textcoords="offset points", fontsize=7)
+    _label(ax, scores.index.to_numpy()[best], x[best], y[best])
     ax.set_xlabel("mean expression over held-out spots (log scale)")
     ax.set_ylabel("held-out Pearson r (mean over folds)")
     title = f"{sig.sum()} of {keep.sum()} genes predictable" if "fdr" in scores.columns else f"{keep.sum()} genes"
@@ -106,3 +104,28 @@ def gene_predictability(
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, frameon=False, loc="upper left")
     return _finish(ax, show)
+
+
+def _label(ax: Axes, names, x: np.ndarray, y: np.ndarray, fontsize: float = 7) -> None:
+    """Name points, moving a label down (in steps of a text line) until it overlaps no label placed before it."""
+    if not len(names):
+        return
+    ax.autoscale_view()
+    to_px = ax.transData.transform
+    dpi_scale = ax.figure.dpi / 72.0
+    line = 1.25 * fontsize * dpi_scale  # pixels per text line
+    placed: list[tuple[float, float, float, float]] = []
+    for name, xi, yi in sorted(zip(names, x, y, strict=True), key=lambda t: -t[2]):
+        px, py = to_px((xi, yi))
+        w = 0.62 * fontsize * dpi_scale * len(str(name))
+        dy = 0.0
+        for _ in range(40):
+            box = (px + 3 * dpi_scale, py - dy, px + 3 * dpi_scale + w, py - dy + line)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+            dy += line
+        placed.append(box)
+        kw = {"arrowprops": {"arrowstyle": "-", "lw": 0.4, "color": "0.4"}} if dy else {}
+        ax.annotate(
+            str(name), (xi, yi), xytext=(3, 2 - dy / dpi_scale), textcoords="offset points", fontsize=fontsize, **kw
+        )
