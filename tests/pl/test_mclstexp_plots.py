@@ -1,4 +1,4 @@
-"""Tests of hs.pl.predicted_vs_observed, hs.pl.gene_correlation and hs.pl.top_genes."""
+"""Tests of hs.pl.predicted_vs_observed, hs.pl.gene_correlation, hs.pl.top_genes and hs.pl.gene_predictability."""
 
 from __future__ import annotations
 
@@ -91,3 +91,54 @@ def test_predicted_vs_observed_ax(predicted):
     with pytest.raises(ValueError, match="`ax` must hold 2 Axes"):
         hs.pl.predicted_vs_observed(a, genes=["gene0"], ax=axes[0], show=False)
     plt.close(fig)
+
+
+@pytest.fixture
+def gene_scores():
+    rng = np.random.default_rng(0)
+    genes = [f"g{i}" for i in range(60)]
+    mean = 10 ** rng.uniform(-2, 1, 60)
+    mean[0] = 0.0  # never expressed: not on the log axis
+    pcc = rng.uniform(-0.2, 0.7, 60)
+    fdr = np.where(pcc > 0.4, 0.001, 0.5)
+    return pd.DataFrame({"pcc": pcc, "fdr": fdr, "mean_expression": mean, "n_folds": 3}, index=genes)
+
+
+def test_gene_predictability(gene_scores):
+    ax = hs.pl.gene_predictability(gene_scores, n_labels=4, show=False)
+    assert isinstance(ax, Axes) and ax.get_xscale() == "log"
+    n_sig = int(((gene_scores["fdr"] < 0.05) & (gene_scores["pcc"] > 0)).sum())
+    other, sig = ax.collections[:2]
+    assert len(sig.get_offsets()) == n_sig and len(other.get_offsets()) == 59 - n_sig
+    labels = [t.get_text() for t in ax.texts]
+    best = gene_scores[gene_scores["fdr"] < 0.05]["pcc"].nlargest(4).index.tolist()
+    assert labels == best
+    assert ax.get_title() == f"{n_sig} of 59 genes predictable"
+    assert "Pearson" in ax.get_ylabel() and "log" in ax.get_xlabel()
+
+
+def test_gene_predictability_sources(gene_scores, predicted):
+    cv = {"gene_scores": {"mclstexp": gene_scores, "knn": gene_scores.assign(fdr=1.0)}}
+    ax = hs.pl.gene_predictability(cv, method="knn", n_labels=0, show=False)
+    assert ax.get_title() == "0 of 59 genes predictable (knn)" and not ax.texts
+    # from an AnnData predicted with the scores
+    a, model = predicted
+    scores = gene_scores.iloc[:30].set_axis(list(a.var_names))
+    hs.tl.mclstexp_predict(a, model=model, n_neighbors=10, gene_scores=scores)
+    ax = hs.pl.gene_predictability(a, show=False)
+    n_sig = int(((scores["fdr"] < 0.05) & (scores["pcc"] > 0)).sum())
+    assert ax.get_title() == f"{n_sig} of 29 genes predictable"
+
+
+def test_gene_predictability_errors(gene_scores, predicted):
+    a, _ = predicted
+    with pytest.raises(KeyError, match=r"uns\['mclstexp'\]\['gene_scores'\].*gene_scores="):
+        hs.pl.gene_predictability(a, show=False)
+    with pytest.raises(KeyError, match="mean_expression"):
+        hs.pl.gene_predictability(gene_scores.drop(columns="mean_expression"), show=False)
+    with pytest.raises(KeyError, match="ridge"):
+        hs.pl.gene_predictability({"gene_scores": {"mclstexp": gene_scores}}, method="ridge", show=False)
+    with pytest.raises(ValueError, match="fdr"):
+        hs.pl.gene_predictability(gene_scores, fdr=5, show=False)
+    with pytest.raises(TypeError, match="data"):
+        hs.pl.gene_predictability([1, 2], show=False)

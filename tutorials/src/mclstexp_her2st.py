@@ -239,6 +239,30 @@ for cax in [a for a in axs[0].figure.axes if a not in list(axs)]:  # the colour 
 plt.show()
 
 # %% [markdown]
+# ## Domains of the H&E-only slide from the learned embedding
+#
+# `hs.tl.mclstexp_predict` also writes each tile's embedding in the joint space to `obsm['X_mclstexp']` (the image
+# side of the model, L2-normalised; with a seed ensemble, the first model's). The embedding was trained to match
+# expression, so clustering it gives expression-informed regions of a slide that was never sequenced, as the mclSTExp
+# paper does for pathologist-annotated regions. Like any latent representation, it feeds `hs.tl.domains` (or
+# `sc.pp.neighbors(tiles, use_rep="X_mclstexp")` and Leiden). The tiles lie on a square grid: their 8 neighbours form
+# the spatial graph of the refinement.
+
+# %%
+hs.pp.spatial_graph(tiles, coord_type="grid", n_neighs=8)
+hs.tl.domains(tiles, use_rep="X_mclstexp", n_clusters=5)
+sq.pl.spatial_scatter(
+    tiles,
+    color="mclstexp_domain",
+    library_id="C2_HE",
+    shape="square",
+    alpha=0.6,
+    crop_coord=crop,
+    title="domains from the mclSTExp embedding (H&E only)",
+    figsize=(5, 5),
+)
+
+# %% [markdown]
 # ## Next
 #
 # - `hs.models.MclSTExp(..., freeze_encoder=False)` fine-tunes the image encoder on patches, as the published code

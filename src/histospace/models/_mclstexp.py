@@ -604,11 +604,42 @@ class MclSTExp(BaseModelClass):
         smooth_neighbors: int = 0,
         img=None,
         batch_size: int = 4096,
-    ) -> np.ndarray:
+        return_std: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
         """Predicted normalised expression `(adata.n_obs, n_genes)` of the query (columns in `self.genes` order).
 
         For a seed ensemble (`n_models > 1` in :meth:`train`), the mean of the members' predictions. See
-        :func:`histospace.tl.mclstexp_predict` for the parameters.
+        :func:`histospace.tl.mclstexp_predict` for the parameters. With `return_std=True`, returns `(mean, std)`:
+        `std` is the per-spot, per-gene sample standard deviation over the members (float32, `n_models - 1` in the
+        denominator), or `None` for a single model.
+        """
+        mean, std, _ = self._predict(
+            adata,
+            n_neighbors=n_neighbors,
+            weighting=weighting,
+            smooth_neighbors=smooth_neighbors,
+            img=img,
+            batch_size=batch_size,
+            with_std=bool(return_std),
+            with_embedding=False,
+        )
+        return (mean, std) if return_std else mean
+
+    def _predict(
+        self,
+        adata: AnnData,
+        *,
+        n_neighbors: int,
+        weighting: str | None,
+        smooth_neighbors: int,
+        img,
+        batch_size: int,
+        with_std: bool,
+        with_embedding: bool,
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """`(mean, std or None, embedding or None)` in one pass over the members (see :meth:`predict`).
+
+        The embedding is the first member's image embedding (before `smooth_neighbors`), L2-normalised, float32.
         """
         self._check_trained()
         weighting = self._weighting(weighting)
@@ -618,13 +649,16 @@ class MclSTExp(BaseModelClass):
         if smooth_neighbors > 0 and self.spatial_key not in adata.obsm:
             msg = f"`adata.obsm[{self.spatial_key!r}]` not found; `smooth_neighbors > 0` needs spot coordinates."
             raise KeyError(msg)
-        out = None
+        out = m2 = first_emb = None
         n = max(len(self._members), 1)
         try:
             for i in range(n):
                 if self._members:
                     self._use_member(i)
                 emb = self.get_image_embedding(adata, img=img, batch_size=batch_size)
+                if with_embedding and i == 0:
+                    norm = np.linalg.norm(emb, axis=1, keepdims=True)
+                    first_emb = np.ascontiguousarray(emb / np.maximum(norm, 1e-12), dtype=np.float32)
                 if smooth_neighbors > 0:
                     xy = np.asarray(adata.obsm[self.spatial_key], dtype=np.float64)[:, :2]
                     libs = library_labels(adata, self.library_key)
@@ -632,11 +666,19 @@ class MclSTExp(BaseModelClass):
                 p = self.predict_from_embedding(
                     emb, n_neighbors=n_neighbors, weighting=weighting, batch_size=batch_size
                 )
+                if with_std and n > 1:  # Welford's sum of squared deviations, the running mean taken from the sum
+                    if m2 is None:
+                        m2 = np.zeros_like(p)
+                    else:
+                        m2 += (p - out / np.float32(i)) * (p - (out + p) / np.float32(i + 1))
                 out = p if out is None else out + p
         finally:
             if self._members:
                 self._use_member(0)
-        return out / np.float32(n) if n > 1 else out
+        std = None
+        if m2 is not None:
+            std = np.sqrt(np.maximum(m2, 0) / np.float32(n - 1)).astype(np.float32, copy=False)
+        return (out / np.float32(n) if n > 1 else out), std, first_emb
 
     def _check_trained(self) -> None:
         if not self.is_trained or self.reference_embeddings is None:

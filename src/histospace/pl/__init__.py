@@ -8,13 +8,22 @@ if TYPE_CHECKING:
     from ._domains import domains
     from ._history import training_history
     from ._mclstexp import gene_correlation, predicted_vs_observed, top_genes
+    from ._predictability import gene_predictability
 
-__all__ = ["domains", "gene_correlation", "predicted_vs_observed", "top_genes", "training_history"]
+__all__ = [
+    "domains",
+    "gene_correlation",
+    "gene_predictability",
+    "predicted_vs_observed",
+    "top_genes",
+    "training_history",
+]
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         "domains": "._domains",
         "gene_correlation": "._mclstexp",
+        "gene_predictability": "._predictability",
         "predicted_vs_observed": "._mclstexp",
         "top_genes": "._mclstexp",
         "training_history": "._history",

@@ -1,9 +1,13 @@
-"""Cross-validation of mclSTExp (and baselines) over slides or patients: per-gene Pearson, top-gene PCC, MSE, MAE."""
+"""Cross-validation of mclSTExp and baselines over slides or patients: per-gene Pearson, p-values, FDR, trust.
+
+Also top-gene PCC, MSE and MAE per fold, and a per-gene table of the held-out scores over folds.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -15,8 +19,18 @@ from histospace._constants import FEATURES_KEY, LIBRARY_KEY, SPATIAL_KEY
 from histospace._utils import check_random_state, check_unique_obs_names, doc_params, get_matrix
 from histospace._utils._data import as_dense, check_genes, library_labels, normalize_expression, smooth_over_neighbors
 from histospace.metrics import pearson_per_gene
+from histospace.tl._gene_scores import (
+    FDR_LEVEL,
+    SpatialPairs,
+    bh_fdr,
+    effective_n,
+    gene_score_table,
+    pearson_pvalue,
+)
 
-_BASELINES = ("bleep", "ridge", "knn")
+_BASELINES = ("bleep", "ridge", "ridge_pca256", "knn")
+#: components of the `'ridge_pca256'` baseline (HEST-Benchmark's PCA-256 of standardised features)
+_PCA_COMPONENTS = 256
 
 
 def _pearson_columns(obs: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -27,6 +41,46 @@ def _pearson_columns(obs: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.
         warnings.simplefilter("ignore", UserWarning)
         res = pearson_per_gene(obs, pred, return_pvalue=True)
     return res["r"].to_numpy(), res["pvalue"].to_numpy()
+
+
+def _regression_baseline(
+    name: str,
+    xtr: np.ndarray,
+    ytr: np.ndarray,
+    xte: np.ndarray,
+    *,
+    ridge_alphas: Sequence[float],
+    knn_k: int,
+    random_state: int | None,
+) -> tuple[np.ndarray, float, float]:
+    """Fit `name` on standardised training features, predict the test ones: `(pred, train s, predict s)`.
+
+    `'ridge_pca256'` projects on the first `min(256, n_train - 1, d)` principal components of the training features
+    (exact PCA: covariance eigendecomposition when `n_train >= d`, else a full SVD) before the same `RidgeCV`.
+    """
+    from sklearn.linear_model import RidgeCV
+    from sklearn.neighbors import KNeighborsRegressor
+
+    t0 = time.perf_counter()
+    if name == "knn":
+        reg = KNeighborsRegressor(n_neighbors=min(knn_k, xtr.shape[0]))
+    else:
+        reg = RidgeCV(alphas=np.asarray(ridge_alphas, dtype=float))
+    pca = None
+    if name == "ridge_pca256":
+        from sklearn.decomposition import PCA
+
+        n, d = xtr.shape
+        k = max(1, min(_PCA_COMPONENTS, n - 1, d))
+        pca = PCA(n_components=k, svd_solver="covariance_eigh" if n >= d else "full", random_state=random_state)
+        xtr = pca.fit_transform(xtr)
+    reg.fit(xtr, ytr)
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if pca is not None:
+        xte = pca.transform(xte)
+    pred = np.asarray(reg.predict(xte), dtype=np.float32)
+    return pred, t_train, time.perf_counter() - t0
 
 
 @doc_params()
@@ -40,19 +94,25 @@ def mclstexp_cross_validate(
     model_kwargs: dict | None = None,
     train_kwargs: dict | None = None,
     predict_kwargs: dict | None = None,
-    baselines: Sequence[str] = (),
+    baselines: Sequence[str] = ("ridge_pca256", "knn"),
     knn_k: int = 50,
     ridge_alphas: Sequence[float] = tuple(np.logspace(-2, 6, 17)),
     groups: Sequence[str] | None = None,
+    pvalues: Literal["spatial", "independent"] = "spatial",
+    return_predictions: bool = False,
     random_state: int | None = 0,
     progress_bar: bool = False,
 ) -> dict:
-    """Leave-one-group-out evaluation of mclSTExp (and baselines): hold out each slide or patient in turn.
+    """Leave-one-group-out evaluation of mclSTExp and baselines: hold out each slide or patient in turn.
 
     For each group of `adata.obs[groupby]` (a slide with `groupby='library_id'`: leave-one-slide-out; a patient with
     `groupby='patient'`: leave-one-patient-out), a model is trained on the other groups and predicts the held-out
     spots from their image features. The gene panel (when `genes=None`) and the normalisation are fixed from the
     training part only; the held-out expression is normalised per spot the same way (`model_kwargs['normalize']`).
+    The baselines are fitted on the same folds, genes, targets and image features, so one table tells whether
+    mclSTExp earns its training time on these data. Every gene gets a held-out Pearson r per fold with a p-value and
+    a Benjamini-Hochberg FDR, and a summary over folds (`'gene_scores'`) that :func:`~histospace.tl.mclstexp_predict`
+    can record next to the predictions of a model trained with the same settings (`gene_scores=`).
 
     Parameters
     ----------
@@ -72,18 +132,28 @@ def mclstexp_cross_validate(
         :func:`~histospace.tl.mclstexp_predict` (`n_neighbors`, `weighting`, `smooth_neighbors`). `n_neighbors` is
         capped at the number of training spots.
     baselines
-        Also evaluate, on the same folds, genes and targets: `'bleep'` (the same model without spot Transformer and
-        positions, trained with the same `train_kwargs`, a seed ensemble's `n_models` included), `'ridge'`
-        (:class:`~sklearn.linear_model.RidgeCV` over `ridge_alphas`) and `'knn'`
-        (:class:`~sklearn.neighbors.KNeighborsRegressor`, `knn_k` neighbours) on the image features standardised
-        with the training mean and standard deviation. With `smooth_neighbors > 0` in `predict_kwargs` the ridge and
-        kNN inputs are smoothed over the same spatial neighbours.
+        Also evaluate, on the same folds, genes and targets (default: `('ridge_pca256', 'knn')`, a second or so per
+        fold): `'bleep'` (the same model without spot Transformer and positions, trained with the same
+        `train_kwargs`, a seed ensemble's `n_models` included), `'ridge'` (:class:`~sklearn.linear_model.RidgeCV`
+        over `ridge_alphas`), `'ridge_pca256'` (the HEST-Benchmark protocol: the same ridge on the first
+        `min(256, n_train - 1, n_features)` principal components, fitted on the training spots) and `'knn'`
+        (:class:`~sklearn.neighbors.KNeighborsRegressor`, `knn_k` neighbours, uniform weights). The regression
+        baselines use the image features standardised with the training mean and standard deviation; with
+        `smooth_neighbors > 0` in `predict_kwargs` they are smoothed over the same spatial neighbours. `()`: none.
     knn_k, ridge_alphas
         Baseline settings.
     groups
         Groups to hold out (default: all).
+    pvalues
+        `'spatial'`: p-values of the held-out correlations by Dutilleul's modified t-test, which replaces the number
+        of spots by an effective sample size that accounts for the spatial autocorrelation of both the observed and
+        the predicted expression (needs `adata.obsm[spatial_key]`; see Notes). `'independent'`: the plain test of
+        :func:`scipy.stats.pearsonr`, as if the spots were independent.
+    return_predictions
+        Also return the held-out predictions, the observed targets and, for seed ensembles, the per-spot standard
+        deviation over the members (`'predictions'`, `'observed'`, `'prediction_std'`).
     random_state
-        Seed of every model (`train_kwargs['random_state']` wins when given).
+        Seed of every model (`train_kwargs['random_state']` wins when given) and of the PCA.
     progress_bar
         Show one bar over the folds.
 
@@ -94,16 +164,50 @@ def mclstexp_cross_validate(
     `'summary'` : :class:`pandas.DataFrame`
         One row per method and fold: `method`, `fold`, `n_train`, `n_test`, `pcc_all` (mean per-gene Pearson over the
         panel, constant genes left out), `pcc_top` (mean over the `n_top` genes with the highest mean expression in
-        the held-out group), `mse`, `mae` (over all held-out spots and panel genes), `train_time_s`,
-        `predict_time_s`.
+        the held-out group), `mse`, `mae` (over all held-out spots and panel genes), `n_genes_fdr05` (genes with a
+        positive r at FDR < 0.05 in that fold), `train_time_s`, `predict_time_s`.
     `'overall'` : :class:`pandas.DataFrame`
         Mean of the summary columns over folds, one row per method.
-    `'pearson'`, `'pvalue'` : :class:`dict` of :class:`pandas.DataFrame`
-        Per method, genes x folds: Pearson r and its two-sided p-value (NaN for a constant gene).
+    `'pearson'`, `'pvalue'`, `'fdr'`, `'n_eff'` : :class:`dict` of :class:`pandas.DataFrame`
+        Per method, genes x folds: Pearson r, its two-sided p-value (see `pvalues`), the Benjamini-Hochberg adjusted
+        p-value (:func:`scipy.stats.false_discovery_control`) over the panel genes of that fold, and the effective
+        number of spots behind the test (the held-out spots with `pvalues='independent'`). NaN for a constant gene,
+        or a gene outside that fold's panel.
+    `'gene_scores'` : :class:`dict` of :class:`pandas.DataFrame`
+        Per method, one row per gene: `pcc` (mean r over the folds where it is defined), `pcc_median`, `pcc_sd`
+        (across folds), `n_folds`, `n_spots` (held-out spots of those folds), `n_eff` (their effective number, summed
+        over the folds), `pvalue` (one-sided, r > 0, folds
+        combined by Stouffer's method, see Notes), `fdr` (Benjamini-Hochberg over the genes), `frac_folds_fdr05`
+        (fraction of the folds with a positive r at fold FDR < 0.05) and `mean_expression` (mean observed normalised
+        expression over the held-out spots).
     `'top_genes'` : :class:`dict`
         Per fold, the `n_top` genes by mean observed expression.
+    `'predictions'`, `'observed'`, `'prediction_std'` : :class:`dict`
+        Only with `return_predictions=True`. `predictions[method][fold]` and `observed[fold]`: held-out spots x panel
+        genes :class:`pandas.DataFrame` (float32, indexed by `obs_names`); `prediction_std[method][fold]`: the same
+        shape, the sample standard deviation over the members of a seed ensemble (mclSTExp and BLEEP-style with
+        `n_models > 1` only).
     `'params'` : :class:`dict`
         `groupby`, `n_top`, methods and the keyword arguments used.
+
+    Notes
+    -----
+    Spatial p-values: neighbouring spots are alike (tissue domains), and so are their predictions, so two unrelated
+    but smooth maps correlate by chance far more often than independent spots would allow; the plain test then calls
+    most genes significant. The modified t-test (Clifford, Richardson & Hemon 1989; Dutilleul 1993, as R's
+    `SpatialPack::modified.ttest`) estimates, per gene, `var(r) = sum_ij rho_obs(ij) rho_pred(ij) / n^2` from the
+    spatial autocorrelation of the observed and the predicted map in 13 equal-width distance classes (pairs within
+    one slide; a seeded subset of 1000 spots estimates them in larger groups), and tests r with
+    `n_eff - 2 = 1 / var(r) - 1` degrees of freedom (`n_eff` kept within `[3, n]`).
+
+    Combining folds: each fold gives `z_i = atanh(r_i) sqrt(n_i - 3)` with `n_i` its effective spots, standard
+    normal when the gene's true correlation is 0 (Fisher's transform), and
+    `Z = sum_i sqrt(n_i - 3) z_i / sqrt(sum_i (n_i - 3))` (Stouffer's method weighted by the folds' information;
+    the same as testing the pooled Fisher-z mean). It keeps the sign: a gene predicted well in one section and
+    anti-correlated in another does not look significant, while Fisher's combination of the two-sided p-values
+    would call it so. The one-sided p-value asks the question a user has: is the prediction positively correlated
+    with the truth on unseen sections? `frac_folds_fdr05` and `pcc_sd` show how stable a gene is across sections.
+    With one patient the sections share the patient, so every score is optimistic for a new patient.
     """
     from histospace.models import MclSTExp
 
@@ -115,10 +219,13 @@ def mclstexp_cross_validate(
             "or patients ('patient')."
         )
         raise KeyError(msg)
+    if isinstance(baselines, str):
+        baselines = (baselines,)
     bad = [b for b in baselines if b not in _BASELINES]
     if bad:
         msg = f"Unknown baselines {bad}; choose from {_BASELINES}."
         raise ValueError(msg)
+    baselines = list(dict.fromkeys(baselines))
     labels = adata.obs[groupby].astype(str).to_numpy()
     all_groups = list(pd.unique(labels))
     if len(all_groups) < 2:
@@ -145,11 +252,26 @@ def mclstexp_cross_validate(
     if features_key not in adata.obsm:
         msg = f"`adata.obsm[{features_key!r}]` not found. Compute image features first with `hs.pp.image_features`."
         raise KeyError(msg)
+    if pvalues not in ("spatial", "independent"):
+        msg = f"`pvalues` must be 'spatial' or 'independent', got {pvalues!r}."
+        raise ValueError(msg)
+    if pvalues == "spatial" and spatial_key not in adata.obsm:
+        msg = (
+            f"`adata.obsm[{spatial_key!r}]` not found; spatially corrected p-values need spot coordinates. Pass "
+            "`pvalues='independent'` to treat the spots as independent."
+        )
+        raise KeyError(msg)
+    regressions = [b for b in baselines if b in ("ridge", "ridge_pca256", "knn")]
+    if regressions and int(predict_kwargs.get("smooth_neighbors", 0)) > 0 and spatial_key not in adata.obsm:
+        msg = f"`adata.obsm[{spatial_key!r}]` not found; `smooth_neighbors > 0` needs spot coordinates."
+        raise KeyError(msg)
     feats_all = as_dense(adata.obsm[features_key]).astype(np.float32)
     methods = ["mclstexp", *baselines]
 
     start = logg.info(f"cross-validating mclSTExp over {len(groups)} groups of `obs[{groupby!r}]`")
-    rows, pearson, pvalue, top_genes = [], {m: {} for m in methods}, {m: {} for m in methods}, {}
+    rows, top_genes, n_test, expr_sum = [], {}, {}, {}
+    pearson, pvalue, fdr, n_eff = ({m: {} for m in methods} for _ in range(4))
+    predictions, prediction_std, observed = {m: {} for m in methods}, {}, {}
     for g in tqdm(groups, desc="folds", disable=not progress_bar):
         test_m = labels == g
         train = adata[~test_m]
@@ -160,32 +282,36 @@ def mclstexp_cross_validate(
         model.train(**train_kwargs)
         t_train = time.perf_counter() - t0
         panel = model.genes
+        panel_index = pd.Index(panel, name="gene")
         gidx = adata.var_names.get_indexer(panel)
         y_test = normalize_expression(counts[test_m][:, gidx], normalize)
         y_train = model.reference_expression
         order = np.argsort(-y_test.mean(axis=0), kind="stable")[:n_top]
         top_genes[g] = [panel[i] for i in order]
+        n_test[g] = int(test_m.sum())
+        expr_sum[g] = pd.Series(y_test.sum(axis=0, dtype=np.float64), index=panel_index)
         pk = {**predict_kwargs}
         pk["n_neighbors"] = min(int(pk.get("n_neighbors", 200)), y_train.shape[0])
         smooth = int(pk.get("smooth_neighbors", 0))
 
-        preds: dict[str, tuple[np.ndarray, float, float]] = {}
+        # method -> (prediction, train s, predict s, ensemble sd or None)
+        preds: dict[str, tuple[np.ndarray, float, float, np.ndarray | None]] = {}
         t0 = time.perf_counter()
-        preds["mclstexp"] = (model.predict(test, **pk), t_train, time.perf_counter() - t0)
+        mean, sd = model.predict(test, **pk, return_std=True)
+        preds["mclstexp"] = (mean, t_train, time.perf_counter() - t0, sd)
         if "bleep" in baselines:
             t0 = time.perf_counter()
             bk = {**model_kwargs, "spot_encoder": "none", "use_positions": False}
             bleep = MclSTExp(train, layer=layer, genes=panel, **bk).train(**train_kwargs)
             tt = time.perf_counter() - t0
             t0 = time.perf_counter()
-            preds["bleep"] = (bleep.predict(test, **pk), tt, time.perf_counter() - t0)
-        for b in ("ridge", "knn"):
-            if b not in baselines:
-                continue
+            mean, sd = bleep.predict(test, **pk, return_std=True)
+            preds["bleep"] = (mean, tt, time.perf_counter() - t0, sd)
+        if regressions:
             t0 = time.perf_counter()
             xtr, xte = feats_all[~test_m], feats_all[test_m]
-            mu, sd = xtr.mean(axis=0), np.maximum(xtr.std(axis=0), 1e-6)
-            xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+            mu, scale = xtr.mean(axis=0), np.maximum(xtr.std(axis=0), 1e-6)
+            xtr, xte = (xtr - mu) / scale, (xte - mu) / scale
             if smooth > 0:
                 xtr, xte = (
                     smooth_over_neighbors(
@@ -196,50 +322,73 @@ def mclstexp_cross_validate(
                     )
                     for x, part in ((xtr, train), (xte, test))
                 )
-            from sklearn.linear_model import RidgeCV
-            from sklearn.neighbors import KNeighborsRegressor
+            t_prep = time.perf_counter() - t0
+            for b in regressions:
+                p, tt, tp = _regression_baseline(
+                    b, xtr, y_train, xte, ridge_alphas=ridge_alphas, knn_k=knn_k, random_state=random_state
+                )
+                preds[b] = (p, tt + t_prep, tp, None)
 
-            reg = (
-                RidgeCV(alphas=np.asarray(ridge_alphas, dtype=float))
-                if b == "ridge"
-                else KNeighborsRegressor(n_neighbors=min(knn_k, xtr.shape[0]))
-            )
-            reg.fit(xtr, y_train)
-            tt = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            p = np.asarray(reg.predict(xte), dtype=np.float32)
-            preds[b] = (p, tt, time.perf_counter() - t0)
-
-        for meth, (p, tt, tp) in preds.items():
+        pairs = rho_obs = None
+        if pvalues == "spatial":
+            xy = np.asarray(test.obsm[spatial_key], dtype=np.float64)[:, :2]
+            pairs = SpatialPairs(xy, library_labels(test, library_key), random_state=random_state)
+            rho_obs = pairs.autocorrelation(y_test)
+        for meth in methods:
+            p, tt, tp, sd = preds[meth]
             r, pv = _pearson_columns(y_test, p)
-            pearson[meth][g] = r
-            pvalue[meth][g] = pv
+            ne = np.full(r.shape, float(n_test[g]))
+            if pairs is not None:
+                ne = effective_n(pairs, rho_obs, pairs.autocorrelation(p))
+                pv = pearson_pvalue(r, ne)
+            ne = np.where(np.isfinite(r), ne, np.nan)
+            q = bh_fdr(pv)
+            n_eff[meth][g] = pd.Series(ne, index=panel_index)
+            pearson[meth][g] = pd.Series(r, index=panel_index)
+            pvalue[meth][g] = pd.Series(pv, index=panel_index)
+            fdr[meth][g] = pd.Series(q, index=panel_index)
             rows.append(
                 {
                     "method": meth,
                     "fold": g,
                     "n_train": int((~test_m).sum()),
-                    "n_test": int(test_m.sum()),
+                    "n_test": n_test[g],
                     "pcc_all": float(np.nanmean(r)) if np.isfinite(r).any() else np.nan,
                     "pcc_top": float(np.nanmean(r[order])) if np.isfinite(r[order]).any() else np.nan,
                     "mse": float(np.mean((p - y_test) ** 2)),
                     "mae": float(np.mean(np.abs(p - y_test))),
+                    "n_genes_fdr05": int(((np.nan_to_num(q, nan=1.0) < FDR_LEVEL) & (np.nan_to_num(r) > 0)).sum()),
                     "train_time_s": float(tt),
                     "predict_time_s": float(tp),
                 }
             )
-        panel_index = pd.Index(panel, name="gene")
-        for meth in methods:  # genes may differ between folds when chosen per fold: align on the union later
-            pearson[meth][g] = pd.Series(pearson[meth][g], index=panel_index)
-            pvalue[meth][g] = pd.Series(pvalue[meth][g], index=panel_index)
+            if return_predictions:
+                predictions[meth][g] = pd.DataFrame(p, index=test.obs_names.copy(), columns=panel_index.copy())
+                if sd is not None:
+                    prediction_std.setdefault(meth, {})[g] = pd.DataFrame(
+                        sd, index=test.obs_names.copy(), columns=panel_index.copy()
+                    )
+        if return_predictions:
+            observed[g] = pd.DataFrame(y_test, index=test.obs_names.copy(), columns=panel_index.copy())
 
     summary = pd.DataFrame(rows)
     overall = summary.drop(columns=["fold"]).groupby("method", sort=False).mean(numeric_only=True)
+    # genes may differ between folds when chosen per fold: the tables align them on the union (NaN elsewhere)
+    tables = {
+        name: {m: pd.DataFrame(d[m]) for m in methods}
+        for name, d in (("r", pearson), ("p", pvalue), ("q", fdr), ("n", n_eff))
+    }
+    expr = pd.DataFrame(expr_sum)
     out = {
         "summary": summary,
         "overall": overall,
-        "pearson": {m: pd.DataFrame(pearson[m]) for m in methods},
-        "pvalue": {m: pd.DataFrame(pvalue[m]) for m in methods},
+        "pearson": tables["r"],
+        "pvalue": tables["p"],
+        "fdr": tables["q"],
+        "n_eff": tables["n"],
+        "gene_scores": {
+            m: gene_score_table(tables["r"][m], tables["q"][m], tables["n"][m], n_test, expr) for m in methods
+        },
         "top_genes": top_genes,
         "params": {
             "groupby": groupby,
@@ -248,7 +397,13 @@ def mclstexp_cross_validate(
             "model_kwargs": {k: v for k, v in model_kwargs.items() if isinstance(v, str | int | float | bool)},
             "train_kwargs": {k: v for k, v in train_kwargs.items() if isinstance(v, str | int | float | bool)},
             "predict_kwargs": predict_kwargs,
+            "knn_k": int(knn_k),
+            "pvalues": pvalues,
         },
     }
+    if return_predictions:
+        out["predictions"] = predictions
+        out["observed"] = observed
+        out["prediction_std"] = prediction_std
     logg.info("    finished", time=start)
     return out

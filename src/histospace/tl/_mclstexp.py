@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -119,6 +120,7 @@ def mclstexp_predict(
     smooth_neighbors: int = 0,
     img=None,
     batch_size: int = 4096,
+    gene_scores: dict | pd.DataFrame | None = None,
     key_added: str = MCLSTEXP_KEY,
     copy: bool = False,
 ) -> AnnData | None:
@@ -127,7 +129,11 @@ def mclstexp_predict(
     Each query spot (or tile) is embedded by the model's image side; its expression is the weighted mean of the
     normalised expression of its `n_neighbors` nearest reference spots (cosine similarity in the joint space).
     The output is the same whatever genes the query holds (an H&E-only AnnData with no genes included): the
-    predictions always go to `obsm`, and also to `layers` when the query holds exactly the model's genes.
+    predictions always go to `obsm`, and also to `layers` when the query holds exactly the model's genes. The joint
+    -space embedding of every spot goes to `obsm['X_' + key_added]`, for :func:`histospace.tl.domains` or
+    :func:`scanpy.pp.neighbors` (`use_rep='X_mclstexp'`): domains of an H&E-only slide. A seed ensemble also gives the
+    per-spot spread of its members' predictions, and `gene_scores=` records how predictable each gene was in
+    cross-validation, so that a user can keep the genes worth trusting.
 
     Parameters
     ----------
@@ -152,6 +158,11 @@ def mclstexp_predict(
         Full-resolution image (array, path, or dict per library) for a model with a fine-tuned encoder.
     batch_size
         Query rows per chunk of the nearest-neighbour search.
+    gene_scores
+        Cross-validated predictability of the panel genes, recorded with the predictions: the dict returned by
+        :func:`~histospace.tl.mclstexp_cross_validate` run with the model's settings on its training slides (its
+        `['gene_scores']['mclstexp']` table is used), or a :class:`~pandas.DataFrame` indexed by gene with a `'pcc'`
+        column (and optionally `'fdr'` and the other columns of that table). Panel genes without a score get NaN.
     key_added
         Key of the `obsm`, `layers` and `uns` entries.
     copy
@@ -167,32 +178,83 @@ def mclstexp_predict(
     `adata.layers['mclstexp' | key_added]` : :class:`numpy.ndarray` (dtype `float32`)
         The same predictions in the gene order of `adata`; written only when `adata` holds exactly the model's genes
         (same set, any order), e.g. to compare with the observed expression.
+    `adata.obsm['X_mclstexp' | 'X_' + key_added]` : :class:`numpy.ndarray` (dtype `float32`)
+        Joint-space image embedding `(n_obs, projection_dim)`, L2-normalised (so Euclidean neighbours are the cosine
+        neighbours the prediction searches), before `smooth_neighbors`. With a seed ensemble, the first member's:
+        the members' spaces are not aligned, so their mean would not be an embedding. Always written.
+    `adata.obsm['mclstexp_std' | key_added + '_std']` : :class:`pandas.DataFrame` (dtype `float32`)
+        Seed ensembles only (`n_models > 1`): per spot and gene, the sample standard deviation of the members'
+        predictions (columns as `obsm[key_added]`); large where the members disagree.
+    `adata.layers['mclstexp_std' | key_added + '_std']` : :class:`numpy.ndarray` (dtype `float32`)
+        The same in the gene order of `adata`, when `layers[key_added]` is written and the model is an ensemble.
+    `adata.var['mclstexp_pcc' | key_added + '_pcc']`, `adata.var['mclstexp_fdr' | key_added + '_fdr']` : float
+        With `gene_scores` and when `adata` holds panel genes: each gene's cross-validated Pearson r and FDR (the
+        latter when the scores have one); NaN for genes outside the panel or without a score.
     `adata.uns['mclstexp' | key_added]` : :class:`dict`
-        `params` (n_neighbors, weighting, model parameters, genes) and `version`.
+        `params` (n_neighbors, weighting, model parameters, genes, the embedding key) and `version`; with
+        `gene_scores`, also `gene_scores`: `'gene'` (the panel, `model.genes` order) and one float64 array per
+        numeric column of the scores (`pcc`, `fdr`, ...), for every query, genes or not.
+
+    Outputs of an earlier call with the same `key_added` that this call does not write (`_std` entries, the `var`
+    score columns, the layer) are removed, so the slots always describe one prediction.
 
     Examples
     --------
     To get an AnnData with the predicted genes as `X` (e.g. for `sc.pl.spatial` of an H&E-only slide)::
 
         pred = anndata.AnnData(adata.obsm["mclstexp"], obsm={"spatial": adata.obsm["spatial"]}, uns=adata.uns)
+
+    Record the cross-validated trust of each gene, then keep the predictable ones::
+
+        cv = hs.tl.mclstexp_cross_validate(ref)  # the same settings as the model
+        hs.tl.mclstexp_predict(query, model=model, gene_scores=cv)
+        scores = pd.DataFrame(query.uns["mclstexp"]["gene_scores"]).set_index("gene")
+        trusted = scores.index[scores["fdr"] < 0.05]
+        query.obsm["mclstexp"][trusted]
+
+    Spatial domains of an H&E-only slide from the learned embedding::
+
+        hs.tl.domains(tiles, use_rep="X_mclstexp", n_clusters=5, refine=False)
     """
     from histospace.models import MclSTExp
+    from histospace.tl._gene_scores import scores_from
 
     if not isinstance(model, MclSTExp):
         msg = f"`model` must be a trained `hs.models.MclSTExp`, got {type(model).__name__}."
         raise TypeError(msg)
     check_key_added(key_added)
     check_unique_obs_names(adata)
+    scores = None
+    if gene_scores is not None:
+        scores = scores_from(gene_scores, method="mclstexp", where="gene_scores")
+        found = scores.index.isin(model.genes).sum()
+        if found == 0:
+            msg = (
+                f"`gene_scores` holds none of the model's {len(model.genes)} genes (e.g. {model.genes[:3]}); pass the "
+                "cross-validation of the same gene panel."
+            )
+            raise ValueError(msg)
+        scores = scores.reindex(pd.Index(model.genes))
+        if found < len(model.genes):
+            warnings.warn(
+                f"`gene_scores` has no score for {len(model.genes) - found} of the model's {len(model.genes)} genes; "
+                "they get NaN.",
+                UserWarning,
+                stacklevel=2,
+            )
     weighting = model.default_weighting if weighting is None else weighting
     start = logg.info(f"predicting {len(model.genes)} genes for {adata.n_obs} spots with mclSTExp")
-    pred = model.predict(
+    pred, std, emb = model._predict(
         adata,
         n_neighbors=n_neighbors,
         weighting=weighting,
         smooth_neighbors=smooth_neighbors,
         img=img,
         batch_size=batch_size,
+        with_std=True,
+        with_embedding=True,
     )
+    emb_key, std_key = f"X_{key_added}", f"{key_added}_std"
     uns = {
         "params": uns_safe(
             {
@@ -206,19 +268,44 @@ def mclstexp_predict(
                 "n_reference_spots": int(model.reference_expression.shape[0]),
                 "n_models": int(model.n_models_),
                 "genes": list(model.genes),
+                "embedding_key": emb_key,
             }
         ),
         "version": version_string(),
     }
+    if scores is not None:
+        uns["gene_scores"] = {"gene": list(model.genes)} | {
+            str(c): scores[c].to_numpy(dtype=np.float64) for c in scores.columns
+        }
     out = adata.copy() if copy else adata
+    genes_index = pd.Index(model.genes)
+    # outputs of an earlier call with this key that this call may not rewrite
+    for slot, k in ((out.obsm, std_key), (out.layers, key_added), (out.layers, std_key)):
+        if k in slot:
+            del slot[k]
+    stale = [c for c in (f"{key_added}_pcc", f"{key_added}_fdr") if c in out.var.columns]
+    if stale:
+        out.var = out.var.drop(columns=stale)
     out.obsm[key_added] = pd.DataFrame(
-        np.ascontiguousarray(pred, dtype=np.float32), index=out.obs_names.copy(), columns=pd.Index(model.genes)
+        np.ascontiguousarray(pred, dtype=np.float32), index=out.obs_names.copy(), columns=genes_index.copy()
     )
-    deep = f"added\n    {key_added!r}, predicted expression (adata.obsm)"
+    out.obsm[emb_key] = emb
+    deep = f"added\n    {key_added!r}, predicted expression (adata.obsm)\n    {emb_key!r}, joint-space embedding (adata.obsm)"
+    if std is not None:
+        out.obsm[std_key] = pd.DataFrame(std, index=out.obs_names.copy(), columns=genes_index.copy())
+        deep += f"\n    {std_key!r}, standard deviation over the {model.n_models_} models (adata.obsm)"
     if out.n_vars == len(model.genes) and set(out.var_names) == set(model.genes):
-        order = pd.Index(model.genes).get_indexer(out.var_names)
+        order = genes_index.get_indexer(out.var_names)
         out.layers[key_added] = np.ascontiguousarray(pred[:, order], dtype=np.float32)
         deep += f"\n    {key_added!r}, predicted expression in the gene order of adata (adata.layers)"
+        if std is not None:
+            out.layers[std_key] = np.ascontiguousarray(std[:, order], dtype=np.float32)
+            deep += f"\n    {std_key!r}, ensemble standard deviation in the gene order of adata (adata.layers)"
+    if scores is not None and out.var_names.isin(genes_index).any():
+        for col in ("pcc", "fdr"):
+            if col in scores.columns:
+                out.var[f"{key_added}_{col}"] = scores[col].reindex(out.var_names).to_numpy(dtype=np.float64)
+                deep += f"\n    {key_added + '_' + col!r}, cross-validated {col} per gene (adata.var)"
     out.uns[key_added] = uns
     logg.info("    finished", time=start, deep=deep + f"\n    {key_added!r}, parameters (adata.uns)")
     return out if copy else None
