@@ -157,15 +157,15 @@ def _assembled_maps(src, plan, enc, geom):
             src, plan, enc, geom, dihedral=False, batch_size=2, device=CPU, project=None, bar=None
         ):
             for t, b in enumerate(bufs):
-                n = plan.tile // geom.strides[t]
+                n = plan.tile_h // geom.strides[t]
                 out.setdefault(t, {})[sy] = b[-n:].clone()
     return out
 
 
 def _one_pass_maps(src, plan, enc, geom, r):
-    y0, x0 = plan.ty0 * plan.tile - plan.halo, plan.tx0 * plan.tile - plan.halo
-    y1 = (plan.ty0 + plan.needed.shape[0]) * plan.tile + plan.halo
-    x1 = (plan.tx0 + plan.needed.shape[1]) * plan.tile + plan.halo
+    y0, x0 = plan.oy - plan.halo, plan.ox - plan.halo
+    y1 = plan.oy + plan.needed.shape[0] * plan.tile_h + plan.halo
+    x1 = plan.ox + plan.needed.shape[1] * plan.tile_w + plan.halo
     with torch.inference_mode():
         x = _Resampler(src, r, CPU).read(y0, y1, x0, x1)[None]
         return [m[0].permute(1, 2, 0) for m in _run_trunk(enc, (x - enc.mean) / enc.std, geom.taps)]
@@ -180,10 +180,10 @@ def _max_tile_error(src, centres, enc, r, halo=None):
     errs = []
     for t, f in enumerate(full):
         s = geom.strides[t]
-        n, hc = plan.tile // s, plan.halo // s
+        nh, nw, hc = plan.tile_h // s, plan.tile_w // s, plan.halo // s
         for sy, rows in tiled[t].items():
-            cols = torch.from_numpy(np.repeat(plan.needed[sy], n))
-            ref = f[hc + sy * n : hc + (sy + 1) * n, hc : hc + rows.shape[1]]
+            cols = torch.from_numpy(np.repeat(plan.needed[sy], nw))
+            ref = f[hc + sy * nh : hc + (sy + 1) * nh, hc : hc + rows.shape[1]]
             errs.append(_rel(rows[:, cols], ref[:, cols]))
     return max(errs)
 
@@ -322,7 +322,7 @@ def test_choose_method_follows_the_overlap():
     enc = _mobilenet()
     dense_grid = _grid(0, 4000, 0, 4000, 16)  # bins 16 px apart, 224-px patches: ~200-fold overlap
     sparse = _grid(0, 4000, 0, 4000, 300)  # spots 300 px apart: patches do not overlap
-    assert dense_cost_ratio(dense_grid, 224) > 50
+    assert dense_cost_ratio(dense_grid, 224) > 30
     assert dense_cost_ratio(sparse, 224) < 1
     assert choose_method(dense_grid, 224, enc) == "dense"
     assert choose_method(sparse, 224, enc) == "patch"

@@ -385,17 +385,18 @@ def _window_means(sat, u0, v0, w: float, chunk: int = 4096):
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class _Plan:
-    """Tiles of one resolution: the windows, the needed tiles and the strips."""
+    """Tiles of one resolution: the windows, the tile grid and the tiles some window touches."""
 
     r: float
     x0: np.ndarray  # window origins in resampled pixels
     y0: np.ndarray
     w: int  # window side in resampled pixels (= input_size)
-    tile: int
+    tile_h: int  # core size of a tile (rows, columns), multiples of the largest stride
+    tile_w: int
     halo: int
+    oy: int  # resampled pixel of the top-left corner of tile (0, 0), a multiple of the largest stride
+    ox: int
     needed: np.ndarray  # bool (n_ty, n_tx)
-    ty0: int
-    tx0: int
     strips: list = field(default_factory=list)  # tile rows with a needed tile
 
     @property
@@ -404,10 +405,24 @@ class _Plan:
 
     @property
     def tile_px(self) -> int:
-        return (self.tile + 2 * self.halo) ** 2
+        return (self.tile_h + 2 * self.halo) * (self.tile_w + 2 * self.halo)
+
+
+def _fit(lo: float, hi: float, tile: int, smax: int) -> tuple[int, int, int]:
+    """Origin, core size (<= `tile`, multiple of `smax`) and count of the fewest tiles covering `[lo, hi)`."""
+    o = int(math.floor(lo / smax)) * smax
+    extent = int(math.ceil(hi / smax)) * smax - o
+    n = max(1, -(-extent // tile))
+    side = _round_up(extent / n, smax)
+    return o, side, -(-extent // side)
 
 
 def _plan(centres: np.ndarray, r: float, input_size: int, tile: int, halo: int, smax: int) -> _Plan:
+    """Tiles for windows of `input_size` resampled pixels around `centres * r`.
+
+    The grid is fitted to the windows' bounding box (origin at a multiple of `smax`, as few tiles per axis as tiles of
+    at most `tile` px allow, all of the same size), so little is computed outside the windows.
+    """
     x0 = r * centres[:, 0] - input_size / 2.0
     y0 = r * centres[:, 1] - input_size / 2.0
     # pixel span of the cells a window touches on the coarsest map (a superset for finer maps)
@@ -415,17 +430,18 @@ def _plan(centres: np.ndarray, r: float, input_size: int, tile: int, halo: int, 
     px1 = np.ceil((x0 + input_size) / smax) * smax
     py0 = np.floor(y0 / smax) * smax
     py1 = np.ceil((y0 + input_size) / smax) * smax
-    tx_a = np.floor(px0 / tile).astype(np.int64)
-    tx_b = np.floor((px1 - 1) / tile).astype(np.int64)
-    ty_a = np.floor(py0 / tile).astype(np.int64)
-    ty_b = np.floor((py1 - 1) / tile).astype(np.int64)
-    gx0, gy0 = int(tx_a.min()), int(ty_a.min())
-    needed = np.zeros((int(ty_b.max()) - gy0 + 1, int(tx_b.max()) - gx0 + 1), dtype=bool)
+    ox, tw, ntx = _fit(float(px0.min()), float(px1.max()), tile, smax)
+    oy, th, nty = _fit(float(py0.min()), float(py1.max()), tile, smax)
+    tx_a = ((px0 - ox) // tw).astype(np.int64)
+    tx_b = ((px1 - 1 - ox) // tw).astype(np.int64)
+    ty_a = ((py0 - oy) // th).astype(np.int64)
+    ty_b = ((py1 - 1 - oy) // th).astype(np.int64)
+    needed = np.zeros((nty, ntx), dtype=bool)
     for dy in range(int((ty_b - ty_a).max()) + 1):
         for dx in range(int((tx_b - tx_a).max()) + 1):
             ok = (ty_a + dy <= ty_b) & (tx_a + dx <= tx_b)
-            needed[ty_a[ok] + dy - gy0, tx_a[ok] + dx - gx0] = True
-    p = _Plan(r=r, x0=x0, y0=y0, w=input_size, tile=tile, halo=halo, needed=needed, ty0=gy0, tx0=gx0)
+            needed[ty_a[ok] + dy, tx_a[ok] + dx] = True
+    p = _Plan(r=r, x0=x0, y0=y0, w=input_size, tile_h=th, tile_w=tw, halo=halo, oy=oy, ox=ox, needed=needed)
     p.strips = [int(i) for i in np.flatnonzero(needed.any(axis=1))]
     return p
 
@@ -465,51 +481,50 @@ def _iter_strips(src, plan: _Plan, encoder, geom: TrunkGeometry, *, dihedral, ba
     import torch
 
     res = _Resampler(src, plan.r, device)
-    tile, halo = plan.tile, plan.halo
+    th, tw, halo = plan.tile_h, plan.tile_w, plan.halo
     n_maps = len(geom.strides)
     n_tx = plan.needed.shape[1]
     mean = encoder.mean.to(device)
     std = encoder.std.to(device)
     buffers = [None] * n_maps
     row0s = [0] * n_maps
-    prev_strip = None
+    col0s = [plan.ox // s for s in geom.strides]
     for sy in plan.strips:
-        ty = sy + plan.ty0
         cols = [int(t) for t in np.flatnonzero(plan.needed[sy])]
         new = []
         for t in range(n_maps):
             s = geom.strides[t]
             c = geom.channels[t] if project is None else project[t].shape[1]
-            new.append(torch.zeros((tile // s, n_tx * tile // s, c), dtype=torch.float32, device=device))
+            new.append(torch.zeros((th // s, n_tx * (tw // s), c), dtype=torch.float32, device=device))
+        y0 = plan.oy + sy * th - halo
         for b in range(0, len(cols), batch_size):
             batch_cols = cols[b : b + batch_size]
             xs = []
             for sx in batch_cols:
-                tx = sx + plan.tx0
-                y0, x0 = ty * tile - halo, tx * tile - halo
-                xs.append(res.read(y0, y0 + tile + 2 * halo, x0, x0 + tile + 2 * halo))
+                x0 = plan.ox + sx * tw - halo
+                xs.append(res.read(y0, y0 + th + 2 * halo, x0, x0 + tw + 2 * halo))
             x = (torch.stack(xs) - mean) / std
             if device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
             maps = _dihedral_maps(encoder, x, geom.taps) if dihedral else _run_trunk(encoder, x, geom.taps)
             for t, m in enumerate(maps):
                 s = geom.strides[t]
-                h0, n = halo // s, tile // s
-                core = m[:, :, h0 : h0 + n, h0 : h0 + n].float().permute(0, 2, 3, 1)  # (B, n, n, c)
+                h0, nh, nw = halo // s, th // s, tw // s
+                core = m[:, :, h0 : h0 + nh, h0 : h0 + nw].float().permute(0, 2, 3, 1)  # (B, nh, nw, c)
                 if project is not None:
                     core = core @ project[t]
                 for i, sx in enumerate(batch_cols):
-                    new[t][:, sx * n : (sx + 1) * n] = core[i]
+                    new[t][:, sx * nw : (sx + 1) * nw] = core[i]
             del maps, x
             if bar is not None:
                 bar.update(len(batch_cols))
         for t in range(n_maps):
             s = geom.strides[t]
             keep = int(math.ceil(plan.w / s)) + 1  # rows above the strip that a window ending in it can reach
-            r0 = ty * (tile // s)
-            buf = torch.zeros((keep + tile // s, new[t].shape[1], new[t].shape[2]), dtype=torch.float32, device=device)
+            r0 = (plan.oy + sy * th) // s
+            buf = torch.zeros((keep + th // s, new[t].shape[1], new[t].shape[2]), dtype=torch.float32, device=device)
             buf[keep:] = new[t]
-            if prev_strip is not None and buffers[t] is not None:
+            if buffers[t] is not None:
                 old, old_r0 = buffers[t], row0s[t]
                 lo = max(old_r0, r0 - keep)
                 hi = old_r0 + old.shape[0]
@@ -518,11 +533,9 @@ def _iter_strips(src, plan: _Plan, encoder, geom: TrunkGeometry, *, dihedral, ba
             buffers[t] = buf
             row0s[t] = r0 - keep
         new = None
-        prev_strip = sy
         cells = sum(int(b.shape[0]) * int(b.shape[1]) for b in buffers)
         _STATS["max_map_cells"] = max(_STATS.get("max_map_cells", 0), cells)
-        col0s = [plan.tx0 * (tile // s) for s in geom.strides]
-        yield sy, list(row0s), col0s, buffers
+        yield sy, list(row0s), list(col0s), buffers
 
 
 def _dense_pass(src, plan: _Plan, encoder, geom: TrunkGeometry, *, dihedral, batch_size, device, project, out, bar):
@@ -530,13 +543,12 @@ def _dense_pass(src, plan: _Plan, encoder, geom: TrunkGeometry, *, dihedral, bat
     import torch
 
     n_maps = len(geom.strides)
-    tile = plan.tile
     # strip of each spot per map: the one holding the bottom row of its window
     assign, offsets = [], [0]
     for t in range(n_maps):
         s = geom.strides[t]
         bottom = np.ceil((plan.y0 + plan.w) / s - 1e-9).astype(np.int64) - 1
-        assign.append(np.floor(bottom / (tile // s)).astype(np.int64) - plan.ty0)
+        assign.append((bottom * s - plan.oy) // plan.tile_h)
         offsets.append(offsets[-1] + (geom.channels[t] if project is None else 0))
     for sy, row0s, col0s, buffers in _iter_strips(
         src, plan, encoder, geom, dihedral=dihedral, batch_size=batch_size, device=device, project=project, bar=bar
@@ -610,13 +622,18 @@ def _resolve_tiling(geom: TrunkGeometry, input_size: int, tile_size: int | None,
         raise ValueError(msg)
     h = geom.exact_halo if halo is None else _round_up(int(halo), smax)
     if tile_size is None:
-        tile = max(1024, _round_up(input_size, smax))
+        tile = _default_tile(h, input_size, smax)
     else:
         tile = int(tile_size)
         if tile < smax or tile % smax:
             msg = f"`tile_size` must be a positive multiple of the trunk's largest stride ({smax} px), got {tile}."
             raise ValueError(msg)
     return tile, h
+
+
+def _default_tile(halo: int, input_size: int, smax: int) -> int:
+    """Tiles of `2048` px with their halo (`2048 - 2 * halo` px of core), at least `1024` px and `input_size`."""
+    return max(_round_up(2048 - 2 * halo, smax), 1024, _round_up(input_size, smax))
 
 
 def _pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -670,8 +687,9 @@ def dense_features(
     patch_px
         Side of the patch in the same units as `centres_px`.
     encoder
-        An `ImageEncoder` from `histospace._nn._encoders.build_encoder` (eval mode; BatchNorm may be folded with
-        `fuse_conv_bn`). Its `mean`/`std` normalisation is applied to each tile.
+        An `ImageEncoder` from `histospace._nn._encoders.build_encoder`. It is put in eval mode and moved to `device`
+        (in place). Its `mean`/`std` normalisation is applied to each tile. For speed on a CPU fold its BatchNorm
+        (`fuse_conv_bn`) and make it channels-last, as `image_features` does.
     scale
         Factor from the units of `centres_px`, `patch_px` and `context_px` to pixels of `source` (e.g. `1 / 4` for a
         pyramid level at a quarter of the full resolution when centres are full-resolution pixels).
@@ -687,8 +705,10 @@ def dense_features(
         Mean over the 8 flips and right-angle rotations: each tile is transformed, run, and its maps are turned back
         before the mean (8 times the compute).
     tile_size
-        Side of a tile's core (kept cells) in resampled pixels, a multiple of the largest stride; `None`:
-        `max(1024, input_size)`. Larger tiles waste less on halos but hold more memory.
+        Largest side of a tile's core (kept cells) in resampled pixels, a multiple of the largest stride; `None`:
+        `2048 - 2 * halo` (tiles of 2048 px with their halo), at least 1024 and `input_size`. The tile grid is fitted
+        to the bounding box of the windows (as few tiles per axis as this size allows, all of one size). Larger tiles
+        waste less on halos but hold more memory (MobileNetV2, 2048-px tiles: about 0.7 GB per tile in the batch).
     halo
         Pixels of context added on each side of a tile (rounded up to a multiple of the largest stride). `None`: the
         trunk's receptive-field reach (:func:`trunk_geometry`), so that tiled maps equal a one-pass map.
@@ -736,13 +756,23 @@ def dense_features(
     sizes = [float(patch_px) * float(scale)] + ([float(context_px) * float(scale)] if context_px is not None else [])
     plans = [_plan(c_src, input_size / s, int(input_size), tile, h, geom.max_stride) for s in sizes]
     _STATS.clear()
-    _STATS.update({"halo": h, "tile": tile, "n_tiles": [p.n_tiles for p in plans], "tile_px": plans[0].tile_px})
+    _STATS.update(
+        {
+            "halo": h,
+            "tile": [(p.tile_h, p.tile_w) for p in plans],
+            "n_tiles": [p.n_tiles for p in plans],
+            "tile_px": [p.tile_px for p in plans],
+        }
+    )
     start = logg.info(
-        f"dense features ({encoder.name}) for {len(centres)} centres: {sum(_STATS['n_tiles'])} tiles of "
+        f"dense features ({encoder.name}) for {len(centres)} centres: {sum(_STATS['n_tiles'])} tiles of at most "
         f"{tile} px + halo {h} px"
     )
     src = src.load()
     encoder.eval()
+    p = next(iter(encoder.parameters()), None)
+    if p is not None and p.device != dev:
+        encoder.to(dev)
     n = len(centres)
 
     def run(sel: np.ndarray | None, project, out, desc: str) -> None:
@@ -796,7 +826,7 @@ def _pca_sample(plan: _Plan, geom: TrunkGeometry, target: int) -> np.ndarray:
     """Centres whose windows end in evenly spaced strips, at least `target` of them (sorted indices)."""
     s = geom.max_stride
     bottom = np.ceil((plan.y0 + plan.w) / s - 1e-9).astype(np.int64) - 1
-    strip = np.floor(bottom / (plan.tile // s)).astype(np.int64)
+    strip = (bottom * s - plan.oy) // plan.tile_h
     ids, counts = np.unique(strip, return_counts=True)
     step = max(1, min(int(counts.sum()) // max(target, 1), len(ids)))
     while step > 1 and counts[::step].sum() < target:
@@ -835,13 +865,13 @@ def dense_cost_ratio(
 ) -> float:
     """CNN input pixels the patch method would run divided by those the dense engine would run, for these centres.
 
-    Patch method: `n * input_size**2` per resolution. Dense engine: the tiles that some window touches, each
-    `(tile_size + 2 * halo)**2` pixels (the same plan as :func:`dense_features`). The ratio grows with the overlap of
+    Patch method: `n * input_size**2` per resolution. Dense engine: the tiles that some window touches, each of its
+    core plus the halo on every side (the same plan as :func:`dense_features`). The ratio grows with the overlap of
     the patches (`n * patch_px**2` over the area they cover) divided by the halo overhead `((tile + 2 halo) / tile)**2`.
     """
     centres = np.asarray(centres_px, dtype=np.float64)
-    tile = max(1024, _round_up(input_size, max_stride)) if tile_size is None else int(tile_size)
     h = _round_up(int(halo), max_stride)
+    tile = _default_tile(h, input_size, max_stride) if tile_size is None else int(tile_size)
     sizes = [patch_px] + ([context_px] if context_px is not None else [])
     dense = 0.0
     for s in sizes:
@@ -869,8 +899,8 @@ def choose_method(
     least `break_even` (:data:`AUTO_BREAK_EVEN`, measured on a CPU: per input pixel the dense engine's large tiles run
     about as fast as batches of 224-px patches, and its strips and window means cost little). For spots on a square
     grid of pitch `p` far from the tissue edge the ratio is about `(patch_px / p)**2 / ((tile + 2 halo) / tile)**2`,
-    so with MobileNetV2 (halo 256 px, tiles of 1024 px) dense wins once the pitch is below about
-    `patch_px / 1.8`. `'patch'` also when the encoder's trunk cannot run densely (no spatial map, unpadded layers) or
+    so with MobileNetV2 (halo 256 px, tiles of 1536 px) dense wins once the pitch is below about
+    `patch_px / 1.6`. `'patch'` also when the encoder's trunk cannot run densely (no spatial map, unpadded layers) or
     the patch is smaller than one cell of the coarsest map.
     """
     geom = None
