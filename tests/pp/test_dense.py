@@ -22,6 +22,7 @@ from histospace.pp._dense import (
     _run_trunk,
     _sat,
     _window_means,
+    _window_means_sat,
     choose_method,
     dense_cost_ratio,
     dense_features,
@@ -85,31 +86,39 @@ def _rel(a, b):
 def test_window_means_integer_windows_equal_direct_means():
     rng = np.random.default_rng(0)
     m = rng.normal(size=(13, 17, 5))
-    sat = _sat(torch.from_numpy(m))
     u0 = rng.integers(0, 17 - 4, size=40)
     v0 = rng.integers(0, 13 - 4, size=40)
-    got = _window_means(sat, torch.as_tensor(u0, dtype=torch.float64), torch.as_tensor(v0, dtype=torch.float64), 4.0)
-    want = np.stack([m[v : v + 4, u : u + 4].mean(axis=(0, 1)) for u, v in zip(u0, v0, strict=True)])
-    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+    u, v = torch.as_tensor(u0, dtype=torch.float64), torch.as_tensor(v0, dtype=torch.float64)
+    want = np.stack([m[b : b + 4, a : a + 4].mean(axis=(0, 1)) for a, b in zip(u0, v0, strict=True)])
+    # the summed-area table, read at the 4 corners
+    np.testing.assert_allclose(_window_means_sat(_sat(torch.from_numpy(m)), u, v, 4.0).numpy(), want, rtol=1e-12)
+    # the means of all integer windows at once (float32 output)
+    got = _window_means(torch.from_numpy(m).float(), u, v, 4.0).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_window_means_fractional_windows_are_area_weighted():
-    rng = np.random.default_rng(1)
-    m = rng.normal(size=(12, 15, 3))
-    sat = _sat(torch.from_numpy(m))
-    w = 3.5
-    u0 = rng.uniform(0, 15 - w, size=30)
-    v0 = rng.uniform(0, 12 - w, size=30)
-    got = _window_means(sat, torch.as_tensor(u0), torch.as_tensor(v0), w).numpy()
-
+def _area_weighted(m, u0, v0, w):
     def overlap(a, n):  # length of [a, a + w) inside each cell [j, j + 1)
         j = np.arange(n)
         return np.clip(np.minimum(j + 1, a + w) - np.maximum(j, a), 0, None)
 
-    want = np.stack(
-        [np.einsum("i,j,ijc->c", overlap(v, 12), overlap(u, 15), m) / w**2 for u, v in zip(u0, v0, strict=True)]
+    h, wd = m.shape[:2]
+    return np.stack(
+        [np.einsum("i,j,ijc->c", overlap(v, h), overlap(u, wd), m) / w**2 for u, v in zip(u0, v0, strict=True)]
     )
-    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("w", [3.0, 3.5])
+def test_window_means_fractional_windows_are_area_weighted(w):
+    rng = np.random.default_rng(1)
+    m = rng.normal(size=(12, 15, 3))
+    u0 = np.concatenate([rng.uniform(0, 15 - w, size=30), [0.0, 15 - w]])  # both ends of the map too
+    v0 = np.concatenate([rng.uniform(0, 12 - w, size=30), [12 - w, 0.0]])
+    u, v = torch.as_tensor(u0), torch.as_tensor(v0)
+    want = _area_weighted(m, u0, v0, w)
+    np.testing.assert_allclose(_window_means_sat(_sat(torch.from_numpy(m)), u, v, w).numpy(), want, rtol=1e-10)
+    got = _window_means(torch.from_numpy(m).float(), u, v, w).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

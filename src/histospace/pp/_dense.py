@@ -20,12 +20,14 @@ engine here does the same work once:
 3. **Only tissue.** A tile is run only if some spot window touches it, so the cost follows the area the windows cover,
    not the image area and not the number of spots.
 4. **Window means by summed-area tables.** Tiles are processed in rows (strips); the maps of one strip plus the rows
-   of the previous strips that windows reach back to are kept, with a float64 summed-area table (integral image)
-   per map. Each spot is read from the strip that holds the bottom row of its window, in O(1): the window
-   `[x0, x0 + w) x [y0, y0 + w)` in cell units (fractional in general) is the integral image, bilinearly interpolated
-   at the four corners. This is exactly the area-weighted mean of the piecewise-constant map (cells cut by the
-   window edge count with the fraction of their area inside the window), i.e. the global average pool of a patch
-   whose grid is offset by a fraction of a cell.
+   of the previous strips that windows reach back to are kept. Each spot is read from the strip that holds the bottom
+   row of its window, in O(1). Its window `[x0, x0 + w) x [y0, y0 + w)` in cell units is fractional in general; the
+   mean is the area-weighted mean of the piecewise-constant map (cells cut by the window edge count with the fraction
+   of their area inside it), i.e. the global average pool of a patch whose grid is offset by a fraction of a cell.
+   For `w` a whole number of cells (`input_size` a multiple of the stride) that is the bilinear interpolation of the
+   means of the four windows at the integer offsets around it; the means of all integer windows of a strip come from
+   its summed-area table (running sums in float64), so each spot costs 4 gathers. For other `w` the integral image
+   (summed-area table) is interpolated bilinearly at the four corners, which is exact for the same reason.
 5. **Streaming.** Peak memory is one batch of tiles, one strip of maps (plus the window height of overlap) and the
    output; never the whole image nor the whole map. With `n_components` the maps are projected before the
    summed-area tables, so the output is `(n, n_components)` and the full-width features never sit in memory.
@@ -363,7 +365,7 @@ def _integral_at(sat_flat, n_cols1: int, n_rows1: int, u, v):
     return (s00 * (1 - fu) + s01 * fu) * (1 - fv) + (s10 * (1 - fu) + s11 * fu) * fv
 
 
-def _window_means(sat, u0, v0, w: float, chunk: int = 4096):
+def _window_means_sat(sat, u0, v0, w: float, chunk: int = 1024):
     """Mean of the map over windows `[u0, u0 + w) x [v0, v0 + w)` (cell units, float64 tensors) from its table."""
     import torch
 
@@ -378,6 +380,57 @@ def _window_means(sat, u0, v0, w: float, chunk: int = 4096):
         tot += _integral_at(flat, cols1, rows1, uu, vv)
         out[a : a + chunk] = tot / (w * w)
     return out
+
+
+def _box_means(buf, w: int):
+    """Means `(h - w + 1, w' - w + 1, c)` float32 of a map `(h, w', c)` over all `w x w` windows at integer cells.
+
+    Running sums along each axis in float64 (the summed-area table, one axis at a time), then differences.
+    """
+    import torch
+
+    cs = torch.cumsum(buf.to(torch.float64), 0)
+    rows = cs[w - 1 :].clone()
+    rows[1:] -= cs[:-w]
+    cs = torch.cumsum(rows, 1)
+    box = cs[:, w - 1 :].clone()
+    box[:, 1:] -= cs[:, :-w]
+    return box.div_(w * w).to(torch.float32)
+
+
+def _bilinear_rows(m, u0, v0, chunk: int = 2048):
+    """Bilinear interpolation of a map `m` `(h, w, c)` at fractional cells `(u0, v0)` (float64 tensors) -> `(n, c)`."""
+    import torch
+
+    hm, wm, c = m.shape
+    flat = m.reshape(-1, c)
+    i0 = torch.clamp(torch.floor(u0), 0, max(wm - 2, 0)).long()
+    j0 = torch.clamp(torch.floor(v0), 0, max(hm - 2, 0)).long()
+    fu = (u0 - i0).clamp(0, 1).to(m.dtype).unsqueeze(1)
+    fv = (v0 - j0).clamp(0, 1).to(m.dtype).unsqueeze(1)
+    base = j0 * wm + i0
+    dx, dy = (1 if wm > 1 else 0), (wm if hm > 1 else 0)
+    out = torch.empty((u0.shape[0], c), dtype=m.dtype, device=m.device)
+    for a in range(0, u0.shape[0], chunk):
+        b, u, v, o = base[a : a + chunk], fu[a : a + chunk], fv[a : a + chunk], out[a : a + chunk]
+        torch.mul(flat.index_select(0, b), (1 - u) * (1 - v), out=o)
+        o.addcmul_(flat.index_select(0, b + dx), u * (1 - v))
+        o.addcmul_(flat.index_select(0, b + dy), (1 - u) * v)
+        o.addcmul_(flat.index_select(0, b + dy + dx), u * v)
+    return out
+
+
+def _window_means(buf, u0, v0, w: float):
+    """Area-weighted means of a map `buf` `(h, w', c)` over windows `[u0, u0 + w) x [v0, v0 + w)` (cell units).
+
+    Cells cut by a window edge count with the fraction of their area inside the window. For an integer `w` (the
+    usual case: `input_size` a multiple of the stride) a window at a fractional offset is the bilinear interpolation
+    of the four integer-offset windows around it, whose means come from the summed-area table for all offsets at once
+    (:func:`_box_means`): 4 gathers per spot. Otherwise the summed-area table is interpolated at the 4 corners.
+    """
+    if abs(w - round(w)) < 1e-9:
+        return _bilinear_rows(_box_means(buf, int(round(w))), u0, v0)
+    return _window_means_sat(_sat(buf), u0, v0, float(w))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -563,7 +616,7 @@ def _dense_pass(src, plan: _Plan, encoder, geom: TrunkGeometry, *, dihedral, bat
             if float(v0.min()) < -1e-6:  # pragma: no cover - guarded by `keep`
                 msg = "internal error: a spot window starts above the kept rows of its strip."
                 raise RuntimeError(msg)
-            f = _window_means(_sat(buffers[t]), u0, v0, plan.w / s).cpu().numpy()
+            f = _window_means(buffers[t], u0, v0, plan.w / s).cpu().numpy()
             if project is None:
                 out[idx, offsets[t] : offsets[t + 1]] = f
             else:
