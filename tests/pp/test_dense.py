@@ -14,6 +14,7 @@ from histospace._nn._encoders import build_encoder
 from histospace._utils._image import open_image
 from histospace.pp import _dense
 from histospace.pp._dense import (
+    _box_means,
     _iter_strips,
     _pca,
     _pca_sample,
@@ -95,6 +96,9 @@ def test_window_means_integer_windows_equal_direct_means():
     # the means of all integer windows at once (float32 output)
     got = _window_means(torch.from_numpy(m).float(), u, v, 4.0).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # computed in blocks of channels: the same
+    buf = torch.from_numpy(m).float()
+    np.testing.assert_array_equal(_box_means(buf, 4, block_bytes=1).numpy(), _box_means(buf, 4).numpy())
 
 
 def _area_weighted(m, u0, v0, w):
@@ -376,3 +380,16 @@ def test_errors():
         dense_features("/nonexistent/he.tif", c, 64, enc, **kw)
     with pytest.raises(ValueError, match="level_scales"):
         pick_level([], 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    img = _smooth_image(128, 128, seed=10)
+    centres = _grid(34, 96, 34, 96, 10)
+    kw = {"input_size": 64, "tile_size": 64, "progress_bar": False}
+    cpu = dense_features(img, centres, 64, _mobilenet(layers="stages"), device="cpu", **kw)
+    gpu = dense_features(img, centres, 64, _mobilenet(layers="stages"), device="cuda", batch_size=4, **kw)
+    assert _rel(gpu, cpu) < 1e-3
+    red = dense_features(img, centres, 64, _mobilenet(), device="cuda", n_components=4, pca_n_spots=10, **kw)
+    assert red.shape == (len(centres), 4) and np.isfinite(red).all()

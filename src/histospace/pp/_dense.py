@@ -382,20 +382,26 @@ def _window_means_sat(sat, u0, v0, w: float, chunk: int = 1024):
     return out
 
 
-def _box_means(buf, w: int):
+def _box_means(buf, w: int, *, block_bytes: int = 64 * 2**20):
     """Means `(h - w + 1, w' - w + 1, c)` float32 of a map `(h, w', c)` over all `w x w` windows at integer cells.
 
-    Running sums along each axis in float64 (the summed-area table, one axis at a time), then differences.
+    Running sums along each axis in float64 (the summed-area table, one axis at a time), then differences; in blocks
+    of channels so that the float64 temporaries stay below about `4 * block_bytes`.
     """
     import torch
 
-    cs = torch.cumsum(buf.to(torch.float64), 0)
-    rows = cs[w - 1 :].clone()
-    rows[1:] -= cs[:-w]
-    cs = torch.cumsum(rows, 1)
-    box = cs[:, w - 1 :].clone()
-    box[:, 1:] -= cs[:, :-w]
-    return box.div_(w * w).to(torch.float32)
+    h, wd, c = buf.shape
+    out = torch.empty((h - w + 1, wd - w + 1, c), dtype=torch.float32, device=buf.device)
+    step = max(1, int(block_bytes // max(h * wd * 8, 1)))
+    for a in range(0, c, step):
+        cs = torch.cumsum(buf[:, :, a : a + step].to(torch.float64), 0)
+        rows = cs[w - 1 :].clone()
+        rows[1:] -= cs[:-w]
+        cs = torch.cumsum(rows, 1)
+        box = cs[:, w - 1 :].clone()
+        box[:, 1:] -= cs[:, :-w]
+        out[:, :, a : a + step] = box.div_(w * w)
+    return out
 
 
 def _bilinear_rows(m, u0, v0, chunk: int = 2048):
@@ -544,11 +550,24 @@ def _iter_strips(src, plan: _Plan, encoder, geom: TrunkGeometry, *, dihedral, ba
     col0s = [plan.ox // s for s in geom.strides]
     for sy in plan.strips:
         cols = [int(t) for t in np.flatnonzero(plan.needed[sy])]
-        new = []
+        # the strip's buffers: the rows above it that a window ending in it can reach, kept from the previous buffers,
+        # then the strip's own rows (filled tile by tile below; columns of skipped tiles stay zero)
         for t in range(n_maps):
             s = geom.strides[t]
             c = geom.channels[t] if project is None else project[t].shape[1]
-            new.append(torch.zeros((th // s, n_tx * (tw // s), c), dtype=torch.float32, device=device))
+            keep = int(math.ceil(plan.w / s)) + 1
+            r0 = (plan.oy + sy * th) // s - keep
+            buf = torch.zeros((keep + th // s, n_tx * (tw // s), c), dtype=torch.float32, device=device)
+            if buffers[t] is not None:
+                old, old_r0 = buffers[t], row0s[t]
+                lo, hi = max(old_r0, r0), min(old_r0 + old.shape[0], r0 + keep)
+                if hi > lo:
+                    buf[lo - r0 : hi - r0] = old[lo - old_r0 : hi - old_r0]
+            buffers[t] = buf
+            row0s[t] = r0
+            old = None
+        cells = sum(int(b.shape[0]) * int(b.shape[1]) for b in buffers)
+        _STATS["max_map_cells"] = max(_STATS.get("max_map_cells", 0), cells)
         y0 = plan.oy + sy * th - halo
         for b in range(0, len(cols), batch_size):
             batch_cols = cols[b : b + batch_size]
@@ -563,31 +582,15 @@ def _iter_strips(src, plan: _Plan, encoder, geom: TrunkGeometry, *, dihedral, ba
             for t, m in enumerate(maps):
                 s = geom.strides[t]
                 h0, nh, nw = halo // s, th // s, tw // s
+                keep = buffers[t].shape[0] - nh
                 core = m[:, :, h0 : h0 + nh, h0 : h0 + nw].float().permute(0, 2, 3, 1)  # (B, nh, nw, c)
                 if project is not None:
                     core = core @ project[t]
                 for i, sx in enumerate(batch_cols):
-                    new[t][:, sx * nw : (sx + 1) * nw] = core[i]
+                    buffers[t][keep:, sx * nw : (sx + 1) * nw] = core[i]
             del maps, x
             if bar is not None:
                 bar.update(len(batch_cols))
-        for t in range(n_maps):
-            s = geom.strides[t]
-            keep = int(math.ceil(plan.w / s)) + 1  # rows above the strip that a window ending in it can reach
-            r0 = (plan.oy + sy * th) // s
-            buf = torch.zeros((keep + th // s, new[t].shape[1], new[t].shape[2]), dtype=torch.float32, device=device)
-            buf[keep:] = new[t]
-            if buffers[t] is not None:
-                old, old_r0 = buffers[t], row0s[t]
-                lo = max(old_r0, r0 - keep)
-                hi = old_r0 + old.shape[0]
-                if hi > lo:
-                    buf[lo - (r0 - keep) : hi - (r0 - keep)] = old[lo - old_r0 : hi - old_r0]
-            buffers[t] = buf
-            row0s[t] = r0 - keep
-        new = None
-        cells = sum(int(b.shape[0]) * int(b.shape[1]) for b in buffers)
-        _STATS["max_map_cells"] = max(_STATS.get("max_map_cells", 0), cells)
         yield sy, list(row0s), list(col0s), buffers
 
 
