@@ -19,7 +19,10 @@ Parts:
    dense engine, and for the patch method up to `--max-patch-bins` (beyond that its time is extrapolated from its
    measured time per patch: the patch method's cost is linear in the number of patches).
 4. `area`: time against the area covered by bins (fixed pitch, squares of 1/16, 1/4 and all of the bounding box).
-5. `expression`: does the difference matter downstream? Ridge regression (`RidgeCV`, features standardised on the
+5. `breakeven`: both methods timed on one 1500-px square of the tissue at bin pitches from 448 to 64 px, with the
+   pixel ratio that `choose_method` uses (`dense_cost_ratio`): where the measured time ratio crosses 1 gives the
+   break-even of `method='auto'` (`AUTO_BREAK_EVEN`).
+6. `expression`: does the difference matter downstream? Ridge regression (`RidgeCV`, features standardised on the
    training sections) from patch or dense features to `ln(1 + 1e4 x / s)` of the 785-gene her2st panel, leave one
    of C2-C6 out; mean per-gene Pearson r over the panel (`pcc_all`) and over the 50 genes with the highest mean
    expression in the held-out section (`pcc_top`), as the ridge baseline of `benchmarks/expression.py`.
@@ -128,7 +131,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-patch-bins", type=int, default=None, help="largest bin count timed for the patch method")
-    ap.add_argument("--parts", default="agreement,halo,bins,area,expression")
+    ap.add_argument("--parts", default="agreement,halo,bins,area,breakeven,expression")
     ap.add_argument("--out", default=str(ROOT / "results" / "dense_features"))
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -279,7 +282,31 @@ def main() -> None:
             print("area", row)
         res["area"] = rows
 
-    # ---- 5. downstream: ridge from features to expression, leave one section out -------------------------------------
+    # ---- 5. break-even of method='auto' ------------------------------------------------------------------------------
+    if "breakeven" in parts:
+        rows = []
+        enc = encoder(weights, device=dev)
+        x0, y0 = box[0] + 500, box[1] + 500
+        sub = (x0, y0, x0 + 1500, y0 + 1500)
+        for pitch in [448, 224, 160, 112, 80, 64] if not args.quick else [224, 112]:
+            c = grid_in(sub, int(round(1500**2 / pitch**2)))
+            _, t_patch = patch_features(img, c, weights, device=dev)
+            _, t_dense, st = timed_dense(src, c, enc, device=dev)
+            rows.append(
+                {
+                    "pitch_px": pitch,
+                    "n_bins": len(c),
+                    "patch_s": t_patch,
+                    "dense_s": t_dense,
+                    "time_ratio": t_patch / t_dense,
+                    "pixel_ratio": dense_cost_ratio(c, PATCH, halo=int(st["halo"])),
+                    "dense_tiles": int(st["n_tiles"][0]),
+                }
+            )
+            print("breakeven", rows[-1])
+        res["breakeven"] = rows
+
+    # ---- 6. downstream: ridge from features to expression, leave one section out -------------------------------------
     if "expression" in parts:
         res["expression"] = expression_check(data_dir, weights, dev, quick=args.quick)
 
@@ -426,6 +453,13 @@ def to_markdown(res: dict) -> str:
             _table(
                 res["area"], ["area_fraction", "area_mpx", "n_bins", "dense_s", "patch_s_extrapolated", "dense_tiles"]
             ),
+            "",
+        ]
+    if "breakeven" in res:
+        out += [
+            "## Break-even (1500-px square of tissue; `pixel_ratio` is the rule of `method='auto'`)",
+            "",
+            _table(res["breakeven"], ["pitch_px", "n_bins", "patch_s", "dense_s", "time_ratio", "pixel_ratio"]),
             "",
         ]
     if "expression" in res:

@@ -298,36 +298,47 @@ def _resample_weights(i0: int, n: int, r: float) -> tuple[np.ndarray, np.ndarray
 
 
 class _Resampler:
-    """Read resampled regions `[y0, y1) x [x0, x1)` of a source as float `(3, h, w)` in `[0, 1]` on a device."""
+    """Read resampled regions `[y0, y1) x [x0, x1)` of a source as float `(3, h, w)` in `[0, 1]` on a device.
 
-    def __init__(self, src, r: float, device):
+    Separable: the columns of a band of source rows are resampled first (gathered from the `uint8` pixels, so the
+    source band is never held as floats), then the rows. Bands hold about `band_rows` source rows, so memory stays
+    bounded however strongly the image is downsampled.
+    """
+
+    def __init__(self, src, r: float, device, *, band_rows: int = 1024):
         self.src, self.r, self.device = src, float(r), device
         self.identity = abs(self.r - 1.0) < 1e-12
+        self.band_rows = int(band_rows)
 
     def read(self, y0: int, y1: int, x0: int, x1: int):
         import torch
 
+        dev = self.device
         if self.identity:
             a = self.src.read(y0, y1, x0, x1)
-            return torch.from_numpy(a).to(self.device).permute(2, 0, 1).float().div_(255.0)
+            return torch.from_numpy(a).to(dev).permute(2, 0, 1).float().div_(255.0)
         iy, wy = _resample_weights(y0, y1 - y0, self.r)
         ix, wx = _resample_weights(x0, x1 - x0, self.r)
-        sy0, sy1 = int(iy.min()), int(iy.max()) + 1
         sx0, sx1 = int(ix.min()), int(ix.max()) + 1
-        a = torch.from_numpy(self.src.read(sy0, sy1, sx0, sx1)).to(self.device).permute(2, 0, 1).float().div_(255.0)
-        dev = self.device
-        iy_t = torch.as_tensor(iy - sy0, device=dev)
         ix_t = torch.as_tensor(ix - sx0, device=dev)
-        wy_t = torch.as_tensor(wy, dtype=torch.float32, device=dev)
         wx_t = torch.as_tensor(wx, dtype=torch.float32, device=dev)
-        rows = None
-        for k in range(iy.shape[1]):
-            term = a.index_select(1, iy_t[:, k]) * wy_t[:, k].view(1, -1, 1)
-            rows = term if rows is None else rows.add_(term)
-        out = None
-        for k in range(ix.shape[1]):
-            term = rows.index_select(2, ix_t[:, k]) * wx_t[:, k].view(1, 1, -1)
-            out = term if out is None else out.add_(term)
+        out = torch.empty((3, y1 - y0, x1 - x0), dtype=torch.float32, device=dev)
+        step = max(1, int(self.band_rows * min(self.r, 1.0)))
+        for a in range(0, y1 - y0, step):
+            iyc, wyc = iy[a : a + step], wy[a : a + step]
+            sy0, sy1 = int(iyc.min()), int(iyc.max()) + 1
+            band = torch.from_numpy(self.src.read(sy0, sy1, sx0, sx1)).to(dev).permute(2, 0, 1)  # uint8 (3, h, w)
+            cols = None
+            for k in range(ix.shape[1]):
+                term = band.index_select(2, ix_t[:, k]) * wx_t[:, k].view(1, 1, -1)
+                cols = term if cols is None else cols.add_(term)
+            iy_t = torch.as_tensor(iyc - sy0, device=dev)
+            wy_t = torch.as_tensor(wyc, dtype=torch.float32, device=dev)
+            rows = None
+            for k in range(iy.shape[1]):
+                term = cols.index_select(1, iy_t[:, k]) * wy_t[:, k].view(1, -1, 1)
+                rows = term if rows is None else rows.add_(term)
+            out[:, a : a + step] = rows.div_(255.0)
         return out
 
 
