@@ -10,9 +10,9 @@ engine here does the same work once:
    a crop of one resampled image). A spot's patch becomes a window of `input_size` resampled pixels, i.e.
    `input_size / stride` cells of a trunk map with that stride.
 2. **Tiles with a halo.** The trunk (:attr:`ImageEncoder.backbone` after the encoder's input normalisation; with
-   `layers='stages'` the outputs of its stages) runs over square tiles of `tile_size` resampled pixels plus a halo
-   on every side, in batches. Tiles start at multiples of the largest stride, so every tile's maps sit on one global
-   grid. The halo defaults to the trunk's receptive-field reach (measured by :func:`trunk_geometry` from the layers'
+   `layers='stages'` the outputs of its stages) runs over tiles of at most `tile_size` resampled pixels plus a halo
+   on every side, in batches. The tile grid is fitted to the bounding box of the windows and starts at a multiple of
+   the largest stride, so every tile's maps sit on one global grid. The halo defaults to the trunk's receptive-field reach (measured by :func:`trunk_geometry` from the layers'
    kernels, strides, paddings and dilations, including TensorFlow 'SAME' padding), rounded up to a multiple of the
    largest stride: then the kept (core) cells of every tile equal one pass of the trunk over the whole (white-padded)
    image, up to float rounding. MobileNetV2 needs 256 px (also with `tf_padding`), ResNet-50 224 px, DenseNet-121
@@ -29,11 +29,16 @@ engine here does the same work once:
    its summed-area table (running sums in float64), so each spot costs 4 gathers. For other `w` the integral image
    (summed-area table) is interpolated bilinearly at the four corners, which is exact for the same reason.
 5. **Streaming.** Peak memory is one batch of tiles, one strip of maps (plus the window height of overlap) and the
-   output; never the whole image nor the whole map. With `n_components` the maps are projected before the
-   summed-area tables, so the output is `(n, n_components)` and the full-width features never sit in memory.
+   output; never the whole map, and never the whole image for sources read region by region (TIFF, zarr; a JPEG or
+   PNG is decoded once). With `n_components` the maps are projected before the window means, so the output is
+   `(n, n_components)` and the full-width features never sit in memory.
 
 Differences from the patch method are border effects only: a patch is padded with zeros at its border inside the
 CNN (and the patch method rounds the patch origin to whole pixels), while the dense map sees the neighbouring tissue.
+For deep maps, whose receptive field (about 490 px for MobileNetV2's last map) is much wider than a 224-px patch,
+these effects are large: on her2st the per-spot correlation of dense and patch features is high for random weights
+and for early stages but moderate for the last ImageNet map, while ridge prediction of expression from stage
+features is as good with either (`benchmarks/dense_features.py`).
 """
 
 from __future__ import annotations
