@@ -365,6 +365,8 @@ def test_errors():
         dense_features(img, c, 64, enc, input_size=64, tile_size=100, **kw)
     with pytest.raises(ValueError, match="`n_components` = 5000 exceeds"):
         dense_features(img, c, 64, enc, input_size=64, n_components=5000, **kw)
+    with pytest.raises(ValueError, match="`pca_n_spots` must be"):
+        dense_features(img, c, 64, enc, input_size=64, n_components=2, pca_n_spots=0, **kw)
     with pytest.raises(ValueError, match="`halo` must be"):
         dense_features(img, c, 64, enc, halo=-1, **kw)
     with pytest.raises(ValueError, match="`layers` must be"):

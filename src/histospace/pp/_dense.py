@@ -818,6 +818,9 @@ def dense_features(
     _check_encoder(encoder)
     geom = trunk_geometry(encoder, layers=layers)
     tile, h = _resolve_tiling(geom, int(input_size), tile_size, halo)
+    if isinstance(pca_n_spots, bool) or not isinstance(pca_n_spots, int | np.integer) or pca_n_spots < 1:
+        msg = f"`pca_n_spots` must be a positive integer, got {pca_n_spots!r}."
+        raise ValueError(msg)
     d_total = geom.width * (2 if context_px is not None else 1)
     if n_components is not None and n_components > d_total:
         msg = f"`n_components` = {n_components} exceeds the feature width {d_total}."
