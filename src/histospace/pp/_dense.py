@@ -53,8 +53,10 @@ from scanpy import logging as logg
 __all__ = ["choose_method", "dense_cost_ratio", "dense_features", "pick_level", "trunk_geometry"]
 
 #: `method='auto'` picks the dense engine when the patch method would run at least this many times more CNN input
-#: pixels than the dense engine (:func:`dense_cost_ratio`); measured break-even on a CPU (see benchmarks).
-AUTO_BREAK_EVEN = 1.5
+#: pixels than the dense engine (:func:`dense_cost_ratio`). Measured on her2st C2 (MobileNetV2, 1 CPU thread, bins on a
+#: 1500-px square): the time ratio patch / dense was 0.79, 1.08, 2.1 and 3.5 at pixel ratios 0.97, 1.23, 2.4 and 3.7
+#: (bin pitch 160, 112, 80 and 64 px for 224-px patches), so the break-even is a pixel ratio of about 1.15.
+AUTO_BREAK_EVEN = 1.2
 
 #: internal counters of the last :func:`dense_features` call (for tests and benchmarks)
 _STATS: dict = {}
@@ -916,6 +918,19 @@ def pick_level(level_scales, patch_px: float, *, input_size: int = 224) -> int:
     `level_scales[i]` is the factor from full-resolution pixels to pixels of level `i`. The chosen level is the
     coarsest one that still has at least `input_size` pixels across a patch (so the image is only ever downsampled);
     when every level is coarser than that, the finest level.
+
+    Parameters
+    ----------
+    level_scales
+        Factor from full-resolution pixels to pixels of each level (e.g. `[1, 0.5, 0.25]`).
+    patch_px
+        Patch side in full-resolution pixels.
+    input_size
+        Side the patch is resampled to.
+
+    Returns
+    -------
+    The index of the level; pass that level as `source` and its factor as `scale` to :func:`dense_features`.
     """
     f = np.asarray(level_scales, dtype=np.float64)
     if f.ndim != 1 or f.size == 0 or not (f > 0).all():
@@ -943,6 +958,19 @@ def dense_cost_ratio(
     Patch method: `n * input_size**2` per resolution. Dense engine: the tiles that some window touches, each of its
     core plus the halo on every side (the same plan as :func:`dense_features`). The ratio grows with the overlap of
     the patches (`n * patch_px**2` over the area they cover) divided by the halo overhead `((tile + 2 halo) / tile)**2`.
+
+    Parameters
+    ----------
+    centres_px, patch_px, input_size, context_px, tile_size, scale
+        As in :func:`dense_features`.
+    halo
+        Halo in pixels (MobileNetV2's exact halo by default).
+    max_stride
+        Largest stride of the trunk's maps.
+
+    Returns
+    -------
+    The ratio (above 1: the dense engine runs fewer pixels).
     """
     centres = np.asarray(centres_px, dtype=np.float64)
     h = _round_up(int(halo), max_stride)
@@ -971,12 +999,29 @@ def choose_method(
     """Choose `'dense'` or `'patch'` for `method='auto'`.
 
     Rule: `'dense'` when :func:`dense_cost_ratio` (patch-method input pixels over dense-engine input pixels) is at
-    least `break_even` (:data:`AUTO_BREAK_EVEN`, measured on a CPU: per input pixel the dense engine's large tiles run
-    about as fast as batches of 224-px patches, and its strips and window means cost little). For spots on a square
-    grid of pitch `p` far from the tissue edge the ratio is about `(patch_px / p)**2 / ((tile + 2 halo) / tile)**2`,
-    so with MobileNetV2 (halo 256 px, tiles of 1536 px) dense wins once the pitch is below about
-    `patch_px / 1.6`. `'patch'` also when the encoder's trunk cannot run densely (no spatial map, unpadded layers) or
+    least `break_even` (:data:`AUTO_BREAK_EVEN` = 1.2). Per input pixel a large tile costs about as much as a batch of
+    224-px patches and the window means cost little, so the time ratio follows the pixel ratio (measured: time ratio
+    1.08 at pixel ratio 1.23). For spots on a square grid of pitch `p` the pixel ratio is about
+    `(patch_px / p)**2 / ((tile + 2 * halo) / tile)**2`, less the waste of tiles at the tissue edge: with MobileNetV2
+    (halo 256 px) and 224-px patches dense wins below a pitch of about 110 px, half the patch side.
+    `'patch'` also when the encoder's trunk cannot run densely (no spatial map, unpadded layers) or
     the patch is smaller than one cell of the coarsest map.
+
+    Parameters
+    ----------
+    centres_px, patch_px, input_size, layers, context_px, tile_size, scale
+        As in :func:`dense_features`.
+    encoder
+        The encoder (its trunk gives the strides and the exact halo); `None` assumes MobileNetV2's (stride 32,
+        halo 256 px).
+    halo
+        Halo in pixels; `None`: the encoder's exact halo.
+    break_even
+        Pixel ratio from which the dense engine is chosen.
+
+    Returns
+    -------
+    `'dense'` or `'patch'`.
     """
     geom = None
     if encoder is not None:
