@@ -29,8 +29,23 @@ SECTIONS = ["151673", "151674"]
 GT = "layer_guess_reordered"
 
 
-def _features(adata, section: str) -> None:
-    """The domain benchmark's image features (MobileNetV2, 3 spot diameters), from its cache when present."""
+def _features(adata, section: str, features_kwargs: dict) -> None:
+    """The domain benchmark's image features (MobileNetV2, 3 spot diameters), from its cache when present; other
+    `hs.pp.image_features` arguments (`--features-kwargs`) are computed here and cached under their own name."""
+    if features_kwargs:
+        import histospace as hs
+
+        name = "_".join(f"{k}-{v}" for k, v in sorted(features_kwargs.items()))
+        f = CACHE / f"img_features_{section}_{name}.npy"
+        if not f.exists():
+            weights = (
+                DATA / "weights" / "mobilenet_v2_imagenet_coral" / "mobilenet_v2_imagenet_fp32_torchvision_keys.pt"
+            )
+            hs.pp.image_features(adata, weights=str(weights), progress_bar=False, **features_kwargs)
+            CACHE.mkdir(parents=True, exist_ok=True)
+            np.save(f, adata.obsm["img_features"])
+        adata.obsm["img_features"] = np.load(f)
+        return
     f = CACHE / f"img_features_{section}.npy"
     if f.exists():
         adata.obsm["img_features"] = np.load(f)
@@ -50,6 +65,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--sections", nargs="*", default=SECTIONS)
     p.add_argument("--domains-kwargs", default="{}", help="JSON of extra hs.tl.domains arguments (a variant)")
+    p.add_argument("--features-kwargs", default="{}", help="JSON of hs.pp.image_features arguments (a variant)")
     p.add_argument("--tag", default="", help="suffix of the result files for a variant")
     p.add_argument("--save-latents", action="store_true", help="keep each seed's latent in results/cache")
     args = p.parse_args()
@@ -59,10 +75,11 @@ def main() -> None:
     import histospace as hs
 
     dkw = json.loads(args.domains_kwargs)
+    fkw = json.loads(args.features_kwargs)
     rows = []
     for section in args.sections:
         adata = hs.datasets.dlpfc(section, data_dir=DATA)
-        _features(adata, section)
+        _features(adata, section, fkw)
         hs.pp.spatial_graph(adata)
         latent0 = None
         for s in range(args.seeds):
@@ -108,13 +125,19 @@ def main() -> None:
             )
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"domain_stability{('_' + args.tag) if args.tag else ''}"
-    meta = {"threads": N_THREADS, "domains_kwargs": dkw, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    meta = {
+        "threads": N_THREADS,
+        "domains_kwargs": dkw,
+        "features_kwargs": fkw,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
     lines = [
         f"# Domain stability over {args.seeds} seeds (DLPFC, k = 7)",
         "",
         "Default pipeline (`hs.pp.image_features` as in the domain benchmark, `hs.pp.spatial_graph`, `hs.tl.stereomm`, "
-        f"`hs.tl.domains`{' with ' + json.dumps(dkw) if dkw else ''}); ARI against `{GT}`. 'model+clustering seed': "
+        f"`hs.tl.domains`{' with ' + json.dumps(dkw) if dkw else ''}"
+        f"{'; image features with ' + json.dumps(fkw) if fkw else ''}); ARI against `{GT}`. 'model+clustering seed': "
         "`random_state=s` in both; 'clustering seed': the model of seed 0, `hs.tl.domains(random_state=s)`.",
         "",
         "| section | seeds varied | n | mean ARI | sd | min | max |",

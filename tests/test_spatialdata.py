@@ -196,3 +196,26 @@ def test_tile_image_adds_tiles_to_a_spatialdata(visium_hd):
     assert t.uns["img_features"]["params"]["patch_size_px"] == pytest.approx(64.0)
     with pytest.raises(ValueError, match="already holds an element 'tiles'"):
         hs.pp.tile_image(s, tile_size=64)
+
+
+def test_mclstexp_on_spatialdata_tiles(visium_hd, sdata):
+    """Train on the table of a SpatialData; predict an H&E-only SpatialData's tiles into their own table."""
+    import matplotlib.pyplot as plt
+    import spatialdata as sd
+
+    hs.pp.image_features(sdata, patch_size=50, **FEAT)
+    model = hs.tl.mclstexp_train(
+        sdata, model_kwargs={"n_heads": 2, "dim_head": 8, "projection_dim": 16}, max_epochs=2, n_models=1,
+        progress_bar=False,
+    )  # fmt: skip
+    assert model.n_x == 8
+    hd, _ = visium_hd
+    s = sd.SpatialData(images={"he": hd.images["s_full_image"]}, attrs=dict(hd.attrs))
+    hs.pp.tile_image(s, tile_size=64, tissue_fraction=0.3)
+    hs.pp.image_features(s, table_key="tiles", patch_size=50, **FEAT)  # the reference's patch (checked)
+    hs.tl.mclstexp_predict(s, table_key="tiles", model=model, n_neighbors=5)
+    t = s.tables["tiles"]
+    assert t.obsm["mclstexp"].shape == (t.n_obs, len(model.genes)) and "X_mclstexp" in t.obsm
+    fig = hs.pl.predicted_vs_observed(s, table_key="tiles", genes=model.genes[:2], show=False)
+    assert len([ax for ax in fig.axes if ax.images]) == 2  # H&E under the predicted maps
+    plt.close(fig)

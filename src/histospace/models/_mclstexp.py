@@ -9,7 +9,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -22,8 +22,12 @@ from histospace._nn._mclstexp import MclSTExpModule, augment, knn_predict
 from histospace._utils import check_no_nan, check_number, check_random_state
 from histospace._utils._data import PANEL_NORMALIZATIONS, as_dense, library_labels, smooth_over_neighbors
 from histospace._utils._library import PatchStream
+from histospace._utils._sdata import as_table
 from histospace.models._base import BaseModelClass
 from histospace.models._reference import FEATURES_HINT, ReferenceData, check_feature_params
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
 
 _WEIGHTING = ("inverse_square", "uniform", "softmax")
 #: the settings validated by the expression benchmark (her2st C2-C6 leave-one-slide-out; see the docs)
@@ -54,7 +58,10 @@ class MclSTExp(BaseModelClass):
     Parameters
     ----------
     adata
-        Reference: one or more slides with counts, image features and positions.
+        Reference: one or more slides with counts, image features and positions (an AnnData, or a SpatialData whose
+        table `table_key` holds them).
+    table_key
+        With a SpatialData: the table to use; `None` takes the only table.
     layer
         Layer with the counts (or normalised expression when `normalize='none'`); `None` uses `adata.X`.
     genes
@@ -133,8 +140,9 @@ class MclSTExp(BaseModelClass):
 
     def __init__(
         self,
-        adata: AnnData | None,
+        adata: AnnData | SpatialData | None,
         *,
+        table_key: str | None = None,
         layer: str | None = None,
         genes: Sequence[str] | None = None,
         n_top_genes: int = 1000,
@@ -224,7 +232,7 @@ class MclSTExp(BaseModelClass):
             self.reference = _reference
         else:
             self.reference = ReferenceData.from_anndata(
-                adata,
+                as_table(adata, table_key)[0],
                 layer=layer,
                 genes=genes,
                 n_top_genes=n_top_genes,

@@ -275,7 +275,7 @@ def _sdata_view(sdata, table_key, image_key, shapes_key, coordinate_system, key,
     from histospace._utils._wsi import coordinate_system_to_pixels, open_multiscale
 
     table, ctx = as_table(sdata, table_key)
-    if key not in table.obs:
+    if key is not None and key not in table.obs:
         msg = f"`sdata.tables[{ctx.table_key!r}].obs[{key!r}]` not found; run `hs.tl.domains(sdata)` first."
         raise KeyError(msg)
     shapes_key = ctx.shapes_key(shapes_key)
@@ -302,6 +302,6 @@ def _sdata_view(sdata, table_key, image_key, shapes_key, coordinate_system, key,
         image = src.read(0, src.height, 0, src.width)
     view = AnnData(obs=table.obs.iloc[rows].copy())
     view.obsm["spatial"] = centres
-    if f"{key}_colors" in table.uns:
+    if key is not None and f"{key}_colors" in table.uns:
         view.uns[f"{key}_colors"] = table.uns[f"{key}_colors"]
     return view, image, ctx.table_key

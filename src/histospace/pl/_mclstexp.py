@@ -3,75 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 from matplotlib import pyplot as plt
 from matplotlib.axes import Axes
-from matplotlib.collections import EllipseCollection
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from histospace._constants import LIBRARY_KEY, MCLSTEXP_KEY, SPATIAL_KEY
 from histospace._utils import get_matrix
 from histospace._utils._data import library_labels, normalize_expression
+from histospace.pl._render import draw_values, element_geometry
 from histospace.pl._utils import finish as _finish
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
 from histospace.pl._utils import plot_library
 
 _UNITS = {"log1p_cp10k": "ln(1 + CP10k)", "log10_cp10k": "log10(1 + CP10k)", "none": "expression"}
 
 
-def _draw_spots(
-    ax: Axes,
-    xy: np.ndarray,
-    values: np.ndarray,
-    *,
-    diameter: float,
-    image: np.ndarray | None,
-    image_scale: float,
-    cmap: str,
-    alpha: float,
-    vmin: float | None = None,
-    vmax: float | None = None,
-):
-    """Spots (full-resolution pixel coordinates) as discs over the image drawn at its own scale."""
-    if image is not None:
-        h, w = image.shape[:2]
-        # image pixel i covers [i - 0.5, i + 0.5] at its resolution; full-resolution coordinate = image coordinate / scale
-        ax.imshow(
-            image, extent=(-0.5 / image_scale, (w - 0.5) / image_scale, (h - 0.5) / image_scale, -0.5 / image_scale)
-        )
-    coll = EllipseCollection(
-        widths=diameter,
-        heights=diameter,
-        angles=0,
-        units="xy",
-        offsets=xy,
-        offset_transform=ax.transData,
-        cmap=cmap,
-        alpha=alpha,
-        linewidths=0,
-    )
-    coll.set_array(np.asarray(values, dtype=float))
-    coll.set_clim(vmin, vmax)
-    ax.add_collection(coll)
-    pad = diameter
-    ax.set_xlim(xy[:, 0].min() - pad, xy[:, 0].max() + pad)
-    ax.set_ylim(xy[:, 1].max() + pad, xy[:, 1].min() - pad)  # image orientation: y down
-    ax.set_aspect("equal")
-    ax.xaxis.set_major_locator(MaxNLocator(3))
-    ax.yaxis.set_major_locator(MaxNLocator(3))
-    ax.tick_params(labelsize=7)
-    ax.set_xlabel("x (full-resolution pixels)", fontsize=8)
-    ax.set_ylabel("y (full-resolution pixels)", fontsize=8)
-    return coll
-
-
 def predicted_vs_observed(
-    adata: AnnData,
+    adata: AnnData | SpatialData,
     *,
     genes: Sequence[str],
+    table_key: str | None = None,
+    image_key: str | None = None,
     key: str = MCLSTEXP_KEY,
     layer: str | None = None,
     library_id: str | None = None,
@@ -102,6 +62,10 @@ def predicted_vs_observed(
         AnnData with predictions from :func:`~histospace.tl.mclstexp_predict`.
     genes
         Genes to show (of the model's panel).
+    table_key
+        With a SpatialData: the table with the predictions (`None`: the only table).
+    image_key
+        With a SpatialData: the H&E element drawn under the spots (read at a ~2,000-px pyramid level).
     key
         `obsm` (and `uns`) entry with the predictions.
     layer
@@ -137,6 +101,23 @@ def predicted_vs_observed(
     The :class:`~matplotlib.figure.Figure` if `show=False`, else `None`.
     """
     genes = [genes] if isinstance(genes, str) else list(genes)
+    if not isinstance(adata, AnnData):  # a SpatialData: its table over a ~2,000-px level of the image
+        from histospace.pl._domains import _sdata_view
+
+        view, image_arr, tk = _sdata_view(adata, table_key, image_key, None, None, None, True)
+        table = adata.tables[tk]
+        q = AnnData(X=table.X, obs=view.obs, var=table.var, layers=dict(table.layers))
+        q.obsm["spatial"] = view.obsm["spatial"]
+        for slot in ("obsm", "uns"):
+            if key in getattr(table, slot):
+                getattr(q, slot)[key] = getattr(table, slot)[key]
+        if image_arr is not False:
+            q.uns["spatial"] = {"image": {"images": {"hires": image_arr}, "scalefactors": {"tissue_hires_scalef": 1.0}}}
+        return predicted_vs_observed(
+            q, genes=genes, key=key, layer=layer, library_key=None, img_res="hires", cmap=cmap, alpha=alpha,
+            shared_scale=shared_scale, vmin=vmin, vmax=vmax, spot_scale=spot_scale, panel_size=panel_size, ax=ax,
+            show=show,
+        )  # fmt: skip
     if spatial_key not in adata.obsm:
         msg = f"`adata.obsm[{spatial_key!r}]` not found; spot coordinates are needed to draw the tissue."
         raise KeyError(msg)
@@ -170,12 +151,8 @@ def predicted_vs_observed(
         if "spot_diameter_fullres" in sf:
             diameter = float(sf["spot_diameter_fullres"])
     xy = np.asarray(adata.obsm[spatial_key], dtype=float)[mask]  # full-resolution pixels
-    if diameter is None:
-        from scipy.spatial import cKDTree
-
-        d, _ = cKDTree(xy).query(xy, k=2) if xy.shape[0] > 1 else (np.ones((1, 2)), None)
-        diameter = 0.8 * float(np.median(d[:, 1]))
-    diameter *= spot_scale
+    shape, size = element_geometry(adata[mask], xy, diameter=diameter)
+    size *= spot_scale
 
     ncol = 1 if obs_all is None else 2
     if ax is None:
@@ -200,18 +177,15 @@ def predicted_vs_observed(
             hi = float(np.nanmax(both)) if hi is None and both.size else hi
         for c, (what, vals) in enumerate(panels):
             ax_ = axes[i, c]
-            coll = _draw_spots(
-                ax_,
-                xy,
-                vals,
-                diameter=diameter,
-                image=image,
-                image_scale=scale,
-                cmap=cmap,
-                alpha=alpha,
-                vmin=lo,
-                vmax=hi,
-            )
+            coll = draw_values(
+                ax_, xy, vals, size=size, shape=shape, image=image, image_scale=scale, cmap=cmap, alpha=alpha,
+                vmin=lo, vmax=hi,
+            )  # fmt: skip
+            ax_.xaxis.set_major_locator(MaxNLocator(3))
+            ax_.yaxis.set_major_locator(MaxNLocator(3))
+            ax_.tick_params(labelsize=7)
+            ax_.set_xlabel("x (full-resolution pixels)", fontsize=8)
+            ax_.set_ylabel("y (full-resolution pixels)", fontsize=8)
             cb = ax_.figure.colorbar(coll, ax=ax_, fraction=0.046, pad=0.02)
             cb.set_label(_UNITS.get(params.get("normalize", ""), "expression"), fontsize=8)
             cb.ax.tick_params(labelsize=7)

@@ -127,6 +127,11 @@ def _taps_of(encoder, layers: str | None) -> tuple[int, ...] | None:
     raise ValueError(msg)
 
 
+def _is_vit(encoder) -> bool:
+    """A vision transformer (a pathology encoder): its map is the patch-token grid of the tile."""
+    return hasattr(encoder.backbone, "feature_map") and hasattr(encoder, "patch_size")
+
+
 def _run_trunk(encoder, x, taps: tuple[int, ...] | None) -> list:
     """Maps of the trunk for a normalised input `x`: `[map]` or one map per tap (children order)."""
     import torch.nn.functional as F
@@ -134,6 +139,8 @@ def _run_trunk(encoder, x, taps: tuple[int, ...] | None) -> list:
     from histospace._nn._encoders import DenseNetFeatures
 
     bb = encoder.backbone
+    if _is_vit(encoder):
+        return [bb.feature_map(x)]
     if taps is None:
         y = bb(x)
         if encoder.final_relu:
@@ -181,6 +188,13 @@ def trunk_geometry(encoder, *, layers: Literal["last", "stages"] | None = None) 
     from torch import nn
 
     _check_encoder(encoder)
+    if _is_vit(encoder):  # tokens of p x p pixels; every token sees the whole tile, so no halo makes them exact
+        if layers == "stages":
+            msg = "`layers='stages'` needs a CNN encoder; a vision transformer gives its patch-token map."
+            raise ValueError(msg)
+        return TrunkGeometry(
+            taps=None, strides=(int(encoder.patch_size),), channels=(int(encoder.embed_dim),), reach=((0, 0),)
+        )
     taps = _taps_of(encoder, layers)
     bb = encoder.backbone
     if taps is not None and not isinstance(bb, nn.Sequential):
@@ -819,6 +833,8 @@ def dense_features(
     _check_inputs(src, centres, patch_px, context_px, input_size, tile_size, halo, batch_size, n_components, scale)
     _check_encoder(encoder)
     geom = trunk_geometry(encoder, layers=layers)
+    if _is_vit(encoder) and tile_size is None:  # tiles of the model's own input size: tokens as it was trained
+        tile_size = _round_up(int(input_size), geom.max_stride)
     tile, h = _resolve_tiling(geom, int(input_size), tile_size, halo)
     if isinstance(pca_n_spots, bool) or not isinstance(pca_n_spots, int | np.integer) or pca_n_spots < 1:
         msg = f"`pca_n_spots` must be a positive integer, got {pca_n_spots!r}."

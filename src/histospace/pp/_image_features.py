@@ -341,6 +341,57 @@ class _BatchDataset(torch.utils.data.Dataset):
         return torch.from_numpy(crop_patches(self.source, c, self.size, self.input_size, exact=self.exact))
 
 
+def _choose(method: str, lib: _Library, coords: np.ndarray, enc, input_size: int, context: float | None) -> str:
+    """`'dense'` or `'patch'` for one slide (`method='auto'`: dense when the patches overlap enough to pay off)."""
+    if method != "auto":
+        return method
+    from histospace.pp._dense import choose_method
+
+    _, src = lib.source_for(lib.patch_size_px, input_size)
+    size = lib.patch_size_px * src.scale
+    try:
+        return choose_method(
+            src.to_pixels(coords[lib.rows]),
+            size,
+            enc,
+            input_size=input_size,
+            context_px=None if context is None else size * context,
+        )
+    except (TypeError, ValueError):  # an encoder the dense engine cannot run (no map of input_size / stride cells)
+        return "patch"
+
+
+def _dense_library(lib: _Library, coords, enc, feats, *, input_size, context, dihedral, device, tile_size, halo,
+                   progress_bar) -> dict:  # fmt: skip
+    """Dense features of one slide into `feats[lib.rows]`; returns what to record."""
+    from histospace.pp import _dense
+
+    level, src = lib.source_for(lib.patch_size_px, input_size)
+    src = src.load()
+    size = lib.patch_size_px * src.scale
+    feats[lib.rows] = _dense.dense_features(
+        src,
+        src.to_pixels(coords[lib.rows]),
+        size,
+        enc,
+        input_size=input_size,
+        context_px=None if context is None else size * context,
+        dihedral=dihedral,
+        tile_size=tile_size,
+        halo=halo,
+        device=device,
+        batch_size=1 if device.type == "cpu" else 4,
+        progress_bar=progress_bar,
+    )
+    rec = {"image": src.kind, "scale": float(src.scale), "halo": int(_dense._STATS["halo"])}
+    rec["n_tiles"] = int(sum(_dense._STATS["n_tiles"]))
+    if lib.multiscale is not None and lib.multiscale.n_levels > 1:
+        rec["level"] = int(level)
+    if src.path is not None:
+        rec["image_path"] = str(src.path)
+    return rec
+
+
 def _dihedral_mean(enc: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Mean of `enc` over the 8 flips/right-angle rotations of the batch `x` `(B, 3, H, W)`."""
     total = None
@@ -375,6 +426,9 @@ def image_features(
     patch_size: float | None = None,
     patch_size_um: float | None = None,
     context: float | None = None,
+    method: Literal["auto", "patch", "dense"] = "auto",
+    tile_size: int | None = None,
+    halo: int | None = None,
     input_size: int = 224,
     batch_size: int = 32,
     device: str | torch.device | None = None,
@@ -475,6 +529,17 @@ def image_features(
         Also encode a context patch `context` times wider around the same centre (resized to `input_size` as well)
         and append its features: the width doubles. `context=2` with `layers='stages'` and `dihedral=True` are the
         features the expression benchmark validated for mclSTExp.
+    method
+        `'patch'`: crop, resize and encode every spot's patch (the cost grows with the number of spots). `'dense'`:
+        run the encoder's trunk once over the tissue in tiles with a halo and give each spot the mean of the feature
+        map over its patch window, from summed-area tables (the cost grows with the tissue area; the same quantity
+        up to the network's border effects; see :mod:`histospace.pp._dense`). `'auto'`: dense when the patches
+        overlap enough that it runs fewer pixels through the network (bins, tiles with a small stride), patch
+        otherwise. Vision transformers give their patch-token map on tiles of `input_size` (mean of patch tokens,
+        not the class token).
+    tile_size, halo
+        Dense method: side of a tile's core and the halo added around it, in resampled pixels (`None`: about 2,048-px
+        tiles and the network's receptive-field reach, which makes tiled maps equal a one-pass map).
     input_size
         Side in pixels of the patches given to the encoder.
     batch_size
@@ -530,6 +595,11 @@ def image_features(
         raise ValueError(msg)
     random_state = check_random_state(random_state)
     check_encoder_options(encoder, layers=layers, tf_padding=tf_padding)
+    if method not in ("auto", "patch", "dense"):
+        msg = f"`method` must be 'auto', 'patch' or 'dense', got {method!r}."
+        raise ValueError(msg)
+    tile_size = check_number(tile_size, "tile_size", integer=True, low=1, allow_none=True)
+    halo = check_number(halo, "halo", integer=True, low=0, allow_none=True)
     dev = resolve_device(device)
 
     from histospace._nn._pathology import get_pathology_model, is_pathology_encoder
@@ -583,11 +653,26 @@ def image_features(
     if dev.type == "cpu":
         enc = enc.to(memory_format=torch.channels_last)
     feats = np.empty((adata.n_obs, d * len(factors)), dtype=np.float32)
-    n_batches = len(factors) * sum(-(-len(lib.rows) // batch_size) for lib in libs)
+    methods = {lib.library_id: _choose(method, lib, coords, enc, input_size, context) for lib in libs}
     records = {}
-    with progress(total=n_batches, desc="image features", disable=not progress_bar) as bar, torch.inference_mode():
-        for lib in libs:
-            rec = {"patch_size_px": float(lib.patch_size_px), **lib.extra}
+    for lib in libs:
+        rec = {"patch_size_px": float(lib.patch_size_px), "method": methods[lib.library_id], **lib.extra}
+        if methods[lib.library_id] == "dense":
+            rec |= _dense_library(
+                lib, coords, enc, feats, input_size=input_size, context=context, dihedral=dihedral, device=dev,
+                tile_size=tile_size, halo=halo, progress_bar=progress_bar,
+            )  # fmt: skip
+        if lib.patch_size_um is not None:
+            rec["patch_size_um"] = float(lib.patch_size_um)
+        records[lib.library_id] = rec
+    patch_libs = [lib for lib in libs if methods[lib.library_id] == "patch"]
+    n_batches = len(factors) * sum(-(-len(lib.rows) // batch_size) for lib in patch_libs)
+    with (
+        progress(total=n_batches, desc="image features", disable=not progress_bar or not n_batches) as bar,
+        torch.inference_mode(),
+    ):
+        for lib in patch_libs:
+            rec = records[lib.library_id]
             for j, factor in enumerate(factors):
                 full = lib.patch_size_px * factor  # patch side in full-resolution units
                 level, src = lib.source_for(full, input_size)
@@ -619,9 +704,6 @@ def image_features(
                 if lib.multiscale is not None and lib.multiscale.n_levels > 1:
                     rec["level" if j == 0 else "context_level"] = int(level)
                 del src, ds, loader
-            if lib.patch_size_um is not None:
-                rec["patch_size_um"] = float(lib.patch_size_um)
-            records[lib.library_id] = rec
 
     if not np.isfinite(feats).all():
         warnings.warn(
@@ -656,7 +738,7 @@ def image_features(
     for k in ("pooling", "mpp"):
         if info.get(k) is not None:
             params[k] = info[k]
-    for k in ("image", "scale", "patch_size_px", "patch_size_um") + _SDATA_KEYS:
+    for k in ("image", "scale", "patch_size_px", "patch_size_um", "method", "halo", "n_tiles") + _SDATA_KEYS:
         vals = [r[k] for r in records.values() if k in r]
         if not vals:
             continue

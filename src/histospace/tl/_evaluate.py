@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from histospace._constants import FEATURES_KEY, LIBRARY_KEY, SPATIAL_KEY
 from histospace._utils import check_random_state, check_unique_obs_names, doc_params, get_matrix
 from histospace._utils._data import as_dense, check_genes, library_labels, normalize_expression, smooth_over_neighbors
+from histospace._utils._sdata import as_table
 from histospace.metrics import pearson_per_gene
 from histospace.tl._gene_scores import (
     FDR_LEVEL,
@@ -27,6 +28,9 @@ from histospace.tl._gene_scores import (
     gene_score_table,
     pearson_pvalue,
 )
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
 
 _BASELINES = ("bleep", "ridge", "ridge_pca256", "knn")
 #: components of the `'ridge_pca256'` baseline (HEST-Benchmark's PCA-256 of standardised features)
@@ -85,8 +89,9 @@ def _regression_baseline(
 
 @doc_params()
 def mclstexp_cross_validate(
-    adata: AnnData,
+    adata: AnnData | SpatialData,
     *,
+    table_key: str | None = None,
     groupby: str = "library_id",
     layer: str | None = None,
     genes: Sequence[str] | None = None,
@@ -119,6 +124,8 @@ def mclstexp_cross_validate(
     adata
         {adata}
         Slides with counts, image features and positions (see :class:`~histospace.models.MclSTExp`).
+    table_key
+        {table_key}
     groupby
         `adata.obs` column whose groups are held out in turn.
     layer
@@ -212,6 +219,7 @@ def mclstexp_cross_validate(
     from histospace.models import MclSTExp
 
     random_state = check_random_state(random_state)
+    adata, _ = as_table(adata, table_key)
     check_unique_obs_names(adata)
     if groupby not in adata.obs:
         msg = (

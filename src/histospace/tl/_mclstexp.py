@@ -14,17 +14,20 @@ from scanpy import logging as logg
 from histospace._constants import FEATURES_KEY, LIBRARY_KEY, MCLSTEXP_KEY
 from histospace._utils import check_unique_obs_names, doc_params, version_string
 from histospace._utils._data import check_key_added, uns_safe
+from histospace._utils._sdata import as_table, table_output
 
 if TYPE_CHECKING:
     import torch
+    from spatialdata import SpatialData
 
     from histospace.models import MclSTExp
 
 
 @doc_params()
 def mclstexp_train(
-    adata_ref: AnnData,
+    adata_ref: AnnData | SpatialData,
     *,
+    table_key: str | None = None,
     layer: str | None = None,
     genes: Sequence[str] | None = None,
     n_top_genes: int = 1000,
@@ -49,7 +52,10 @@ def mclstexp_train(
     Parameters
     ----------
     adata_ref
-        Reference: one or more slides with counts, image features in `.obsm` and positions.
+        Reference: one or more slides with counts, image features in `.obsm` and positions (an AnnData, or a
+        SpatialData whose table `table_key` holds them).
+    table_key
+        {table_key}
     layer
         Layer with the counts; `None` uses `adata_ref.X`.
     genes
@@ -90,6 +96,7 @@ def mclstexp_train(
 
     model = MclSTExp(
         adata_ref,
+        table_key=table_key,
         layer=layer,
         genes=genes,
         n_top_genes=n_top_genes,
@@ -112,8 +119,9 @@ def mclstexp_train(
 
 @doc_params()
 def mclstexp_predict(
-    adata: AnnData,
+    adata: AnnData | SpatialData,
     *,
+    table_key: str | None = None,
     model: MclSTExp,
     n_neighbors: int = 200,
     weighting: Literal["inverse_square", "uniform", "softmax"] | None = None,
@@ -123,7 +131,7 @@ def mclstexp_predict(
     gene_scores: dict | pd.DataFrame | None = None,
     key_added: str = MCLSTEXP_KEY,
     copy: bool = False,
-) -> AnnData | None:
+) -> AnnData | SpatialData | None:
     """Predict the expression of the model's gene panel from the H&E image features of `adata`.
 
     Each query spot (or tile) is embedded by the model's image side; its expression is the weighted mean of the
@@ -143,6 +151,8 @@ def mclstexp_predict(
         :func:`histospace.pp.image_features`), or an image (`img=` or `adata.uns['spatial']`) for a model with a
         fine-tuned encoder. Expression is not needed (H&E-only slides and tiles from
         :func:`histospace.pp.tile_image` work).
+    table_key
+        {table_key}
     model
         A trained :class:`~histospace.models.MclSTExp` (from :func:`mclstexp_train` or
         :meth:`~histospace.models.MclSTExp.load`).
@@ -223,6 +233,7 @@ def mclstexp_predict(
         msg = f"`model` must be a trained `hs.models.MclSTExp`, got {type(model).__name__}."
         raise TypeError(msg)
     check_key_added(key_added)
+    adata, ctx = as_table(adata, table_key)
     check_unique_obs_names(adata)
     scores = None
     if gene_scores is not None:
@@ -308,4 +319,4 @@ def mclstexp_predict(
                 deep += f"\n    {key_added + '_' + col!r}, cross-validated {col} per gene (adata.var)"
     out.uns[key_added] = uns
     logg.info("    finished", time=start, deep=deep + f"\n    {key_added!r}, parameters (adata.uns)")
-    return out if copy else None
+    return table_output(ctx, out, copy)
