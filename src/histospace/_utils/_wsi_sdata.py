@@ -191,8 +191,13 @@ def coordinate_system_to_pixels(sdata, *, image_key: str, coordinate_system: str
     image = _element(sdata, image_key, "image")
     da = _level_dataarray(image, level, image_key)
     t = _check_cs(sdata, coordinate_system, {image_key: da})[image_key]
+    return _xy_matrix(_inverse(t, image_key, coordinate_system))
+
+
+def _inverse(t, image_key: str, coordinate_system: str):
+    """The inverse of `t`, the transformation of image `image_key` to `coordinate_system` (`ValueError` if singular)."""
     try:
-        return _xy_matrix(t.inverse())
+        return t.inverse()
     except np.linalg.LinAlgError as e:
         msg = f"The transformation of {image_key!r} to {coordinate_system!r} cannot be inverted: {t}."
         raise ValueError(msg) from e
@@ -208,16 +213,12 @@ def element_to_pixels(
 
     Parameters
     ----------
-    sdata
-        The SpatialData object.
-    image_key
-        The image element.
+    sdata, image_key, level
+        The SpatialData object, the image element and its pyramid level, as in :func:`coordinate_system_to_pixels`.
     element_key
         The element whose coordinates are mapped (shapes, points or labels).
     coordinate_system
         The coordinate system holding both elements.
-    level
-        Pyramid level of the image.
 
     Returns
     -------
@@ -229,12 +230,7 @@ def element_to_pixels(
     el = _element(sdata, element_key, "element")
     da = _level_dataarray(image, level, image_key)
     ts = _check_cs(sdata, coordinate_system, {element_key: el, image_key: da})
-    try:
-        seq = TSequence([ts[element_key], ts[image_key].inverse()])
-    except np.linalg.LinAlgError as e:
-        msg = f"The transformation of {image_key!r} to {coordinate_system!r} cannot be inverted: {ts[image_key]}."
-        raise ValueError(msg) from e
-    return _xy_matrix(seq)
+    return _xy_matrix(TSequence([ts[element_key], _inverse(ts[image_key], image_key, coordinate_system)]))
 
 
 def transform_xy(matrix: np.ndarray, xy) -> np.ndarray:

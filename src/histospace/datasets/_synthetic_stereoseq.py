@@ -209,7 +209,7 @@ def write_stereoseq(
     Parameters
     ----------
     path
-        Output folder (created).
+        Output folder (created), laid out as SAW writes it.
     tissue
         The section (default: :func:`simulate_tissue` with its defaults).
     sn

@@ -101,7 +101,7 @@ def write_visium_hd(
     Parameters
     ----------
     path
-        Output folder (created).
+        Output folder (created), laid out as Space Ranger writes it.
     tissue
         The section (default: :func:`simulate_tissue` with its defaults).
     bin_sizes
