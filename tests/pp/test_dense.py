@@ -13,23 +13,11 @@ import histospace as hs
 from histospace._nn._encoders import build_encoder
 from histospace._utils._image import open_image
 from histospace.pp import _dense
-from histospace.pp._dense import (
-    _box_means,
-    _iter_strips,
-    _pca,
-    _pca_sample,
-    _plan,
-    _Resampler,
-    _run_trunk,
-    _sat,
-    _window_means,
-    _window_means_sat,
-    choose_method,
-    dense_cost_ratio,
-    dense_features,
-    pick_level,
-    trunk_geometry,
-)
+from histospace.pp._dense import _pca, choose_method, dense_cost_ratio, dense_features, pick_level, trunk_geometry
+from histospace.pp._dense_engine import _iter_strips, _pca_sample, _plan
+from histospace.pp._dense_resample import _Resampler
+from histospace.pp._dense_trunk import _run_trunk
+from histospace.pp._dense_windows import _box_means, _sat, _window_means, _window_means_sat
 
 CPU = torch.device("cpu")
 

@@ -170,7 +170,7 @@ def test_svs_every_reader_gives_the_same_pixels(svs_path, base, reader):
 
 
 def test_openslide_composites_transparent_pixels_on_background():
-    from histospace._utils._wsi import _composite
+    from histospace._utils._wsi_levels import _composite
 
     rgba = np.array([[[10, 20, 30, 255], [0, 0, 0, 0], [200, 100, 0, 128]]], dtype=np.uint8)
     out = _composite(rgba, np.array([255, 255, 255], dtype=np.uint16).reshape(1, 1, 3))

@@ -11,7 +11,11 @@ from histospace._lazy import lazy_exports
 if TYPE_CHECKING:
     from ._dlpfc import dlpfc
     from ._her2st import her2st
-    from ._synthetic import SimulatedTissue, simulate_tissue, write_gem, write_stereoseq, write_visium_hd, write_wsi
+    from ._synthetic import SimulatedTissue, simulate_tissue
+    from ._synthetic_gem import write_gem
+    from ._synthetic_pyramid import write_wsi
+    from ._synthetic_stereoseq import write_stereoseq
+    from ._synthetic_visium_hd import write_visium_hd
 
 __all__ = [
     "SimulatedTissue",
@@ -25,6 +29,14 @@ __all__ = [
 ]
 __getattr__, __dir__ = lazy_exports(
     __name__,
-    {"dlpfc": "._dlpfc", "her2st": "._her2st"}
-    | {name: "._synthetic" for name in __all__ if name not in ("dlpfc", "her2st")},
+    {
+        "dlpfc": "._dlpfc",
+        "her2st": "._her2st",
+        "SimulatedTissue": "._synthetic",
+        "simulate_tissue": "._synthetic",
+        "write_gem": "._synthetic_gem",
+        "write_stereoseq": "._synthetic_stereoseq",
+        "write_visium_hd": "._synthetic_visium_hd",
+        "write_wsi": "._synthetic_pyramid",
+    },
 )

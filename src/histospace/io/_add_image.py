@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from scanpy import logging as logg
 
+from histospace._utils._choice import only_one
+
 from ._units import microns_per_unit
 
 __all__ = ["add_image", "tiff_microns_per_pixel"]
@@ -289,10 +291,8 @@ def add_image(
         raise ValueError(msg)
     systems = list(sdata.coordinate_systems)
     if coordinate_system is None:
-        if len(systems) != 1:
-            msg = f"`sdata` has the coordinate systems {systems}; pass `coordinate_system=`."
-            raise ValueError(msg)
-        coordinate_system = systems[0]
+        msg = f"`sdata` has the coordinate systems {systems}; pass `coordinate_system=`."
+        coordinate_system = only_one(systems, msg)
     elif coordinate_system not in systems:
         warnings.warn(
             f"No element of `sdata` maps to {coordinate_system!r} yet (it has {systems}).", UserWarning, stacklevel=2

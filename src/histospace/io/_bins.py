@@ -7,6 +7,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
+from scanpy import logging as logg
+
+from ._units import set_microns_per_unit
 
 #: obs columns of a bin table: the bin's column (x) and row (y) index on its grid, as in spatialdata-io's Visium HD
 COL_KEY = "array_col"
@@ -64,3 +67,35 @@ def bin_table(
     if uns:
         adata.uns.update(dict(uns))
     return TableModel.parse(adata, region=region, region_key=region_key, instance_key=instance_key)
+
+
+def bins_sdata(
+    table,
+    centres: np.ndarray,
+    side: float,
+    table_key: str,
+    shapes_key: str,
+    coordinate_system: str,
+    microns_per_unit: float,
+    start,
+    summary: str,
+    table_what: str,
+):
+    """A SpatialData of a bin table and its squares of `side` around `centres` (identity to `coordinate_system`).
+
+    The table goes to `tables[table_key]`, the squares to `shapes[shapes_key]`; `microns_per_unit` is recorded for
+    `coordinate_system` (:func:`~histospace.io.set_microns_per_unit`). Logs the reader's end, `finished: {summary}`
+    timed from `start`, naming the table (`table_what`) and the squares.
+    """
+    from spatialdata import SpatialData
+    from spatialdata.transformations import Identity
+
+    shapes = squares(centres, side, transformations={coordinate_system: Identity()})
+    sdata = SpatialData(shapes={shapes_key: shapes}, tables={table_key: table})
+    set_microns_per_unit(sdata, microns_per_unit, coordinate_system=coordinate_system)
+    logg.info(
+        f"    finished: {summary}",
+        time=start,
+        deep=f"added\n    {table_key!r}, {table_what} (sdata.tables)\n    {shapes_key!r}, bin squares (sdata.shapes)",
+    )
+    return sdata

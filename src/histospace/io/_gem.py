@@ -11,8 +11,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scanpy import logging as logg
 
-from ._bins import COL_KEY, ROW_KEY, bin_table, element_name, squares
-from ._units import DNB_MICRONS, set_microns_per_unit
+from ._bins import COL_KEY, ROW_KEY, bin_table, bins_sdata, element_name
+from ._units import DNB_MICRONS
 
 __all__ = ["read_gem"]
 
@@ -274,9 +274,6 @@ def read_gem(
     `sdata.attrs['histospace']['microns_per_unit'][coordinate_system]` : :class:`float`
         Micrometres per DNB.
     """
-    from spatialdata import SpatialData
-    from spatialdata.transformations import Identity
-
     path = Path(path).expanduser()
     if not path.exists():
         msg = f"GEM file {str(path)!r} not found."
@@ -426,15 +423,19 @@ def read_gem(
         }
     }
     table = bin_table(X, obs=obs, var=var, region=shapes_key, spatial=centres, layers=layers, uns=uns)
-    shapes = squares(centres, bin_size, transformations={coordinate_system: Identity()})
-    sdata = SpatialData(shapes={shapes_key: shapes}, tables={table_key: table})
-    set_microns_per_unit(sdata, microns_per_dnb, coordinate_system=coordinate_system)
-    logg.info(
-        f"    finished: {n_lines} lines -> {X.shape[0]} bins x {X.shape[1]} genes ({X.nnz} non-zero)",
-        time=start,
-        deep=f"added\n    {table_key!r}, bin counts (sdata.tables)\n    {shapes_key!r}, bin squares (sdata.shapes)",
+    summary = f"{n_lines} lines -> {X.shape[0]} bins x {X.shape[1]} genes ({X.nnz} non-zero)"
+    return bins_sdata(
+        table,
+        centres,
+        bin_size,
+        table_key,
+        shapes_key,
+        coordinate_system,
+        microns_per_dnb,
+        start,
+        summary,
+        "bin counts",
     )
-    return sdata
 
 
 def _to_csr(acc: _Accumulator, gene_index: dict[str, int], *, exon: bool):

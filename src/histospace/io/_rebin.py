@@ -9,6 +9,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scanpy import logging as logg
 
+from histospace._utils._choice import only_one
+
 from ._bins import COL_KEY, ROW_KEY, bin_table, squares
 from ._units import _linear_scale, microns_per_unit, set_microns_per_unit, square_side
 
@@ -25,13 +27,9 @@ def _only_table(sdata, table_key: str | None) -> str:
             msg = f"Table {table_key!r} not found in `sdata.tables` (available: {sorted(sdata.tables)})."
             raise KeyError(msg)
         return table_key
-    if len(sdata.tables) == 1:
-        return next(iter(sdata.tables))
-    if not sdata.tables:
-        msg = "`sdata` has no table; read the bins first (e.g. `hs.io.read_gem` or `spatialdata_io.visium_hd`)."
-        raise KeyError(msg)
+    empty = "`sdata` has no table; read the bins first (e.g. `hs.io.read_gem` or `spatialdata_io.visium_hd`)."
     msg = f"`sdata` has several tables {sorted(sdata.tables)}; pass `table_key=` to choose the bins to re-bin."
-    raise ValueError(msg)
+    return only_one(list(sdata.tables), msg, empty_msg=empty)
 
 
 def _annotated_shapes(sdata, table_key: str) -> tuple[str, str, str]:

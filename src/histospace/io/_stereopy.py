@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 
-from ._bins import COL_KEY, ROW_KEY, bin_table, element_name, squares
+from ._bins import COL_KEY, ROW_KEY, bin_table, bins_sdata, element_name
 from ._gem import chip_resolution_um
-from ._units import DNB_MICRONS, set_microns_per_unit
+from ._units import DNB_MICRONS
 
 __all__ = ["read_stereopy"]
 
@@ -92,8 +92,6 @@ def read_stereopy(
         Micrometres per DNB.
     """
     import anndata as ad
-    from spatialdata import SpatialData
-    from spatialdata.transformations import Identity
 
     name = "adata"
     if isinstance(adata, str | os.PathLike):
@@ -187,12 +185,7 @@ def read_stereopy(
         table.obsp[k] = v
     if adata.raw is not None:
         table.raw = adata.raw.to_adata()
-    shapes = squares(centres, b, transformations={coordinate_system: Identity()})
-    sdata = SpatialData(shapes={shapes_key: shapes}, tables={table_key: table})
-    set_microns_per_unit(sdata, microns_per_dnb, coordinate_system=coordinate_system)
-    logg.info(
-        f"    finished: {table.n_obs} bins x {table.n_vars} genes",
-        time=start,
-        deep=f"added\n    {table_key!r}, bins (sdata.tables)\n    {shapes_key!r}, bin squares (sdata.shapes)",
+    summary = f"{table.n_obs} bins x {table.n_vars} genes"
+    return bins_sdata(
+        table, centres, b, table_key, shapes_key, coordinate_system, microns_per_dnb, start, summary, "bins"
     )
-    return sdata

@@ -3,14 +3,16 @@
 On top of squidpy: a radius in µm, one graph per slide, checks, and square bins (Visium HD, Stereo-seq) at 10^6
 bins: their 4- or 8-neighbour grid comes from the integer bin indices (hashing, shifts and `searchsorted`) and their
 radius graph from a k-d tree, with no dense matrix and no Python loop over bins.
+
+The builders live in `_bin_graph` (square bins) and `_spot_graph` (squidpy), what is read from the slides' metadata
+(technology, spot size, µm per coordinate unit) in `_graph_meta`; this module checks the arguments, picks the graph,
+checks the result and writes it.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from contextlib import contextmanager
-from numbers import Real
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -26,248 +28,9 @@ from histospace._utils import check_number, check_obsm, doc_params, version_stri
 from histospace._utils._data import check_key_added, library_labels
 from histospace._utils._lattice import bins_evidence, grid_indices
 from histospace._utils._sdata import TableContext, apply_affine, as_table, table_output
-
-# Spot diameter (µm) and first-ring grid neighbours per technology (centre-to-centre: Visium 100 µm, legacy ST 200 µm).
-_SPOT_DIAMETER_UM = {"visium": 55.0, "st": 100.0}
-_GRID_NEIGHS = {"visium": 6, "st": 4}
-_DEFAULT_SPOT_DIAMETER_UM = 55.0  # Visium, when nothing says otherwise
-_BIN_NEIGHS = (4, 8)
-_DEFAULT_BIN_NEIGHS = 8  # queen's moves: nearly isotropic, degree close to Visium's 6, few bins cut off by holes
-
-
-def _grid_offsets(n_neighs: int, n_rings: int) -> np.ndarray:
-    """Half of the `(d_row, d_col)` shifts to the neighbours of a bin (the other half is their negation).
-
-    Ring `k` holds the bins at lattice distance `k`: Manhattan distance for 4 neighbours (a diamond), Chebyshev
-    distance for 8 (a square). Counted on the lattice, so a missing bin does not cut the rings behind it.
-    """
-    k = int(n_rings)
-    dr, dc = np.meshgrid(np.arange(-k, k + 1), np.arange(-k, k + 1), indexing="ij")
-    dr, dc = dr.ravel(), dc.ravel()
-    ring = np.abs(dr) + np.abs(dc) if n_neighs == 4 else np.maximum(np.abs(dr), np.abs(dc))
-    half = (dr > 0) | ((dr == 0) & (dc > 0))
-    keep = half & (ring >= 1) & (ring <= k)
-    return np.column_stack([dr[keep], dc[keep]])
-
-
-def _lattice_keys(rows: np.ndarray, cols: np.ndarray, lib_codes: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """One int64 key per bin from (slide, row, col), and the grid's height and width."""
-    h, w = int(rows.max()) + 1, int(cols.max()) + 1
-    n_libs = int(lib_codes.max()) + 1
-    if float(n_libs) * h * w >= 2.0**62:
-        msg = f"The bin grid is too large to index ({n_libs} slide(s) of {h} x {w} bins)."
-        raise ValueError(msg)
-    return (lib_codes.astype(np.int64) * h + rows) * w + cols, h, w
-
-
-def _symmetric(i: np.ndarray, j: np.ndarray, xy: np.ndarray, n: int, set_diag: bool) -> tuple[sp.csr_matrix, ...]:
-    """Connectivities and Euclidean distances (float32 CSR, sorted indices) from each undirected edge `i < j` once."""
-    d = np.hypot(xy[i, 0] - xy[j, 0], xy[i, 1] - xy[j, 1]).astype(np.float32)
-    rows, cols = np.concatenate([i, j]), np.concatenate([j, i])
-    dist = sp.csr_matrix((np.concatenate([d, d]), (rows, cols)), shape=(n, n), dtype=np.float32)
-    del rows, cols, d
-    dist.sum_duplicates()
-    dist.sort_indices()
-    conn = sp.csr_matrix((np.ones(dist.nnz, dtype=np.float32), dist.indices, dist.indptr), shape=(n, n))
-    if set_diag:
-        conn = sp.csr_matrix(conn + sp.eye(n, dtype=np.float32, format="csr"))
-        conn.sort_indices()
-    return conn, dist
-
-
-def _bin_grid_graph(
-    rows: np.ndarray,
-    cols: np.ndarray,
-    lib_codes: np.ndarray,
-    xy: np.ndarray,
-    *,
-    order: np.ndarray,
-    sorted_keys: np.ndarray,
-    shape: tuple[int, int],
-    n_neighs: int,
-    n_rings: int,
-    set_diag: bool,
-) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """The 4- or 8-neighbour graph of square bins from their indices (bins of different slides never meet).
-
-    `sorted_keys` are the unique keys of :func:`_lattice_keys` in increasing order, `order` the bins they belong to,
-    and `shape` the grid's height and width. Each neighbour direction is one shift of the indices and one
-    `searchsorted` of the shifted keys.
-    """
-    n = rows.size
-    h, w = shape
-    idx_dtype = np.int32 if n < 2**31 else np.int64
-    src_all, dst_all = [], []
-    for dr, dc in _grid_offsets(n_neighs, n_rings):
-        r2, c2 = rows + dr, cols + dc
-        src = np.flatnonzero((r2 >= 0) & (r2 < h) & (c2 >= 0) & (c2 < w))
-        k2 = (lib_codes[src].astype(np.int64) * h + r2[src]) * w + c2[src]
-        del r2, c2
-        pos = np.minimum(np.searchsorted(sorted_keys, k2), n - 1)
-        hit = sorted_keys[pos] == k2
-        src_all.append(src[hit].astype(idx_dtype))
-        dst_all.append(order[pos[hit]].astype(idx_dtype))
-    i, j = np.concatenate(src_all), np.concatenate(dst_all)
-    del src_all, dst_all
-    return _symmetric(i, j, xy, n, set_diag)
-
-
-def _radius_graph(
-    xy: np.ndarray, lib_codes: np.ndarray, radius: np.ndarray, *, set_diag: bool
-) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """Every pair of spots of one slide within `radius[slide]` (inclusive), found with a k-d tree per slide."""
-    from scipy.spatial import cKDTree
-
-    n = xy.shape[0]
-    idx_dtype = np.int32 if n < 2**31 else np.int64
-    src_all, dst_all = [], []
-    for code in np.unique(lib_codes):
-        members = np.flatnonzero(lib_codes == code)
-        pairs = cKDTree(xy[members]).query_pairs(float(radius[code]), output_type="ndarray")
-        src_all.append(members[pairs[:, 0]].astype(idx_dtype))
-        dst_all.append(members[pairs[:, 1]].astype(idx_dtype))
-        del pairs
-    i, j = np.concatenate(src_all), np.concatenate(dst_all)
-    del src_all, dst_all
-    return _symmetric(i, j, xy, n, set_diag)
-
-
-def _library_ids(adata: AnnData, lib_of_spot: np.ndarray | None) -> list[str]:
-    """Slides present in the data: the slide labels of the spots, else the libraries of `uns['spatial']` in use."""
-    if lib_of_spot is not None:
-        return [str(x) for x in pd.unique(lib_of_spot)]
-    spatial = adata.uns.get("spatial")
-    keys = [str(k) for k in spatial] if isinstance(spatial, Mapping) else []
-    if len(keys) > 1 and "library_id" in adata.obs:  # e.g. one slide subset from a multi-slide AnnData
-        present = [str(x) for x in pd.unique(library_labels(adata, "library_id"))]
-        if len(present) == 1 and present[0] in keys:
-            return present
-    return keys
-
-
-def _lib_uns(adata: AnnData, lib: str) -> Mapping:
-    spatial = adata.uns.get("spatial")
-    if isinstance(spatial, Mapping) and isinstance(spatial.get(lib), Mapping):
-        return spatial[lib]
-    return {}
-
-
-def _technology(adata: AnnData, lib: str) -> str | None:
-    """Technology of a slide from its metadata (`'visium'`, `'st'`, another string, or `None` when unknown)."""
-    meta = _lib_uns(adata, lib).get("metadata", {}) or {}
-    tech = meta.get("technology")
-    if isinstance(tech, str) and tech:
-        return tech.lower()
-    if "chemistry_description" in meta:  # written by scanpy.read_visium / squidpy.read.visium
-        return "visium"
-    um = meta.get("spot_diameter_um")
-    if isinstance(um, Real) and not isinstance(um, bool):
-        for name, d in _SPOT_DIAMETER_UM.items():
-            if np.isclose(float(um), d):
-                return name
-    return None
-
-
-def _is_hex_grid(adata: AnnData) -> bool:
-    """Visium array coordinates: integer `array_row`/`array_col` whose sum is always even (hexagonal packing)."""
-    if "array_row" not in adata.obs or "array_col" not in adata.obs:
-        return False
-    try:
-        r = np.asarray(adata.obs["array_row"], dtype=np.float64)
-        c = np.asarray(adata.obs["array_col"], dtype=np.float64)
-    except (TypeError, ValueError):
-        return False
-    if not (np.isfinite(r).all() and np.isfinite(c).all()) or r.size == 0:
-        return False
-    if not (np.all(r == np.round(r)) and np.all(c == np.round(c))):
-        return False
-    return bool(np.all((r + c) % 2 == 0)) and np.unique(r).size > 1
-
-
-def _spot_diameter_um(adata: AnnData, lib: str, spot_diameter_um: float | None, inferred: str | None = None) -> float:
-    """µm per spot diameter: argument, else metadata, else the technology, else Visium (with a log warning)."""
-    meta = _lib_uns(adata, lib).get("metadata", {}) or {}
-    from_meta = meta.get("spot_diameter_um")
-    if from_meta is not None:
-        from_meta = float(from_meta)
-    if spot_diameter_um is not None:
-        if from_meta is not None and not np.isclose(from_meta, spot_diameter_um):
-            msg = (
-                f"`spot_diameter_um={spot_diameter_um}` differs from "
-                f"`adata.uns['spatial'][{lib!r}]['metadata']['spot_diameter_um']` = {from_meta}; using the argument."
-            )
-            warnings.warn(msg, UserWarning, stacklevel=3)
-        return float(spot_diameter_um)
-    if from_meta is not None:
-        return from_meta
-    tech = _technology(adata, lib) or inferred
-    if tech in _SPOT_DIAMETER_UM:
-        return _SPOT_DIAMETER_UM[tech]
-    if tech is not None:
-        msg = (
-            f"The spot size of technology {tech!r} (library {lib!r}) is not known, so `radius_um` cannot be converted "
-            "to pixels. Pass `spot_diameter_um=` (the spot diameter in µm), `microns_per_unit=` (µm per coordinate "
-            "unit) or `radius=` in full-resolution pixels."
-        )
-        raise ValueError(msg)
-    warnings.warn(
-        f"library {lib!r}: no technology or `spot_diameter_um` in `adata.uns['spatial'][{lib!r}]['metadata']`; "
-        f"assuming Visium spots of {_DEFAULT_SPOT_DIAMETER_UM:g} µm. Pass `spot_diameter_um=` otherwise.",
-        UserWarning,
-        stacklevel=3,
-    )
-    return _DEFAULT_SPOT_DIAMETER_UM
-
-
-def _px_per_um(
-    adata: AnnData, lib: str, spot_diameter_um: float | None, inferred: str | None = None
-) -> tuple[float, float | None]:
-    """Return (pixels per µm, spot diameter in µm or `None`) of slide `lib`.
-
-    Space Ranger's `scalefactors['microns_per_pixel']` (Visium HD) is used when present and no `spot_diameter_um`
-    is given; else the spot diameter in pixels and in µm.
-    """
-    sf = _lib_uns(adata, lib).get("scalefactors", {}) or {}
-    mpp = sf.get("microns_per_pixel")
-    if (
-        spot_diameter_um is None
-        and isinstance(mpp, Real)
-        and not isinstance(mpp, bool)
-        and np.isfinite(mpp)
-        and mpp > 0
-    ):
-        return 1.0 / float(mpp), None
-    d_px = sf.get("spot_diameter_fullres")
-    if d_px is None:
-        msg = (
-            f"`adata.uns['spatial'][{lib!r}]['scalefactors']['spot_diameter_fullres']` not found, so `radius_um` cannot "
-            "be converted to pixels. Add the scale factors (as `scanpy.read_visium` does), pass `microns_per_unit=` "
-            "or pass `radius=` in full-resolution pixels."
-        )
-        raise KeyError(msg)
-    d_px = float(d_px)
-    if not np.isfinite(d_px) or d_px <= 0:
-        msg = f"`adata.uns['spatial'][{lib!r}]['scalefactors']['spot_diameter_fullres']` is {d_px}; expected > 0."
-        raise ValueError(msg)
-    d_um = _spot_diameter_um(adata, lib, spot_diameter_um, inferred)
-    return d_px / d_um, d_um
-
-
-@contextmanager
-def _quiet_squidpy():
-    """Silence squidpy's own log lines (they name the temporary AnnData); ours say what was written."""
-    import logging
-
-    import scanpy as sc
-
-    sd_logger = logging.getLogger("spatialdata._logging")
-    level = sd_logger.level
-    sd_logger.setLevel(logging.WARNING)
-    try:
-        with sc.settings.verbosity.override("warning"):
-            yield
-    finally:
-        sd_logger.setLevel(level)
+from histospace.pp._bin_graph import _BIN_NEIGHS, _DEFAULT_BIN_NEIGHS, bin_graph
+from histospace.pp._graph_meta import _GRID_NEIGHS, _is_hex_grid, _library_ids, _radius_units, _technology
+from histospace.pp._spot_graph import squidpy_graph
 
 
 @doc_params()
@@ -533,57 +296,17 @@ def spatial_graph(
         raise ValueError(msg)
 
     # µm per coordinate unit (for `radius_um`), per slide
-    px_per_um: dict[str, float] = {}
-    d_um: dict[str, float] = {}
-    scale_rows = None
-    radius_px: float | None = float(radius) if radius is not None else None
-    if radius_um is not None:
-        if isinstance(microns_per_unit, Mapping):
-            if lib_of_spot is None:
-                msg = (
-                    "`microns_per_unit` is a mapping of slides, but there is no slide column: pass `library_key=` "
-                    "(the obs column whose values are its keys) or one number."
-                )
-                raise ValueError(msg)
-            missing = [lib for lib in libs if lib not in microns_per_unit]
-            if missing:
-                msg = f"`microns_per_unit` has no value for slide(s) {missing} of `adata.obs[{library_key!r}]`."
-                raise KeyError(msg)
-            px_per_um = {lib: 1.0 / microns_per_unit[lib] for lib in libs}
-        elif microns_per_unit is not None:
-            px_per_um = {lib: 1.0 / microns_per_unit for lib in libs} or {"": 1.0 / microns_per_unit}
-        else:
-            if not libs:
-                msg = (
-                    "`adata.uns['spatial']` not found, so `radius_um` cannot be converted to pixels. Pass "
-                    "`microns_per_unit=` (µm per coordinate unit), add "
-                    "`uns['spatial'][library_id]['scalefactors']['spot_diameter_fullres']` or pass `radius=` in "
-                    "coordinate units."
-                )
-                raise KeyError(msg)
-            missing = [lib for lib in libs if not _lib_uns(adata, lib)]
-            if missing:
-                msg = (
-                    f"`adata.uns['spatial']` has no entry for slide(s) {missing} of `adata.obs[{library_key!r}]`, so "
-                    "`radius_um` cannot be converted to pixels. Add their scale factors, pass `microns_per_unit=` or "
-                    "pass `radius=` in pixels."
-                )
-                raise KeyError(msg)
-            conv = {lib: _px_per_um(adata, lib, spot_diameter_um, technology) for lib in libs}
-            px_per_um = {lib: c[0] for lib, c in conv.items()}
-            d_um = {lib: c[1] for lib, c in conv.items() if c[1] is not None}
-        factors = np.array(list(px_per_um.values()))
-        if np.allclose(factors, factors[0], rtol=1e-9, atol=0):
-            radius_px = float(radius_um * factors[0])
-        elif library_key is None:
-            msg = (
-                f"The libraries of `adata.uns['spatial']` have different pixel sizes ({px_per_um} px/µm) and no "
-                "`library_key` says which spot belongs to which; pass `library_key=`."
-            )
-            raise ValueError(msg)
-        else:
-            # different pixel sizes per slide: build in µm, then convert the distances back to each slide's pixels
-            scale_rows = np.array([px_per_um[lib] for lib in lib_of_spot])
+    px_per_um, d_um, scale_rows, radius_px = _radius_units(
+        adata,
+        libs,
+        lib_of_spot,
+        library_key=library_key,
+        radius_um=radius_um,
+        radius=radius,
+        microns_per_unit=microns_per_unit,
+        spot_diameter_um=spot_diameter_um,
+        technology=technology,
+    )
 
     if coord_type == "generic" and not (has_radius or delaunay):
         n_neighs = 6 if n_neighs is None else n_neighs
@@ -594,94 +317,40 @@ def spatial_graph(
 
     n = adata.n_obs
     own_builder = is_bins and (coord_type == "grid" or (has_radius and not delaunay))
-    if own_builder:
-        if lib_of_spot is not None:
-            lib_codes, lib_names = pd.factorize(lib_of_spot)
-            lib_codes, lib_names = lib_codes.astype(np.int64), np.asarray(lib_names, dtype=object)
-        else:
-            lib_codes, lib_names = np.zeros(n, dtype=np.int64), np.array([""], dtype=object)
-    if own_builder and coord_type == "grid":
-        keys, grid_h, grid_w = _lattice_keys(idx[0], idx[1], lib_codes)
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        del keys
-        same = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
-        if same.size:
-            dup = np.unique(np.concatenate([order[same], order[same + 1]]))
-            example = ", ".join(repr(str(x)) for x in adata.obs_names[dup[:4]])
-            fix = (
-                "pass `library_key=` (the obs column naming each bin's slide)"
-                if library_key is None
-                else "remove the duplicated bins"
-            )
-            msg = (
-                f"{dup.size} bins share their grid position (`obs['array_row']`, `obs['array_col']`) with another bin "
-                f"of the same slide (e.g. {example}); {fix}."
-            )
-            raise ValueError(msg)
 
     # ---- build ----
-    sq_params: dict = {}
     if own_builder:
-        if coord_type == "grid":
-            start = logg.info(f"building the {n_neighs}-neighbour grid graph of {n} square bins ({bins_why})")
-            conn, dist = _bin_grid_graph(
-                idx[0],
-                idx[1],
-                lib_codes,
-                coords,
-                order=order,
-                sorted_keys=sorted_keys,
-                shape=(grid_h, grid_w),
-                n_neighs=int(n_neighs),
-                n_rings=int(n_rings),
-                set_diag=bool(set_diag),
-            )
-            del order, sorted_keys
-            sq_params = {"n_neighbors": int(n_neighs), "n_rings": int(n_rings), "delaunay": False}
-        else:
-            if scale_rows is not None:
-                r_lib = np.array([radius_um * px_per_um[str(lib)] for lib in lib_names])
-            else:
-                r_lib = np.full(lib_names.size, float(radius_px))
-            start = logg.info(f"building the radius graph of {n} square bins ({bins_why})")
-            conn, dist = _radius_graph(coords, lib_codes, r_lib, set_diag=bool(set_diag))
+        conn, dist, sq_params, start = bin_graph(
+            coords,
+            idx,
+            lib_of_spot,
+            adata.obs_names,
+            coord_type=coord_type,
+            library_key=library_key,
+            n_neighs=n_neighs,
+            n_rings=n_rings,
+            radius_um=radius_um,
+            radius_px=radius_px,
+            px_per_um=px_per_um,
+            scale_rows=scale_rows,
+            set_diag=set_diag,
+            bins_why=bins_why,
+        )
     else:
-        # squidpy on a light AnnData holding only what the builder reads
-        from histospace._utils._deps import quiet_import
-
-        sq = quiet_import("squidpy")
-
-        obs = pd.DataFrame(index=pd.RangeIndex(n).astype(str))
-        if lib_of_spot is not None:
-            obs["_library"] = pd.Categorical(lib_of_spot)
-        tmp = AnnData(obs=obs)
-        tmp.obsm["spatial"] = coords / scale_rows[:, None] if scale_rows is not None else coords
-        common = {"spatial_key": "spatial", "library_key": "_library" if library_key is not None else None}
-        common["set_diag"] = bool(set_diag)
-        start = logg.info(f"building the spatial graph ({coord_type}) with squidpy")
-        with _quiet_squidpy():
-            if coord_type == "grid":
-                sq.gr.spatial_neighbors_grid(
-                    tmp, n_neighs=int(n_neighs), n_rings=int(n_rings), delaunay=bool(delaunay), **common
-                )
-            elif delaunay:
-                r = radius_um if scale_rows is not None else radius_px
-                sq.gr.spatial_neighbors_delaunay(tmp, radius=r, **common)
-            elif has_radius:
-                r = radius_um if scale_rows is not None else radius_px
-                sq.gr.spatial_neighbors_radius(tmp, radius=float(r), **common)
-            else:
-                sq.gr.spatial_neighbors_knn(tmp, n_neighs=int(n_neighs), **common)
-
-        conn = sp.csr_matrix(tmp.obsp["spatial_connectivities"], dtype=np.float32)
-        dist = sp.csr_matrix(tmp.obsp["spatial_distances"], dtype=np.float32)
-        if scale_rows is not None and coord_type == "generic":
-            dist = sp.csr_matrix(sp.diags(scale_rows.astype(np.float32)) @ dist, dtype=np.float32)
-        conn.sort_indices()
-        dist.sort_indices()
-        sq_params = {k: v for k, v in tmp.uns["spatial_neighbors"]["params"].items() if v is not None}
-        del tmp
+        conn, dist, sq_params, start = squidpy_graph(
+            coords,
+            lib_of_spot,
+            library_key=library_key,
+            coord_type=coord_type,
+            n_neighs=n_neighs,
+            n_rings=n_rings,
+            delaunay=delaunay,
+            has_radius=has_radius,
+            radius_um=radius_um,
+            radius_px=radius_px,
+            scale_rows=scale_rows,
+            set_diag=set_diag,
+        )
 
     # ---- checks on the result ----
     if not (sp.issparse(conn) and conn.format == "csr" and conn.shape == (n, n)):  # pragma: no cover - squidpy contract

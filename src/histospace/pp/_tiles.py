@@ -12,6 +12,7 @@ import pandas as pd
 from scanpy import logging as logg
 
 from histospace._utils import check_number, version_string
+from histospace._utils._choice import only_one
 from histospace._utils._image import ImageSource, _is_image_container
 from histospace._utils._sdata import is_spatialdata
 from histospace._utils._wsi import open_multiscale
@@ -280,10 +281,8 @@ def _sdata_image(sdata, image_key: str | None, key_added: str, mpp: float | None
 
     images = list(sdata.images)
     if image_key is None:
-        if len(images) != 1:
-            msg = f"The SpatialData holds {len(images)} images {images}; pass `image_key=` naming the H&E."
-            raise ValueError(msg)
-        image_key = images[0]
+        msg = f"The SpatialData holds {len(images)} images {images}; pass `image_key=` naming the H&E."
+        image_key = only_one(images, msg)
     if image_key not in sdata.images:
         msg = f"`sdata.images[{image_key!r}]` not found; images: {images}."
         raise KeyError(msg)

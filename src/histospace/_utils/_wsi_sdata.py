@@ -1,0 +1,240 @@
+"""SpatialData image elements as multiscale images, and the affine maps from coordinate systems to their pixels."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from histospace._utils._image import ImageSource
+from histospace._utils._multiscale import MultiscaleImage
+from histospace._utils._wsi_levels import _DaskLevel
+from histospace._utils._wsi_read import is_slide_path, open_slide
+
+__all__ = ["coordinate_system_to_pixels", "element_to_pixels", "is_xarray_image", "open_multiscale", "transform_xy"]
+
+
+def is_xarray_image(obj) -> bool:
+    """Whether `obj` is an xarray `DataArray` or `DataTree` (a SpatialData image element), without importing xarray."""
+    t = type(obj)
+    return t.__name__ in ("DataArray", "DataTree") and t.__module__.split(".")[0] in ("xarray", "datatree")
+
+
+def _dataarray_source(da, name: str) -> ImageSource:
+    dims = [str(d) for d in da.dims]
+    if "z" in dims:
+        msg = f"{name} is a 3-D image (dims {tuple(dims)}); select a z-plane first, e.g. `image.isel(z=0)`."
+        raise ValueError(msg)
+    axes = "".join({"c": "C", "y": "Y", "x": "X"}.get(d, "Q") for d in dims)
+    data = da.data
+    arr = _DaskLevel(data) if hasattr(data, "dask") else data
+    return ImageSource(arr, axes, name=name)
+
+
+def _tree_levels(tree) -> list:
+    """The DataArrays of a multiscale DataTree, `scale0` first."""
+    keys = sorted((k for k in tree.children if re.fullmatch(r"scale\d+", str(k))), key=lambda k: int(str(k)[5:]))
+    if not keys:
+        msg = f"The DataTree has no `scale0`, `scale1`, ... levels (children: {list(tree.children)})."
+        raise ValueError(msg)
+    out = []
+    for k in keys:
+        node = tree[k]
+        variables = list(node.data_vars.values()) if hasattr(node, "data_vars") else list(node.values())
+        if len(variables) != 1:
+            msg = f"DataTree level {k!r} holds {len(variables)} arrays; expected one image."
+            raise ValueError(msg)
+        out.append(variables[0])
+    return out
+
+
+def open_multiscale(
+    obj,
+    *,
+    mpp: float | Sequence[float] | None = None,
+    reader: Literal["auto", "openslide", "tiffslide", "tifffile"] = "auto",
+    library_id: str | None = None,
+    name: str | None = None,
+) -> MultiscaleImage:
+    """Open anything histospace reads as a :class:`MultiscaleImage`.
+
+    Parameters
+    ----------
+    obj
+        A path (:func:`open_slide` for slides and TIFFs, one level for JPEG/PNG), a SpatialData image element (an
+        `xarray.DataArray` `(c, y, x)`, or a multiscale `xarray.DataTree` with `scale0`, `scale1`, ...; read lazily
+        through their dask arrays, downsamples from the level shapes), a squidpy `ImageContainer` (one level, with its
+        crop offset and scale), a numpy-like array, an :class:`~histospace._utils._image.ImageSource` or a
+        `MultiscaleImage`.
+    mpp
+        µm per level-0 pixel; for files it wins over the metadata (see :func:`open_slide`).
+    reader
+        Reader for files (see :func:`open_slide`).
+    library_id
+        z-plane of an `ImageContainer` with several planes.
+    name
+        Description used in messages.
+
+    Returns
+    -------
+    The image as levels with downsamples and µm per pixel (`None` when unknown).
+    """
+    from histospace._utils._image import open_image
+
+    if isinstance(obj, MultiscaleImage):
+        if mpp is None:
+            return obj
+        return MultiscaleImage(
+            obj.levels,
+            mpp=mpp,
+            name=obj.name,
+            path=obj.path,
+            reader=obj.reader,
+            vendor=obj.vendor,
+            level_downsamples=obj.level_downsamples,
+        )
+    if isinstance(obj, str | os.PathLike):
+        path = Path(obj).expanduser()
+        if is_slide_path(path) or not path.is_file():
+            return open_slide(path, mpp=mpp, reader=reader)
+        src = open_image(path, name=name)
+        return MultiscaleImage([src], mpp=mpp, name=str(path), path=path, reader="pil")
+    if is_xarray_image(obj):
+        label = name or ("SpatialData image" + (f" {obj.name!r}" if getattr(obj, "name", None) else ""))
+        if type(obj).__name__ == "DataTree":
+            levels = [_dataarray_source(da, f"{label}[scale{i}]") for i, da in enumerate(_tree_levels(obj))]
+        else:
+            levels = [_dataarray_source(obj, label)]
+        return MultiscaleImage(levels, mpp=mpp, name=label, reader="spatialdata")
+    src = open_image(obj, name=name, library_id=library_id)
+    reader_name = "squidpy" if type(obj).__name__ == "ImageContainer" else "array"
+    return MultiscaleImage([src], mpp=mpp, name=src.name, reader=reader_name)
+
+
+def _element(sdata, key: str, what: str):
+    kinds = ("images", "labels", "shapes", "points") if what == "element" else ("images",)
+    for kind in kinds:
+        container = getattr(sdata, kind, {})
+        if key in container:
+            return container[key]
+    avail = {k: list(getattr(sdata, k, {}).keys()) for k in kinds}
+    msg = f"`sdata` has no {what} {key!r}; it holds {avail}."
+    raise KeyError(msg)
+
+
+def _level_dataarray(image, level: int, image_key: str):
+    if type(image).__name__ == "DataTree":
+        levels = _tree_levels(image)
+    else:
+        levels = [image]
+    if not isinstance(level, int | np.integer) or not 0 <= level < len(levels):
+        msg = f"Image {image_key!r} has levels 0..{len(levels) - 1}; got `level={level!r}`."
+        raise IndexError(msg)
+    return levels[int(level)]
+
+
+def _check_cs(sdata, coordinate_system: str, elements: dict) -> dict:
+    """The transformations of `elements` to `coordinate_system`, with clear errors when one is not in it."""
+    from spatialdata.transformations import get_transformation
+
+    if coordinate_system not in sdata.coordinate_systems:
+        msg = (
+            f"Coordinate system {coordinate_system!r} not found; `sdata` has {list(sdata.coordinate_systems)}. "
+            "Pass `coordinate_system=` naming one of them."
+        )
+        raise KeyError(msg)
+    all_t = {k: get_transformation(e, get_all=True) for k, e in elements.items()}
+    missing = [k for k, t in all_t.items() if coordinate_system not in t]
+    if missing:
+        common = sorted(set.intersection(*(set(t) for t in all_t.values())))
+        where = "; ".join(f"{k!r} is in {sorted(t)}" for k, t in all_t.items())
+        msg = (
+            f"{' and '.join(repr(k) for k in missing)} not in coordinate system {coordinate_system!r} ({where}). "
+            f"Pass a coordinate system holding all of them: {common}"
+            + (
+                "."
+                if common
+                else " (none; add a transformation with `spatialdata.transformations.set_transformation`)."
+            )
+        )
+        raise ValueError(msg)
+    return {k: t[coordinate_system] for k, t in all_t.items()}
+
+
+def _xy_matrix(transformation) -> np.ndarray:
+    return np.asarray(transformation.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
+
+
+def coordinate_system_to_pixels(sdata, *, image_key: str, coordinate_system: str = "global", level: int = 0):
+    """The affine map from `coordinate_system` to pixels of one level of `sdata.images[image_key]`.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object.
+    image_key
+        The image element.
+    coordinate_system
+        The coordinate system the image belongs to.
+    level
+        Pyramid level (`scale{level}` of a multiscale image; 0 for a single-scale image).
+
+    Returns
+    -------
+    A float64 `(3, 3)` matrix acting on `(x, y, 1)`: the inverse of spatialdata's transformation of that level to
+    `coordinate_system` (`get_transformation`, which for `scale{k}` already holds the level's `Scale`).
+    """
+    image = _element(sdata, image_key, "image")
+    da = _level_dataarray(image, level, image_key)
+    t = _check_cs(sdata, coordinate_system, {image_key: da})[image_key]
+    return _xy_matrix(_inverse(t, image_key, coordinate_system))
+
+
+def _inverse(t, image_key: str, coordinate_system: str):
+    """The inverse of `t`, the transformation of image `image_key` to `coordinate_system` (`ValueError` if singular)."""
+    try:
+        return t.inverse()
+    except np.linalg.LinAlgError as e:
+        msg = f"The transformation of {image_key!r} to {coordinate_system!r} cannot be inverted: {t}."
+        raise ValueError(msg) from e
+
+
+def element_to_pixels(
+    sdata, *, image_key: str, element_key: str, coordinate_system: str = "global", level: int = 0
+) -> np.ndarray:
+    """The affine map from the intrinsic coordinates of an element (e.g. the spot circles) to pixels of an image level.
+
+    Composed with spatialdata's API through `coordinate_system`: `Sequence([element -> coordinate_system,
+    (image level -> coordinate_system)^-1])`, so both must belong to that coordinate system.
+
+    Parameters
+    ----------
+    sdata, image_key, level
+        The SpatialData object, the image element and its pyramid level, as in :func:`coordinate_system_to_pixels`.
+    element_key
+        The element whose coordinates are mapped (shapes, points or labels).
+    coordinate_system
+        The coordinate system holding both elements.
+
+    Returns
+    -------
+    A float64 `(3, 3)` matrix acting on `(x, y, 1)`; apply it with :func:`transform_xy`.
+    """
+    from spatialdata.transformations import Sequence as TSequence
+
+    image = _element(sdata, image_key, "image")
+    el = _element(sdata, element_key, "element")
+    da = _level_dataarray(image, level, image_key)
+    ts = _check_cs(sdata, coordinate_system, {element_key: el, image_key: da})
+    return _xy_matrix(TSequence([ts[element_key], _inverse(ts[image_key], image_key, coordinate_system)]))
+
+
+def transform_xy(matrix: np.ndarray, xy) -> np.ndarray:
+    """Apply a `(3, 3)` affine matrix to `(x, y)` points `(..., 2)`; returns float64 of the same shape."""
+    xy = np.asarray(xy, dtype=np.float64)
+    m = np.asarray(matrix, dtype=np.float64)
+    return xy @ m[:2, :2].T + m[:2, 2]
