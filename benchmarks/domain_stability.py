@@ -1,7 +1,6 @@
 """Stability of the default domain pipeline over seeds on DLPFC 151673 and 151674 (k = 7).
 
-For each section: the default image features (cached by `benchmarks/domains.py`, computed here when absent), the
-default graph, then for seeds 0..N-1 the default `hs.tl.stereomm(random_state=s)` followed by the default
+For each section: the default image features (computed once and cached), the default graph, then for seeds 0..N-1 the default `hs.tl.stereomm(random_state=s)` followed by the default
 `hs.tl.domains(random_state=s)` — model and clustering seeds change together, as for a user who reruns with another
 seed. Reports ARI mean, sd, min and max against `layer_guess_reordered`. A second set of rows keeps the model of seed
 0 and changes only the clustering seed, to tell the clustering's share of the spread from the model's.
@@ -30,34 +29,23 @@ GT = "layer_guess_reordered"
 
 
 def _features(adata, section: str, features_kwargs: dict) -> None:
-    """The domain benchmark's image features (MobileNetV2, 3 spot diameters), from its cache when present; other
-    `hs.pp.image_features` arguments (`--features-kwargs`) are computed here and cached under their own name."""
-    if features_kwargs:
-        import histospace as hs
+    """`hs.pp.image_features` with its defaults (the shared MobileNetV2 weights) and `--features-kwargs`, cached in
+    results/cache under a name that changes with those arguments and with the function's defaults and version (so a
+    change of default never reuses stale features)."""
+    import hashlib
+    import inspect
 
-        name = "_".join(f"{k}-{v}" for k, v in sorted(features_kwargs.items()))
-        f = CACHE / f"img_features_{section}_{name}.npy"
-        if not f.exists():
-            weights = (
-                DATA / "weights" / "mobilenet_v2_imagenet_coral" / "mobilenet_v2_imagenet_fp32_torchvision_keys.pt"
-            )
-            hs.pp.image_features(adata, weights=str(weights), progress_bar=False, **features_kwargs)
-            CACHE.mkdir(parents=True, exist_ok=True)
-            np.save(f, adata.obsm["img_features"])
-        adata.obsm["img_features"] = np.load(f)
-        return
-    f = CACHE / f"img_features_{section}.npy"
-    if f.exists():
-        adata.obsm["img_features"] = np.load(f)
-        return
-    import importlib.util
+    import histospace as hs
 
-    spec = importlib.util.spec_from_file_location("domains_bench", HERE / "domains.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod._image_features(adata)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.save(f, adata.obsm["img_features"])
+    defaults = {k: repr(v.default) for k, v in inspect.signature(hs.pp.image_features).parameters.items()}
+    key = json.dumps([defaults, hs.__version__, features_kwargs], sort_keys=True, default=str)
+    f = CACHE / f"img_features_{section}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"
+    if not f.exists():
+        weights = DATA / "weights" / "mobilenet_v2_imagenet_coral" / "mobilenet_v2_imagenet_fp32_torchvision_keys.pt"
+        hs.pp.image_features(adata, weights=str(weights), progress_bar=False, **features_kwargs)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.save(f, adata.obsm["img_features"])
+    adata.obsm["img_features"] = np.load(f)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import histospace as hs
 from histospace._nn._stereomm import CrossModalAttention, StereoMMModule, kl_divergence
 
 TINY = {"hidden": [8], "n_latent": 4}
-FAST = {"max_epochs": 2, "device": "cpu", "progress_bar": False}
+FAST = {"max_epochs": 2, "n_models": 1, "device": "cpu", "progress_bar": False}
 
 
 def _grid_graph(n_side: int) -> sp.csr_matrix:
@@ -197,6 +197,40 @@ def test_save_load_roundtrip(adata_graph, tmp_path):
     np.testing.assert_array_equal(m2.get_latent_representation(), z)
     with pytest.raises(FileExistsError):
         m.save(tmp_path / "model")
+
+
+def test_seed_ensemble(adata_graph, tmp_path):
+    kw = {**FAST, "n_models": 3}
+    m = hs.models.StereoMM(adata_graph, **TINY).train(random_state=5, **kw)
+    z = m.get_latent_representation()
+    assert m.n_models == 3 and "3 models" in repr(m)
+    assert z.shape == (adata_graph.n_obs, 3 * 4) and z.dtype == np.float32
+    # member i is the model of seed random_state + i
+    for i in range(3):
+        single = hs.models.StereoMM(adata_graph, **TINY).train(random_state=5 + i, **FAST)
+        np.testing.assert_array_equal(z[:, 4 * i : 4 * (i + 1)], single.get_latent_representation())
+        assert len(m.member_histories[i]["loss"]) == 2
+    assert not np.allclose(z[:, :4], z[:, 4:8])
+    np.testing.assert_allclose(m.history["loss"], np.mean([h["loss"] for h in m.member_histories], axis=0))
+    assert m.train_params["n_models"] == 3
+    # same seed -> same bytes; asking twice gives the same latent (the module's weights are restored)
+    again = hs.models.StereoMM(adata_graph, **TINY).train(random_state=5, **kw).get_latent_representation()
+    assert again.tobytes() == z.tobytes() and m.get_latent_representation().tobytes() == z.tobytes()
+    # save/load keeps every member
+    m.save(tmp_path / "ens")
+    assert (tmp_path / "ens" / "members.pt").is_file()
+    back = hs.models.StereoMM.load(tmp_path / "ens", adata=adata_graph)
+    assert back.n_models == 3
+    np.testing.assert_array_equal(back.get_latent_representation(), z)
+    (tmp_path / "ens" / "members.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="members.pt"):
+        hs.models.StereoMM.load(tmp_path / "ens", adata=adata_graph)
+    # a single model saved over the ensemble folder leaves no stale members
+    m.save(tmp_path / "ens2")
+    hs.models.StereoMM(adata_graph, **TINY).train(**FAST).save(tmp_path / "ens2", overwrite=True)
+    assert not (tmp_path / "ens2" / "members.pt").exists()
+    with pytest.raises(ValueError, match="n_models"):
+        hs.models.StereoMM(adata_graph, **TINY).train(**{**FAST, "n_models": 0})
 
 
 def test_save_load_mini_batch(adata_graph, tmp_path):

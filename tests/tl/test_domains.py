@@ -104,3 +104,51 @@ def test_errors(adata_rep):
     assert "stereomm_domain" not in adata_rep.obs and "stereomm_domain" not in adata_rep.uns
     hs.tl.domains(adata_rep, n_clusters=3, refine=False)
     assert "stereomm_domain" in adata_rep.obs
+
+
+def test_seed_ensemble_vote(adata_rep):
+    # three latents side by side, as `hs.tl.stereomm(n_models=3)` writes them: two show the bands (with their
+    # groups in other orders), the third is noise; the vote follows the two, whatever the order of their labels
+    rng = np.random.default_rng(1)
+    z = adata_rep.obsm["X_stereomm"]
+    noise = rng.normal(size=z.shape).astype(np.float32)
+    adata_rep.obsm["X_stereomm"] = np.hstack([z[:, [2, 0, 1]], noise, z[:, [1, 2, 0]]])
+    adata_rep.uns["stereomm"] = {"params": {"n_models": 3, "n_latent": 3}}
+    hs.tl.domains(adata_rep, n_clusters=3, refine=False)
+    p = adata_rep.uns["stereomm_domain"]["params"]
+    assert p["n_models"] == 3 and 0.3 < p["model_agreement"] < 1
+    assert _ari(adata_rep.obs["stereomm_domain"], adata_rep.obs["domain"]) > 0.9
+    # the same with n_models given (no uns entry), and with k chosen on the first model
+    del adata_rep.uns["stereomm"]
+    hs.tl.domains(adata_rep, n_clusters=3, n_models=3, refine=False, key_added="given")
+    assert (adata_rep.obs["given"] == adata_rep.obs["stereomm_domain"]).all()
+    hs.tl.domains(adata_rep, n_clusters=None, n_models=3, cluster_range=(2, 5), n_init=2, key_added="chosen")
+    assert adata_rep.uns["chosen"]["params"]["n_clusters"] == 3
+    # n_models=1 clusters the side-by-side latents together
+    hs.tl.domains(adata_rep, n_clusters=3, n_models=1, key_added="together")
+    assert adata_rep.uns["together"]["params"]["n_models"] == 1
+
+
+def test_seed_ensemble_errors(adata_rep):
+    with pytest.raises(ValueError, match=r"X_stereomm.*3 columns.*n_models=2"):
+        hs.tl.domains(adata_rep, n_models=2)
+    # uns describes an ensemble that the obsm entry no longer holds
+    adata_rep.uns["stereomm"] = {"params": {"n_models": 3, "n_latent": 4}}
+    with pytest.raises(ValueError, match=r"uns\['stereomm'\].*overwritten"):
+        hs.tl.domains(adata_rep)
+    assert "stereomm_domain" not in adata_rep.obs
+
+
+def test_seed_ensemble_from_stereomm(adata_graph):
+    hs.tl.stereomm(adata_graph, hidden=[8], n_latent=4, max_epochs=2, device="cpu", progress_bar=False)
+    hs.tl.domains(adata_graph, n_clusters=3)
+    p = adata_graph.uns["stereomm_domain"]["params"]
+    assert p["n_models"] == 3 and p["n_pcs"] == 4 and "model_agreement" in p
+
+
+def test_other_tools_n_models_not_read(adata_rep):
+    # mclSTExp records the size of its ensemble under uns['mclstexp'], but obsm['X_mclstexp'] is one embedding
+    adata_rep.obsm["X_mclstexp"] = adata_rep.obsm["X_stereomm"]
+    adata_rep.uns["mclstexp"] = {"params": {"n_models": 5, "embedding_key": "X_mclstexp"}}
+    hs.tl.domains(adata_rep, use_rep="X_mclstexp", n_clusters=3)
+    assert adata_rep.uns["mclstexp_domain"]["params"]["n_models"] == 1

@@ -11,8 +11,10 @@ def test_slots(adata_graph):
     before = set(adata_graph.obsm), set(adata_graph.uns), set(adata_graph.obs)
     assert hs.tl.stereomm(adata_graph, **KW) is None
     z = adata_graph.obsm["X_stereomm"]
-    assert z.shape == (adata_graph.n_obs, 4) and z.dtype == np.float32
+    # default: a seed ensemble of 3 models, their latents side by side
+    assert z.shape == (adata_graph.n_obs, 3 * 4) and z.dtype == np.float32
     uns = adata_graph.uns["stereomm"]
+    assert uns["params"]["n_models"] == 3
     assert set(uns) == {"params", "history", "version"}
     assert uns["history"]["loss"].dtype == np.float32 and uns["history"]["loss"].shape == (2,)
     assert set(uns["history"]) == {"loss", "reconstruction", "kl"}

@@ -62,16 +62,7 @@ else:
     adata = hs.datasets.dlpfc(library_id)
     if FAST:
         adata = adata[adata.obs["array_col"].between(40, 52)].copy()
-    spot_diameter = adata.uns["spatial"][library_id]["scalefactors"]["spot_diameter_fullres"]
-    hs.pp.image_features(
-        adata,
-        encoder="mobilenet_v2",
-        weights=WEIGHTS,
-        mean=0.5,
-        std=0.5,
-        patch_size=3 * spot_diameter,
-        progress_bar=False,
-    )
+    hs.pp.image_features(adata, weights=WEIGHTS, progress_bar=False)
     hs.pp.spatial_graph(adata)
     hs.tl.stereomm(adata, max_epochs=30 if FAST else None, progress_bar=False)
     hs.tl.domains(adata, n_clusters=7)

@@ -70,30 +70,25 @@ adata.obs["layer_guess_reordered"].value_counts(dropna=False).sort_index()
 #
 # Four steps, each writing AnnData slots that scanpy and squidpy know:
 #
-# 1. `hs.pp.image_features`: a CNN feature vector of the H&E patch around every spot → `obsm['img_features']`. We use
-#    the ImageNet MobileNetV2 shipped with the data (its inputs are scaled to `[-1, 1]`, hence `mean=std=0.5`). Only
-#    the low-resolution image (600 × 600 px) is available here, so a patch of 3 spot diameters (13 px in that
-#    image) is upsampled to 224 px; histospace warns that such patches carry little detail. With the full-resolution
-#    TIFF, pass `img=` or set `metadata['source_image_path']`.
+# 1. `hs.pp.image_features`: a CNN feature vector of the H&E around every spot → `obsm['img_features']`. The defaults:
+#    the ImageNet MobileNetV2 (here the weights file shipped with the data; histospace recognises it and applies
+#    its own input scaling), a patch of 3 spot diameters around each spot, and `method='auto'`, which on a
+#    section this size runs the CNN once over overlapping tiles of the whole image and reads each spot's features
+#    off the feature map (`method='dense'`) instead of cropping one patch per spot. Only the low-resolution image
+#    (600 × 600 px) is available here, so a spot's patch is 13 px of it, upsampled; histospace warns that such
+#    patches carry little detail. With the full-resolution TIFF, pass `img=` or set
+#    `metadata['source_image_path']`.
 # 2. `hs.pp.spatial_graph`: the Visium hexagonal grid (6 neighbours) → `obsp['spatial_connectivities']`, the same
 #    layout as `squidpy.gr.spatial_neighbors`.
 # 3. `hs.tl.stereomm`: train StereoMM with its defaults (printed further down) → `obsm['X_stereomm']`,
-#    `uns['stereomm']`.
-# 4. `hs.tl.domains`: a Gaussian mixture on the latent, refined by a majority vote over the spatial neighbours
-#    → `obs['stereomm_domain']`.
+#    `uns['stereomm']`. By default three models are trained from seeds 0, 1, 2 and their latents are stored side by
+#    side (3 × 32 columns): one model's domains change with its seed, the vote of three much less.
+# 4. `hs.tl.domains`: a Gaussian mixture on each model's latent, the majority vote of the three, refined by a
+#    majority vote over the spatial neighbours → `obs['stereomm_domain']`.
 
 # %%
-spot_diameter = adata.uns["spatial"][library_id]["scalefactors"]["spot_diameter_fullres"]
-hs.pp.image_features(
-    adata,
-    encoder="mobilenet_v2",
-    weights=WEIGHTS,
-    mean=0.5,
-    std=0.5,
-    patch_size=3 * spot_diameter,
-    progress_bar=PROGRESS,
-)
-adata.obsm["img_features"].shape
+hs.pp.image_features(adata, weights=WEIGHTS, progress_bar=PROGRESS)
+print(adata.obsm["img_features"].shape, adata.uns["img_features"]["params"]["method"])
 
 # %%
 hs.pp.spatial_graph(adata)
@@ -127,11 +122,18 @@ plt.show()
 pd.crosstab(adata.obs["stereomm_domain"], adata.obs["layer_guess_reordered"])
 
 # %% [markdown]
-# StereoMM keeps a record of what it did in `uns['stereomm']` (parameters, loss per epoch, version), so the training
-# curve can be drawn from the AnnData alone:
+# StereoMM keeps a record of what it did in `uns['stereomm']` (parameters, loss per epoch averaged over the three
+# models, version), so the training curve can be drawn from the AnnData alone:
 
 # %%
-print({k: v for k, v in adata.uns["stereomm"]["params"].items() if k in ("n_latent", "max_epochs", "lr", "n_pcs")})
+print(
+    {
+        k: v
+        for k, v in adata.uns["stereomm"]["params"].items()
+        if k in ("n_latent", "n_models", "max_epochs", "lr", "n_pcs")
+    }
+)
+print("agreement of each model with the vote:", round(adata.uns["stereomm_domain"]["params"]["model_agreement"], 3))
 hs.pl.training_history(adata, key="stereomm")
 
 # %% [markdown]
@@ -150,13 +152,13 @@ sc.pl.umap(adata, color=["layer_guess_reordered", "stereomm_domain"], wspace=0.3
 #
 # `hs.tl.stereomm` is a thin wrapper around `hs.models.StereoMM`. The object lets you change the architecture, train
 # on another device or for longer, look at the loss terms, and save the trained weights. Here we build the default
-# model with a smaller latent (`n_latent=16`) and train it for half the default number of epochs, to keep the
-# notebook short.
+# model with a smaller latent (`n_latent=16`) and train one model (`n_models=1`) for half the default number of
+# epochs, to keep the notebook short.
 
 # %%
 half = adata.uns["stereomm"]["params"]["max_epochs"] // 2
 model = hs.models.StereoMM(adata, features_key="img_features", n_latent=16)
-model.train(max_epochs=half, random_state=0, progress_bar=PROGRESS)
+model.train(max_epochs=half, n_models=1, random_state=0, progress_bar=PROGRESS)
 model
 
 # %% [markdown]

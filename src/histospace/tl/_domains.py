@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -71,17 +72,81 @@ def _gmm_consensus(x, k, covariance_type, random_state, n_runs):
             warnings.simplefilter("ignore")
             runs.append(gm.fit_predict(x))
         scores.append(gm.score(x))
-    vote = runs[int(np.argmax(scores))]
+    return _vote(runs, k, start=int(np.argmax(scores)))
+
+
+def _vote(runs: list[np.ndarray], k: int, start: int = 0) -> tuple[np.ndarray, float]:
+    """Majority vote of labellings (labels `0..k-1`), aligned to `runs[start]`, then to their vote until it is stable.
+
+    Returns the voted labels and the mean agreement of the runs with them.
+    """
+    vote = np.asarray(runs[start])
+    n = vote.size
     for _ in range(10):
         aligned = np.stack([_align(r, vote, k) for r in runs])
-        counts = np.zeros((k, x.shape[0]), dtype=np.int32)
+        counts = np.zeros((k, n), dtype=np.int32)
         for a in aligned:
-            counts[a, np.arange(x.shape[0])] += 1
+            counts[a, np.arange(n)] += 1
         new = counts.argmax(axis=0)
         if np.array_equal(new, vote):
             break
         vote = new
     return vote, float((aligned == vote).mean())
+
+
+def _choose_k(xr, method, cluster_range, covariance_type, n_init, random_state) -> tuple[np.ndarray, int, str]:
+    """`(labels, k, criterion)`: the number of clusters in `cluster_range` of lowest BIC (GMM) or best silhouette."""
+    ks = range(cluster_range[0], min(cluster_range[1], xr.shape[0] - 1) + 1)
+    scores = {}
+    if method == "gmm":
+        for k in ks:
+            lab, gm = _gmm(xr, k, covariance_type, random_state, n_init)
+            scores[k] = (gm.bic(xr), lab)
+        criterion = "bic"
+    else:
+        from sklearn.metrics import silhouette_score
+
+        for k in ks:
+            if k < 2:
+                continue
+            lab = _kmeans(xr, k, random_state)
+            s = silhouette_score(xr, lab, sample_size=min(5000, len(lab)), random_state=random_state)
+            scores[k] = (-s, lab)
+        criterion = "silhouette"
+    kbest = min(scores, key=lambda k: scores[k][0])
+    return scores[kbest][1], int(kbest), criterion
+
+
+def _n_models(adata: AnnData, use_rep: str, width: int, n_models: int | None) -> int:
+    """The number of side-by-side latents in `obsm[use_rep]`: given, else what `hs.tl.stereomm` recorded.
+
+    `hs.tl.stereomm` writes `n_models` and `n_latent` to `uns[<use_rep without 'X_'>]['params']`; other entries under
+    that name (e.g. mclSTExp's, whose `n_models` describes its predictions, not `obsm['X_mclstexp']`) are not read.
+    """
+    if n_models is None:
+        uns_key = use_rep[2:] if use_rep.startswith("X_") and len(use_rep) > 2 else use_rep
+        entry = adata.uns.get(uns_key)
+        params = entry.get("params") if isinstance(entry, Mapping) else None
+        params = params if isinstance(params, Mapping) else {}
+        stored, n_latent = params.get("n_models"), params.get("n_latent")
+        n_models = 1
+        if stored is not None and n_latent is not None and int(stored) > 1:
+            if int(n_latent) * int(stored) != width:
+                msg = (
+                    f"`adata.uns[{uns_key!r}]['params']` describes {int(stored)} models of latent {int(n_latent)}, "
+                    f"but `adata.obsm[{use_rep!r}]` has {width} columns; it was overwritten after `hs.tl.stereomm`. "
+                    "Pass `n_models=` (1 for one representation), or run `hs.tl.stereomm` again."
+                )
+                raise ValueError(msg)
+            n_models = int(stored)
+    n_models = check_number(n_models, "n_models", integer=True, low=1)
+    if width % n_models:
+        msg = (
+            f"`adata.obsm[{use_rep!r}]` has {width} columns, not a multiple of n_models={n_models}: it cannot hold "
+            f"{n_models} latents of equal width side by side."
+        )
+        raise ValueError(msg)
+    return int(n_models)
 
 
 def _kmeans(x, k, random_state):
@@ -186,6 +251,7 @@ def domains(
     n_pcs: int | None = 10,
     n_init: int = 10,
     consensus: bool = False,
+    n_models: int | None = None,
     n_neighbors: int = 20,
     resolution_range: tuple[float, float] = (0.1, 1.2),
     cluster_range: tuple[int, int] = (2, 15),
@@ -222,6 +288,12 @@ def domains(
         Gaussian mixture: label each spot by the majority vote of the `n_init` fits (their labels aligned to each
         other by Hungarian matching) instead of keeping the fit of highest likelihood, which changes with the seed
         more than the vote does. Linear in the number of spots.
+    n_models
+        Number of latents side by side in `use_rep` (a seed ensemble, `hs.tl.stereomm(n_models=...)`): each is
+        clustered on its own (`'gmm'`, `'kmeans'`) and every spot takes the majority label, the labellings aligned
+        by Hungarian matching. `None` reads `'n_models'` from `adata.uns[<use_rep without 'X_'>]['params']` when
+        `hs.tl.stereomm` wrote it there (with `'n_latent'`), else 1. Leiden clusters the side-by-side latents
+        together.
     n_neighbors
         Neighbours of the kNN graph for Leiden.
     resolution_range
@@ -267,6 +339,10 @@ def domains(
     `n_clusters=None` picks the number in `cluster_range`: the lowest BIC for `'gmm'`, the highest silhouette score
     for `'kmeans'` and `'leiden'` (Leiden scans resolutions over `resolution_range`).
 
+    With a seed ensemble (`n_models > 1`), `n_clusters=None` picks the number on the first model's latent and uses
+    it for all of them; `uns[key_added]['params']['model_agreement']` is the mean fraction of spots on which a model
+    agrees with the vote.
+
     `refine` smooths the labels over the spatial graph, as GraphST's refinement: each spot takes the label most
     common among its spatial neighbours and itself (its own label wins ties), repeated `refine` times (`True` = 1).
     """
@@ -285,6 +361,7 @@ def domains(
         use_rep, f"Compute the representation first (e.g. `hs.tl.stereomm(adata, key_added={use_rep!r})`)."
     )
     x = check_obsm(adata, use_rep, hint=hint).astype(np.float64)
+    n_models = _n_models(adata, use_rep, x.shape[1], n_models)
     if n_clusters is not None:
         if not isinstance(n_clusters, int | np.integer) or n_clusters < 1:
             msg = f"`n_clusters` must be a positive int or None, got {n_clusters!r}."
@@ -316,7 +393,13 @@ def domains(
     check_key_added(key_added)
 
     start = logg.info(f"finding spatial domains ({method}) in {use_rep!r}")
-    params: dict = {"use_rep": use_rep, "method": method, "refine": n_refine, "random_state": random_state}
+    params: dict = {
+        "use_rep": use_rep,
+        "method": method,
+        "n_models": n_models,
+        "refine": n_refine,
+        "random_state": random_state,
+    }
     if method == "leiden":
         leiden = _Leiden(x, n_neighbors, random_state)
         params.update(n_neighbors=int(n_neighbors))
@@ -349,43 +432,33 @@ def domains(
                 )
         params["resolution"] = float(res)
     else:
-        xr = _reduce(x, n_pcs, random_state)
         if n_pcs is not None:
-            params["n_pcs"] = int(min(n_pcs, x.shape[1]))
+            params["n_pcs"] = int(min(n_pcs, x.shape[1] // n_models))
         if method == "gmm":
             params["covariance_type"] = covariance_type
             params["n_init"] = int(n_init)
             params["consensus"] = bool(consensus)
-        if n_clusters is None:
-            ks = range(cluster_range[0], min(cluster_range[1], adata.n_obs - 1) + 1)
-            if method == "gmm":
-                scores = {}
-                for k in ks:
-                    lab, gm = _gmm(xr, k, covariance_type, random_state, n_init)
-                    scores[k] = (gm.bic(xr), lab)
-                kbest = min(scores, key=lambda k: scores[k][0])
-                params["criterion"] = "bic"
+        k = None if n_clusters is None else int(n_clusters)
+        runs, agreements = [], []
+        for block in np.split(x, n_models, axis=1):  # one block per model of a seed ensemble
+            xr = _reduce(block, n_pcs, random_state)
+            if k is None:  # chosen on the first model, kept for the others (the vote needs one k)
+                lab, k, params["criterion"] = _choose_k(
+                    xr, method, cluster_range, covariance_type, n_init, random_state
+                )
+            elif method == "gmm" and consensus:
+                lab, agreement = _gmm_consensus(xr, k, covariance_type, random_state, n_init)
+                agreements.append(agreement)
+            elif method == "gmm":
+                lab, _ = _gmm(xr, k, covariance_type, random_state, n_init)
             else:
-                from sklearn.metrics import silhouette_score
-
-                scores = {}
-                for k in ks:
-                    if k < 2:
-                        continue
-                    lab = _kmeans(xr, k, random_state)
-                    s = silhouette_score(xr, lab, sample_size=min(5000, len(lab)), random_state=random_state)
-                    scores[k] = (-s, lab)
-                kbest = min(scores, key=lambda k: scores[k][0])
-                params["criterion"] = "silhouette"
-            labels = scores[kbest][1]
-        elif method == "gmm":
-            if consensus:
-                labels, agreement = _gmm_consensus(xr, int(n_clusters), covariance_type, random_state, n_init)
-                params["consensus_agreement"] = agreement
-            else:
-                labels, _ = _gmm(xr, int(n_clusters), covariance_type, random_state, n_init)
-        else:
-            labels = _kmeans(xr, int(n_clusters), random_state)
+                lab = _kmeans(xr, k, random_state)
+            runs.append(np.asarray(lab, dtype=int))
+        if agreements:
+            params["consensus_agreement"] = float(np.mean(agreements))
+        labels = runs[0]
+        if n_models > 1:
+            labels, params["model_agreement"] = _vote(runs, k)
     labels = _relabel(np.asarray(labels, dtype=int))
     if n_refine:
         labels = _relabel(_refine(labels, adj, n_refine))

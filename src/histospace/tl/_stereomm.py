@@ -36,6 +36,7 @@ def stereomm(
     max_epochs: int | None = None,
     lr: float | None = None,
     batch_size: int | Literal["auto", "full"] = "auto",
+    n_models: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
     train_kwargs: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
@@ -80,6 +81,11 @@ def stereomm(
     batch_size
         `'auto'` (full batch up to 20,000 spots, spatial tiles of 16,384 spots with a halo beyond), `'full'`, or an
         int.
+    n_models
+        Seed ensemble (default 3; 1 with the reference preset): `n_models` models trained from seeds `random_state`,
+        `random_state + 1`, ...; their latents are written side by side and `hs.tl.domains` takes the majority vote
+        of their clusterings, which depends much less on the seed than one model does. `n_models=1` is 3 times
+        faster.
     model_kwargs
         Other arguments of :class:`~histospace.models.StereoMM` (e.g. `gene_selection`, `n_top_genes`, `proj_dim`).
     train_kwargs
@@ -103,10 +109,12 @@ def stereomm(
     or `(copy, model)` when `copy=True`. Sets the following fields (of the table, for a SpatialData):
 
     `adata.obsm['X_stereomm' | key_added]` : :class:`numpy.ndarray` (dtype `float32`)
-        Latent mean, shape `(n_obs, n_latent)`.
+        Latent mean, shape `(n_obs, n_models * n_latent)`: the latents of the `n_models` models side by side (model
+        `m` in columns `m * n_latent` to `(m + 1) * n_latent`). scanpy's neighbours and UMAP take it as it is.
     `adata.uns['stereomm' | key_added without 'X_']` : :class:`dict`
-        `'params'` (resolved model and training parameters), `'history'` (`'loss'`, `'reconstruction'`, `'kl'`:
-        float32 arrays, one value per epoch) and `'version'`.
+        `'params'` (resolved model and training parameters, `'n_models'` and `'n_latent'` among them; `hs.tl.domains`
+        reads `'n_models'`), `'history'` (`'loss'`, `'reconstruction'`, `'kl'`: float32 arrays, one value per
+        epoch, the mean over the models) and `'version'`.
     """
     from histospace.models import StereoMM
 
@@ -130,6 +138,7 @@ def stereomm(
         max_epochs=max_epochs,
         lr=lr,
         batch_size=batch_size,
+        n_models=n_models,
         device=device,
         random_state=random_state,
         progress_bar=progress_bar,
