@@ -17,8 +17,18 @@ from pathlib import Path
 
 MOBILENET_FILE = Path("weights") / "mobilenet_v2_imagenet_coral" / "mobilenet_v2_imagenet_fp32_torchvision_keys.pt"
 #: image features of the mclSTExp pipeline (validated by the expression benchmark): stage features of the patch and
-#: of a patch twice as wide, averaged over the 8 flips/rotations
+#: of a patch twice as wide, averaged over the 8 flips/rotations (plus the TF padding of weights trained with it:
+#: see `_mclstexp_features`)
 MCLSTEXP_FEATURES = {"layers": "stages", "context": 2.0, "dihedral": True}
+
+
+def _mclstexp_features(weights) -> dict:
+    """The mclSTExp image-feature options for `weights`: TF 'SAME' padding for a file known to be trained with it."""
+    from histospace._nn._encoders import trained_with_tf_padding
+
+    return MCLSTEXP_FEATURES | ({"tf_padding": True} if trained_with_tf_padding(weights) else {})
+
+
 GEM_SUFFIXES = (".gem", ".gem.gz", ".txt", ".txt.gz", ".tsv", ".tsv.gz")
 
 
@@ -175,14 +185,14 @@ def _features_match(table, kw: dict, extra: dict) -> str | None:
         return "no obsm['img_features']"
     params = (table.uns.get("img_features") or {}).get("params", {})
     want = {"encoder": kw["encoder"], "weights": _weights_label(kw["weights"])} | {
-        k: v for k, v in extra.items() if k in ("layers", "context", "dihedral")
+        k: v for k, v in extra.items() if k in ("layers", "context", "dihedral", "tf_padding")
     }
     for k in ("patch_size_px", "patch_size_um"):
         arg = kw.get("patch_size" if k == "patch_size_px" else "patch_size_um")
         if arg is not None:
             want[k] = float(arg)
     for k, v in want.items():
-        have = params.get(k, {"layers": "last", "dihedral": False}.get(k))
+        have = params.get(k, {"layers": "last", "dihedral": False, "tf_padding": False}.get(k))
         if str(have) != str(v):
             return f"uns['img_features']['params'][{k!r}] is {have!r}, not {v!r}"
     return None
@@ -324,10 +334,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         query = hs.pp.tile_image(args.image, tile_size=args.tile_size)
         print(f"tiled {args.image}: {query.n_obs} tiles over the tissue")
+    extra = (
+        _mclstexp_features(_feature_kwargs(args)["weights"]) if args.encoder == "mobilenet_v2" else MCLSTEXP_FEATURES
+    )
     for r in refs:
-        _image_features(r, args, extra=MCLSTEXP_FEATURES | {"library_key": "library_id"})
+        _image_features(r, args, extra=extra | {"library_key": "library_id"})
     ref = refs[0] if len(refs) == 1 else ad.concat(refs, uns_merge="unique", join="inner")
-    _image_features(query, args, extra=MCLSTEXP_FEATURES)
+    _image_features(query, args, extra=extra)
     model = hs.tl.mclstexp_train(ref, max_epochs=args.max_epochs, n_models=args.n_models, progress_bar=not args.quiet)
     tk = {"table_key": args.table_key} if args.table_key and hasattr(query, "tables") else {}
     hs.tl.mclstexp_predict(query, model=model, n_neighbors=args.n_neighbors, **tk)
@@ -402,7 +415,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         slides = {}
         for s in ["C2", "C3", "C4", "C5", "C6"]:
             a = hs.datasets.her2st(s, data_dir=data_dir)
-            hs.pp.image_features(a, patch_size=224, progress_bar=not args.quiet, **feat_kw, **MCLSTEXP_FEATURES)
+            hs.pp.image_features(
+                a, patch_size=224, progress_bar=not args.quiet, **feat_kw, **_mclstexp_features(weights)
+            )
             slides[s] = a
         ref = ad.concat([slides[s] for s in ["C3", "C4", "C5", "C6"]], uns_merge="unique", join="inner")
         genes = [g for g in genes if g in ref.var_names and g in slides["C2"].var_names]

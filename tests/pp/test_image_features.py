@@ -558,3 +558,15 @@ def test_cropped_image_container_gives_the_features_of_the_uncropped_image(adata
     with pytest.raises(ValueError, match="z-planes.*library_id"):
         hs.pp.image_features(adata, img=stack, **kw)
     assert set(adata.obsm) == before
+
+
+def test_known_weights_files(mobilenet_weights, tmp_path):
+    from histospace._nn._encoders import known_normalization, trained_with_tf_padding
+
+    # the shared TF-converted MobileNetV2: inputs x / 127.5 - 1 and TF 'SAME' padding, recognised by its checksum
+    assert known_normalization(mobilenet_weights) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert trained_with_tf_padding(mobilenet_weights)
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"not the same file")
+    assert known_normalization(other) is None and not trained_with_tf_padding(other)
+    assert known_normalization("imagenet") is None and not trained_with_tf_padding(None)

@@ -64,10 +64,12 @@ print(", ".join(f"{p} {version(p)}" for p in ["histospace", "scanpy", "anndata",
 # - `layers='stages'`: the pooled output of each stage of the CNN, not only the last one (texture and cell-scale
 #   features as well as the most abstract ones);
 # - `context=2`: the same features of a patch twice as wide, appended (the tissue around the spot);
-# - `dihedral=True`: the mean over the 8 flips and rotations of the patch (H&E has no preferred orientation).
+# - `dihedral=True`: the mean over the 8 flips and rotations of the patch (H&E has no preferred orientation);
+# - `tf_padding=True`: these MobileNetV2 weights were trained in TensorFlow, whose convolutions pad differently from
+#   PyTorch's; with torchvision's own ImageNet weights (`weights='imagenet'`) leave it out.
 
 # %%
-FEATURES = {"patch_size": 224, "layers": "stages", "context": 2, "dihedral": True}
+FEATURES = {"patch_size": 224, "layers": "stages", "context": 2, "dihedral": True, "tf_padding": True}
 sections = ["C2", "C3", "C4"] if FAST else ["C2", "C3", "C4", "C5", "C6"]
 slides = {}
 for s in sections:

@@ -42,8 +42,11 @@ KNOWN_WEIGHTS = {
 }
 
 
-def known_normalization(weights) -> tuple[tuple, tuple] | None:
-    """`(mean, std)` of a known weights file (by its SHA-256), else `None`."""
+#: SHA-256 of weights files trained with TensorFlow 'SAME' padding (see `tf_padding` of `hs.pp.image_features`)
+KNOWN_TF_PADDING = {"6b0398544a2505f102dd61afb70dfc85bf5817a8672ccff805e78ed846022b90"}
+
+
+def _sha256(weights) -> str | None:
     import hashlib
 
     if not isinstance(weights, str | os.PathLike):
@@ -55,7 +58,17 @@ def known_normalization(weights) -> tuple[tuple, tuple] | None:
     with open(p, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return KNOWN_WEIGHTS.get(h.hexdigest())
+    return h.hexdigest()
+
+
+def known_normalization(weights) -> tuple[tuple, tuple] | None:
+    """`(mean, std)` of a known weights file (by its SHA-256), else `None`."""
+    return KNOWN_WEIGHTS.get(_sha256(weights))
+
+
+def trained_with_tf_padding(weights) -> bool:
+    """Whether `weights` is a known file of weights trained with TensorFlow 'SAME' padding (by its SHA-256)."""
+    return _sha256(weights) in KNOWN_TF_PADDING
 
 
 #: keys of the torchvision classifiers, ignored when a state_dict is loaded
