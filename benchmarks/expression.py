@@ -23,7 +23,8 @@ Feature sets (all from `hs.pp.image_features` with the shared MobileNetV2; basel
   stages 2-7 pooled, 696 features), `dihedral=True` (mean over the 8 flips/rotations), for the 224-px patch and
   for a 448-px context patch around the spot (resized to 224), concatenated (1392 features).
 
-Writes `benchmarks/results/expression.md` and `benchmarks/results/expression.json`.
+Writes `benchmarks/results/expression.md` and `benchmarks/results/expression.json` (`expression_<tag>.*` with
+`--tag`, e.g. for a subset of the runs: `--runs "ViT h0-mini (random weights), 5 models, softmax weights" --tag vit`).
 """
 
 from __future__ import annotations
@@ -96,6 +97,30 @@ def load(data_dir: Path, cache: Path | None) -> tuple[ad.AnnData, dict]:
     return adata, times
 
 
+def add_vit_features(adata: ad.AnnData, data_dir: Path, feat_times: dict, cache: Path | None) -> None:
+    """`obsm['h0mini_random']`: h0-mini (random weights) features of the 224-px patch of every spot, per section."""
+    if "h0mini_random" in adata.obsm:
+        return
+    out = np.zeros((adata.n_obs, 0), dtype=np.float32)
+    t0 = time.perf_counter()
+    lib = adata.obs["library_id"].astype(str).to_numpy()
+    for s in SECTIONS:
+        a = hs.datasets.her2st(s, data_dir=data_dir, image=False)
+        hs.pp.image_features(
+            a, encoder="h0-mini", weights=None, patch_size=224, device="cpu", batch_size=8, progress_bar=False
+        )
+        f = a.obsm["img_features"]
+        if out.shape[1] == 0:
+            out = np.zeros((adata.n_obs, f.shape[1]), dtype=np.float32)
+        rows = adata.obs_names[lib == s]
+        out[lib == s] = f[a.obs_names.get_indexer(rows)]
+    adata.obsm["h0mini_random"] = out
+    feat_times["h0mini_random"] = time.perf_counter() - t0
+    adata.uns["bench_feature_times"] = json.dumps(feat_times)
+    if cache is not None:
+        adata.write_h5ad(cache)
+
+
 #: what each run is, printed with the results
 RUN_NOTES = {
     "tuned": "stage features of the 224-px patch and a 448-px context patch (tf_padding, dihedral mean); L2-normalised "
@@ -109,6 +134,11 @@ RUN_NOTES = {
     "BLEEP-style gets the same ensemble. Training time is that of the 5 models.",
     "tuned, 5 models, softmax weights": "as 'tuned, 5 models' with softmax weights (see 'tuned, softmax weights'): "
     "the defaults of `hs.models.MclSTExp`, with every baseline on the same folds.",
+    "ViT h0-mini (random weights), 5 models, softmax weights": "the defaults of `hs.models.MclSTExp` on features of "
+    "the pathology ViT h0-mini (`encoder='h0-mini'`, `weights=None`: random initialisation, as no checkpoint can be "
+    "downloaded here) of the 224-px patch, its class token and mean patch token (1536 values). It checks that a ViT "
+    "encoder runs through features, training and the baselines; random weights say nothing about the accuracy of "
+    "the trained h0-mini.",
     "reference settings": "the issue's features (final MobileNetV2 features of the 224-px patch) and the published "
     "model settings: T = 1 on unnormalised embeddings, 90 epochs, 1/d^2 weights, one model.",
 }
@@ -134,6 +164,14 @@ RUNS = {
         TUNED,
         SOFTMAX,
         ("bleep", "ridge", "ridge_pca256", "knn"),
+        {"max_epochs": 30, "n_models": 5},
+    ),
+    # plumbing check of a pathology ViT: h0-mini with random weights (nothing can be downloaded here)
+    "ViT h0-mini (random weights), 5 models, softmax weights": (
+        "h0mini_random",
+        TUNED,
+        SOFTMAX,
+        ("bleep", "ridge_pca256", "knn"),
         {"max_epochs": 30, "n_models": 5},
     ),
     # the reference: raw dot product of LayerNorm outputs, T = 1, Transformer + positions, one view
@@ -201,6 +239,14 @@ def predict_timing(adata: ad.AnnData, genes: list[str], n_models: int = 1) -> di
     }
 
 
+def _argv() -> str:
+    """The command-line arguments of this run, quoted for a shell ('' when none)."""
+    import shlex
+    import sys
+
+    return "".join(" " + shlex.quote(a) for a in sys.argv[1:])
+
+
 def write(summaries, overall, pearson, args, adata, genes, feat_times, timing) -> None:
     summary = pd.concat(summaries, ignore_index=True)
     over = pd.concat(overall, ignore_index=True)
@@ -239,7 +285,7 @@ def write(summaries, overall, pearson, args, adata, genes, feat_times, timing) -
     md = [
         "# Expression prediction on her2st C2-C6 (leave-one-slide-out)",
         "",
-        f"Command: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/expression.py` (seed 0; `--epochs {args.epochs}` for "
+        f"Command: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/expression.py{_argv()}` (seed 0; `--epochs {args.epochs}` for "
         "the reference-settings run, 30 for the tuned runs).",
         f"Environment: {json.dumps(env)}.",
         *([f"Note: {args.note}"] if args.note else []),
@@ -277,8 +323,9 @@ def write(summaries, overall, pearson, args, adata, genes, feat_times, timing) -
         ),
         "",
     ]
-    (out / "expression.md").write_text("\n".join(md))
-    (out / "expression.json").write_text(
+    name = f"expression_{args.tag}" if args.tag else "expression"
+    (out / f"{name}.md").write_text("\n".join(md))
+    (out / f"{name}.json").write_text(
         json.dumps(
             {
                 "environment": env,
@@ -308,6 +355,7 @@ def main() -> None:
     p.add_argument("--runs", nargs="*", default=list(RUNS))
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--note", default="", help="text added to the report (e.g. where cached features came from)")
+    p.add_argument("--tag", default="", help="suffix of the result files (a subset of the runs)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -319,6 +367,8 @@ def main() -> None:
     missing = [g for g in genes if g not in adata.var_names]
     genes = [g for g in genes if g in adata.var_names]
     print(f"{adata.n_obs} spots, {len(genes)} panel genes ({len(missing)} missing); load+features {t_load:.0f} s")
+    if any(RUNS[r][0] == "h0mini_random" for r in args.runs):
+        add_vit_features(adata, data_dir, feat_times, Path(args.cache) if args.cache else None)
 
     summaries, overall, pearson = [], [], {}
     for run in args.runs:
@@ -360,7 +410,7 @@ def main() -> None:
     timing = [predict_timing(adata, genes, n) for n in (1, 5)]
     print(json.dumps(timing), flush=True)
     write(summaries, overall, pearson, args, adata, genes, feat_times, timing)
-    print(f"written {Path(args.out) / 'expression.md'} and .json")
+    print(f"written {Path(args.out) / ('expression_' + args.tag if args.tag else 'expression')}.md and .json")
 
 
 if __name__ == "__main__":
