@@ -183,7 +183,8 @@ def _weights() -> dict:
 
 
 def _reference_model(work: Path, device: str):
-    """An mclSTExp model trained on another simulated section (16 µm bins, 55 µm patches at 0.25 µm/px; untimed)."""
+    """An mclSTExp model trained on another simulated section (1.2 mm square, 16 µm bins, 55 µm patches at 0.25 µm/px;
+    untimed: its size does not change the timed steps beyond the neighbour search)."""
     import spatialdata_io
 
     import histospace as hs
@@ -194,7 +195,7 @@ def _reference_model(work: Path, device: str):
     t = time.perf_counter()
     folder = work / "reference_hd"
     if not (folder / "binned_outputs").exists():
-        hs.datasets.write_visium_hd(folder, _tissue(2000, 200, 3), bin_sizes=(16,), dataset_id="ref",
+        hs.datasets.write_visium_hd(folder, _tissue(1200, 200, 3), bin_sizes=(16,), dataset_id="ref",
                                     microns_per_pixel=0.25)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

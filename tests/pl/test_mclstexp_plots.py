@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anndata as ad
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -69,6 +70,14 @@ def test_gene_correlation(cv_results):
     assert len(ax.get_legend().get_texts()) == 2
     ax = hs.pl.gene_correlation(cv_results["pearson"]["mclstexp"]["s1"], show=False)
     assert ax.get_ylabel() == "number of genes"
+
+
+def test_gene_correlation_all_nan(cv_results):
+    table = cv_results["pearson"]["mclstexp"]["s1"] * np.nan
+    n_figs = len(plt.get_fignums())
+    with pytest.raises(ValueError, match="Every per-gene correlation is NaN"):
+        hs.pl.gene_correlation(table, show=False)
+    assert len(plt.get_fignums()) == n_figs  # no figure left behind
 
 
 def test_top_genes(cv_results):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,3 +29,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             raise ValueError(msg)
     logg.debug(f"using device {dev}")
     return dev
+
+
+@contextmanager
+def keep_torch_threads():
+    """Restore torch's CPU thread count after code that may reset OpenMP's (scanpy's numba-parallel functions).
+
+    numba's OpenMP threading layer sets the process's OpenMP thread count to its own (all cores) when it first runs,
+    and torch's intra-op pool follows it: a user's `torch.set_num_threads(1)` would silently become 2 after
+    `sc.pp.highly_variable_genes`. Only restores when torch is already imported; imports nothing.
+    """
+    torch = sys.modules.get("torch")
+    n = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if n is not None and torch.get_num_threads() != n:
+            torch.set_num_threads(n)

@@ -12,6 +12,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from histospace._utils._data import log_normalize
+from histospace._utils._device import keep_torch_threads
 
 
 def _looks_like_counts(x) -> bool:
@@ -56,7 +57,7 @@ def highly_variable_genes(
         tmp.obs["_batch"] = np.asarray(batch).astype(str)
         batch_key = "_batch"
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), keep_torch_threads():
             warnings.simplefilter("ignore")
             sc.pp.highly_variable_genes(
                 tmp, n_top_genes=min(n_top, tmp.n_vars), flavor="seurat", batch_key=batch_key, inplace=True
@@ -78,7 +79,7 @@ def _pca_components(x, mean: np.ndarray, scale: np.ndarray, n_comps: int) -> np.
     xs = sp.csr_matrix(x @ sp.diags(1.0 / scale)) if sp.issparse(x) else np.asarray(x, dtype=np.float64) / scale
     solver = "arpack" if n_comps < min(n, d) else "covariance_eigh"
     tmp = AnnData(X=xs.astype(np.float64))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), keep_torch_threads():
         warnings.simplefilter("ignore")
         sc.pp.pca(tmp, n_comps=n_comps, zero_center=True, svd_solver=solver, random_state=0, dtype="float64")
     v = np.asarray(tmp.varm["PCs"], dtype=np.float64)

@@ -248,9 +248,15 @@ def gene_correlation(
         tables = {m: _pearson_table(results, m) for m in methods}
     else:
         tables = {"genes": _pearson_table(results, "")}
+    all_r = np.concatenate([t.mean(axis=1).dropna().to_numpy() for t in tables.values()])
+    if all_r.size == 0:
+        msg = (
+            "Every per-gene correlation is NaN (genes constant in the observed or the predicted values of every "
+            "held-out section): nothing to draw. Check the gene panel and the predictions."
+        )
+        raise ValueError(msg)
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 3.8))
-    all_r = np.concatenate([t.mean(axis=1).dropna().to_numpy() for t in tables.values()])
     edges = np.linspace(min(-0.1, np.nanmin(all_r)), max(0.5, np.nanmax(all_r)), bins + 1)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, t) in enumerate(tables.items()):
