@@ -258,24 +258,43 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
     return sd
 
 
+def state_dict_shapes(sd) -> dict[str, tuple]:
+    """Key -> shape of a state_dict's tensors."""
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def state_dict_mismatch(own: dict[str, tuple], theirs: dict[str, tuple]) -> tuple[list, list, list]:
+    """`(missing, unexpected, reshaped)` keys of a file's shapes `theirs` against a model's shapes `own` (sorted)."""
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
+    bad = sorted(k for k in set(own) & set(theirs) if own[k] != theirs[k])
+    return missing, unexpected, bad
+
+
+def mismatch_text(own: dict[str, tuple], theirs: dict[str, tuple]) -> str | None:
+    """What keeps a state_dict of shapes `theirs` from loading into a model of shapes `own`; `None` when it fits."""
+    missing, unexpected, bad = state_dict_mismatch(own, theirs)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    if bad:
+        shapes = ", ".join(f"{k}: file {theirs[k]} vs {own[k]}" for k in bad[:2])
+        parts.append(f"{len(bad)} keys with another shape (e.g. {shapes})")
+    return "; ".join(parts) or None
+
+
 def _load_into(model: nn.Module, sd: dict, *, source: str, drop_classifier: bool) -> None:
     if drop_classifier:
         sd = {k: v for k, v in sd.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
-    own = model.state_dict()
-    expected = {k for k in own if not (drop_classifier and k.startswith(_CLASSIFIER_PREFIXES))}
-    missing = sorted(expected - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad_shape = sorted(k for k in expected & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
-    if missing or unexpected or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        if bad_shape:
-            parts.append(f"{len(bad_shape)} keys with another shape (e.g. {bad_shape[:3]})")
+    own = state_dict_shapes(model.state_dict())
+    if drop_classifier:
+        own = {k: s for k, s in own.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
+    problem = mismatch_text(own, state_dict_shapes(sd))
+    if problem:
         msg = (
-            f"Weights {source!r} do not fit the encoder {type(model).__name__}: {'; '.join(parts)}. "
+            f"Weights {source!r} do not fit the encoder {type(model).__name__}: {problem}. "
             "Pass a state_dict saved from the same torchvision architecture, or the matching `encoder=`."
         )
         raise ValueError(msg)

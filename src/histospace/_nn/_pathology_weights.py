@@ -16,6 +16,7 @@ import torch
 from scanpy import logging as logg
 from torch import nn
 
+from histospace._nn._encoders import mismatch_text, state_dict_mismatch, state_dict_shapes
 from histospace._nn._pathology_registry import (
     PATHOLOGY_ENCODERS,
     PathologyModel,
@@ -229,17 +230,6 @@ def _describe(shapes: Mapping[str, tuple]) -> str:
     return f"ViT embed {pe[0]}, depth {len(blocks)}, patch {pe[-1]}, {reg} register tokens, {mlp}"
 
 
-def _shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
-    return {k: tuple(v.shape) for k, v in sd.items()}
-
-
-def _mismatch(own: Mapping[str, tuple], theirs: Mapping[str, tuple]) -> tuple[list, list, list]:
-    missing = sorted(set(own) - set(theirs))
-    unexpected = sorted(set(theirs) - set(own))
-    bad = sorted(k for k in set(own) & set(theirs) if own[k] != theirs[k])
-    return missing, unexpected, bad
-
-
 _SHAPES: dict[str, dict[str, tuple]] = {}
 
 
@@ -247,7 +237,7 @@ def architecture_shapes(entry: PathologyModel) -> dict[str, tuple]:
     """Key -> shape of an entry's state_dict (from a meta-device build, cached per entry)."""
     key = repr(entry)
     if key not in _SHAPES:
-        _SHAPES[key] = _shapes(create_vit(entry, meta=True).state_dict())
+        _SHAPES[key] = state_dict_shapes(create_vit(entry, meta=True).state_dict())
     return _SHAPES[key]
 
 
@@ -264,7 +254,7 @@ def _which_entries(theirs: Mapping[str, tuple], skip: str) -> list[str]:
             own = architecture_shapes(entry)
         except Exception:  # noqa: BLE001 - a registry entry that cannot be built is simply no match
             continue
-        if not any(_mismatch(own, theirs)):
+        if not any(state_dict_mismatch(own, theirs)):
             names.append(name)
     return names
 
@@ -299,20 +289,9 @@ def load_into_vit(entry: PathologyModel, sd: Mapping[str, torch.Tensor], *, sour
     sd, layout = to_timm_layout(sd)
     vit = create_vit(entry, meta=True)
     _resample_pos_embed(sd, vit, source)
-    own, theirs = _shapes(vit.state_dict()), _shapes(sd)
-    missing, unexpected, bad = _mismatch(own, theirs)
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        if bad:
-            parts.append(
-                f"{len(bad)} keys with another shape (e.g. "
-                + ", ".join(f"{k}: file {theirs[k]} vs {own[k]}" for k in bad[:2])
-                + ")"
-            )
+    own, theirs = state_dict_shapes(vit.state_dict()), state_dict_shapes(sd)
+    problem = mismatch_text(own, theirs)
+    if problem:
         others = _which_entries(theirs, skip=entry.name)
         hint = (
             f" It fits the architecture of {', '.join(repr(n) for n in others)}: pass `encoder={others[0]!r}`"
@@ -322,7 +301,7 @@ def load_into_vit(entry: PathologyModel, sd: Mapping[str, torch.Tensor], *, sour
         )
         msg = (
             f"Weights {source!r} ({layout} layout) do not fit the encoder {entry.name!r} "
-            f"({_describe(own)}): {'; '.join(parts)}. The file holds a {_describe(theirs)}.{hint}"
+            f"({_describe(own)}): {problem}. The file holds a {_describe(theirs)}.{hint}"
         )
         raise ValueError(msg)
     vit.load_state_dict(sd, strict=True, assign=True)
@@ -385,8 +364,8 @@ def _from_hub(entry: PathologyModel, hub_id: str) -> nn.Module:
             )
             raise ValueError(msg) from e
         raise _hub_error(entry, hub_id, e) from e
-    theirs = _shapes(vit.state_dict())
-    if any(_mismatch(own, theirs)):
+    theirs = state_dict_shapes(vit.state_dict())
+    if any(state_dict_mismatch(own, theirs)):
         msg = (
             f"The hub model {hub_id!r} is a {_describe(theirs)}; it does not fit the {entry.title} architecture "
             f"({_describe(own)}). Pass the `encoder=` the repository belongs to."
