@@ -180,6 +180,10 @@ class BaseModelClass:
     def _seed(random_state: int | None) -> None:
         seed_everything(random_state)
 
+    def _snapshot(self) -> dict:
+        """A CPU copy of the module's state_dict: one member of a seed ensemble."""
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
     # ---- save and load -------------------------------------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:
         """Arrays saved in :attr:`_arrays_file` (the fitted preprocessing, reference embeddings, ...)."""

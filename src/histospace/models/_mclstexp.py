@@ -431,7 +431,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
                 losses.append(hist.get("loss", []))
                 emb = self._embed_reference(int(batch_size), seed)
                 if n_models > 1:
-                    members.append(({k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}, emb))
+                    members.append((self._snapshot(), emb))
                 else:
                     self.reference_embeddings = emb
         finally:

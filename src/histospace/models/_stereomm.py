@@ -508,7 +508,7 @@ class StereoMM(BaseModelClass):
                     )
                 )
                 if n_models > 1:
-                    members.append({k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()})
+                    members.append(self._snapshot())
         finally:
             del self._train_inputs, self._train_adj, self._train_ei
         self._members = members
