@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from histospace._utils._choice import only_one
+
 
 def is_spatialdata(obj) -> bool:
     """Whether `obj` is a :class:`spatialdata.SpatialData` (without importing spatialdata)."""
@@ -195,14 +197,11 @@ def as_table(data, table_key: str | None, *, name: str = "adata") -> tuple[AnnDa
     if is_spatialdata(data):
         tables = list(data.tables)
         if table_key is None:
-            if len(tables) != 1:
-                msg = (
-                    f"The SpatialData holds {len(tables)} tables {tables}; pass `table_key=` naming the table to use."
-                    if tables
-                    else "The SpatialData holds no table; add one (`sdata.tables['table'] = ...`) with the expression."
-                )
-                raise (ValueError if tables else KeyError)(msg)
-            table_key = tables[0]
+            table_key = only_one(
+                tables,
+                f"The SpatialData holds {len(tables)} tables {tables}; pass `table_key=` naming the table to use.",
+                empty_msg="The SpatialData holds no table; add one (`sdata.tables['table'] = ...`) with the expression.",
+            )
         elif table_key not in data.tables:
             msg = f"`sdata.tables[{table_key!r}]` not found; tables: {tables}."
             raise KeyError(msg)

@@ -196,20 +196,18 @@ def _sdata_libraries(
     The regions' centres are mapped shapes -> `coordinate_system` -> image level 0 with spatialdata's
     transformations; µm come from :func:`histospace.io.microns_per_unit` of the coordinate system.
     """
+    from histospace._utils._choice import only_one
     from histospace._utils._wsi import coordinate_system_to_pixels, open_multiscale
     from histospace.io import microns_per_unit
 
     sdata = ctx.sdata
     images = list(sdata.images)
     if image_key is None:
-        if len(images) != 1:
-            msg = (
-                f"The SpatialData holds {len(images)} images {images}; pass `image_key=` naming the H&E."
-                if images
-                else "The SpatialData holds no image; add the H&E with `hs.io.add_image(sdata, ...)` or pass `img=`."
-            )
-            raise (ValueError if images else KeyError)(msg)
-        image_key = images[0]
+        image_key = only_one(
+            images,
+            f"The SpatialData holds {len(images)} images {images}; pass `image_key=` naming the H&E.",
+            empty_msg="The SpatialData holds no image; add the H&E with `hs.io.add_image(sdata, ...)` or pass `img=`.",
+        )
     elif image_key not in sdata.images:
         msg = f"`sdata.images[{image_key!r}]` not found; images: {images}."
         raise KeyError(msg)
