@@ -23,15 +23,50 @@ def _looks_like_counts(x) -> bool:
     return bool(np.all(np.mod(sample, 1) == 0))
 
 
+#: dense inputs with more entries than this are reduced in row chunks with float64 accumulators (column mean and
+#: variance, PCA by the eigendecomposition of the covariance) instead of through float64 copies of the whole matrix:
+#: 3.8 x 10^5 bins x 1280 image features are 3.9 GB per float64 copy, and ARPACK's PCA held three of them. Below it
+#: (e.g. 4,000 Visium spots), the one-copy path and scanpy's ARPACK PCA are kept, so results there do not change.
+CHUNKED_ENTRIES = 2**27
+
+
+def _row_chunks(x):
+    step = max(1, 2**24 // max(x.shape[1], 1))  # 128 MB of float64 per chunk
+    for i in range(0, x.shape[0], step):
+        yield np.asarray(x[i : i + step], dtype=np.float64)
+
+
+def _chunked(x) -> bool:
+    return not sp.issparse(x) and x.shape[0] * x.shape[1] > CHUNKED_ENTRIES
+
+
 def _col_mean_var(x) -> tuple[np.ndarray, np.ndarray]:
     if sp.issparse(x):
         mean = np.asarray(x.mean(axis=0), dtype=np.float64).ravel()
         sq = np.asarray(x.multiply(x).mean(axis=0), dtype=np.float64).ravel()
         var = np.maximum(sq - mean**2, 0)
+    elif _chunked(x):  # two passes (mean, then centred squares), as numpy's var
+        n = x.shape[0]
+        mean = sum(c.sum(axis=0) for c in _row_chunks(x)) / n
+        var = sum(((c - mean) ** 2).sum(axis=0) for c in _row_chunks(x)) / n
     else:
         x = np.asarray(x, dtype=np.float64)
         mean, var = x.mean(0), x.var(0)
     return mean, var
+
+
+def _covariance_components(x, mean: np.ndarray, scale: np.ndarray, n_comps: int) -> np.ndarray:
+    """Top principal axes `(d, n_comps)` of `(x - mean) / scale` from its covariance, accumulated in row chunks."""
+    d = x.shape[1]
+    cov = np.zeros((d, d))
+    centre = mean / scale
+    for c in _row_chunks(x):
+        c /= scale
+        c -= centre
+        cov += c.T @ c
+    cov /= max(x.shape[0] - 1, 1)
+    _, v = np.linalg.eigh(cov)  # ascending eigenvalues
+    return v[:, ::-1][:, :n_comps]
 
 
 def highly_variable_genes(
@@ -71,18 +106,26 @@ def _pca_components(x, mean: np.ndarray, scale: np.ndarray, n_comps: int) -> np.
     """Top principal axes `(d, n_comps)` of `(x - mean) / scale` by scanpy's PCA (sparse stays sparse).
 
     ARPACK with a fixed start (`random_state=0`), so it is deterministic; the exact covariance eigendecomposition
-    when every component is asked for (ARPACK needs fewer than `min(n, d)`).
+    when every component is asked for (ARPACK needs fewer than `min(n, d)`) and, in row chunks, for dense inputs
+    above :data:`CHUNKED_ENTRIES` entries.
     """
     import scanpy as sc
 
     n, d = x.shape
-    xs = sp.csr_matrix(x @ sp.diags(1.0 / scale)) if sp.issparse(x) else np.asarray(x, dtype=np.float64) / scale
-    solver = "arpack" if n_comps < min(n, d) else "covariance_eigh"
-    tmp = AnnData(X=xs.astype(np.float64))
-    with warnings.catch_warnings(), keep_torch_threads():
-        warnings.simplefilter("ignore")
-        sc.pp.pca(tmp, n_comps=n_comps, zero_center=True, svd_solver=solver, random_state=0, dtype="float64")
-    v = np.asarray(tmp.varm["PCs"], dtype=np.float64)
+    if _chunked(x):
+        v = _covariance_components(x, mean, scale, n_comps)
+    else:
+        if sp.issparse(x):
+            xs = sp.csr_matrix(x @ sp.diags(1.0 / scale)).astype(np.float64, copy=False)
+        else:
+            xs = np.array(x, dtype=np.float64)  # one copy, divided in place
+            xs /= scale
+        solver = "arpack" if n_comps < min(n, d) else "covariance_eigh"
+        tmp = AnnData(X=xs)
+        with warnings.catch_warnings(), keep_torch_threads():
+            warnings.simplefilter("ignore")
+            sc.pp.pca(tmp, n_comps=n_comps, zero_center=True, svd_solver=solver, random_state=0, dtype="float64")
+        v = np.asarray(tmp.varm["PCs"], dtype=np.float64)
     # deterministic signs: largest absolute loading positive
     signs = np.sign(v[np.abs(v).argmax(0), np.arange(v.shape[1])])
     signs[signs == 0] = 1

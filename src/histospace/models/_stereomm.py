@@ -234,7 +234,7 @@ class StereoMM(BaseModelClass):
             raise ValueError(msg)
         x_img = None
         if features_key is not None:
-            x_img = check_obsm(adata, features_key, hint=IMAGE_HINT).astype(np.float32)
+            x_img = np.asarray(check_obsm(adata, features_key, hint=IMAGE_HINT), dtype=np.float32)  # no copy
         adj = check_obsp(adata, connectivity_key, hint=GRAPH_HINT)
         if adj.shape != (adata.n_obs, adata.n_obs):
             msg = f"`adata.obsp[{connectivity_key!r}]` has shape {adj.shape}; expected ({adata.n_obs}, {adata.n_obs})."
