@@ -115,3 +115,21 @@ def test_zarr_round_trip(tmp_path, gem_path):
     np.testing.assert_allclose(matrix(back.images["he"], "global"), matrix(sdata.images["he"], "global"))
     np.testing.assert_array_equal(back.images["he"]["scale0"]["image"].data.compute(), img.transpose(2, 0, 1))
     assert list(back.images["he"].keys()) == ["scale0", "scale1", "scale2"]
+
+
+def test_empty_spatialdata_gets_the_image_in_global(tmp_path):
+    """An H&E-only slide: nothing to register to, so the image goes into spatialdata's default system."""
+    from spatialdata import SpatialData
+
+    sdata = SpatialData()
+    path = write_ome(tmp_path / "he.ome.tif", rgb(260, 300), mpp=0.25)
+    hsio.add_image(sdata, path, image_key="he")
+    assert list(sdata.coordinate_systems) == ["global"]
+    assert sdata.images["he"]["scale0"]["image"].shape == (3, 260, 300)
+    np.testing.assert_allclose(matrix(sdata.images["he"], "global"), np.eye(3))  # units: full-resolution pixels
+    assert hsio.microns_per_unit(sdata, "global") == pytest.approx(0.25)  # the file's µm per pixel
+    with pytest.raises(ValueError, match="coordinate systems"):  # once there are several, the choice is the user's
+        sdata2 = SpatialData()
+        hsio.add_image(sdata2, path, image_key="a", coordinate_system="one")
+        hsio.add_image(sdata2, path, image_key="b", coordinate_system="two")
+        hsio.add_image(sdata2, path, image_key="c")

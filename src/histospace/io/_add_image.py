@@ -14,7 +14,7 @@ from scanpy import logging as logg
 
 from histospace._utils._choice import only_one
 
-from ._units import microns_per_unit
+from ._units import microns_per_unit, set_microns_per_unit
 
 __all__ = ["add_image", "tiff_microns_per_pixel"]
 
@@ -259,7 +259,10 @@ def add_image(
     image_key
         Name of the new image element.
     coordinate_system
-        Coordinate system of the bins. Default: the only one in `sdata`.
+        Coordinate system of the bins. Default: the only one in `sdata`; `"global"` when `sdata` is empty. In a
+        coordinate system that nothing maps to yet (an H&E-only slide, e.g. for `hs.pp.tile_image`) and without a
+        placement, one unit is one full-resolution pixel and the image's µm per pixel is recorded as the system's µm
+        per unit.
     transformation, scale, offset, affine, microns_per_pixel
         The placement, see above.
     scale_factors
@@ -275,7 +278,8 @@ def add_image(
     -------
     Returns `None`. Sets `sdata.images[image_key]`: a :class:`xarray.DataTree` (multiscale, `scale0` the full
     resolution) or :class:`xarray.DataArray` (one level), dims `(c, y, x)`, with the transformation to
-    `coordinate_system` (levels are scaled accordingly).
+    `coordinate_system` (levels are scaled accordingly). In pixel units (see `coordinate_system`) also
+    `sdata.attrs['histospace']['microns_per_unit'][coordinate_system]` when the image's µm per pixel is known.
     """
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel
@@ -290,7 +294,9 @@ def add_image(
         msg = f"An element {image_key!r} exists already in `sdata`; pass another `image_key=`."
         raise ValueError(msg)
     systems = list(sdata.coordinate_systems)
-    if coordinate_system is None:
+    if coordinate_system is None and not systems:  # an empty SpatialData (an H&E-only slide): spatialdata's default
+        coordinate_system = "global"
+    elif coordinate_system is None:
         msg = f"`sdata` has the coordinate systems {systems}; pass `coordinate_system=`."
         coordinate_system = only_one(systems, msg)
     elif coordinate_system not in systems:
@@ -322,6 +328,11 @@ def add_image(
     if levels[0].shape[0] > 4:
         msg = f"The image has {levels[0].shape[0]} channels; expected greyscale, RGB or RGBA."
         raise ValueError(msg)
+    cs_mpu = microns_per_unit(sdata, coordinate_system)
+    placed = transformation is not None or scale is not None or affine is not None
+    pixel_units = cs_mpu is None and coordinate_system not in systems and not placed
+    if pixel_units:  # nothing to register to (e.g. an H&E-only slide): units are the image's full-resolution pixels
+        scale = 1.0
     tf, how = _pixel_transformation(
         transformation=transformation,
         scale=scale,
@@ -329,7 +340,7 @@ def add_image(
         affine=affine,
         microns_per_pixel=microns_per_pixel,
         file_mpp=file_mpp,
-        cs_mpu=microns_per_unit(sdata, coordinate_system),
+        cs_mpu=cs_mpu,
         coordinate_system=coordinate_system,
     )
     transformations = {coordinate_system: tf}
@@ -348,6 +359,9 @@ def add_image(
             chunks=(levels[0].shape[0], chunks, chunks),
         )
     sdata.images[image_key] = element
+    mpp = microns_per_pixel if microns_per_pixel is not None else file_mpp
+    if pixel_units and mpp is not None:
+        set_microns_per_unit(sdata, float(mpp), coordinate_system=coordinate_system)
     logg.info(
         f"    finished (placement: {how})",
         time=start,
