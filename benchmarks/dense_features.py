@@ -96,6 +96,7 @@ def patch_features(img, centres, weights, *, layers="last", tf_padding=False, de
         layers=layers,
         tf_padding=tf_padding,
         patch_size=PATCH,
+        method="patch",  # never 'auto': it switches to the dense engine on dense bins
         batch_size=batch_size,
         device=device,
         progress_bar=False,
@@ -158,6 +159,7 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "load_avg_start": list(os.getloadavg()),
             "device": dev,
+            "parts": sorted(parts),
         },
         "image": {"path": str(path), "shape": list(src.shape), "decode_s": t_decode, "spot_box": list(box)},
     }
@@ -314,6 +316,11 @@ def main() -> None:
     res["peak_rss_gb"] = peak_rss_gb()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.parts != ap.get_default("parts") and out.with_suffix(".json").exists():
+        # a partial run updates its parts of the existing results and keeps the others (with their machine state)
+        old = json.loads(out.with_suffix(".json").read_text())
+        res["machine_earlier_parts"] = old.get("machine_earlier_parts", old["machine"])
+        res = old | res
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     out.with_suffix(".md").write_text(to_markdown(res))
     print(f"wrote {out.with_suffix('.md')} and .json")
@@ -402,9 +409,16 @@ def to_markdown(res: dict) -> str:
         "",
         f"{m['platform']}, torch {m['torch']}, {m['threads']} threads, device {m['device']}; load average "
         f"{m['load_avg_start'][0]:.1f} at the start, {m.get('load_avg_end', [0])[0]:.1f} at the end. "
-        f"Peak RSS {res.get('peak_rss_gb', 0):.2f} GB.",
+        f"Peak RSS {res.get('peak_rss_gb', 0):.2f} GB. Parts run then: {', '.join(m.get('parts', ['all']))}.",
         "",
     ]
+    if "machine_earlier_parts" in res:
+        e = res["machine_earlier_parts"]
+        out += [
+            f"The other parts come from an earlier run (load average {e['load_avg_start'][0]:.1f} at its start, "
+            f"{e.get('load_avg_end', [0])[0]:.1f} at its end, {e['threads']} threads).",
+            "",
+        ]
     if "agreement" in res:
         out += [
             "## Agreement (per-spot Pearson r between dense and patch features, 187 spots)",

@@ -59,9 +59,10 @@ from histospace.pp._dense_trunk import TrunkGeometry, _check_encoder, _is_vit, _
 __all__ = ["choose_method", "dense_cost_ratio", "dense_features", "pick_level", "trunk_geometry"]
 
 #: `method='auto'` picks the dense engine when the patch method would run at least this many times more CNN input
-#: pixels than the dense engine (:func:`dense_cost_ratio`). Measured on her2st C2 (MobileNetV2, 1 CPU thread, bins on a
-#: 1500-px square): the time ratio patch / dense was 0.79, 1.08, 2.1 and 3.5 at pixel ratios 0.97, 1.23, 2.4 and 3.7
-#: (bin pitch 160, 112, 80 and 64 px for 224-px patches), so the break-even is a pixel ratio of about 1.15.
+#: pixels than the dense engine (:func:`dense_cost_ratio`). Measured on her2st C2 (MobileNetV2, bins on a 1500-px
+#: square, `benchmarks/dense_features.py`): the time ratio patch / dense was 0.68, 1.22, 2.2 and 3.5 at pixel ratios
+#: 0.97, 1.23, 2.4 and 3.7 with 2 CPU threads (0.79, 1.08, 2.1 and 3.5 with 1) for bin pitches of 160, 112, 80 and
+#: 64 px and 224-px patches, so the break-even is a pixel ratio of about 1.1-1.2.
 AUTO_BREAK_EVEN = 1.2
 
 
@@ -411,7 +412,7 @@ def choose_method(
     Rule: `'dense'` when :func:`dense_cost_ratio` (patch-method input pixels over dense-engine input pixels) is at
     least `break_even` (:data:`AUTO_BREAK_EVEN` = 1.2). Per input pixel a large tile costs about as much as a batch of
     224-px patches and the window means cost little, so the time ratio follows the pixel ratio (measured: time ratio
-    1.08 at pixel ratio 1.23). For spots on a square grid of pitch `p` the pixel ratio is about
+    1.22 at pixel ratio 1.23 with 2 CPU threads). For spots on a square grid of pitch `p` the pixel ratio is about
     `(patch_px / p)**2 / ((tile + 2 * halo) / tile)**2`, less the waste of tiles at the tissue edge: with MobileNetV2
     (halo 256 px) and 224-px patches dense wins below a pitch of about 110 px, half the patch side.
     `'patch'` also when the encoder's trunk cannot run densely (no spatial map, unpadded layers) or
