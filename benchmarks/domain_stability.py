@@ -141,6 +141,9 @@ def main() -> None:
         "Per seed (model+clustering): "
         + ", ".join(f"{r['section']}/{r['seed']}: {r['ari']:.3f}" for r in rows if r["kind"].startswith("model")),
         "",
+        f"Run of {meta['date_utc']} UTC, {N_THREADS} threads (the ARIs depend on the thread count only through the last "
+        "bits of the fits, which can move a seed's ARI; the fit times are in the JSON with the load).",
+        "",
     ]
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -1,0 +1,139 @@
+"""Where the spread of the domains over seeds comes from, and what aggregation of the seed ensemble reduces it.
+
+Reads the latents that `benchmarks/domain_stability.py --save-latents --tag TAG` saved (one per seed `s`: the three
+models of seeds `s, s+1, s+2` side by side, the default `hs.tl.stereomm`), splits them into the single models of
+seeds 0..N+1, and clusters ensembles of them with the public `hs.tl.domains` (k = 7, its defaults unless the row
+says otherwise; `random_state` = the first model's seed). No model is trained here, so every row sees the same
+models and the rows differ only in how the models are combined and clustered.
+
+Rows:
+
+- `1 model`: each model alone;
+- `3 models` (the default): models `s..s+2`, the vote of their mixtures (`n_models=3`); `... n_init=50`: 50 restarts
+  of each mixture instead of 10; `... smoothed latent`: each model's latent first averaged with its spatial
+  neighbours' (`x <- 0.7 x + 0.3 mean(neighbours)`, twice);
+- `5 models`: models `s..s+4` (fewer windows: the seeds saved limit them), with 10 or 50 restarts.
+
+For each row: mean, sd and min of the ARI against `layer_guess_reordered` over the windows, and the mean pairwise ARI
+between the windows' labels (how much two runs of a user agree with each other). Consecutive windows share models,
+so the windows are not independent and the sd of a row is a rough figure (with 8-10 windows its sampling error is
+about a quarter of its value).
+
+Usage: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/domain_stability_variants.py --tag lat`
+(writes benchmarks/results/domain_stability_variants.{md,json}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+N_THREADS = int(os.environ.get("OMP_NUM_THREADS", "2"))
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CACHE = RESULTS / "cache"
+DATA = Path(os.environ.get("HISTOSPACE_DATA", HERE.parent.parent / "shared" / "data"))
+SECTIONS = ["151673", "151674"]
+GT = "layer_guess_reordered"
+#: (row name, models per ensemble, hs.tl.domains keyword arguments, spatial smoothing of the latent)
+VARIANTS = [
+    ("1 model", 1, {}, False),
+    ("3 models (default)", 3, {}, False),
+    ("3 models, n_init=50", 3, {"n_init": 50}, False),
+    ("3 models, smoothed latent", 3, {}, True),
+    ("3 models, n_init=50, smoothed latent", 3, {"n_init": 50}, True),
+    ("5 models", 5, {}, False),
+    ("5 models, n_init=50", 5, {"n_init": 50}, False),
+]
+
+
+def _models(section: str, tag: str) -> list[np.ndarray]:
+    """The single-model latents of seeds 0, 1, ... recovered from the saved 3-model latents."""
+    models: dict[int, np.ndarray] = {}
+    s = 0
+    while (f := CACHE / f"latent_{tag}_{section}_seed{s}.npy").exists():
+        for i, block in enumerate(np.split(np.load(f), 3, axis=1)):
+            models.setdefault(s + i, block)
+        s += 1
+    if not models:
+        msg = f"no latents in {CACHE} for tag {tag!r}: run benchmarks/domain_stability.py --save-latents --tag {tag}"
+        raise SystemExit(msg)
+    return [models[i] for i in range(len(models))]
+
+
+def _smooth(x: np.ndarray, adj, lam: float = 0.3, n_iter: int = 2) -> np.ndarray:
+    deg = np.maximum(np.asarray(adj.sum(axis=1)).ravel(), 1)
+    for _ in range(n_iter):
+        x = (1 - lam) * x + lam * (adj @ x) / deg[:, None]
+    return x
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tag", default="lat", help="tag of the latents saved by domain_stability.py --save-latents")
+    p.add_argument("--sections", nargs="*", default=SECTIONS)
+    args = p.parse_args()
+    import histospace as hs
+
+    rows = []
+    for section in args.sections:
+        adata = hs.datasets.dlpfc(section, data_dir=DATA)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the three isolated spots of 151674
+            hs.pp.spatial_graph(adata)
+        adj = adata.obsp["spatial_connectivities"].tocsr().astype(np.float64)
+        models = _models(section, args.tag)
+        smoothed = [_smooth(m.astype(np.float64), adj).astype(np.float32) for m in models]
+        for name, size, dkw, smooth in VARIANTS:
+            t0 = time.perf_counter()
+            aris, labels = [], []
+            for s in range(len(models) - size + 1):
+                source = smoothed if smooth else models
+                adata.obsm["X_variant"] = np.hstack(source[s : s + size])
+                hs.tl.domains(adata, use_rep="X_variant", n_models=size, n_clusters=7, random_state=s, **dkw)
+                labels.append(adata.obs["variant_domain"].to_numpy())
+                aris.append(hs.metrics.ari(adata.obs[GT], adata.obs["variant_domain"]))
+            a = np.array(aris)
+            pairwise = [hs.metrics.ari(x, y) for x, y in combinations(labels, 2)]
+            rows.append(
+                {"section": section, "variant": name, "n_models": size, "n": int(a.size), "mean": float(a.mean())}
+                | {"sd": float(a.std(ddof=1)), "min": float(a.min()), "max": float(a.max())}
+                | {"pairwise_ari": float(np.mean(pairwise)), "aris": [float(v) for v in a]}
+                | {"seconds": time.perf_counter() - t0}
+            )
+            r = rows[-1]
+            print(
+                f"{section} {name}: mean {r['mean']:.3f} sd {r['sd']:.3f} pairwise {r['pairwise_ari']:.3f}", flush=True
+            )
+    meta = {"threads": N_THREADS, "tag": args.tag, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "domain_stability_variants.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [
+        "# Domain stability: aggregation variants on the same models (DLPFC, k = 7)",
+        "",
+        f"Single models of seeds 0-{len(models) - 1} from `domain_stability.py --save-latents --tag {args.tag}`; "
+        "windows of consecutive models clustered with `hs.tl.domains`. ARI against the layers over the windows, and "
+        "the mean pairwise ARI between the windows' labels.",
+        "",
+        "| section | variant | windows | mean ARI | sd | min | max | pairwise ARI |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['section']} | {r['variant']} | {r['n']} | {r['mean']:.3f} | {r['sd']:.3f} | {r['min']:.3f} | "
+            f"{r['max']:.3f} | {r['pairwise_ari']:.3f} |"
+        )
+    lines += ["", f"Run of {meta['date_utc']} UTC, {N_THREADS} threads.", ""]
+    (RESULTS / "domain_stability_variants.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
