@@ -18,7 +18,8 @@ not timed (cached in `--work-dir`). Each case runs in its own process: the table
 process's peak RSS after it (`ru_maxrss`, imports and data included). Threads: `OMP_NUM_THREADS` (2 by default).
 
 Usage: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/pipeline_scale.py [--cases a b c] [--scale 1.0]
-[--work-dir /tmp/hs_scale] [--device cpu]` (writes benchmarks/results/pipeline_scale.{md,json}).
+[--work-dir /tmp/hs_scale] [--device cpu] [--tag TAG]` (writes benchmarks/results/pipeline_scale[_TAG].{md,json}; cases
+not run keep their earlier results there).
 """
 
 from __future__ import annotations
@@ -170,7 +171,10 @@ def case_c(work: Path, scale: float, device: str) -> dict:
     steps("open WSI (hs.io.add_image)", hs.io.add_image, sdata, str(wsi), image_key="he")
     steps("tile_image (55 µm)", hs.pp.tile_image, sdata, image_key="he", tile_size=int(round(55 / 0.25)))
     kw = {"table_key": "tiles", "device": device, "progress_bar": False}
-    steps("image features", hs.pp.image_features, sdata, image_key="he", **kw, **_weights())
+    print(f"  {sdata.tables['tiles'].n_obs} tiles", flush=True)
+    # the dense engine, as the issue asks: 'auto' would choose patches for tiles that do not overlap (the same
+    # pixels), but reads them one by one from the slide
+    steps("image features (dense)", hs.pp.image_features, sdata, image_key="he", method="dense", **kw, **_weights())
     steps("mclstexp_predict", hs.tl.mclstexp_predict, sdata, model=model, table_key="tiles")
     return {"n_tiles": int(sdata.tables["tiles"].n_obs), "steps": steps.rows}
 
@@ -217,6 +221,8 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0, help="side of the simulated tissue relative to the issue's")
     p.add_argument("--work-dir", default="/tmp/hs_scale")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tag", default="", help="suffix of the result files (e.g. for another --scale)")
+    p.add_argument("--tables-only", action="store_true", help="rewrite the markdown from the JSON, run nothing")
     p.add_argument("--worker")
     args = p.parse_args()
     work = Path(args.work_dir)
@@ -227,10 +233,17 @@ def main() -> None:
         torch.set_num_threads(N_THREADS)
         res = CASES[args.worker](work, args.scale, args.device)
         res["load_avg_1min_end"] = os.getloadavg()[0]
+        res["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
         print("RESULT " + json.dumps(res, default=float))
         return
     results = {}
-    for case in args.cases:
+    name = f"pipeline_scale{('_' + args.tag) if args.tag else ''}"
+    previous = RESULTS / f"{name}.json"
+    if previous.exists():  # cases not run now keep their earlier results (each with its date and load)
+        old = json.loads(previous.read_text())
+        if old.get("meta", {}).get("scale") == args.scale and old.get("meta", {}).get("device") == args.device:
+            results = {k: v for k, v in old["results"].items() if k not in args.cases}
+    for case in [] if args.tables_only else args.cases:
         print(f"case ({case})", flush=True)
         t = time.perf_counter()
         cmd = [sys.executable, __file__, "--worker", case, "--scale", str(args.scale), "--work-dir", str(work)]
@@ -247,18 +260,27 @@ def main() -> None:
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pipeline_scale.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    if args.tables_only:
+        meta, results = json.loads(previous.read_text()).values()
+    else:
+        (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    write_tables(name, meta, results)
+
+
+def write_tables(name: str, meta: dict, results: dict) -> None:
     lines = [
         "# The pipeline at scale (simulated Visium HD, Stereo-seq and whole-slide H&E)",
         "",
-        f"{N_THREADS} CPU threads, device {args.device}, scale {args.scale:g} of the issue's sizes. Time per step (wall)"
+        f"{meta['threads']} CPU threads, device {meta['device']}, scale {meta['scale']:g} of the issue's sizes. Time per "
+        "step (wall)"
         " and the process's peak RSS after it (imports and data included); data generation not timed.",
         "",
         "| case | size | step | time (s) | peak RSS (GB) |",
         "|---|---|---|---|---|",
     ]
-    for case, res in results.items():
-        size = f"{res.get('n_bins', res.get('n_tiles', '?')):,} {'tiles' if 'n_tiles' in res else 'bins'}"
+    for case, res in sorted(results.items()):
+        n = res.get("n_bins", res.get("n_tiles"))
+        size = "?" if n is None else f"{n:,} {'tiles' if 'n_tiles' in res else 'bins'}"
         for row in res.get("steps", []):
             lines.append(f"| ({case}) | {size} | {row['step']} | {row['seconds']:.1f} | {row['peak_rss_gb']:.2f} |")
         total = sum(r["seconds"] for r in res.get("steps", []))
@@ -267,8 +289,14 @@ def main() -> None:
                      f"{max((r['peak_rss_gb'] for r in res.get('steps', [])), default=float('nan')):.2f} |")  # fmt: skip
         if "error" in res:
             lines.append(f"| ({case}) | error | {res['error'][-300:]!r} | | |")
+    lines += [""]
+    for case, res in sorted(results.items()):
+        if "date_utc" in res:
+            lines.append(
+                f"- ({case}) run {res['date_utc']} UTC, 1-min load average {res['load_avg_1min_end']:.2f} at its end."
+            )
     lines += ["", f"Machine: {meta}", ""]
-    (RESULTS / "pipeline_scale.md").write_text("\n".join(lines))
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
