@@ -27,21 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import warnings
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
+from domain_stability import CACHE, DATA, GT, N_THREADS, RESULTS, SECTIONS  # the latents that script saves
 
-N_THREADS = int(os.environ.get("OMP_NUM_THREADS", "2"))
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-CACHE = RESULTS / "cache"
-DATA = Path(os.environ.get("HISTOSPACE_DATA", HERE.parent.parent / "shared" / "data"))
-SECTIONS = ["151673", "151674"]
-GT = "layer_guess_reordered"
 #: (row name, models per ensemble, hs.tl.domains keyword arguments, spatial smoothing of the latent)
 VARIANTS = [
     ("1 model", 1, {}, False),
