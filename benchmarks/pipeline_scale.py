@@ -236,14 +236,19 @@ def main() -> None:
         res["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
         print("RESULT " + json.dumps(res, default=float))
         return
-    results = {}
     name = f"pipeline_scale{('_' + args.tag) if args.tag else ''}"
     previous = RESULTS / f"{name}.json"
-    if previous.exists():  # cases not run now keep their earlier results (each with its date and load)
-        old = json.loads(previous.read_text())
-        if old.get("meta", {}).get("scale") == args.scale and old.get("meta", {}).get("device") == args.device:
-            results = {k: v for k, v in old["results"].items() if k not in args.cases}
-    for case in [] if args.tables_only else args.cases:
+    old = json.loads(previous.read_text()) if previous.exists() else None
+    if args.tables_only:
+        if old is None:
+            raise SystemExit(f"{previous} does not exist: run the cases first")
+        write_tables(name, old["meta"], old["results"])
+        return
+    results = {}
+    if old is not None and old["meta"]["scale"] == args.scale and old["meta"]["device"] == args.device:
+        # cases not run now keep their earlier results (each with its date and load)
+        results = {k: v for k, v in old["results"].items() if k not in args.cases}
+    for case in args.cases:
         print(f"case ({case})", flush=True)
         t = time.perf_counter()
         cmd = [sys.executable, __file__, "--worker", case, "--scale", str(args.scale), "--work-dir", str(work)]
@@ -260,10 +265,7 @@ def main() -> None:
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if args.tables_only:
-        meta, results = json.loads(previous.read_text()).values()
-    else:
-        (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    previous.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     write_tables(name, meta, results)
 
 
@@ -271,9 +273,9 @@ def write_tables(name: str, meta: dict, results: dict) -> None:
     lines = [
         "# The pipeline at scale (simulated Visium HD, Stereo-seq and whole-slide H&E)",
         "",
-        f"{meta['threads']} CPU threads, device {meta['device']}, scale {meta['scale']:g} of the issue's sizes. Time per "
-        "step (wall)"
-        " and the process's peak RSS after it (imports and data included); data generation not timed.",
+        f"{meta['threads']} CPU threads, device {meta['device']}, scale {meta['scale']:g} of the issue's sizes. "
+        "Time per step (wall) and the process's peak RSS after it (imports and data included); data generation not "
+        "timed.",
         "",
         "| case | size | step | time (s) | peak RSS (GB) |",
         "|---|---|---|---|---|",
