@@ -470,3 +470,49 @@ def test_close_and_reopen(svs_path, base, reader):
     with open_slide(svs_path, reader=reader) as ms:
         np.testing.assert_array_equal(ms.source(2).read(0, 5, 0, 5), block_mean(base, 4)[:5, :5])
     np.testing.assert_array_equal(ms.source(2).read(0, 5, 0, 5), block_mean(base, 4)[:5, :5])  # reopens
+
+
+def test_dask_level_reads_through_a_cache_of_chunks(base):
+    import dask.array as da
+
+    from histospace._utils._image import ImageSource, read_order
+    from histospace._utils._wsi_levels import _DaskLevel
+
+    computed = []
+
+    def count(block):
+        computed.append(block.shape)
+        return block
+
+    arr = da.from_array(base, chunks=(64, 64, 3)).map_blocks(count, dtype=base.dtype)
+    chunk_bytes = 64 * 64 * 3
+    lvl = _DaskLevel(arr, cache_bytes=6 * chunk_bytes)
+    rng = np.random.default_rng(1)
+    for _ in range(50):  # regions, integer and stepped indices, empty ranges: the numpy result
+        y0, x0 = rng.integers(0, H), rng.integers(0, W)
+        y1, x1 = y0 + rng.integers(0, 90), x0 + rng.integers(0, 90)
+        np.testing.assert_array_equal(lvl[y0:y1, x0:x1], base[y0:y1, x0:x1])
+        np.testing.assert_array_equal(lvl[y0:y1:2, x0, 1:], base[y0:y1:2, x0, 1:])
+        assert lvl._cached_bytes <= lvl.cache_bytes
+    np.testing.assert_array_equal(lvl[:, :], base)  # more chunks than the cache holds: computed directly
+    assert lvl._cached_bytes <= lvl.cache_bytes
+
+    # 30-px windows over the image in chunk order decode each chunk at most twice (in row-major order: many times)
+    src = ImageSource(_DaskLevel(arr, cache_bytes=6 * chunk_bytes), "YXC")
+    ys, xs = np.meshgrid(np.arange(0, H - 30, 10), np.arange(0, W - 30, 10), indexing="ij")
+    starts = np.c_[xs.ravel(), ys.ravel()].astype(float)
+    order = read_order(src, starts)
+    assert sorted(order.tolist()) == list(range(len(starts)))
+    assert read_order(ImageSource(base, "YXC"), starts) is None  # not chunked: any order
+    computed.clear()
+    for x, y in starts[order].astype(int):
+        np.testing.assert_array_equal(src.read(y, y + 30, x, x + 30), base[y : y + 30, x : x + 30])
+    n_chunks = arr.numblocks[0] * arr.numblocks[1]
+    assert n_chunks <= len(computed) <= 2 * n_chunks
+
+    # workers get a copy without the cache, which works on its own
+    plain = _DaskLevel(da.from_array(base, chunks=(64, 64, 3)))
+    plain[0:10, 0:10]
+    copy = pickle.loads(pickle.dumps(plain))  # as DataLoader workers get it
+    assert plain._cache and copy._cached_bytes == 0 and not copy._cache
+    np.testing.assert_array_equal(copy[10:20, 30:40], base[10:20, 30:40])

@@ -467,6 +467,24 @@ def _container_source(obj, *, kind: str, scale: float | None, name: str | None, 
     return ImageSource(data, axes, kind=kind, scale=s, name=label, offset=offset)
 
 
+def read_order(src: ImageSource, starts: np.ndarray) -> np.ndarray | None:
+    """An order of windows that reads a chunked image chunk by chunk; `None` when any order reads as fast.
+
+    `starts` are the windows' top-left corners (pixels of `src`, `(B, 2)` as x, y); only dask-backed levels are
+    chunked in this sense (a read decodes whole chunks). Windows are grouped by the chunk of their top-left corner, the chunks row by row, so that a chunk and its right
+    and lower neighbours (which the windows overlap) stay in the reader's cache of chunks while they are needed.
+    """
+    from histospace._utils._wsi_levels import _DaskLevel
+
+    if not isinstance(src.arr, _DaskLevel):
+        return None
+    chunks = src.arr.arr.chunks
+    ch = max(1, max(chunks[src.axes.index("Y")]))
+    cw = max(1, max(chunks[src.axes.index("X")]))
+    x, y = np.floor(starts[:, 0]), np.floor(starts[:, 1])
+    return np.lexsort((x, y, np.floor_divide(x, cw), np.floor_divide(y, ch)))
+
+
 def crop_patches(
     src: ImageSource, centres: np.ndarray, size: float, out_size: int, *, exact: bool | None = None
 ) -> np.ndarray:

@@ -1,13 +1,17 @@
 """Level readers: array-likes of one pyramid level that read regions and reopen their file in each process.
 
 OpenSlide and tiffslide levels read through the slide's `read_region` (one handle per slide and process), TIFF
-levels are memory maps or zarr views of the tiles (tifffile), dask-backed levels compute one region at a time.
+levels are memory maps or zarr views of the tiles (tifffile), dask-backed levels compute regions through a cache of
+whole chunks.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
@@ -227,11 +231,69 @@ class _TiffLevel:
 
 
 class _DaskLevel:
-    """A dask array read one small region at a time with the synchronous scheduler (no thread pool per patch)."""
+    """A dask array read region by region with the synchronous scheduler (no thread pool per read).
 
-    def __init__(self, arr):
+    Small reads go through a cache of whole chunks (least recently used first out, at most `cache_bytes`): a dask
+    array computes whole chunks anyway (a 224-px patch of a level in 4096-px chunks, or behind a `rechunk`, decodes
+    the whole chunk), so patches and tiles read in spatial order decode each chunk once instead of once per read.
+    Reads that touch more chunks than the cache holds are computed directly.
+    """
+
+    #: default cache size per process
+    CACHE_BYTES = 256 * 1024**2
+
+    def __init__(self, arr, *, cache_bytes: int = CACHE_BYTES):
         self.arr = arr
         self.shape, self.dtype, self.ndim = tuple(arr.shape), np.dtype(arr.dtype), arr.ndim
+        self.cache_bytes = int(cache_bytes)
+        self._chunk_starts = [np.cumsum((0,) + tuple(c)) for c in arr.chunks]
+        self._chunk_bytes = math.prod(max(c) if c else 0 for c in arr.chunks) * self.dtype.itemsize
+        self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
+        self._lock = threading.Lock()
+
+    def _block(self, key: tuple[int, ...]) -> np.ndarray:
+        out = self._cache.get(key)
+        if out is not None:
+            self._cache.move_to_end(key)
+            return out
+        out = np.asarray(self.arr.blocks[key].compute(scheduler="synchronous"))
+        self._cache[key] = out
+        self._cached_bytes += out.nbytes
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= old.nbytes
+        return out
 
     def __getitem__(self, idx) -> np.ndarray:
-        return np.asarray(self.arr[idx].compute(scheduler="synchronous"))
+        ranges, drop = _norm_index(idx, self.shape)
+        # the chunks each axis touches: first and last chunk index
+        spans = []
+        for (start, stop, _), starts in zip(ranges, self._chunk_starts, strict=True):
+            if stop <= start:
+                return np.asarray(self.arr[idx].compute(scheduler="synchronous"))
+            spans.append((int(np.searchsorted(starts, start, "right")) - 1, int(np.searchsorted(starts, stop, "left"))))
+        n_blocks = math.prod(b - a for a, b in spans)
+        if n_blocks * self._chunk_bytes > self.cache_bytes:
+            return np.asarray(self.arr[idx].compute(scheduler="synchronous"))
+        out = np.empty(tuple(stop - start for start, stop, _ in ranges), dtype=self.dtype)
+        with self._lock:
+            for key in itertools.product(*(range(a, b) for a, b in spans)):
+                block = self._block(key)
+                src, dst = [], []
+                for (start, stop, _), k, starts in zip(ranges, key, self._chunk_starts, strict=True):
+                    lo, hi = max(start, int(starts[k])), min(stop, int(starts[k + 1]))
+                    src.append(slice(lo - int(starts[k]), hi - int(starts[k])))
+                    dst.append(slice(lo - start, hi - start))
+                out[tuple(dst)] = block[tuple(src)]
+        out = out[tuple(slice(None, None, step) for _, _, step in ranges)]
+        return out[tuple(0 if d else slice(None) for d in drop)]
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d["_cache"], d["_cached_bytes"], d["_lock"] = OrderedDict(), 0, None
+        return d
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
