@@ -570,3 +570,91 @@ def test_known_weights_files(mobilenet_weights, tmp_path):
     other.write_bytes(b"not the same file")
     assert known_normalization(other) is None and not trained_with_tf_padding(other)
     assert known_normalization("imagenet") is None and not trained_with_tf_padding(None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the dense method through the public function, and the width reduced on the fly
+# --------------------------------------------------------------------------------------------------------------------
+with torch.random.fork_rng(devices=[]):
+    torch.manual_seed(0)  # the dense method needs padded convolutions (maps of input_size / stride cells)
+    TINY_PADDED = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU()
+    )
+DENSE = {**FAST, "encoder": TINY_PADDED, "method": "dense", "tile_size": 64}
+
+
+def test_dense_method_slots_copy_and_determinism(adata):
+    snap = _snapshot(adata)
+    out = hs.pp.image_features(adata, copy=True, **DENSE)
+    _assert_unchanged(adata, snap)
+    x = out.obsm["img_features"]
+    assert x.shape == (adata.n_obs, 16) and x.dtype == np.float32 and np.isfinite(x).all()
+    p = out.uns["img_features"]["params"]
+    assert p["method"] == "dense" and p["n_tiles"] >= 1 and p["halo"] >= 0 and "n_components" not in p
+    assert "pca" not in out.uns["img_features"]
+    assert _feats(adata, **DENSE).tobytes() == x.tobytes()
+
+
+@pytest.mark.parametrize("method", ["patch", "dense"])
+def test_n_components_is_the_pca_of_the_full_features(adata, method, tmp_path):
+    from histospace.pp._dense import _pca
+
+    kw = DENSE if method == "dense" else FAST
+    full = _feats(adata, **kw).astype(np.float64)
+    out = hs.pp.image_features(adata, n_components=5, copy=True, **kw)
+    mu, comp = _pca(full, 5)  # fitted on every spot: fewer than the PCA's sample
+    np.testing.assert_array_equal(out.obsm["img_features"], ((full - mu) @ comp).astype(np.float32))
+    u = out.uns["img_features"]
+    assert u["params"]["n_components"] == 5 and u["params"]["method"] == method and u["pca"]["n_fit"] == adata.n_obs
+    np.testing.assert_array_equal(u["pca"]["mean"], mu)
+    np.testing.assert_array_equal(u["pca"]["components"], comp)
+    # h5ad round trip of the PCA; projecting with it again gives the same features (the dense method projects the
+    # maps before their window means: the same up to float rounding)
+    out.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad").uns["img_features"]["pca"]
+    np.testing.assert_array_equal(back["components"], comp)
+    again = hs.pp.image_features(adata, pca=back, copy=True, **kw)
+    if method == "patch":
+        np.testing.assert_array_equal(again.obsm["img_features"], out.obsm["img_features"])
+    else:
+        _close(again.obsm["img_features"], out.obsm["img_features"])
+    assert again.uns["img_features"]["pca"]["n_fit"] == 0
+
+
+def test_n_components_over_slides_with_a_projected_second_pass(adata_two_slides, monkeypatch):
+    # a PCA sample smaller than the slides: fitted on the strips of both, then every map projected in a second pass
+    from histospace.pp import _image_features
+
+    monkeypatch.setattr(_image_features, "PCA_N_SPOTS", 16)
+    a = adata_two_slides
+    kw = {**DENSE, "library_key": "library_id"}
+    full = _feats(a, **kw).astype(np.float64)
+    out = hs.pp.image_features(a, n_components=4, copy=True, **kw)
+    pca = out.uns["img_features"]["pca"]
+    assert 16 <= pca["n_fit"] < a.n_obs
+    want = (full - pca["mean"]) @ pca["components"]
+    _close(out.obsm["img_features"], want)
+    # the same PCA projects a slide computed on its own
+    s2 = a[(a.obs["library_id"] == "s2").to_numpy()].copy()
+    one = hs.pp.image_features(s2, library_id="s2", pca=pca, copy=True, **DENSE).obsm["img_features"]
+    _close(one, want[(a.obs["library_id"] == "s2").to_numpy()])
+
+
+def test_n_components_and_pca_errors(adata):
+    snap = _snapshot(adata)
+    good = hs.pp.image_features(adata, n_components=3, copy=True, **FAST).uns["img_features"]["pca"]
+    with pytest.raises(ValueError, match="n_components"):
+        hs.pp.image_features(adata, n_components=0, **FAST)
+    with pytest.raises(ValueError, match=r"n_components=65 is more than the 16 features or the 64 spots"):
+        hs.pp.image_features(adata, n_components=65, **FAST)
+    with pytest.raises(TypeError, match=r"`pca` must be a mapping.*uns\['img_features'\]\['pca'\]"):
+        hs.pp.image_features(adata, pca=np.zeros(3), **FAST)
+    with pytest.raises(ValueError, match="`pca` has no 'components'"):
+        hs.pp.image_features(adata, pca={"mean": good["mean"]}, **FAST)
+    with pytest.raises(ValueError, match="fitted on features of width 16, these have width 32"):
+        hs.pp.image_features(adata, pca=good, context=2, **FAST)
+    with pytest.raises(ValueError, match="n_components=4 but `pca` has 3 components"):
+        hs.pp.image_features(adata, pca=good, n_components=4, **FAST)
+    with pytest.raises(ValueError, match="NaN"):
+        hs.pp.image_features(adata, pca={**good, "mean": np.full(16, np.nan)}, **FAST)
+    _assert_unchanged(adata, snap)

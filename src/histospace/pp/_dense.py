@@ -163,8 +163,10 @@ def dense_features(
     batch_size: int = 1,
     n_components: int | None = None,
     pca_n_spots: int = 20_000,
+    pca: tuple[np.ndarray, np.ndarray] | None = None,
+    sample: int | None = None,
     progress_bar: bool = True,
-) -> np.ndarray:
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """CNN features of the patch around every centre, from one pass of the encoder's trunk over the tissue.
 
     The source is resampled so that a patch of `patch_px` pixels becomes `input_size` pixels; the trunk runs over
@@ -222,13 +224,20 @@ def dense_features(
         components have their largest entry positive.
     pca_n_spots
         Number of centres the PCA is fitted on (at least; all when there are fewer).
+    pca
+        A fitted PCA `(mean, components)` (`(d,)` and `(d, k)`) to project onto instead of fitting one: one pass, the
+        maps projected before the window means; the output is `(n, k)`. Overrides `n_components`.
+    sample
+        Compute only the full-width features of the PCA sample of at least `sample` centres (chosen as for
+        `n_components`) and return `(indices, features)`: for fitting one PCA over several slides.
     progress_bar
         Show one progress bar over the tiles.
 
     Returns
     -------
     `(n, d)` float32 features in the order of `centres_px`: `d` is the total width of the maps (doubled with
-    `context_px`, main patch first), or `n_components`.
+    `context_px`, main patch first), or `n_components` (the width of `pca`). With `sample`: the sorted indices of the
+    sample and their `(len(indices), d)` features.
     """
     import torch
     from tqdm.auto import tqdm
@@ -247,10 +256,19 @@ def dense_features(
     if isinstance(pca_n_spots, bool) or not isinstance(pca_n_spots, int | np.integer) or pca_n_spots < 1:
         msg = f"`pca_n_spots` must be a positive integer, got {pca_n_spots!r}."
         raise ValueError(msg)
+    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int | np.integer) or sample < 1):
+        msg = f"`sample` must be a positive integer or None, got {sample!r}."
+        raise ValueError(msg)
     d_total = geom.width * (2 if context_px is not None else 1)
     if n_components is not None and n_components > d_total:
         msg = f"`n_components` = {n_components} exceeds the feature width {d_total}."
         raise ValueError(msg)
+    if pca is not None:
+        mu_fit, comp_fit = np.asarray(pca[0], dtype=np.float64), np.asarray(pca[1], dtype=np.float64)
+        if mu_fit.shape != (d_total,) or comp_fit.ndim != 2 or comp_fit.shape[0] != d_total:
+            msg = f"`pca` must be (mean, components) of shapes ({d_total},) and ({d_total}, k) for these features."
+            raise ValueError(msg)
+        n_components = comp_fit.shape[1]
     dev = resolve_device(device)
 
     c_src = centres * float(scale)
@@ -303,7 +321,18 @@ def dense_features(
                     _dense_pass(src, p, encoder, geom, project=blocks, out=out, bar=bar, **kw)
 
     with torch.inference_mode():
-        if n_components is None or n <= pca_n_spots:
+        if sample is not None:
+            sel = _pca_sample(plans[0], geom, int(sample)) if n > sample else np.arange(n)
+            feats = np.empty((sel.size, d_total), dtype=np.float32)
+            run(None if sel.size == n else sel, None, feats, "dense features (PCA sample)")
+            logg.info("    finished", time=start)
+            return sel, feats
+        if pca is not None:
+            proj = torch.as_tensor(comp_fit, dtype=torch.float32, device=dev)
+            acc = np.zeros((n, int(n_components)), dtype=np.float64)
+            run(None, proj, acc, "dense features")
+            feats = (acc - mu_fit @ comp_fit).astype(np.float32)
+        elif n_components is None or n <= pca_n_spots:
             feats = np.empty((n, d_total), dtype=np.float32)
             run(None, None, feats, "dense features")
             if n_components is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -16,7 +18,7 @@ from histospace._constants import FEATURES_KEY, SPATIAL_KEY
 from histospace._nn._encoders import build_encoder, check_encoder_options, fuse_conv_bn
 from histospace._utils import check_number, check_random_state, doc_params, resolve_device, version_string
 from histospace._utils._data import check_key_added
-from histospace._utils._image import PADDING, crop_patches, resize_patches
+from histospace._utils._image import PADDING, crop_patches, read_order, resize_patches
 from histospace._utils._progress import progress
 from histospace._utils._sdata import as_table, table_output
 from histospace.pp._feature_sources import (
@@ -70,14 +72,18 @@ def _choose(method: str, lib: _Library, coords: np.ndarray, enc, input_size: int
 
 
 def _dense_library(lib: _Library, coords, enc, feats, *, input_size, context, dihedral, device, tile_size, halo,
-                   progress_bar) -> dict:  # fmt: skip
-    """Dense features of one slide into `feats[lib.rows]`; returns what to record."""
+                   progress_bar, pca=None, sample=None) -> dict | tuple:  # fmt: skip
+    """Dense features of one slide into `feats[lib.rows]` (projected onto `pca` when given); returns what to record.
+
+    With `sample`, only the full-width features of a PCA sample of at least `sample` of its spots: returns
+    `(positions in lib.rows, features, record)`.
+    """
     from histospace.pp import _dense
 
     level, src = lib.source_for(lib.patch_size_px, input_size)
     src = src.load()
     size = lib.patch_size_px * src.scale
-    feats[lib.rows] = _dense.dense_features(
+    out = _dense.dense_features(
         src,
         src.to_pixels(coords[lib.rows]),
         size,
@@ -89,15 +95,46 @@ def _dense_library(lib: _Library, coords, enc, feats, *, input_size, context, di
         halo=halo,
         device=device,
         batch_size=1 if device.type == "cpu" else 4,
+        pca=pca,
+        sample=sample,
         progress_bar=progress_bar,
     )
+    if sample is None:
+        feats[lib.rows] = out
     rec = {"image": src.kind, "scale": float(src.scale), "halo": int(_dense._STATS["halo"])}
     rec["n_tiles"] = int(sum(_dense._STATS["n_tiles"]))
     if lib.multiscale is not None and lib.multiscale.n_levels > 1:
         rec["level"] = int(level)
     if src.path is not None:
         rec["image_path"] = str(src.path)
-    return rec
+    return rec if sample is None else (*out, rec)
+
+
+#: spots (about) on which `n_components` fits its PCA, spread over the dense-method slides
+PCA_N_SPOTS = 20_000
+
+
+def _check_pca(pca: Mapping, width: int, n_components: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """`(mean, components)` of a stored PCA, checked against the feature width and `n_components`."""
+    try:
+        mu = np.asarray(pca["mean"], dtype=np.float64)
+        comp = np.asarray(pca["components"], dtype=np.float64)
+    except KeyError as e:
+        msg = f"`pca` has no {e.args[0]!r}: pass `adata.uns['img_features']['pca']` of an earlier call."
+        raise ValueError(msg) from None
+    if mu.shape != (width,) or comp.ndim != 2 or comp.shape[0] != width or not comp.shape[1]:
+        msg = (
+            f"`pca` was fitted on features of width {mu.shape[0] if mu.ndim == 1 else mu.shape}, these have width "
+            f"{width}: compute them with the encoder options of the call that fitted it."
+        )
+        raise ValueError(msg)
+    if n_components is not None and n_components != comp.shape[1]:
+        msg = f"n_components={n_components} but `pca` has {comp.shape[1]} components; pass one of them."
+        raise ValueError(msg)
+    if not (np.isfinite(mu).all() and np.isfinite(comp).all()):
+        msg = "`pca` holds NaN or infinite values."
+        raise ValueError(msg)
+    return mu, comp
 
 
 def _dihedral_mean(enc: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -138,6 +175,8 @@ def image_features(
     tile_size: int | None = None,
     halo: int | None = None,
     input_size: int = 224,
+    n_components: int | None = None,
+    pca: Mapping | None = None,
     batch_size: int = 32,
     device: str | torch.device | None = None,
     num_workers: int = 0,
@@ -250,6 +289,17 @@ def image_features(
         tiles and the network's receptive-field reach, which makes tiled maps equal a one-pass map).
     input_size
         Side in pixels of the patches given to the encoder.
+    n_components
+        Reduce the features to this many principal components (`None`: keep them all). One PCA for all slides, fitted
+        on every spot of patch-method slides and on a sample of dense-method slides (the spots of evenly spaced strips
+        of tiles, about 20,000 in all, spread over the slides by their number of spots); dense slides with more spots
+        than their share then run a second pass whose maps are projected before the window means, so the full-width
+        features of 10^5-10^6 bins (5 GB for 10^6 x 1280) are never held. The PCA is stored in
+        `uns[key_added]['pca']` for `pca=`.
+    pca
+        Project onto a PCA fitted by an earlier call, `other.uns['img_features']['pca']` (a mapping with `'mean'` and
+        `'components'`), instead of fitting one: the features of a new slide in the space of a reference's (e.g. for
+        `hs.tl.mclstexp_predict` with a model trained on reduced features). The encoder options must be the same.
     batch_size
         Patches per forward pass; memory use grows with it, not with the number of spots.
     device
@@ -270,9 +320,12 @@ def image_features(
     Returns `None` if `copy=False`, else returns an `AnnData` object. Sets the following fields:
 
     `adata.obsm['img_features' | key_added]` : :class:`numpy.ndarray` (dtype `float32`)
-        Image features of shape `(n_obs, d)` (`d` doubles with `context`). For a SpatialData, in its table.
+        Image features of shape `(n_obs, d)` (`d` doubles with `context`; `n_components` with a PCA). For a
+        SpatialData, in its table.
     `adata.uns['img_features' | key_added]` : :class:`dict`
-        `'params'`: `encoder`, `weights` (`'imagenet'`, file path, `'random'` or `'module'`), `patch_size_px`,
+        `'pca'` (with `n_components` or `pca`): `'mean'` `(d,)` and `'components'` `(d, n_components)` (float64) and
+        `'n_fit'`, the number of spots it was fitted on (`0` when given); `'params'`: `n_components` (when set),
+        `encoder`, `weights` (`'imagenet'`, file path, `'random'` or `'module'`), `patch_size_px`,
         `patch_size_um` (when known), `input_size`, `image` (`'fullres'`, `'hires'`, `'lowres'` or `'img'`), `scale`,
         `mean`, `std`, `padding` (of patches at the image border), `tf_padding`, `layers` and `dihedral` (when
         set), `library_ids` and, per library, `libraries[library_id]` with its own `image`, `scale`,
@@ -306,6 +359,13 @@ def image_features(
     if method not in ("auto", "patch", "dense"):
         msg = f"`method` must be 'auto', 'patch' or 'dense', got {method!r}."
         raise ValueError(msg)
+    n_components = check_number(n_components, "n_components", integer=True, low=1, allow_none=True)
+    if pca is not None and not isinstance(pca, Mapping):
+        msg = (
+            "`pca` must be a mapping with 'mean' and 'components' (`adata.uns['img_features']['pca']`), got "
+            f"{type(pca).__name__}."
+        )
+        raise TypeError(msg)
     tile_size = check_number(tile_size, "tile_size", integer=True, low=1, allow_none=True)
     halo = check_number(halo, "halo", integer=True, low=0, allow_none=True)
     dev = resolve_device(device)
@@ -360,20 +420,38 @@ def image_features(
     enc = enc.to(dev)
     if dev.type == "cpu":
         enc = enc.to(memory_format=torch.channels_last)
-    feats = np.empty((adata.n_obs, d * len(factors)), dtype=np.float32)
+    d_full = d * len(factors)
+    if n_components is not None and pca is None and n_components > min(d_full, adata.n_obs):
+        msg = (
+            f"n_components={n_components} is more than the {d_full} features or the {adata.n_obs} spots; pass at "
+            f"most {min(d_full, adata.n_obs)}."
+        )
+        raise ValueError(msg)
+    fitted = None if pca is None else _check_pca(pca, d_full, n_components)
+    n_fit = 0
+    reduce = n_components is not None or fitted is not None
+    width = d_full if not reduce else (n_components if fitted is None else fitted[1].shape[1])
+    feats = np.empty((adata.n_obs, width), dtype=np.float32)
     methods = {lib.library_id: _choose(method, lib, coords, enc, input_size, context) for lib in libs}
-    records = {}
+    dense_kw = {"input_size": input_size, "context": context, "dihedral": dihedral, "device": dev,
+                "tile_size": tile_size, "halo": halo, "progress_bar": progress_bar}  # fmt: skip
+    records = {lib.library_id: {"patch_size_px": float(lib.patch_size_px), "method": methods[lib.library_id],
+                                **lib.extra} for lib in libs}  # fmt: skip
     for lib in libs:
-        rec = {"patch_size_px": float(lib.patch_size_px), "method": methods[lib.library_id], **lib.extra}
-        if methods[lib.library_id] == "dense":
-            rec |= _dense_library(
-                lib, coords, enc, feats, input_size=input_size, context=context, dihedral=dihedral, device=dev,
-                tile_size=tile_size, halo=halo, progress_bar=progress_bar,
-            )  # fmt: skip
         if lib.patch_size_um is not None:
-            rec["patch_size_um"] = float(lib.patch_size_um)
-        records[lib.library_id] = rec
+            records[lib.library_id]["patch_size_um"] = float(lib.patch_size_um)
+    dense_libs = [lib for lib in libs if methods[lib.library_id] == "dense"]
     patch_libs = [lib for lib in libs if methods[lib.library_id] == "patch"]
+    held: dict = {}  # with a PCA: full-width features of whole slides, projected once the PCA is known
+    fit_rows: list[np.ndarray] = []  # ... and the rows the PCA is fitted on
+    if reduce and fitted is None:  # a sample of each dense slide (all its spots when it has few)
+        for lib in dense_libs:
+            target = max(1, math.ceil(PCA_N_SPOTS * len(lib.rows) / adata.n_obs))
+            pos, x, rec = _dense_library(lib, coords, enc, None, sample=target, **dense_kw)
+            fit_rows.append(x)
+            if pos.size == len(lib.rows):  # the whole slide: no second pass
+                held[lib.library_id] = x
+                records[lib.library_id] |= rec
     n_batches = len(factors) * sum(-(-len(lib.rows) // batch_size) for lib in patch_libs)
     with (
         progress(total=n_batches, desc="image features", disable=not progress_bar or not n_batches) as bar,
@@ -381,6 +459,9 @@ def image_features(
     ):
         for lib in patch_libs:
             rec = records[lib.library_id]
+            # without a PCA straight into `feats`; with one, full width first (patch slides are the small ones)
+            target, rows = (np.empty((len(lib.rows), d_full), np.float32), np.arange(len(lib.rows))) if reduce else (
+                feats, lib.rows)  # fmt: skip
             for j, factor in enumerate(factors):
                 full = lib.patch_size_px * factor  # patch side in full-resolution units
                 level, src = lib.source_for(full, input_size)
@@ -396,6 +477,10 @@ def image_features(
                         stacklevel=2,
                     )
                 centres = src.to_pixels(coords[lib.rows])
+                order = read_order(src, centres - size / 2.0)  # chunk by chunk from a chunked (dask) image
+                out_rows = rows if order is None else rows[order]
+                if order is not None:
+                    centres = centres[order]
                 ds = _BatchDataset(src, centres, size, input_size, batch_size, exact)
                 loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=int(num_workers))
                 cols = slice(j * d, (j + 1) * d)
@@ -403,7 +488,7 @@ def image_features(
                     c = centres[i * batch_size : (i + 1) * batch_size]
                     x = resize_patches(batch.to(dev, non_blocking=True), input_size, centres=c, size=size, exact=exact)
                     y = _dihedral_mean(enc, x) if dihedral else enc(x)
-                    feats[lib.rows[i * batch_size : (i + 1) * batch_size], cols] = y.float().cpu().numpy()
+                    target[out_rows[i * batch_size : (i + 1) * batch_size], cols] = y.float().cpu().numpy()
                     bar.update(1)
                 if j == 0:
                     rec |= {"image": src.kind, "scale": float(src.scale)}
@@ -412,6 +497,24 @@ def image_features(
                 if lib.multiscale is not None and lib.multiscale.n_levels > 1:
                     rec["level" if j == 0 else "context_level"] = int(level)
                 del src, ds, loader
+            if reduce:
+                held[lib.library_id] = target
+                if fitted is None:
+                    fit_rows.append(target)
+    if reduce and fitted is None:  # one PCA for all slides
+        from histospace.pp._dense import _pca
+
+        n_fit = sum(len(x) for x in fit_rows)
+        fitted = _pca(np.concatenate(fit_rows) if len(fit_rows) > 1 else fit_rows[0], int(n_components))
+        del fit_rows
+    for lib in dense_libs:  # (with a PCA: its maps projected before the window means)
+        if lib.library_id not in held:
+            records[lib.library_id] |= _dense_library(lib, coords, enc, feats, pca=fitted, **dense_kw)
+    if reduce:
+        for lib in libs:
+            if lib.library_id in held:
+                x = held.pop(lib.library_id)
+                feats[lib.rows] = ((x.astype(np.float64) - fitted[0]) @ fitted[1]).astype(np.float32)
 
     if not np.isfinite(feats).all():
         warnings.warn(
@@ -464,6 +567,9 @@ def image_features(
     out = adata.copy() if copy else adata
     out.obsm[key_added] = feats
     out.uns[key_added] = {"params": params, "version": version_string()}
+    if reduce:
+        params["n_components"] = int(width)
+        out.uns[key_added]["pca"] = {"mean": fitted[0], "components": fitted[1], "n_fit": int(n_fit)}
     logg.info(
         "    finished",
         time=start,
