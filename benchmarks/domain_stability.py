@@ -6,7 +6,8 @@ seed. Reports ARI mean, sd, min and max against `layer_guess_reordered`. A secon
 0 and changes only the clustering seed, to tell the clustering's share of the spread from the model's.
 
 Usage: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/domain_stability.py [--seeds 10] [--domains-kwargs JSON]`
-(writes benchmarks/results/domain_stability.{md,json}; `--tag` names a variant's result files).
+(writes benchmarks/results/domain_stability.{md,json}; `--tag` names a variant's result files; `--save-latents` keeps
+each seed's latent, `--latents TAG` clusters the latents of an earlier run instead of training the same models again).
 """
 
 from __future__ import annotations
@@ -51,11 +52,17 @@ def _features(adata, section: str, features_kwargs: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--seed-offset", type=int, default=0, help="seeds OFFSET..OFFSET+N-1 (a replicate on other seeds)")
     p.add_argument("--sections", nargs="*", default=SECTIONS)
     p.add_argument("--domains-kwargs", default="{}", help="JSON of extra hs.tl.domains arguments (a variant)")
     p.add_argument("--features-kwargs", default="{}", help="JSON of hs.pp.image_features arguments (a variant)")
     p.add_argument("--tag", default="", help="suffix of the result files for a variant")
     p.add_argument("--save-latents", action="store_true", help="keep each seed's latent in results/cache")
+    p.add_argument(
+        "--latents",
+        default=None,
+        help="cluster the latents that `--save-latents --tag LATENTS` saved instead of training (same models)",
+    )
     args = p.parse_args()
     import torch
 
@@ -70,11 +77,16 @@ def main() -> None:
         _features(adata, section, fkw)
         hs.pp.spatial_graph(adata)
         latent0 = None
-        for s in range(args.seeds):
+        for s in range(args.seed_offset, args.seed_offset + args.seeds):
             t0 = time.perf_counter()
-            hs.tl.stereomm(adata, random_state=s, progress_bar=False)
+            if args.latents:  # the default 3-model latents of an earlier run, as hs.tl.stereomm writes them
+                adata.obsm["X_stereomm"] = np.load(CACHE / f"latent_{args.latents}_{section}_seed{s}.npy")
+                n_latent = adata.obsm["X_stereomm"].shape[1] // 3
+                adata.uns["stereomm"] = {"params": {"n_models": 3, "n_latent": n_latent}}
+            else:
+                hs.tl.stereomm(adata, random_state=s, progress_bar=False)
             t_fit = time.perf_counter() - t0
-            if s == 0:
+            if s == args.seed_offset:
                 latent0 = adata.obsm["X_stereomm"].copy()
             if args.save_latents:  # for comparing clustering variants on the same latents
                 CACHE.mkdir(parents=True, exist_ok=True)
@@ -89,17 +101,17 @@ def main() -> None:
             )
             print(f"{section} seed {s}: ARI {ari:.3f} (fit {t_fit:.1f} s, domains {t_dom:.1f} s)", flush=True)
         adata.obsm["X_stereomm"] = latent0
-        for s in range(args.seeds):
+        for s in range(args.seed_offset, args.seed_offset + args.seeds):
             t0 = time.perf_counter()
             hs.tl.domains(adata, random_state=s, **dkw)
             ari = hs.metrics.ari(adata.obs[GT], adata.obs["stereomm_domain"])
             rows.append(
-                {"section": section, "kind": "clustering seed (model seed 0)", "seed": s, "ari": ari}
+                {"section": section, "kind": f"clustering seed (model seed {args.seed_offset})", "seed": s, "ari": ari}
                 | {"domains_s": time.perf_counter() - t0, "load": os.getloadavg()[0]}
             )
     summary = []
     for section in args.sections:
-        for kind in ("model+clustering seed", "clustering seed (model seed 0)"):
+        for kind in ("model+clustering seed", f"clustering seed (model seed {args.seed_offset})"):
             a = np.array([r["ari"] for r in rows if r["section"] == section and r["kind"] == kind])
             summary.append(
                 {
@@ -115,6 +127,8 @@ def main() -> None:
     name = f"domain_stability{('_' + args.tag) if args.tag else ''}"
     meta = {
         "threads": N_THREADS,
+        "latents": args.latents,
+        "seed_offset": args.seed_offset,
         "domains_kwargs": dkw,
         "features_kwargs": fkw,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
@@ -125,8 +139,11 @@ def main() -> None:
         "",
         "Default pipeline (`hs.pp.image_features` as in the domain benchmark, `hs.pp.spatial_graph`, `hs.tl.stereomm`, "
         f"`hs.tl.domains`{' with ' + json.dumps(dkw) if dkw else ''}"
-        f"{'; image features with ' + json.dumps(fkw) if fkw else ''}); ARI against `{GT}`. 'model+clustering seed': "
-        "`random_state=s` in both; 'clustering seed': the model of seed 0, `hs.tl.domains(random_state=s)`.",
+        f"{'; image features with ' + json.dumps(fkw) if fkw else ''}"
+        f"{'; the models of the run tagged ' + repr(args.latents) + ', not retrained' if args.latents else ''}"
+        f"); ARI against `{GT}`. 'model+clustering seed': "
+        f"`random_state=s` in both (s = {args.seed_offset}..{args.seed_offset + args.seeds - 1}); 'clustering seed': the "
+        f"model of seed {args.seed_offset}, `hs.tl.domains(random_state=s)`.",
         "",
         "| section | seeds varied | n | mean ARI | sd | min | max |",
         "|---|---|---|---|---|---|---|",

@@ -2,17 +2,20 @@
 
 Reads the latents that `benchmarks/domain_stability.py --save-latents --tag TAG` saved (one per seed `s`: the three
 models of seeds `s, s+1, s+2` side by side, the default `hs.tl.stereomm`), splits them into the single models of
-seeds 0..N+1, and clusters ensembles of them with the public `hs.tl.domains` (k = 7, its defaults unless the row
-says otherwise; `random_state` = the first model's seed). No model is trained here, so every row sees the same
-models and the rows differ only in how the models are combined and clustered.
+consecutive seeds, and clusters ensembles of them with the public `hs.tl.domains` (k = 7; `random_state` = the first
+model's seed). No model is trained here, so every row sees the same models and the rows differ only in how the models
+are combined and clustered.
 
-Rows:
+Rows (every setting explicit, so that the rows do not move with the defaults):
 
-- `1 model`: each model alone;
-- `3 models` (the default): models `s..s+2`, the vote of their mixtures (`n_models=3`); `... n_init=50`: 50 restarts
-  of each mixture instead of 10; `... smoothed latent`: each model's latent first averaged with its spatial
-  neighbours' (`x <- 0.7 x + 0.3 mean(neighbours)`, twice);
-- `5 models`: models `s..s+4` (fewer windows: the seeds saved limit them), with 10 or 50 restarts.
+- `1 model`: each model alone, the mixture of best likelihood of 10 restarts (`n_init=10, consensus=False`, the
+  default before 2026-12-06) or the vote of 50 single-start mixtures (`n_init=50, consensus=True`, the default now);
+- `3 models voted`: models `s..s+2`, each clustered alone and the labellings voted (`ensemble='vote'`; with the best
+  of 10 restarts this was the default before 2026-12-06), with 10 or 50 restarts, or with each model's latent first
+  averaged with its spatial neighbours' (`x <- 0.7 x + 0.3 mean(neighbours)`, twice);
+- `3 models joint`: 10 PCs of the three latents side by side clustered once (`ensemble='joint'`), the best of 10 or
+  the vote of 50 (the default);
+- `5 models`: models `s..s+4` (fewer windows: the seeds saved limit them).
 
 For each row: mean, sd and min of the ARI against `layer_guess_reordered` over the windows, and the mean pairwise ARI
 between the windows' labels (how much two runs of a user agree with each other). Consecutive windows share models,
@@ -20,7 +23,7 @@ so the windows are not independent and the sd of a row is a rough figure (with 8
 about a quarter of its value).
 
 Usage: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/domain_stability_variants.py --tag lat`
-(writes benchmarks/results/domain_stability_variants.{md,json}).
+(writes benchmarks/results/domain_stability_variants.{md,json}; `_TAG` is added for tags other than `lat`).
 """
 
 from __future__ import annotations
@@ -35,29 +38,34 @@ import numpy as np
 from domain_stability import CACHE, DATA, GT, N_THREADS, RESULTS, SECTIONS  # the latents that script saves
 
 #: (row name, models per ensemble, hs.tl.domains keyword arguments, spatial smoothing of the latent)
+BEST_OF_10 = {"n_init": 10, "consensus": False}  # the mixture of best likelihood of 10 restarts (the old default)
+VOTE_OF_50 = {"n_init": 50, "consensus": True}  # the vote of 50 single-start mixtures (the default)
 VARIANTS = [
-    ("1 model", 1, {}, False),
-    ("3 models (default)", 3, {}, False),
-    ("3 models, n_init=50", 3, {"n_init": 50}, False),
-    ("3 models, smoothed latent", 3, {}, True),
-    ("3 models, n_init=50, smoothed latent", 3, {"n_init": 50}, True),
-    ("5 models", 5, {}, False),
-    ("5 models, n_init=50", 5, {"n_init": 50}, False),
+    ("1 model, best of 10", 1, BEST_OF_10, False),
+    ("1 model, vote of 50", 1, VOTE_OF_50, False),
+    ("3 models voted, best of 10 (old default)", 3, {"ensemble": "vote", **BEST_OF_10}, False),
+    ("3 models voted, best of 50", 3, {"ensemble": "vote", "n_init": 50, "consensus": False}, False),
+    ("3 models voted, best of 10, smoothed latent", 3, {"ensemble": "vote", **BEST_OF_10}, True),
+    ("3 models joint, best of 10", 3, {"ensemble": "joint", **BEST_OF_10}, False),
+    ("3 models joint, vote of 50 (default)", 3, {"ensemble": "joint", **VOTE_OF_50}, False),
+    ("5 models voted, best of 10", 5, {"ensemble": "vote", **BEST_OF_10}, False),
+    ("5 models joint, vote of 50", 5, {"ensemble": "joint", **VOTE_OF_50}, False),
 ]
 
 
 def _models(section: str, tag: str) -> list[np.ndarray]:
-    """The single-model latents of seeds 0, 1, ... recovered from the saved 3-model latents."""
+    """The single-model latents of consecutive seeds recovered from the saved 3-model latents, and the first seed."""
+    seeds = sorted(int(f.stem.rsplit("seed", 1)[1]) for f in CACHE.glob(f"latent_{tag}_{section}_seed*.npy"))
+    if not seeds:
+        msg = f"no latents in {CACHE} for tag {tag!r}: run benchmarks/domain_stability.py --save-latents --tag {tag}"
+        raise SystemExit(msg)
     models: dict[int, np.ndarray] = {}
-    s = 0
+    s = seeds[0]
     while (f := CACHE / f"latent_{tag}_{section}_seed{s}.npy").exists():
         for i, block in enumerate(np.split(np.load(f), 3, axis=1)):
             models.setdefault(s + i, block)
         s += 1
-    if not models:
-        msg = f"no latents in {CACHE} for tag {tag!r}: run benchmarks/domain_stability.py --save-latents --tag {tag}"
-        raise SystemExit(msg)
-    return [models[i] for i in range(len(models))]
+    return [models[i] for i in sorted(models)], seeds[0]
 
 
 def _smooth(x: np.ndarray, adj, lam: float = 0.3, n_iter: int = 2) -> np.ndarray:
@@ -81,7 +89,7 @@ def main() -> None:
             warnings.simplefilter("ignore")  # the three isolated spots of 151674
             hs.pp.spatial_graph(adata)
         adj = adata.obsp["spatial_connectivities"].tocsr().astype(np.float64)
-        models = _models(section, args.tag)
+        models, first = _models(section, args.tag)
         smoothed = [_smooth(m.astype(np.float64), adj).astype(np.float32) for m in models]
         for name, size, dkw, smooth in VARIANTS:
             t0 = time.perf_counter()
@@ -89,7 +97,7 @@ def main() -> None:
             for s in range(len(models) - size + 1):
                 source = smoothed if smooth else models
                 adata.obsm["X_variant"] = np.hstack(source[s : s + size])
-                hs.tl.domains(adata, use_rep="X_variant", n_models=size, n_clusters=7, random_state=s, **dkw)
+                hs.tl.domains(adata, use_rep="X_variant", n_models=size, n_clusters=7, random_state=first + s, **dkw)
                 labels.append(adata.obs["variant_domain"].to_numpy())
                 aris.append(hs.metrics.ari(adata.obs[GT], adata.obs["variant_domain"]))
             a = np.array(aris)
@@ -105,12 +113,14 @@ def main() -> None:
                 f"{section} {name}: mean {r['mean']:.3f} sd {r['sd']:.3f} pairwise {r['pairwise_ari']:.3f}", flush=True
             )
     meta = {"threads": N_THREADS, "tag": args.tag, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    name = "domain_stability_variants" + ("" if args.tag == "lat" else f"_{args.tag}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "domain_stability_variants.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
         "# Domain stability: aggregation variants on the same models (DLPFC, k = 7)",
         "",
-        f"Single models of seeds 0-{len(models) - 1} from `domain_stability.py --save-latents --tag {args.tag}`; "
+        f"Single models of seeds {first}-{first + len(models) - 1} from `domain_stability.py --save-latents --tag "
+        f"{args.tag}`; "
         "windows of consecutive models clustered with `hs.tl.domains`. ARI against the layers over the windows, and "
         "the mean pairwise ARI between the windows' labels.",
         "",
@@ -123,7 +133,7 @@ def main() -> None:
             f"{r['max']:.3f} | {r['pairwise_ari']:.3f} |"
         )
     lines += ["", f"Run of {meta['date_utc']} UTC, {N_THREADS} threads.", ""]
-    (RESULTS / "domain_stability_variants.md").write_text("\n".join(lines))
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -114,19 +114,40 @@ def test_seed_ensemble_vote(adata_rep):
     noise = rng.normal(size=z.shape).astype(np.float32)
     adata_rep.obsm["X_stereomm"] = np.hstack([z[:, [2, 0, 1]], noise, z[:, [1, 2, 0]]])
     adata_rep.uns["stereomm"] = {"params": {"n_models": 3, "n_latent": 3}}
-    hs.tl.domains(adata_rep, n_clusters=3, refine=False)
+    hs.tl.domains(adata_rep, n_clusters=3, refine=False, ensemble="vote")
     p = adata_rep.uns["stereomm_domain"]["params"]
-    assert p["n_models"] == 3 and 0.3 < p["model_agreement"] < 1
+    assert p["n_models"] == 3 and p["ensemble"] == "vote" and 0.3 < p["model_agreement"] < 1 and p["n_pcs"] == 3
     assert _ari(adata_rep.obs["stereomm_domain"], adata_rep.obs["domain"]) > 0.9
     # the same with n_models given (no uns entry), and with k chosen on the first model
     del adata_rep.uns["stereomm"]
-    hs.tl.domains(adata_rep, n_clusters=3, n_models=3, refine=False, key_added="given")
+    hs.tl.domains(adata_rep, n_clusters=3, n_models=3, refine=False, ensemble="vote", key_added="given")
     assert (adata_rep.obs["given"] == adata_rep.obs["stereomm_domain"]).all()
-    hs.tl.domains(adata_rep, n_clusters=None, n_models=3, cluster_range=(2, 5), n_init=2, key_added="chosen")
+    hs.tl.domains(
+        adata_rep,
+        n_clusters=None,
+        n_models=3,
+        cluster_range=(2, 5),
+        n_init=2,
+        ensemble="vote",
+        consensus=True,
+        key_added="chosen",
+    )
     assert adata_rep.uns["chosen"]["params"]["n_clusters"] == 3
+    assert 0.5 < adata_rep.uns["chosen"]["params"]["consensus_agreement"] <= 1  # the vote at the number chosen
+    # the default: the principal components of the three latents together
+    hs.tl.domains(adata_rep, n_clusters=3, n_models=3, refine=False, key_added="joint")
+    p = adata_rep.uns["joint"]["params"]
+    assert p["ensemble"] == "joint" and p["n_pcs"] == 9 and "model_agreement" not in p and p["consensus"]
+    assert _ari(adata_rep.obs["joint"], adata_rep.obs["domain"]) > 0.9
+    with pytest.raises(ValueError, match="`ensemble` must be 'joint' or 'vote'"):
+        hs.tl.domains(adata_rep, n_models=3, ensemble="mean", key_added="bad")
+    assert "bad" not in adata_rep.obs
     # n_models=1 clusters the side-by-side latents together
     hs.tl.domains(adata_rep, n_clusters=3, n_models=1, key_added="together")
-    assert adata_rep.uns["together"]["params"]["n_models"] == 1
+    p = adata_rep.uns["together"]["params"]
+    assert p["n_models"] == 1 and "ensemble" not in p
+    assert p["n_init"] == 10 and not p["consensus"]  # one latent: the best of 10 starts (the joint ensemble: 50 vote)
+    assert adata_rep.uns["joint"]["params"]["n_init"] == 50
 
 
 def test_seed_ensemble_errors(adata_rep):
@@ -143,6 +164,9 @@ def test_seed_ensemble_from_stereomm(adata_graph):
     hs.tl.stereomm(adata_graph, hidden=[8], n_latent=4, max_epochs=2, device="cpu", progress_bar=False)
     hs.tl.domains(adata_graph, n_clusters=3)
     p = adata_graph.uns["stereomm_domain"]["params"]
+    assert p["n_models"] == 3 and p["ensemble"] == "joint" and p["n_pcs"] == 10 and "model_agreement" not in p
+    hs.tl.domains(adata_graph, n_clusters=3, ensemble="vote", key_added="vote")
+    p = adata_graph.uns["vote"]["params"]
     assert p["n_models"] == 3 and p["n_pcs"] == 4 and "model_agreement" in p
 
 

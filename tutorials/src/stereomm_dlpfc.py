@@ -82,9 +82,10 @@ adata.obs["layer_guess_reordered"].value_counts(dropna=False).sort_index()
 #    layout as `squidpy.gr.spatial_neighbors`.
 # 3. `hs.tl.stereomm`: train StereoMM with its defaults (printed further down) → `obsm['X_stereomm']`,
 #    `uns['stereomm']`. By default three models are trained from seeds 0, 1, 2 and their latents are stored side by
-#    side (3 × 32 columns): one model's domains change with its seed, the vote of three less.
-# 4. `hs.tl.domains`: a Gaussian mixture on each model's latent, the majority vote of the three, refined by a
-#    majority vote over the spatial neighbours → `obs['stereomm_domain']`.
+#    side (3 × 32 columns): one model's domains change with its seed, those of three together less.
+# 4. `hs.tl.domains`: Gaussian mixtures on 10 principal components of the three latents together (each spot takes
+#    the majority label of 50 fits from different starts), refined by a majority vote over the spatial neighbours →
+#    `obs['stereomm_domain']`.
 
 # %%
 hs.pp.image_features(adata, weights=WEIGHTS, progress_bar=PROGRESS)

@@ -114,8 +114,8 @@ class StereoMM(BaseModelClass):
       20,000 spots for 300 epochs, beyond that spatial tiles of 16,384 spots (plus a halo covering the receptive
       field) for about 300 optimiser steps in all, so that the cost grows linearly with the number of spots;
     - a seed ensemble of 3 models (``n_models=3``): the latent is their three latents side by side, and
-      `hs.tl.domains` clusters each one and takes the majority vote. One model's domains change with its seed; the
-      vote of three changes less, though not by much on every section (see the stability benchmark).
+      `hs.tl.domains` clusters the principal components of the three together. One model's domains change with its
+      seed; those of three change less (see the stability benchmark).
 
     The reference defaults (StereoMMv1: 2048 top-variance genes of `X` as given, z-scored, no PCA, hidden
     ``[2048, 256]``, latent 100, lr 1e-4, 100 epochs) train little in 100 full-batch steps and smooth the

@@ -83,9 +83,8 @@ def stereomm(
         int.
     n_models
         Seed ensemble (default 3; 1 with the reference preset): `n_models` models trained from seeds `random_state`,
-        `random_state + 1`, ...; their latents are written side by side and `hs.tl.domains` takes the majority vote
-        of their clusterings, which depends less on the seed than one model does. `n_models=1` is 3 times
-        faster.
+        `random_state + 1`, ...; their latents are written side by side and `hs.tl.domains` clusters them together,
+        which depends less on the seed than one model does. `n_models=1` is 3 times faster.
     model_kwargs
         Other arguments of :class:`~histospace.models.StereoMM` (e.g. `gene_selection`, `n_top_genes`, `proj_dim`).
     train_kwargs
