@@ -10,15 +10,17 @@ Cases (issue #15; sizes as the issue gives them, smaller with `--scale`):
   ~20,000 x 20,000 px H&E (0.5 µm/px). Steps: read and bin (`hs.io.read_gem`), attach the H&E (`hs.io.add_image`),
   then as (a).
 - **(c) H&E-only prediction**: a ~40,000 x 40,000 px pyramidal whole-slide image (0.25 µm/px, SVS-like) tiled at
-  55 µm (~10^5 tiles over the tissue). Steps: `hs.pp.tile_image` on the SpatialData of the image, dense features,
-  `hs.tl.mclstexp_predict` with a model trained beforehand (untimed) on a simulated Visium-like reference.
+  55 µm (~10^5 tiles over the tissue). Steps: `hs.pp.tile_image` on the SpatialData of the image, image features
+  (`method='auto'`, which picks the patch method for tiles that do not overlap; `--features-method dense` for the
+  dense engine), `hs.tl.mclstexp_predict` with a model trained beforehand (untimed) on a simulated Visium-like
+  reference.
 
 The simulated expression has known domains and the simulated H&E has textures that follow them; data generation is
 not timed (cached in `--work-dir`). Each case runs in its own process: the table gives each step's wall time and the
 process's peak RSS after it (`ru_maxrss`, imports and data included). Threads: `OMP_NUM_THREADS` (2 by default).
 
 Usage: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/pipeline_scale.py [--cases a b c] [--scale 1.0]
-[--work-dir /tmp/hs_scale] [--device cpu] [--tag TAG]` (writes benchmarks/results/pipeline_scale[_TAG].{md,json}; cases
+[--work-dir /tmp/hs_scale] [--device cpu] [--features-method auto] [--tag TAG]` (writes benchmarks/results/pipeline_scale[_TAG].{md,json}; cases
 not run keep their earlier results there).
 """
 
@@ -159,7 +161,7 @@ def case_b(work: Path, scale: float, device: str) -> dict:
     return {"n_bins": int(sdata.tables[table_key].n_obs), "ari": ari, "steps": steps.rows}
 
 
-def case_c(work: Path, scale: float, device: str) -> dict:
+def case_c(work: Path, scale: float, device: str, features_method: str = "auto") -> dict:
     import spatialdata as sd
 
     import histospace as hs
@@ -172,9 +174,10 @@ def case_c(work: Path, scale: float, device: str) -> dict:
     steps("tile_image (55 µm)", hs.pp.tile_image, sdata, image_key="he", tile_size=int(round(55 / 0.25)))
     kw = {"table_key": "tiles", "device": device, "progress_bar": False}
     print(f"  {sdata.tables['tiles'].n_obs} tiles", flush=True)
-    # the dense engine, as the issue asks: 'auto' would choose patches for tiles that do not overlap (the same
-    # pixels), but reads them one by one from the slide
-    steps("image features (dense)", hs.pp.image_features, sdata, image_key="he", method="dense", **kw, **_weights())
+    # `--features-method auto` (the default) picks the patch method for tiles that do not overlap
+    steps("image features", hs.pp.image_features, sdata, image_key="he", method=features_method, **kw, **_weights())
+    chosen = sdata.tables["tiles"].uns["img_features"]["params"]["method"]
+    steps.rows[-1]["step"] = f"image features ({chosen}{', default' if features_method == 'auto' else ''})"
     steps("mclstexp_predict", hs.tl.mclstexp_predict, sdata, model=model, table_key="tiles")
     return {"n_tiles": int(sdata.tables["tiles"].n_obs), "steps": steps.rows}
 
@@ -222,6 +225,7 @@ def main() -> None:
     p.add_argument("--work-dir", default="/tmp/hs_scale")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tag", default="", help="suffix of the result files (e.g. for another --scale)")
+    p.add_argument("--features-method", default="auto", help="case (c): `method` of hs.pp.image_features")
     p.add_argument("--tables-only", action="store_true", help="rewrite the markdown from the JSON, run nothing")
     p.add_argument("--worker")
     args = p.parse_args()
@@ -231,7 +235,8 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(N_THREADS)
-        res = CASES[args.worker](work, args.scale, args.device)
+        extra = {"features_method": args.features_method} if args.worker == "c" else {}
+        res = CASES[args.worker](work, args.scale, args.device, **extra)
         res["load_avg_1min_end"] = os.getloadavg()[0]
         res["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
         print("RESULT " + json.dumps(res, default=float))
@@ -252,7 +257,8 @@ def main() -> None:
         print(f"case ({case})", flush=True)
         t = time.perf_counter()
         cmd = [sys.executable, __file__, "--worker", case, "--scale", str(args.scale), "--work-dir", str(work)]
-        r = subprocess.run([*cmd, "--device", args.device], capture_output=True, text=True)
+        cmd += ["--device", args.device, "--features-method", args.features_method]
+        r = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
         print(r.stdout[-3000:], flush=True)
         results[case] = json.loads(line[-1][7:]) if line else {"error": r.stderr[-3000:]}
