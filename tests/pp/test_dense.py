@@ -317,6 +317,12 @@ def test_n_components_projects_on_the_fly():
     mu, comp = _pca(full[:200], 3)
     assert _rel(small, (full[:200] - mu) @ comp) < 1e-4
     assert dense_features(img, centres, 32, enc, n_components=5, pca_n_spots=300, **kw).tobytes() == red.tobytes()
+    # the pieces `hs.pp.image_features(n_components=)` joins over slides: the sample alone, then a given PCA
+    idx, x = dense_features(img, centres, 32, enc, sample=300, **kw)
+    np.testing.assert_array_equal(idx, sel)
+    assert _rel(x, full[sel]) < 1e-5
+    mu, comp = _pca(full[sel], 5)
+    assert _rel(dense_features(img, centres, 32, enc, pca=(mu, comp), **kw), red) < 1e-5
 
 
 def test_choose_method_follows_the_overlap():
@@ -355,6 +361,10 @@ def test_errors():
         dense_features(img, c, 64, enc, input_size=64, n_components=5000, **kw)
     with pytest.raises(ValueError, match="`pca_n_spots` must be"):
         dense_features(img, c, 64, enc, input_size=64, n_components=2, pca_n_spots=0, **kw)
+    with pytest.raises(ValueError, match=r"`pca` must be \(mean, components\) of shapes \(1280,\)"):
+        dense_features(img, c, 64, enc, input_size=64, pca=(np.zeros(16), np.zeros((16, 2))), **kw)
+    with pytest.raises(ValueError, match="`sample` must be a positive integer"):
+        dense_features(img, c, 64, enc, input_size=64, sample=0, **kw)
     with pytest.raises(ValueError, match="`halo` must be"):
         dense_features(img, c, 64, enc, halo=-1, **kw)
     with pytest.raises(ValueError, match="`layers` must be"):
