@@ -134,7 +134,9 @@ print(
         if k in ("n_latent", "n_models", "max_epochs", "lr", "n_pcs")
     }
 )
-print("agreement of each model with the vote:", round(adata.uns["stereomm_domain"]["params"]["model_agreement"], 3))
+p = adata.uns["stereomm_domain"]["params"]
+print(f"domains: {p['ensemble']} clustering of {p['n_models']} models, vote of {p['n_init']} mixtures, each of which")
+print("agrees with the vote on a fraction", round(p["consensus_agreement"], 3), "of the spots (mean)")
 hs.pl.training_history(adata, key="stereomm")
 
 # %% [markdown]
