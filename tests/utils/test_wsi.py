@@ -496,6 +496,11 @@ def test_dask_level_reads_through_a_cache_of_chunks(base):
         assert lvl._cached_bytes <= lvl.cache_bytes
     np.testing.assert_array_equal(lvl[:, :], base)  # more chunks than the cache holds: computed directly
     assert lvl._cached_bytes <= lvl.cache_bytes
+    big = _DaskLevel(arr, cache_bytes=100 * chunk_bytes)  # reads over more than 2 x 2 chunks bypass the cache
+    np.testing.assert_array_equal(big[0:150, 0:150], base[0:150, 0:150])
+    assert not big._cache
+    np.testing.assert_array_equal(big[60:70, 60:70], base[60:70, 60:70])
+    assert len(big._cache) == 4
 
     # 30-px windows over the image in chunk order decode each chunk at most twice (in row-major order: many times)
     src = ImageSource(_DaskLevel(arr, cache_bytes=6 * chunk_bytes), "YXC")

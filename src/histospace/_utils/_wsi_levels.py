@@ -230,13 +230,18 @@ class _TiffLevel:
         return d
 
 
+#: `_DaskLevel` reads touching more chunks than this are computed directly, not through the cache of chunks
+MAX_CACHED_BLOCKS = 4
+
+
 class _DaskLevel:
     """A dask array read region by region with the synchronous scheduler (no thread pool per read).
 
-    Small reads go through a cache of whole chunks (least recently used first out, at most `cache_bytes`): a dask
-    array computes whole chunks anyway (a 224-px patch of a level in 4096-px chunks, or behind a `rechunk`, decodes
-    the whole chunk), so patches and tiles read in spatial order decode each chunk once instead of once per read.
-    Reads that touch more chunks than the cache holds are computed directly.
+    Reads smaller than a chunk (touching at most 2 x 2 chunks) go through a cache of whole chunks (least recently used
+    first out, at most `cache_bytes`): a dask array computes whole chunks anyway (a 224-px patch of a level in
+    4096-px chunks, or behind a `rechunk`, decodes the whole chunk), so patches and tiles read in spatial order decode
+    each chunk once or twice instead of once per read. Larger reads (e.g. 2,000-px tiles of an image in 256-px chunks)
+    are computed directly, as one dask graph.
     """
 
     #: default cache size per process
@@ -274,7 +279,9 @@ class _DaskLevel:
                 return np.asarray(self.arr[idx].compute(scheduler="synchronous"))
             spans.append((int(np.searchsorted(starts, start, "right")) - 1, int(np.searchsorted(starts, stop, "left"))))
         n_blocks = math.prod(b - a for a, b in spans)
-        if n_blocks * self._chunk_bytes > self.cache_bytes:
+        if n_blocks > MAX_CACHED_BLOCKS or n_blocks * self._chunk_bytes > self.cache_bytes:
+            # a read as large as a chunk or more: the next read shares little of it, and one dask graph for the
+            # region costs less than a compute per chunk
             return np.asarray(self.arr[idx].compute(scheduler="synchronous"))
         out = np.empty(tuple(stop - start for start, stop, _ in ranges), dtype=self.dtype)
         with self._lock:
