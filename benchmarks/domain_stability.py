@@ -142,8 +142,8 @@ def main() -> None:
         f"{'; image features with ' + json.dumps(fkw) if fkw else ''}"
         f"{'; the models of the run tagged ' + repr(args.latents) + ', not retrained' if args.latents else ''}"
         f"); ARI against `{GT}`. 'model+clustering seed': "
-        f"`random_state=s` in both (s = {args.seed_offset}..{args.seed_offset + args.seeds - 1}); 'clustering seed': the "
-        f"model of seed {args.seed_offset}, `hs.tl.domains(random_state=s)`.",
+        f"`random_state=s` in both (s = {args.seed_offset}..{args.seed_offset + args.seeds - 1}); "
+        f"'clustering seed': the model of seed {args.seed_offset}, `hs.tl.domains(random_state=s)`.",
         "",
         "| section | seeds varied | n | mean ARI | sd | min | max |",
         "|---|---|---|---|---|---|---|",

@@ -10,8 +10,9 @@ Methods (one default for both sections; nothing tuned per section):
 
 - `stereomm_default`: `hs.pp.image_features` with its defaults (MobileNetV2, the shared ImageNet weights, lowres
   image, patch of 3 spot diameters, `method='auto'`, which is dense here), `hs.pp.spatial_graph` (Visium hex grid,
-  6 neighbours), `hs.tl.stereomm` (defaults: a seed ensemble of 3 models), `hs.tl.domains` (defaults: mixtures on the
-  3 models' latents together, the vote of 50 starts) — what `histospace domains` runs; `stereomm_1_model`: the same with `n_models=1`;
+  6 neighbours), `hs.tl.stereomm` (defaults: a seed ensemble of 3 models), `hs.tl.domains` (defaults: mixtures on
+  the 3 models' latents together, the vote of 50 starts) — what `histospace domains` runs; `stereomm_1_model`: the
+  same with `n_models=1`;
 - `stereomm_reference`: `hs.tl.stereomm(preset='reference', n_pcs=200)` (the StereoMMv1 README settings with both
   modalities PCA'd to 200 as in the reference run quoted in the issue) and the reference's Leiden search;
 - ablations: `expr_only` (the default expression features, PCA 50, Gaussian mixture; no graph, no image),

@@ -20,8 +20,8 @@ not timed (cached in `--work-dir`). Each case runs in its own process: the table
 process's peak RSS after it (`ru_maxrss`, imports and data included). Threads: `OMP_NUM_THREADS` (2 by default).
 
 Usage: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/pipeline_scale.py [--cases a b c] [--scale 1.0]
-[--work-dir /tmp/hs_scale] [--device cpu] [--features-method auto] [--tag TAG]` (writes benchmarks/results/pipeline_scale[_TAG].{md,json}; cases
-not run keep their earlier results there).
+[--work-dir /tmp/hs_scale] [--device cpu] [--features-method auto] [--tag TAG]` (writes
+benchmarks/results/pipeline_scale[_TAG].{md,json}; cases not run keep their earlier results there).
 """
 
 from __future__ import annotations

@@ -471,8 +471,9 @@ def read_order(src: ImageSource, starts: np.ndarray) -> np.ndarray | None:
     """An order of windows that reads a chunked image chunk by chunk; `None` when any order reads as fast.
 
     `starts` are the windows' top-left corners (pixels of `src`, `(B, 2)` as x, y); only dask-backed levels are
-    chunked in this sense (a read decodes whole chunks). Windows are grouped by the chunk of their top-left corner, the chunks row by row, so that a chunk and its right
-    and lower neighbours (which the windows overlap) stay in the reader's cache of chunks while they are needed.
+    chunked in this sense (a read decodes whole chunks). Windows are grouped by the chunk of their top-left corner,
+    the chunks row by row, so that a chunk and its right and lower neighbours (which the windows overlap) stay in the
+    reader's cache of chunks while they are needed.
     """
     from histospace._utils._wsi_levels import _DaskLevel
 

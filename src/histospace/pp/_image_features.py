@@ -294,8 +294,9 @@ def image_features(
         on every spot of patch-method slides and on a sample of dense-method slides (the spots of evenly spaced strips
         of tiles, about 20,000 in all, spread over the slides by their number of spots); dense slides with more spots
         than their share then run a second pass whose maps are projected before the window means, so the full-width
-        features of 10^5-10^6 bins (5 GB for 10^6 x 1280) are never held. The PCA is stored in
-        `uns[key_added]['pca']` for `pca=`.
+        features of 10^5-10^6 bins (5 GB for 10^6 x 1280) are never held. Patch-method slides are computed at full
+        width and then projected (their `n x d` floats are held for a moment: 0.5 GB for 10^5 tiles). The PCA is
+        stored in `uns[key_added]['pca']` for `pca=`.
     pca
         Project onto a PCA fitted by an earlier call, `other.uns['img_features']['pca']` (a mapping with `'mean'` and
         `'components'`), instead of fitting one: the features of a new slide in the space of a reference's (e.g. for
@@ -459,7 +460,7 @@ def image_features(
     ):
         for lib in patch_libs:
             rec = records[lib.library_id]
-            # without a PCA straight into `feats`; with one, full width first (patch slides are the small ones)
+            # without a PCA straight into `feats`; with one, full width first, projected below
             target, rows = (np.empty((len(lib.rows), d_full), np.float32), np.arange(len(lib.rows))) if reduce else (
                 feats, lib.rows)  # fmt: skip
             for j, factor in enumerate(factors):
