@@ -41,6 +41,12 @@ def test_chunked_pca_matches_arpack(features, monkeypatch):
     assert got.dtype == np.float32
     # same axes with the same sign convention (largest absolute loading positive)
     np.testing.assert_allclose(got, ref, atol=1e-4)
+    # a float64 input, whose chunks are views of it, is left as it was
+    x64 = features.astype(np.float64)
+    before = x64.copy()
+    got64 = _chunked(monkeypatch, _preprocess._pca_components, x64, mean, std, 5)
+    np.testing.assert_array_equal(x64, before)
+    np.testing.assert_allclose(got64, ref, atol=1e-4)
 
 
 def test_small_inputs_stay_on_the_in_memory_path(features):

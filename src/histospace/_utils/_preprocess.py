@@ -61,7 +61,7 @@ def _covariance_components(x, mean: np.ndarray, scale: np.ndarray, n_comps: int)
     cov = np.zeros((d, d))
     centre = mean / scale
     for c in _row_chunks(x):
-        c /= scale
+        c = c / scale  # a new array: a float64 chunk of `x` is a view of the caller's data
         c -= centre
         cov += c.T @ c
     cov /= max(x.shape[0] - 1, 1)
