@@ -12,8 +12,9 @@ from torch import nn
 import histospace as hs
 from histospace._nn._encoders import build_encoder
 from histospace._utils._image import open_image
+from histospace._utils._preprocess import covariance_pca
 from histospace.pp import _dense
-from histospace.pp._dense import _pca, choose_method, dense_cost_ratio, dense_features, pick_level, trunk_geometry
+from histospace.pp._dense import choose_method, dense_cost_ratio, dense_features, pick_level, trunk_geometry
 from histospace.pp._dense_engine import _iter_strips, _pca_sample, _plan
 from histospace.pp._dense_resample import _Resampler
 from histospace.pp._dense_trunk import _run_trunk
@@ -308,20 +309,20 @@ def test_n_components_projects_on_the_fly():
     geom = trunk_geometry(enc)
     sel = _pca_sample(_plan(centres, 1.0, 32, 64, geom.exact_halo, geom.max_stride), geom, 300)
     assert 300 <= sel.size < len(centres) / 2
-    mu, comp = _pca(full[sel], 5)
+    mu, comp = covariance_pca(full[sel], 5)
     want = (full - mu) @ comp
     assert red.shape == (len(centres), 5) and red.dtype == np.float32
     assert _rel(red, want) < 1e-4
     # few centres: one pass, PCA in memory
     small = dense_features(img, centres[:200], 32, enc, n_components=3, **kw)
-    mu, comp = _pca(full[:200], 3)
+    mu, comp = covariance_pca(full[:200], 3)
     assert _rel(small, (full[:200] - mu) @ comp) < 1e-4
     assert dense_features(img, centres, 32, enc, n_components=5, pca_n_spots=300, **kw).tobytes() == red.tobytes()
     # the pieces `hs.pp.image_features(n_components=)` joins over slides: the sample alone, then a given PCA
     idx, x = dense_features(img, centres, 32, enc, sample=300, **kw)
     np.testing.assert_array_equal(idx, sel)
     assert _rel(x, full[sel]) < 1e-5
-    mu, comp = _pca(full[sel], 5)
+    mu, comp = covariance_pca(full[sel], 5)
     assert _rel(dense_features(img, centres, 32, enc, pca=(mu, comp), **kw), red) < 1e-5
 
 

@@ -597,12 +597,12 @@ def test_dense_method_slots_copy_and_determinism(adata):
 
 @pytest.mark.parametrize("method", ["patch", "dense"])
 def test_n_components_is_the_pca_of_the_full_features(adata, method, tmp_path):
-    from histospace.pp._dense import _pca
+    from histospace._utils._preprocess import covariance_pca
 
     kw = DENSE if method == "dense" else FAST
     full = _feats(adata, **kw).astype(np.float64)
     out = hs.pp.image_features(adata, n_components=5, copy=True, **kw)
-    mu, comp = _pca(full, 5)  # fitted on every spot: fewer than the PCA's sample
+    mu, comp = covariance_pca(full, 5)  # fitted on every spot: fewer than the PCA's sample
     np.testing.assert_array_equal(out.obsm["img_features"], ((full - mu) @ comp).astype(np.float32))
     u = out.uns["img_features"]
     assert u["params"]["n_components"] == 5 and u["params"]["method"] == method and u["pca"]["n_fit"] == adata.n_obs

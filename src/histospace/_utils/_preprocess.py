@@ -69,6 +69,22 @@ def _covariance_components(x, mean: np.ndarray, scale: np.ndarray, n_comps: int)
     return v[:, ::-1][:, :n_comps]
 
 
+def _fixed_signs(v: np.ndarray) -> np.ndarray:
+    """Principal axes (columns) with deterministic signs: the largest absolute loading of each positive."""
+    signs = np.sign(v[np.abs(v).argmax(0), np.arange(v.shape[1])])
+    signs[signs == 0] = 1
+    return v * signs
+
+
+def covariance_pca(x, n_comps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean `(d,)` and top principal axes `(d, n_comps)` (float64, signs fixed) of the rows of a dense `x`.
+
+    The float64 covariance is accumulated in row chunks (no float64 copy of `x`) and eigendecomposed.
+    """
+    mean = sum(c.sum(axis=0) for c in _row_chunks(x)) / max(x.shape[0], 1)
+    return mean, _fixed_signs(_covariance_components(x, mean, np.ones_like(mean), n_comps))
+
+
 def highly_variable_genes(
     x_log, var_names, n_top: int, *, batch: np.ndarray | None = None, min_spots: int = 3, min_fraction: float = 0.01
 ) -> np.ndarray:
@@ -126,10 +142,7 @@ def _pca_components(x, mean: np.ndarray, scale: np.ndarray, n_comps: int) -> np.
             warnings.simplefilter("ignore")
             sc.pp.pca(tmp, n_comps=n_comps, zero_center=True, svd_solver=solver, random_state=0, dtype="float64")
         v = np.asarray(tmp.varm["PCs"], dtype=np.float64)
-    # deterministic signs: largest absolute loading positive
-    signs = np.sign(v[np.abs(v).argmax(0), np.arange(v.shape[1])])
-    signs[signs == 0] = 1
-    return (v * signs).astype(np.float32)
+    return _fixed_signs(v).astype(np.float32)
 
 
 def _project(x, mean: np.ndarray, scale: np.ndarray, comps: np.ndarray | None) -> np.ndarray:

@@ -53,6 +53,7 @@ from typing import Literal
 import numpy as np
 from scanpy import logging as logg
 
+from histospace._utils._preprocess import covariance_pca
 from histospace.pp._dense_engine import _STATS, _dense_pass, _pca_sample, _plan
 from histospace.pp._dense_trunk import TrunkGeometry, _check_encoder, _is_vit, _round_up, trunk_geometry
 
@@ -130,20 +131,6 @@ def _resolve_tiling(geom: TrunkGeometry, input_size: int, tile_size: int | None,
 def _default_tile(halo: int, input_size: int, smax: int) -> int:
     """Tiles of `2048` px with their halo (`2048 - 2 * halo` px of core), at least `1024` px and `input_size`."""
     return max(_round_up(2048 - 2 * halo, smax), 1024, _round_up(input_size, smax))
-
-
-def _pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and top-`k` principal axes `(d, k)` of the rows of `x` (float64 covariance + `eigh`; signs fixed)."""
-    x = np.asarray(x, dtype=np.float64)
-    mu = x.mean(axis=0)
-    xc = x - mu
-    cov = xc.T @ xc / max(x.shape[0] - 1, 1)
-    vals, vecs = np.linalg.eigh(cov)
-    order = np.argsort(vals)[::-1][:k]
-    comp = vecs[:, order]
-    signs = np.sign(comp[np.argmax(np.abs(comp), axis=0), np.arange(comp.shape[1])])
-    signs[signs == 0] = 1.0
-    return mu, comp * signs
 
 
 def dense_features(
@@ -336,13 +323,13 @@ def dense_features(
             feats = np.empty((n, d_total), dtype=np.float32)
             run(None, None, feats, "dense features")
             if n_components is not None:
-                mu, comp = _pca(feats, int(n_components))
+                mu, comp = covariance_pca(feats, int(n_components))
                 feats = ((feats.astype(np.float64) - mu) @ comp).astype(np.float32)
         else:
             sel = _pca_sample(plans[0], geom, int(pca_n_spots))
             sample = np.empty((sel.size, d_total), dtype=np.float32)
             run(sel, None, sample, "dense features (PCA fit)")
-            mu, comp = _pca(sample, int(n_components))
+            mu, comp = covariance_pca(sample, int(n_components))
             del sample
             proj = torch.as_tensor(comp, dtype=torch.float32, device=dev)
             acc = np.zeros((n, int(n_components)), dtype=np.float64)

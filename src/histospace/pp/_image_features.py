@@ -503,10 +503,10 @@ def image_features(
                 if fitted is None:
                     fit_rows.append(target)
     if reduce and fitted is None:  # one PCA for all slides
-        from histospace.pp._dense import _pca
+        from histospace._utils._preprocess import covariance_pca
 
         n_fit = sum(len(x) for x in fit_rows)
-        fitted = _pca(np.concatenate(fit_rows) if len(fit_rows) > 1 else fit_rows[0], int(n_components))
+        fitted = covariance_pca(np.concatenate(fit_rows) if len(fit_rows) > 1 else fit_rows[0], int(n_components))
         del fit_rows
     for lib in dense_libs:  # (with a PCA: its maps projected before the window means)
         if lib.library_id not in held:
