@@ -21,6 +21,11 @@ def as_dense(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def named_layers(adata: AnnData) -> dict:
+    """`adata.layers` without `adata.X`: anndata >= 0.13 lists `X` among the layers under the key `None`."""
+    return {k: v for k, v in adata.layers.items() if k is not None}
+
+
 def library_labels(adata: AnnData, library_key: str | None = LIBRARY_KEY, *, required: bool = False) -> np.ndarray:
     """The slide of every spot, as strings (one rule for every function).
 

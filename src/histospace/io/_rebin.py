@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from scanpy import logging as logg
 
 from histospace._utils._choice import only_one
+from histospace._utils._data import named_layers
 
 from ._bins import COL_KEY, ROW_KEY, bin_table, squares
 from ._units import _linear_scale, microns_per_unit, set_microns_per_unit, square_side
@@ -254,7 +255,7 @@ def rebin(
     new_cols = upair % (nc.max() - c0 + 1) + c0
 
     X = _aggregate(table.X, new_id, n_new, int(block_size))
-    layers = {k: _aggregate(v, new_id, n_new, int(block_size)) for k, v in table.layers.items()}
+    layers = {k: _aggregate(v, new_id, n_new, int(block_size)) for k, v in named_layers(table).items()}
     n_bins = np.bincount(new_id, minlength=n_new)
 
     # centres: member mean + J (full-block index centre - member index mean); J fitted over all input bins

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 
+from histospace._utils._data import named_layers
+
 from ._bins import COL_KEY, ROW_KEY, bin_table, bins_sdata, element_name
 from ._gem import chip_resolution_um
 from ._units import DNB_MICRONS
@@ -175,7 +177,7 @@ def read_stereopy(
     obs = adata.obs.copy()
     obs[COL_KEY] = cols
     obs[ROW_KEY] = rows
-    layers = {k: v for k, v in adata.layers.items()}
+    layers = named_layers(adata)
     table = bin_table(adata.X, obs=obs, var=adata.var.copy(), region=shapes_key, spatial=centres, layers=layers)
     table.uns.update({k: v for k, v in adata.uns.items() if k != "spatialdata_attrs"})
     for k, v in adata.obsm.items():
