@@ -28,12 +28,18 @@ def _assert_unchanged(adata, snap):
     pd.testing.assert_frame_equal(adata.obs, snap["obs"])
 
 
-def _squidpy(adata, **kwargs):
+def _squidpy(adata, *, coord_type, n_neighs=6, radius=None, delaunay=False, **common):
+    """squidpy's graph for the same options, through the per-mode functions (`spatial_neighbors` goes in squidpy 1.9)."""
     import squidpy as sq
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # `spatial_neighbors` is deprecated in squidpy 1.8
-        sq.gr.spatial_neighbors(adata, **kwargs)
+    if coord_type == "grid":
+        sq.gr.spatial_neighbors_grid(adata, n_neighs=n_neighs, **common)
+    elif delaunay:
+        sq.gr.spatial_neighbors_delaunay(adata, radius=radius, **common)
+    elif radius is not None:
+        sq.gr.spatial_neighbors_radius(adata, radius=radius, **common)
+    else:
+        sq.gr.spatial_neighbors_knn(adata, n_neighs=n_neighs, **common)
 
 
 def _set_tech(adata, technology, spot_diameter_um):
