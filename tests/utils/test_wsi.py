@@ -526,12 +526,13 @@ def test_dask_level_reads_through_a_cache_of_chunks(base):
 # ------------------------------------------------------------------------------------- one µm-per-pixel rule, damage
 def _rule_files(tmp_path, base, ome_path, svs_path):
     """Files and the µm per pixel the one rule gives them (`None`: unknown)."""
+    kw = {"photometric": "rgb", "tile": TILE}  # tiled, so that OpenSlide reads them too
     cm = tmp_path / "cm.tif"
-    tifffile.imwrite(cm, base, photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    tifffile.imwrite(cm, base, resolution=(2e4, 2e4), resolutionunit="CENTIMETER", **kw)
     dpi600 = tmp_path / "dpi600.tif"  # a print default, not a pixel size
-    tifffile.imwrite(dpi600, base, photometric="rgb", resolution=(600, 600), resolutionunit="INCH")
+    tifffile.imwrite(dpi600, base, resolution=(600, 600), resolutionunit="INCH", **kw)
     dpi2400 = tmp_path / "dpi2400.tif"  # above 1200 dpi: a scanner's pixel size
-    tifffile.imwrite(dpi2400, base, photometric="rgb", resolution=(2400, 2400), resolutionunit="INCH")
+    tifffile.imwrite(dpi2400, base, resolution=(2400, 2400), resolutionunit="INCH", **kw)
     return {ome_path: 0.25, svs_path: 0.5, cm: 0.5, dpi600: None, dpi2400: 25400 / 2400}
 
 
@@ -543,8 +544,11 @@ def test_one_mpp_rule_for_every_reader(tmp_path, base, ome_path, svs_path):
     import histospace as hs
     import histospace.io as hsio
 
+    slide_readers = [r for r in ("openslide", "tiffslide") if _importable(r)]
     for path, want in _rule_files(tmp_path, base, ome_path, svs_path).items():
         got = {"open_slide": open_slide(path, reader="tifffile").mpp}
+        if path != ome_path:  # OpenSlide does not read OME SubIFD pyramids
+            got.update({f"open_slide {r}": open_slide(path, reader=r).mpp for r in slide_readers})
         sdata = SpatialData()
         hsio.add_image(sdata, path)
         got["add_image"] = hsio.microns_per_unit(sdata, "global")
