@@ -124,6 +124,8 @@ def open_slide(
     Returns
     -------
     The slide's levels, downsamples and µm per pixel; no pixel is decoded except one probe pixel (tifffile reader).
+    A TIFF that is damaged, or cut short (pixel data, metadata or IFDs beyond the end of the file), raises
+    `ValueError` naming the file, whichever the reader.
     """
     path = Path(path).expanduser()
     if reader not in READERS:

@@ -4,8 +4,8 @@
 the largest series (the slide; thumbnails, labels and macro images are smaller), its levels, the µm per pixel by the
 one rule of :func:`histospace._utils._wsi_mpp._tiff_mpp`, and a check that the file is whole. A file cut short (an
 interrupted copy or download) keeps its header, so tifffile opens it, and the tiles beyond its end read as empty or
-fail deep inside a later computation; :func:`check_tiff_complete` compares the extent of every level's pixel data and
-of the tag values of its IFD with the file size and raises naming the file.
+fail deep inside a later computation; :func:`check_tiff_complete` compares the chain of IFDs, and the extent of every
+level's pixel data and of the tag values of its IFD, with the file size and raises naming the file.
 """
 
 from __future__ import annotations

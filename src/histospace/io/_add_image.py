@@ -220,6 +220,9 @@ def add_image(
 
     A Stereo-seq image registered to the chip (SAW's `*_regist.tif`) has one pixel per DNB: `scale=1`.
 
+    Arguments are checked, and a file's header read (a damaged or truncated TIFF raises `ValueError` naming it),
+    before anything is written: on an error `sdata` is left as it was.
+
     Parameters
     ----------
     sdata
