@@ -134,3 +134,76 @@ def test_empty_spatialdata_gets_the_image_in_global(tmp_path):
         hsio.add_image(sdata2, path, image_key="b", coordinate_system="two")
     with pytest.raises(ValueError, match="coordinate systems"):  # once there are several, the choice is the user's
         hsio.add_image(sdata2, path, image_key="c")
+
+
+def _state(sdata):
+    """What `add_image` may change: element names, coordinate systems and the recorded µm per unit."""
+    import copy
+
+    return (
+        {k: sorted(getattr(sdata, k)) for k in ("images", "labels", "shapes", "points", "tables")},
+        sorted(sdata.coordinate_systems),
+        copy.deepcopy(dict(sdata.attrs)),
+    )
+
+
+@pytest.mark.parametrize("bad", [0, -0.25, np.nan])
+def test_microns_per_pixel_named_and_nothing_written(tmp_path, gem_path, bad):
+    """`microns_per_pixel <= 0` names `microns_per_pixel` (not `scale`), with bins or on an empty SpatialData, and
+    leaves `sdata` as it was (the empty one used to get the image before the error)."""
+    from spatialdata import SpatialData
+
+    path = write_ome(tmp_path / "he.ome.tif", rgb(130, 150), mpp=0.25, levels=1)
+    for sdata in (hsio.read_gem(gem_path, bin_size=10), SpatialData()):
+        before = _state(sdata)
+        for image in (rgb(), path):
+            with pytest.raises(ValueError, match=r"`microns_per_pixel` must be a positive number") as e:
+                hsio.add_image(sdata, image, microns_per_pixel=bad)
+            assert "scale" not in str(e.value)
+            assert _state(sdata) == before
+
+
+def test_bad_attrs_raise_before_the_image_is_added(tmp_path):
+    """An empty SpatialData whose µm-per-unit record cannot be written: the error comes before the image is added."""
+    from spatialdata import SpatialData
+
+    sdata = SpatialData()
+    sdata.attrs["histospace"] = "not a dict"
+    before = _state(sdata)
+    with pytest.raises(TypeError, match=r"`sdata.attrs\['histospace'\]` is a str, expected a dict; remove or fix it"):
+        hsio.add_image(sdata, rgb(), microns_per_pixel=0.5)
+    assert _state(sdata) == before
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (
+            "cut in the header",
+            r"Could not read the TIFF file '.*d\.tif': it is damaged or not a TIFF.*copy or download",
+        ),
+        ("corrupt IFD", r"Could not read the TIFF file '.*d\.tif': it is damaged or not a TIFF.*copy or download"),
+        ("first IFD beyond the end", r"The TIFF file '.*d\.tif' is truncated: its header points to the first IFD"),
+        ("cut in the pixels", r"The TIFF file '.*d\.tif' is truncated: 1 of the 1 tiles/strips .*copy or download"),
+    ],
+)
+def test_damaged_tiff_named(tmp_path, damage, match):
+    """A damaged TIFF raises ValueError naming the file and the fix (a first IFD beyond the end was a bare
+    IndexError, a file cut in its pixels was added without a word); nothing is added."""
+    from spatialdata import SpatialData
+
+    tifffile.imwrite(tmp_path / "p.tif", rgb(64, 64), photometric="rgb")
+    data = bytearray((tmp_path / "p.tif").read_bytes())
+    if damage == "cut in the header":
+        data = data[:4]
+    elif damage == "corrupt IFD":
+        data[8:10] = b"\xff\xff"  # 65535 tags in the first IFD
+    elif damage == "first IFD beyond the end":
+        data[4:8] = (10**8).to_bytes(4, "little")
+    else:
+        data = data[: len(data) - 20]
+    (tmp_path / "d.tif").write_bytes(bytes(data))
+    sdata = SpatialData()
+    with pytest.raises(ValueError, match=match):
+        hsio.add_image(sdata, tmp_path / "d.tif", scale=1)
+    assert _state(sdata) == _state(SpatialData())

@@ -230,3 +230,44 @@ def test_zarr_round_trip(tmp_path):
     assert back.shapes["a_bin10"].geometry.geom_equals(sdata.shapes["a_bin10"].geometry).all()
     assert hsio.microns_per_unit(back, "global") == 0.5
     assert back.attrs["histospace"] == {"microns_per_unit": {"global": 0.5}}
+
+
+def _gz_records(n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(f"G{rng.integers(40)}", int(rng.integers(500)), int(rng.integers(500)), int(rng.integers(1, 5)), 0)
+            for _ in range(n)]  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["header", "middle", "end"])
+def test_truncated_gzip_names_the_file(tmp_path, where):
+    """A .gem.gz cut short raises ValueError naming the file and saying it is truncated (not a bare EOFError)."""
+    whole = write_gem(tmp_path / "whole.gem.gz", _gz_records(), gz=True).read_bytes()
+    cut = {"header": 40, "middle": len(whole) // 2, "end": len(whole) - 8}[where]
+    path = tmp_path / "cut.gem.gz"
+    path.write_bytes(whole[:cut])
+    with pytest.raises(ValueError, match=r"GEM file '.*cut\.gem\.gz' is truncated or damaged.*gzip -t.*copy or down"):
+        hsio.read_gem(path, bin_size=10, chunksize=500)
+
+
+def test_corrupt_gzip_names_the_file(tmp_path):
+    whole = bytearray(write_gem(tmp_path / "whole.gem.gz", _gz_records(), gz=True).read_bytes())
+    whole[len(whole) // 2 : len(whole) // 2 + 64] = bytes(64)  # zeros in the middle of the deflate stream
+    path = tmp_path / "bad.gem.gz"
+    path.write_bytes(bytes(whole))
+    with pytest.raises(ValueError, match=r"GEM file '.*bad\.gem\.gz' is truncated or damaged"):
+        hsio.read_gem(path, bin_size=10, chunksize=500)
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, np.nan, np.inf])
+def test_microns_per_dnb_checked_by_name_before_reading(tmp_path, bad):
+    """`microns_per_dnb` is named in the error and checked before the file is read: a file that cannot be read
+    (cut short in its header) still gives the argument's error, not the file's."""
+    whole = write_gem(tmp_path / "whole.gem.gz", _gz_records(), gz=True).read_bytes()
+    path = tmp_path / "cut.gem.gz"
+    path.write_bytes(whole[:40])
+    with pytest.raises(ValueError, match=r"`microns_per_dnb` must be a positive number"):
+        hsio.read_gem(path, bin_size=10, microns_per_dnb=bad)
+    with pytest.raises(TypeError, match=r"`microns_per_dnb` must be"):
+        hsio.read_gem(path, bin_size=10, microns_per_dnb="0.5")
+    sdata = hsio.read_gem(write_gem(tmp_path / "a.gem"), bin_size=10, microns_per_dnb=0.715)
+    assert hsio.microns_per_unit(sdata, "global") == pytest.approx(0.715)

@@ -156,3 +156,42 @@ def test_tiles_bad_input(blob, tmp_path):
         hs.pp.tile_image([1, 2, 3])
     with pytest.raises(ValueError, match="shape"):
         hs.pp.tile_image(np.zeros((4, 4, 4, 4)))
+
+
+def _ome(path, img, mpp):
+    import tifffile
+
+    md = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp}
+    tifffile.imwrite(path, img, photometric="rgb", tile=(256, 256), metadata=md)
+    return path
+
+
+def test_tiles_read_the_ome_tiff_microns_per_pixel(blob, tmp_path):
+    """An OME-TIFF's PhysicalSizeX gives the tiles' µm per pixel, so `image_features(..., patch_size_um=)` works
+    (it was ignored: the tiles had no µm and `patch_size_um` failed); a given `mpp` wins, with a warning."""
+    from PIL import Image
+
+    path = _ome(tmp_path / "he.ome.tif", blob, mpp=0.5)
+    tiles = hs.pp.tile_image(path, tile_size=100, hires_max_size=400)
+    meta = tiles.uns["spatial"]["he"]["metadata"]
+    assert meta["microns_per_pixel"] == pytest.approx(0.5)
+    assert meta["spot_diameter_um"] == pytest.approx(50.0)
+    assert tiles.uns["tile_image"]["params"]["mpp"] == pytest.approx(0.5)
+    out = hs.pp.image_features(tiles, patch_size_um=50.0, copy=True, **FAST)
+    assert out.uns["img_features"]["params"]["patch_size_px"] == pytest.approx(100.0)
+    with pytest.warns(UserWarning, match=r"`mpp=0.25` differs from the file's metadata"):
+        given = hs.pp.tile_image(path, tile_size=100, hires_max_size=400, mpp=0.25)
+    assert given.uns["spatial"]["he"]["metadata"]["microns_per_pixel"] == pytest.approx(0.25)
+    plain = tmp_path / "plain.png"
+    Image.fromarray(blob).save(plain)
+    assert "microns_per_pixel" not in hs.pp.tile_image(plain, tile_size=100).uns["spatial"]["he"]["metadata"]
+
+
+def test_tiles_of_a_truncated_ome_tiff_raise(blob, tmp_path):
+    """A file cut short is refused naming the file (a third of the tiles read as empty before, without a word)."""
+    path = _ome(tmp_path / "he.ome.tif", blob, mpp=0.5)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.ome.tif"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ValueError, match=r"The TIFF file '.*cut\.ome\.tif' is truncated: .* copy or download it again"):
+        hs.pp.tile_image(cut, tile_size=100)

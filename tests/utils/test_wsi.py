@@ -521,3 +521,106 @@ def test_dask_level_reads_through_a_cache_of_chunks(base):
     copy = pickle.loads(pickle.dumps(plain))  # as DataLoader workers get it
     assert plain._cache and copy._cached_bytes == 0 and not copy._cache
     np.testing.assert_array_equal(copy[10:20, 30:40], base[10:20, 30:40])
+
+
+# ------------------------------------------------------------------------------------- one µm-per-pixel rule, damage
+def _rule_files(tmp_path, base, ome_path, svs_path):
+    """Files and the µm per pixel the one rule gives them (`None`: unknown)."""
+    kw = {"photometric": "rgb", "tile": TILE}  # tiled, so that OpenSlide reads them too
+    cm = tmp_path / "cm.tif"
+    tifffile.imwrite(cm, base, resolution=(2e4, 2e4), resolutionunit="CENTIMETER", **kw)
+    dpi600 = tmp_path / "dpi600.tif"  # a print default, not a pixel size
+    tifffile.imwrite(dpi600, base, resolution=(600, 600), resolutionunit="INCH", **kw)
+    dpi2400 = tmp_path / "dpi2400.tif"  # above 1200 dpi: a scanner's pixel size
+    tifffile.imwrite(dpi2400, base, resolution=(2400, 2400), resolutionunit="INCH", **kw)
+    return {ome_path: 0.25, svs_path: 0.5, cm: 0.5, dpi600: None, dpi2400: 25400 / 2400}
+
+
+def test_one_mpp_rule_for_every_reader(tmp_path, base, ome_path, svs_path):
+    """`open_slide` (behind `pp.image_features`), `io.add_image` and `pp.tile_image` give a file the same µm per
+    pixel (a 600-dpi TIFF got 42.3 µm/px from `io.add_image` and none from `open_slide`)."""
+    from spatialdata import SpatialData
+
+    import histospace as hs
+    import histospace.io as hsio
+
+    slide_readers = [r for r in ("openslide", "tiffslide") if _importable(r)]
+    for path, want in _rule_files(tmp_path, base, ome_path, svs_path).items():
+        got = {"open_slide": open_slide(path, reader="tifffile").mpp}
+        if path != ome_path:  # OpenSlide does not read OME SubIFD pyramids
+            got.update({f"open_slide {r}": open_slide(path, reader=r).mpp for r in slide_readers})
+        sdata = SpatialData()
+        hsio.add_image(sdata, path)
+        got["add_image"] = hsio.microns_per_unit(sdata, "global")
+        tiles = hs.pp.tile_image(path, tile_size=64, tissue_only=False, hires_max_size=100)
+        got["tile_image"] = tiles.uns["spatial"]["he"]["metadata"].get("microns_per_pixel")
+        for who, v in got.items():
+            assert (v is None) if want is None else v == pytest.approx(want), (path.name, who, v)
+
+
+@pytest.mark.parametrize("cut", ["tiles", "metadata", "last level"])
+def test_truncated_ome_tiff_raises_naming_the_file(tmp_path, ome_path, cut, adata):
+    """An OME-TIFF cut short was read without a word (missing tiles read as empty, the OME-XML and its
+    PhysicalSizeX lost); every reader now raises ValueError naming the file, and `image_features` writes nothing."""
+    from spatialdata import SpatialData
+
+    import histospace as hs
+    import histospace.io as hsio
+
+    data = ome_path.read_bytes()
+    with tifffile.TiffFile(ome_path) as tf:
+        page = tf.pages[0]
+        tiles_end = max(o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True))
+        levels_start = min(min(lv.pages[0].dataoffsets) for lv in tf.series[0].levels[1:])
+    at = {"tiles": tiles_end // 2, "metadata": len(data) - 10, "last level": levels_start + 10}[cut]
+    path = tmp_path / "cut.ome.tif"
+    path.write_bytes(data[:at])
+    match = r"The TIFF file '.*cut\.ome\.tif' is truncated: .*copy or download it again"
+    for reader in ("auto", "tifffile"):
+        with pytest.raises(ValueError, match=match):
+            open_slide(path, reader=reader)
+    with pytest.raises(ValueError, match=match):
+        hs.pp.tile_image(path, tile_size=64)
+    sdata = SpatialData()
+    with pytest.raises(ValueError, match=match):
+        hsio.add_image(sdata, path)
+    assert not sdata.images and not sdata.attrs
+    before = (set(adata.obsm), set(adata.uns), set(adata.obs))
+    with pytest.raises(ValueError, match=match):
+        hs.pp.image_features(adata, img=path, encoder="mobilenet_v2", weights=None, input_size=32, progress_bar=False)
+    assert (set(adata.obsm), set(adata.uns), set(adata.obs)) == before
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name", ["CMU-1-Small-Region.svs", "TCGA-CR-7395-01A-01-TS1.svs"])
+def test_real_svs_whole_and_truncated(data_dir, tmp_path, name):
+    """The real SVS scans pass the check and keep their µm per pixel under every reader; a copy cut short (which
+    lost the reduced level or the label/macro images silently) raises naming the file under every reader."""
+    from spatialdata import SpatialData
+
+    import histospace.io as hsio
+
+    src = data_dir / "wsi" / name
+    if not src.exists():
+        pytest.skip(f"{src} not found")
+    want = 0.499 if name.startswith("CMU") else None
+    readers = ("auto", "tifffile", *(r for r in ("openslide", "tiffslide") if _importable(r)))
+    for reader in readers:
+        mpp = open_slide(src, reader=reader).mpp
+        assert (mpp is None) if want is None else mpp == pytest.approx(want), reader
+    sdata = SpatialData()
+    hsio.add_image(sdata, src)
+    got = hsio.microns_per_unit(sdata, "global")
+    assert (got is None) if want is None else got == pytest.approx(want)
+    data = src.read_bytes()
+    path = tmp_path / name
+    path.write_bytes(data[: int(len(data) * 0.95)])
+    for reader in readers:
+        with pytest.raises(ValueError, match=rf"The TIFF file '.*{name}' is truncated: .*copy or download it again"):
+            open_slide(path, reader=reader)
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None

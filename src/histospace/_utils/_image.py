@@ -10,7 +10,9 @@ Every source is read as an RGB `uint8` image:
   `[0, 1]` and multiplied by 255, other float images are taken as `[0, 255]`; NaN becomes white (255);
 - boolean images become 0 / 255.
 
-Regions that run over the image border are padded with white (255), the colour of an empty glass slide.
+Regions that run over the image border are padded with white (255), the colour of an empty glass slide. A patch wider
+than the whole image is refused by its caller (`pp.image_features`, as `pp.tile_image` refuses a tile larger than the
+image): it would be mostly padding, its size is then almost surely in the wrong units, and a huge one cannot be held.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ from histospace._utils._wsi_levels import (
     _TiffLevel,
     _TiffSlideLevel,
 )
-from histospace._utils._wsi_mpp import _is_default_dpi, _resolution_mpp, _tiff_mpp, _valid_mpp
+from histospace._utils._wsi_mpp import _is_default_dpi, _resolution_mpp, _valid_mpp
+from histospace._utils._wsi_tiff import _TIFF_VENDORS, TruncatedTiffError, read_tiff_header
 
 __all__ = ["is_slide_path", "open_slide"]
 
@@ -35,7 +36,6 @@ TIFF_SUFFIXES = frozenset({".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".t
 _OPENSLIDE_ONLY = frozenset({".mrxs", ".vms", ".vmu", ".svslide", ".dcm"})
 READERS = ("auto", "openslide", "tiffslide", "tifffile")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-_TIFF_VENDORS = ("svs", "ndpi", "scn", "bif", "philips", "qpi", "ventana")
 # tifffile's format flags -> OpenSlide's vendor names (`MultiscaleImage.vendor` is the same whichever reader)
 _VENDOR_NAMES = {"svs": "aperio", "ndpi": "hamamatsu", "scn": "leica", "bif": "ventana", "ventana": "ventana"}
 
@@ -124,6 +124,8 @@ def open_slide(
     Returns
     -------
     The slide's levels, downsamples and µm per pixel; no pixel is decoded except one probe pixel (tifffile reader).
+    A TIFF that is damaged, or cut short (pixel data, metadata or IFDs beyond the end of the file), raises
+    `ValueError` naming the file, whichever the reader.
     """
     path = Path(path).expanduser()
     if reader not in READERS:
@@ -145,6 +147,8 @@ def open_slide(
             )
             raise ValueError(msg) from e
         return MultiscaleImage([src], mpp=user_mpp, name=str(path), path=path, reader="pil")
+    if chosen == "tiffslide" or (chosen == "openslide" and _is_tiff(path)):
+        _check_tiff(path, strict=chosen == "tiffslide")
     if chosen == "openslide":
         levels, meta_mpp, vendor, ds = _read_openslide(path)
     elif chosen == "tiffslide":
@@ -231,23 +235,11 @@ def _read_tiffslide(path: Path):
 def _read_tifffile(path: Path):
     import tifffile
 
-    try:
-        with tifffile.TiffFile(path) as tf:
-            # the slide is the largest series; thumbnails, labels and macro images are smaller
-            sizes = [int(np.prod([n for a, n in zip(s.axes, s.shape, strict=True) if a in "YX"])) for s in tf.series]
-            si = int(np.argmax(sizes))
-            series = tf.series[si]
-            infos = []
-            for li, lv in enumerate(series.levels):
-                infos.append((li, lv.shape, lv.dtype, _tiff_axes(lv.axes, lv.shape), lv.dataoffset is not None))
-            mpp = _tiff_mpp(tf, series, si)
-            vendor = next((v for v in _TIFF_VENDORS if getattr(tf, f"is_{v}", False)), None)
-            vendor = _VENDOR_NAMES.get(vendor, vendor) or ("ome" if tf.is_ome else "generic-tiff")
-    except (tifffile.TiffFileError, ValueError, OSError, KeyError, IndexError) as e:
-        msg = f"Could not read the TIFF file {str(path)!r}: {e}."
-        raise ValueError(msg) from e
+    header = read_tiff_header(path)  # raises naming the file when it is damaged or truncated
+    si = header.series
+    vendor = _VENDOR_NAMES.get(header.vendor, header.vendor) or "generic-tiff"
     levels = []
-    for li, shape, dtype, axes, contiguous in infos:
+    for li, (shape, dtype, axes, contiguous) in enumerate(header.levels):
         memmap = False
         if contiguous:
             try:
@@ -257,9 +249,24 @@ def _read_tifffile(path: Path):
             except (ValueError, OSError):
                 memmap = False
         arr = _TiffLevel(str(path), si, li, shape, dtype, memmap)
-        levels.append(ImageSource(arr, axes, name=str(path), path=path))
+        levels.append(ImageSource(arr, _tiff_axes(axes, shape), name=str(path), path=path))
     _probe(levels[0], path)
-    return levels, _valid_mpp(mpp), vendor, None
+    return levels, header.mpp, vendor, None
+
+
+def _check_tiff(path: Path, *, strict: bool) -> None:
+    """Before OpenSlide or tiffslide read a TIFF: raise when it is cut short, or damaged for tiffslide.
+
+    tiffslide parses the file with tifffile; OpenSlide reports the files it cannot parse itself.
+    """
+    try:
+        read_tiff_header(path)
+    except TruncatedTiffError:
+        raise
+    except ValueError as e:
+        if strict:
+            raise
+        logg.debug(f"tifffile could not check {path}: {e}")
 
 
 def _probe(src: ImageSource, path: Path) -> None:

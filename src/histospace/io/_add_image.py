@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,68 +11,40 @@ from pathlib import Path
 import numpy as np
 from scanpy import logging as logg
 
+from histospace._utils import check_number
 from histospace._utils._choice import only_one
 
-from ._units import microns_per_unit, set_microns_per_unit
+from ._units import check_attrs, microns_per_unit, set_microns_per_unit
 
-__all__ = ["add_image", "tiff_microns_per_pixel"]
+__all__ = ["add_image"]
 
 _TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".qptiff", ".ndpi", ".scn")
 #: the smallest pyramid level made by default is below this many pixels on its longer side
 MIN_LEVEL_SIZE = 1024
 
 
-def tiff_microns_per_pixel(tf) -> float | None:
-    """µm per pixel of an open `tifffile.TiffFile`: OME `PhysicalSizeX`, Aperio `MPP`, else the TIFF resolution tags."""
-    if tf.is_ome and tf.ome_metadata:
-        import xml.etree.ElementTree as ET
-
-        try:
-            root = ET.fromstring(tf.ome_metadata)
-        except ET.ParseError:
-            root = None
-        if root is not None:
-            for el in root.iter():
-                if el.tag.endswith("Pixels") and "PhysicalSizeX" in el.attrib:
-                    v = float(el.attrib["PhysicalSizeX"])
-                    unit = el.attrib.get("PhysicalSizeXUnit", "µm")
-                    factor = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}.get(unit)
-                    if factor and v > 0:
-                        return v * factor
-    page = tf.pages.first if hasattr(tf.pages, "first") else tf.pages[0]
-    desc = page.description or ""
-    if desc.startswith("Aperio"):
-        m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", desc)
-        if m:
-            return float(m.group(1))
-    tags = page.tags
-    if "XResolution" in tags and "ResolutionUnit" in tags:
-        num, den = tags["XResolution"].value
-        unit = int(tags["ResolutionUnit"].value)
-        if num > 0 and den > 0:
-            per_unit = num / den  # pixels per inch (2) or per cm (3)
-            mpp = {2: 25400.0, 3: 10000.0}.get(unit, 0.0) / per_unit
-            if 0.01 <= mpp <= 50:
-                return mpp
-    return None
-
-
 def _read_path(path: Path, chunk: int):
-    """Levels of an image file as dask arrays `(y, x[, c])` (TIFF pyramids lazily through zarr) and its µm/px."""
+    """Levels of an image file as dask arrays `(y, x[, c])` (TIFF pyramids lazily through zarr) and its µm/px.
+
+    A TIFF is read as `open_slide` reads it (:func:`~histospace._utils._wsi_tiff.read_tiff_header`): its largest
+    series, the µm per pixel by the one rule of :mod:`histospace._utils._wsi_mpp`, and a `ValueError` naming the file
+    when it is damaged or truncated.
+    """
     import dask.array as da
 
+    from histospace._utils._wsi_read import _is_tiff
+    from histospace._utils._wsi_tiff import read_tiff_header
+
     name = path.name.lower()
-    if name.endswith(_TIFF_SUFFIXES) or name.endswith((".ome.tif", ".ome.tiff")):
+    if name.endswith(_TIFF_SUFFIXES) or name.endswith((".ome.tif", ".ome.tiff")) or _is_tiff(path):
         import tifffile
         import zarr
 
-        with tifffile.TiffFile(path) as tf:
-            series = tf.series[0]
-            axes = series.axes
-            mpp = tiff_microns_per_pixel(tf)
-            n_levels = len(series.levels)
-        z = zarr.open(tifffile.imread(path, aszarr=True, series=0), mode="r")
-        arrays = [z[str(i)] for i in range(n_levels)] if hasattr(z, "keys") else [z]
+        header = read_tiff_header(path)
+        axes = header.axes
+        mpp = None if header.mpp is None else float(np.mean(header.mpp))
+        z = zarr.open(tifffile.imread(path, aszarr=True, series=header.series), mode="r")
+        arrays = [z[str(i)] for i in range(len(header.levels))] if hasattr(z, "keys") else [z]
         levels = []
         for arr in arrays:
             d = da.from_zarr(arr)
@@ -242,11 +213,15 @@ def add_image(
     - `affine`: a 2 x 3 or 3 x 3 matrix from pixel `(x, y, 1)` to coordinates;
     - `scale` (coordinate units per pixel, one value or `(sx, sy)`) and `offset` (the coordinates of pixel
       `(0, 0)`'s corner), i.e. `coords = scale * pixel + offset`;
-    - nothing: the scale is µm per pixel (`microns_per_pixel`, else read from the file: OME `PhysicalSizeX`, Aperio
-      `MPP`, TIFF resolution tags) over the coordinate system's µm per unit (:func:`histospace.io.microns_per_unit`),
+    - nothing: the scale is µm per pixel (`microns_per_pixel`, else read from the file by the rule every histospace
+      reader uses: OME `PhysicalSizeX/Y`, Aperio `MPP`, else the TIFF resolution tags, ignoring inch resolutions of
+      1200 dpi or less, which are software defaults, not a pixel size) over the coordinate system's µm per unit (:func:`histospace.io.microns_per_unit`),
       plus `offset`.
 
     A Stereo-seq image registered to the chip (SAW's `*_regist.tif`) has one pixel per DNB: `scale=1`.
+
+    Arguments are checked, and a file's header read (a damaged or truncated TIFF raises `ValueError` naming it),
+    before anything is written: on an error `sdata` is left as it was.
 
     Parameters
     ----------
@@ -264,7 +239,7 @@ def add_image(
         placement, one unit is one full-resolution pixel and the image's µm per pixel is recorded as the system's µm
         per unit.
     transformation, scale, offset, affine, microns_per_pixel
-        The placement, see above.
+        The placement, see above. `microns_per_pixel` must be positive; it wins over the file's metadata.
     scale_factors
         Downscaling factors between pyramid levels (each relative to the previous level) for
         :meth:`spatialdata.models.Image2DModel.parse`. Default: the file's own pyramid levels when it has some, else
@@ -303,10 +278,11 @@ def add_image(
         warnings.warn(
             f"No element of `sdata` maps to {coordinate_system!r} yet (it has {systems}).", UserWarning, stacklevel=2
         )
-    chunks = int(chunks)
-    if chunks < 64:
-        msg = f"`chunks` must be at least 64 pixels, got {chunks}."
-        raise ValueError(msg)
+    chunks = check_number(chunks, "chunks", integer=True, low=64)
+    # checked by its own name before anything is read (a zero would otherwise surface as a bad `scale`)
+    microns_per_pixel = check_number(
+        microns_per_pixel, "microns_per_pixel", low=0, low_inclusive=False, allow_none=True
+    )
 
     file_mpp = None
     levels = None
@@ -317,8 +293,13 @@ def add_image(
             raise FileNotFoundError(msg)
         try:
             raw_levels, file_mpp = _read_path(path, chunks)
-        except (OSError, ValueError, KeyError) as e:
-            msg = f"Could not read the image file {str(path)!r}: {e}"
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            if isinstance(e, ValueError) and str(path) in str(e):
+                raise  # a damaged or truncated TIFF, already named
+            msg = (
+                f"Could not read the image file {str(path)!r} ({type(e).__name__}: {e}); check that it is a complete "
+                "TIFF, PNG or JPEG file, or pass the image as an array."
+            )
             raise ValueError(msg) from e
         levels = [_to_cyx(lvl, ("y", "x", "c") if lvl.ndim == 3 else ("y", "x")) for lvl in raw_levels]
         source = str(path)
@@ -358,9 +339,12 @@ def add_image(
             scale_factors=factors or None,
             chunks=(levels[0].shape[0], chunks, chunks),
         )
-    sdata.images[image_key] = element
     mpp = microns_per_pixel if microns_per_pixel is not None else file_mpp
-    if pixel_units and mpp is not None:
+    record = pixel_units and mpp is not None
+    if record:
+        check_attrs(sdata)  # before anything is written: nothing is added when the record would fail
+    sdata.images[image_key] = element
+    if record:
         set_microns_per_unit(sdata, float(mpp), coordinate_system=coordinate_system)
     logg.info(
         f"    finished (placement: {how})",

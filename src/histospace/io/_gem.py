@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scanpy import logging as logg
+
+from histospace._utils import check_number
 
 from ._bins import COL_KEY, ROW_KEY, bin_table, bins_sdata, element_name
 from ._units import DNB_MICRONS
@@ -38,6 +41,18 @@ _MASK = _MAX - 1
 def _is_gzip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(2) == b"\x1f\x8b"
+
+
+#: what gzip raises on a file cut short (EOFError) or with a corrupt stream (BadGzipFile, zlib.error)
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _damaged(path: Path, e: BaseException) -> ValueError:
+    """The error for a GEM file whose gzip stream ends early or is corrupt, naming the file and the fix."""
+    return ValueError(
+        f"GEM file {str(path)!r} is truncated or damaged ({type(e).__name__}: {e}). The file was probably cut short "
+        f"by an interrupted copy or download: check it with `gzip -t {str(path)!r}` and copy or download it again."
+    )
 
 
 def _open_text(path: Path, gz: bool):
@@ -255,8 +270,8 @@ def read_gem(
     coordinate_system
         Name of the coordinate system (DNB units) the bins map to.
     microns_per_dnb
-        Size of a DNB in µm. Default: from the chip serial number in the header (stereopy's table of chip
-        resolutions), else 0.5.
+        Size of a DNB in µm (positive; checked before the file is read). Default: from the chip serial number in
+        the header (stereopy's table of chip resolutions), else 0.5.
 
     Returns
     -------
@@ -290,12 +305,16 @@ def read_gem(
     if not isinstance(sep, str) or len(sep) != 1:
         msg = f"`sep` must be a single character, got {sep!r}."
         raise ValueError(msg)
+    microns_per_dnb = check_number(microns_per_dnb, "microns_per_dnb", low=0, low_inclusive=False, allow_none=True)
     bin_size = int(bin_size)
     if path.stat().st_size == 0:
         msg = f"GEM file {str(path)!r} is empty."
         raise ValueError(msg)
 
-    header, n_comments, column_line = read_gem_header(path)
+    try:
+        header, n_comments, column_line = read_gem_header(path)
+    except _GZIP_ERRORS as e:
+        raise _damaged(path, e) from e
     if column_line is None:
         msg = f"GEM file {str(path)!r} has no column header line (expected e.g. 'geneID\\tx\\ty\\tMIDCount')."
         raise ValueError(msg)
@@ -334,17 +353,20 @@ def read_gem(
     n_lines = 0
     xy_min = np.array([np.iinfo(np.int64).max] * 2)
     xy_max = np.array([np.iinfo(np.int64).min] * 2)
-    reader = pd.read_csv(
-        path,
-        sep=sep,
-        skiprows=n_comments,
-        header=0,
-        index_col=False,
-        dtype=dtype,
-        chunksize=int(chunksize),
-        compression="gzip" if _is_gzip(path) else None,
-        engine="c",
-    )
+    try:
+        reader = pd.read_csv(
+            path,
+            sep=sep,
+            skiprows=n_comments,
+            header=0,
+            index_col=False,
+            dtype=dtype,
+            chunksize=int(chunksize),
+            compression="gzip" if _is_gzip(path) else None,
+            engine="c",
+        )
+    except _GZIP_ERRORS as e:
+        raise _damaged(path, e) from e
     try:
         for chunk in reader:
             if len(chunk) == 0:
@@ -387,7 +409,9 @@ def read_gem(
             acc.add(keys, vals)
             n_lines += len(chunk)
             logg.debug(f"    {n_lines} lines, {acc.size + acc.n_pending} (bin, gene) pairs")
-    except (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError) as e:
+    except _GZIP_ERRORS as e:
+        raise _damaged(path, e) from e
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
         msg = f"Could not parse GEM file {str(path)!r} (sep={sep!r}): {e}"
         raise ValueError(msg) from e
     except ValueError as e:

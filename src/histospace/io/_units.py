@@ -60,11 +60,23 @@ def set_microns_per_unit(sdata, value: float, *, coordinate_system: str) -> None
     if not np.isfinite(v) or v <= 0:
         msg = f"`value` must be a positive, finite number of micrometres per unit, got {value!r}."
         raise ValueError(msg)
-    attrs = sdata.attrs.setdefault(_ATTRS_KEY, {})
+    check_attrs(sdata)
+    sdata.attrs.setdefault(_ATTRS_KEY, {}).setdefault(_MPU_KEY, {})[coordinate_system] = v
+
+
+def check_attrs(sdata) -> None:
+    """Raise `TypeError` when `sdata.attrs` cannot take a record of µm per unit (checked before any write)."""
+    attrs = sdata.attrs.get(_ATTRS_KEY, {})
     if not isinstance(attrs, dict):
         msg = f"`sdata.attrs[{_ATTRS_KEY!r}]` is a {type(attrs).__name__}, expected a dict; remove or fix it first."
         raise TypeError(msg)
-    attrs.setdefault(_MPU_KEY, {})[coordinate_system] = v
+    mpu = attrs.get(_MPU_KEY, {})
+    if not isinstance(mpu, dict):
+        msg = (
+            f"`sdata.attrs[{_ATTRS_KEY!r}][{_MPU_KEY!r}]` is a {type(mpu).__name__}, expected a dict of coordinate "
+            "system -> µm per unit; remove or fix it first."
+        )
+        raise TypeError(msg)
 
 
 def _recorded(sdata, coordinate_system: str) -> float | None:

@@ -208,7 +208,7 @@ def image_features(
     Image conversion: RGBA drops alpha, greyscale is repeated to RGB, 16-bit (and other integer) images are scaled by
     `255 / 65535`, float images are taken as `[0, 1]` when their maximum is `<= 1`, else as `[0, 255]`.
     Patches that run over the image border are padded with constant white (255, empty glass); spots whose centre lies
-    outside the image raise `ValueError`.
+    outside the image, and a patch wider than the whole image (a size in the wrong units), raise `ValueError`.
 
     Parameters
     ----------

@@ -118,8 +118,11 @@ def tile_image(
     library_id
         Name of the slide in `uns['spatial']` and `obs['library_id']`.
     mpp
-        Microns per full-resolution pixel, when known; it gives `metadata['spot_diameter_um']` so that
-        `image_features(..., patch_size_um=...)` works.
+        Microns per full-resolution pixel; it gives `metadata['spot_diameter_um']` so that
+        `image_features(..., patch_size_um=...)` works. `None`: read from the file (OME `PhysicalSizeX/Y`, Aperio
+        `MPP`, else TIFF resolution tags other than the <= 1200 dpi software defaults; the rule of
+        :func:`histospace.io.add_image`) or, with a SpatialData, from the coordinate system's µm per unit; unknown
+        otherwise. A given value wins over the file's metadata (with a warning when they differ by more than 1%).
     hires_max_size
         Longest side of the downsampled image kept in `uns['spatial'][library_id]['images']['hires']`.
 
@@ -142,7 +145,7 @@ def tile_image(
     `adata.uns['spatial'][library_id]`
         `images['hires']` (uint8, downsampled), `scalefactors` (`tissue_hires_scalef`, `spot_diameter_fullres` =
         `tile_size`) and `metadata` (`source_image_path` when `img` is a path, `technology='he_tiles'`,
-        `spot_diameter_um` and `microns_per_pixel` when `mpp` is given). For an array or `ImageContainer` no
+        `spot_diameter_um` and `microns_per_pixel` when the µm per pixel is known). For an array or `ImageContainer` no
         full-resolution image is stored: pass the same `img=` to :func:`histospace.pp.image_features`.
     `adata.uns['tile_image']` : :class:`dict`
         Parameters (incl. the saturation threshold used and the image size) and package version.
@@ -169,7 +172,10 @@ def tile_image(
     sdata = None
     if is_spatialdata(img):
         sdata, img, image_key, mpp = _sdata_image(img, image_key, key_added, mpp)
-    ms = open_multiscale(img)
+    # the file's µm per pixel (OME `PhysicalSizeX/Y`, Aperio `MPP`, TIFF resolution: the rule every reader uses) when
+    # `mpp` is not given; a given `mpp` wins (with a warning when the file's metadata disagree)
+    ms = open_multiscale(img, mpp=mpp)
+    mpp = ms.mpp
     src: ImageSource = ms.source(0)
     if _is_image_container(img) and (src.scale != 1.0 or np.any(src.offset != 0)):
         msg = (
