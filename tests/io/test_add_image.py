@@ -63,6 +63,18 @@ def test_ome_tiff_native_levels_and_mpp(tmp_path, gem_path):
     np.testing.assert_allclose(matrix(sdata.images["he2"], "global")[0, 0], 2.0)
 
 
+def test_levels_carry_the_pixel_centre_coordinates_of_image2dmodel(tmp_path, gem_path):
+    # the coordinates spatialdata's Image2DModel.parse gives a multiscale image (set here without its private helper)
+    sdata = hsio.read_gem(gem_path, bin_size=10)
+    hsio.add_image(sdata, write_ome(tmp_path / "he.ome.tif", rgb(261, 301), mpp=0.25))
+    tree = sdata.images["he"]
+    for name in tree:
+        lvl = tree[name]["image"]
+        for ax, full in (("y", 261), ("x", 301)):
+            n = lvl.sizes[ax]
+            np.testing.assert_allclose(lvl.coords[ax].to_numpy(), np.linspace(0, full, n + 1)[:-1] + full / n / 2)
+
+
 def test_plain_tiff_and_png(tmp_path, gem_path):
     from PIL import Image
 

@@ -110,19 +110,18 @@ def _multiscale(levels: list, transformations: dict, chunk: int):
     from xarray import DataArray, Dataset, DataTree
 
     c_coords = ["r", "g", "b"] if levels[0].shape[0] == 3 else None
+    full = levels[0].shape[1:]
     nodes = {}
     for i, lvl in enumerate(levels):
-        coords = {"c": c_coords} if c_coords else {}
+        # pixel centres in full-resolution pixels on every level, the coordinates Image2DModel.parse sets
+        coords = {
+            ax: np.linspace(0, m, n + 1)[:-1] + m / n / 2 for ax, n, m in zip("yx", lvl.shape[1:], full, strict=True)
+        }
+        coords |= {"c": c_coords} if c_coords else {}
         arr = DataArray(lvl.rechunk((lvl.shape[0], chunk, chunk)), dims=("c", "y", "x"), coords=coords, name="image")
         nodes[f"scale{i}"] = Dataset({"image": arr})
     tree = DataTree.from_dict(nodes)
     set_transformation(tree, transformations, set_all=True)
-    try:  # pixel-centre coordinates on every level, as Image2DModel.parse sets them (private helper)
-        from spatialdata.transformations._utils import compute_coordinates
-
-        tree = compute_coordinates(tree)
-    except ImportError:  # pragma: no cover - only the coordinates are missing
-        pass
     Image2DModel().validate(tree)
     return tree
 
