@@ -8,6 +8,7 @@ on stderr and exit code 2; `-v` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -41,16 +42,27 @@ def _is_zarr(p: Path) -> bool:
     return p.is_dir() and (p.suffix == ".zarr" or any((p / f).exists() for f in ("zarr.json", ".zattrs", ".zgroup")))
 
 
-def read_input(path: str, *, bin_size: int | None = None, image: str | None = None):
-    """An AnnData (`.h5ad`) or a SpatialData (SpatialData `.zarr`, Visium HD or SAW output folder, Visium folder,
-    Stereo-seq GEM file binned to `bin_size` DNB), with `image` attached to a bins table that has none.
-    """  # noqa: D205
+def input_kind(path: str) -> tuple[Path, str]:
+    """`(path, kind)` of an input, from its name alone: kind `'h5ad'` (an AnnData), `'gem'`, `'zarr'` or `'folder'`."""
     p = Path(path).expanduser()
     if not p.exists():
         msg = f"{p} does not exist; pass an .h5ad or SpatialData .zarr file, a Visium HD / SAW / Visium folder, or a GEM file"
         raise CLIError(msg)
     name = p.name.lower()
-    if p.is_file() and name.endswith(".h5ad"):
+    if p.is_file() and (name.endswith(".h5ad") or name.endswith(GEM_SUFFIXES)):
+        return p, "h5ad" if name.endswith(".h5ad") else "gem"
+    if p.is_dir():
+        return p, "zarr" if _is_zarr(p) else "folder"
+    msg = f"{p}: unknown input; expected .h5ad, a SpatialData .zarr, a Visium HD / SAW / Visium folder or a GEM file"
+    raise CLIError(msg)
+
+
+def read_input(path: str, *, bin_size: int | None = None, image: str | None = None):
+    """An AnnData (`.h5ad`) or a SpatialData (SpatialData `.zarr`, Visium HD or SAW output folder, Visium folder,
+    Stereo-seq GEM file binned to `bin_size` DNB), with `image` attached to a bins table that has none.
+    """  # noqa: D205
+    p, kind = input_kind(path)
+    if kind == "h5ad":
         import anndata as ad
 
         try:
@@ -58,14 +70,14 @@ def read_input(path: str, *, bin_size: int | None = None, image: str | None = No
         except Exception as e:  # h5py and anndata raise many types for files that are not AnnData HDF5
             msg = f"{p} is not an .h5ad file anndata can read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
             raise CLIError(msg) from e
-    if p.is_file() and name.endswith(GEM_SUFFIXES):
+    if kind == "gem":
         import histospace as hs
 
         sdata = hs.io.read_gem(p, bin_size=bin_size or 50)
         if image is not None:
             hs.io.add_image(sdata, image)
         return sdata
-    if _is_zarr(p):
+    if kind == "zarr":
         import spatialdata as sd
 
         try:
@@ -73,10 +85,7 @@ def read_input(path: str, *, bin_size: int | None = None, image: str | None = No
         except Exception as e:  # zarr and spatialdata raise many types for stores that are not SpatialData
             msg = f"{p} is not a SpatialData .zarr store spatialdata can read ({type(e).__name__}: {e})"
             raise CLIError(msg) from e
-    if p.is_dir():
-        return _read_platform_folder(p, bin_size=bin_size)
-    msg = f"{p}: unknown input; expected .h5ad, a SpatialData .zarr, a Visium HD / SAW / Visium folder or a GEM file"
-    raise CLIError(msg)
+    return _read_platform_folder(p, bin_size=bin_size)
 
 
 def _read_platform_folder(p: Path, *, bin_size: int | None):
@@ -110,10 +119,7 @@ def write_output(data, path: str) -> None:
 
     out = Path(path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    if is_spatialdata(data):
-        if out.suffix == ".h5ad":
-            msg = f"{out}: a SpatialData is written as .zarr; pass -o ending in .zarr"
-            raise CLIError(msg)
+    if is_spatialdata(data):  # a .zarr: `_check_outputs` refused anything else before the work
         data.write(out, overwrite=True)
         print(f"wrote {out} (SpatialData: {', '.join(f'{k} {t.n_obs} x {t.n_vars}' for k, t in data.tables.items())})")
         return
@@ -124,18 +130,41 @@ def write_output(data, path: str) -> None:
     print(f"wrote {out} ({data.n_obs} obs x {data.n_vars} vars)")
 
 
+def _check_outputs(args: argparse.Namespace, *, spatialdata: bool) -> None:
+    """Refuse, before any work, outputs that could not be written: `-o`'s suffix for the data, `--plot`'s format."""
+    out = Path(args.output).expanduser()
+    if out.suffix not in (".zarr", ".h5ad") or (spatialdata and out.suffix != ".zarr"):
+        what = "a SpatialData, written as .zarr" if spatialdata else "an AnnData, written as .h5ad or .zarr"
+        msg = f"-o {args.output}: the result is {what}; pass -o ending in {'.zarr' if spatialdata else '.h5ad'}"
+        raise CLIError(msg)
+    paths = [out]
+    if getattr(args, "plot", None) or getattr(args, "genes", None):
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        plot = Path(args.plot or out.with_suffix(".png")).expanduser()
+        if plot.suffix.lstrip(".").lower() not in FigureCanvasBase.get_supported_filetypes():
+            msg = f"--plot {args.plot}: not an image format matplotlib writes; pass a path ending in .png, .pdf or .svg"
+            raise CLIError(msg)
+        paths.append(plot)
+    for path in paths:
+        folder = path.absolute().parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            msg = f"{path}: {folder} is not a folder this user can write to; pass an output path elsewhere"
+            raise CLIError(msg)
+
+
 # ---- image features and graph ---------------------------------------------------------------------------------------
-def _parse_floats(text: str | None) -> tuple[float, float, float] | float | None:
-    if text is None:
-        return None
+def _floats(text: str) -> tuple[float, float, float] | float:
+    """`--mean`/`--std`: one number, or three comma-separated numbers (one per RGB channel)."""
     try:
         vals = tuple(float(v) for v in text.split(","))
-    except ValueError as e:
-        msg = f"expected numbers separated by commas, got {text!r}"
-        raise CLIError(msg) from e
-    if len(vals) not in (1, 3):
+    except ValueError:
+        vals = ()
+    if len(vals) not in (1, 3) or not all(math.isfinite(v) for v in vals):
         msg = f"expected one number or three comma-separated numbers (one per RGB channel), got {text!r}"
-        raise CLIError(msg)
+        raise argparse.ArgumentTypeError(msg)
     return vals[0] if len(vals) == 1 else vals
 
 
@@ -148,10 +177,12 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
         help="'imagenet' (torchvision download), a local weights file, 'hub' (pathology encoders) or 'none' for "
         "random init (default: %(default)s)",
     )
-    g.add_argument("--mean", help="input normalisation mean, e.g. 0.5 or 0.5,0.5,0.5 (default: as the weights)")
-    g.add_argument("--std", help="input normalisation std (default: as the weights)")
-    g.add_argument("--patch-size", type=float, help="patch side in full-resolution pixels (default: 3 spot diameters)")
-    g.add_argument("--patch-size-um", type=float, help="patch side in µm")
+    g.add_argument(
+        "--mean", type=_floats, help="input normalisation mean, e.g. 0.5 or 0.5,0.5,0.5 (default: as weights)"
+    )
+    g.add_argument("--std", type=_floats, help="input normalisation std (default: as the weights)")
+    g.add_argument("--patch-size", type=_positive_float, help="patch side in full-resolution pixels (default: 3 spots)")
+    g.add_argument("--patch-size-um", type=_positive_float, help="patch side in µm")
     g.add_argument("--input-size", type=_positive_int, help="side of the encoder's input in pixels (default: 224)")
     g.add_argument("--image-key", help="SpatialData: the H&E image element (default: the only one)")
     g.add_argument("--recompute-features", action="store_true", help="compute image features even if present")
@@ -162,8 +193,8 @@ def _feature_kwargs(args: argparse.Namespace) -> dict:
     kw = {
         "encoder": args.encoder,
         "weights": weights,
-        "mean": _parse_floats(args.mean),
-        "std": _parse_floats(args.std),
+        "mean": args.mean,
+        "std": args.std,
         "patch_size": args.patch_size,
         "patch_size_um": args.patch_size_um,
         "input_size": args.input_size,
@@ -198,18 +229,58 @@ def _features_match(table, kw: dict, extra: dict) -> str | None:
     return None
 
 
-def _image_features(data, args, *, extra: dict | None = None, image: str | None = None) -> None:
-    """Compute image features unless the table holds matching ones (then say so)."""
-    import histospace as hs
-    from histospace._utils._sdata import is_spatialdata
+def _feature_width(kw: dict, extra: dict) -> int | None:
+    """The width of the requested features (torchvision encoders), `None` when it is not known without a download."""
+    from histospace._nn._encoders import ENCODERS, STAGES
 
+    if kw["encoder"] not in ENCODERS:
+        return None
+    width = STAGES[kw["encoder"]][1] if extra.get("layers") == "stages" else ENCODERS[kw["encoder"]][2]
+    return width * (2 if extra.get("context") else 1)
+
+
+def _features_needed(data, args, *, label: str, extra: dict | None = None, image: str | None = None) -> bool:
+    """Whether image features must be computed for `label` (the input file): `False` when its table holds matching
+    ones (then say so), a `CLIError` when they are needed but there is no H&E image to compute them from.
+
+    Features without recorded settings (another tool, an older histospace) are reused with a warning when their
+    width fits: any width for StereoMM (`extra=None`), the requested features' width for mclSTExp.
+    """  # noqa: D205
     kw = _feature_kwargs(args)
     extra = extra or {}
     table = _table(data, args.table_key)
-    why = None if args.recompute_features else _features_match(table, kw, extra)
-    if why is None and not args.recompute_features:
+    have = table.obsm["img_features"].shape[1] if "img_features" in table.obsm else None
+    if args.recompute_features:
+        why = "--recompute-features was passed"
+    elif have is not None and not (table.uns.get("img_features") or {}).get("params"):
+        want = _feature_width(kw, extra) if extra else None
+        if want in (None, have):
+            warnings.warn(
+                f"{label}: obsm['img_features'] ({have} columns) has no recorded settings (another tool or an older "
+                "histospace made it): reusing it as it is; pass --recompute-features to compute them from the H&E",
+                UserWarning,
+                stacklevel=2,
+            )
+            return False
+        why = f"obsm['img_features'] has {have} columns and no recorded settings, the {kw['encoder']} features {want}"
+    elif (why := _features_match(table, kw, extra)) is None:
         print("reusing obsm['img_features']: computed with the requested encoder and weights", file=sys.stderr)
-        return
+        return False
+    if image is None and not _has_image(data):
+        stored = "uns['img_features']['params'" in why
+        msg = (
+            f"{label}: {why}, and it holds no H&E image to compute the requested features from; pass --image "
+            f"HE_FILE{', or feature options matching the stored ones' if stored else ''}"
+        )
+        raise CLIError(msg)
+    return True
+
+
+def _image_features(data, args, *, extra: dict | None = None, image: str | None = None) -> None:
+    import histospace as hs
+    from histospace._utils._sdata import is_spatialdata
+
+    kw, extra = _feature_kwargs(args), extra or {}
     if is_spatialdata(data):
         hs.pp.image_features(
             data, table_key=args.table_key, image_key=args.image_key, progress_bar=not args.quiet, **kw, **extra
@@ -236,7 +307,10 @@ def _spatial_graph(data, args) -> None:
     table = _table(data, args.table_key)
     g = table.obsp.get("spatial_connectivities")
     if g is not None and g.shape == (table.n_obs, table.n_obs) and "spatial_neighbors" in table.uns:
-        print("reusing obsp['spatial_connectivities']", file=sys.stderr)
+        n = (table.uns["spatial_neighbors"].get("params") or {}).get("n_isolated")
+        print(
+            f"reusing obsp['spatial_connectivities']{f' ({n} spots without a neighbour)' if n else ''}", file=sys.stderr
+        )
         return
     if g is not None:
         print("obsp['spatial_connectivities'] does not match the spots: rebuilding it", file=sys.stderr)
@@ -249,13 +323,19 @@ def cmd_domains(args: argparse.Namespace) -> int:
     import histospace as hs
 
     t0 = time.perf_counter()
+    _check_outputs(args, spatialdata=input_kind(args.input)[1] != "h5ad")
     data = read_input(args.input, bin_size=args.bin_size, image=args.image)
     table = _table(data, args.table_key)
     print(f"read {args.input}: {table.n_obs} spots/bins x {table.n_vars} genes ({time.perf_counter() - t0:.0f} s)")
+    if args.ground_truth and args.ground_truth not in table.obs:
+        msg = f"--ground-truth {args.ground_truth!r} is not a column of obs; available: {list(table.obs)}"
+        raise CLIError(msg)
     tk = {"table_key": args.table_key} if args.table_key else {}
     if args.image is not None or _has_image(data) or "img_features" in table.obsm:
         with _timed("image features"):
-            _image_features(data, args, image=args.image if not hasattr(data, "tables") else None)
+            image = args.image if not hasattr(data, "tables") else None
+            if _features_needed(data, args, label=args.input, image=image):
+                _image_features(data, args, image=image)
         features_key = "img_features"
     else:
         print("no H&E image found: StereoMM runs on expression and the spatial graph only", file=sys.stderr)
@@ -277,9 +357,6 @@ def cmd_domains(args: argparse.Namespace) -> int:
     counts = table.obs["stereomm_domain"].value_counts().sort_index()
     print("domains: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
     if args.ground_truth:
-        if args.ground_truth not in table.obs:
-            msg = f"--ground-truth {args.ground_truth!r} is not a column of obs; available: {list(table.obs)}"
-            raise CLIError(msg)
         ari = hs.metrics.ari(table.obs[args.ground_truth], table.obs["stereomm_domain"])
         print(f"ARI vs {args.ground_truth}: {ari:.3f}")
     if args.plot:
@@ -321,14 +398,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if (args.query is None) == (args.image is None):
         msg = "pass exactly one of --query FILE or --image HE_IMAGE"
         raise CLIError(msg)
-    refs = []  # read every input before any work, so a bad path fails at once
+    query_kind = input_kind(args.query)[1] if args.query else "h5ad"  # --image: tiles in an AnnData
     for path in args.reference:
-        r = read_input(path)
-        if hasattr(r, "tables"):
-            r = _table(r, args.table_key)
-        if "library_id" not in r.obs:
-            r.obs["library_id"] = Path(path).stem
-        refs.append(r)
+        input_kind(path)  # a missing or unknown input is named before any work
+    _check_outputs(args, spatialdata=query_kind != "h5ad")
+    refs = [read_input(path) for path in args.reference]
+    for path, r in zip(args.reference, refs, strict=True):
+        if "library_id" not in _table(r, args.table_key).obs:
+            _table(r, args.table_key).obs["library_id"] = Path(path).stem
     if args.query is not None:
         query = read_input(args.query)
     else:
@@ -337,13 +414,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     extra = (
         _mclstexp_features(_feature_kwargs(args)["weights"]) if args.encoder == "mobilenet_v2" else MCLSTEXP_FEATURES
     )
-    for r in refs:
-        _image_features(r, args, extra=extra | {"library_key": "library_id"})
-    ref = refs[0] if len(refs) == 1 else ad.concat(refs, uns_merge="unique", join="inner")
-    _image_features(query, args, extra=extra)
-    model = hs.tl.mclstexp_train(ref, max_epochs=args.max_epochs, n_models=args.n_models, progress_bar=not args.quiet)
-    tk = {"table_key": args.table_key} if args.table_key and hasattr(query, "tables") else {}
-    hs.tl.mclstexp_predict(query, model=model, n_neighbors=args.n_neighbors, **tk)
+    inputs = [
+        (r, path, extra | ({} if hasattr(r, "tables") else {"library_key": "library_id"}))
+        for path, r in zip(args.reference, refs, strict=True)
+    ]
+    inputs.append((query, args.query or args.image, extra))
+    # every input checked before any is computed; a SpatialData keeps its H&E: features from its image element
+    for data, kw in [(d, kw) for d, label, kw in inputs if _features_needed(d, args, label=label, extra=kw)]:
+        _image_features(data, args, extra=kw)
+    tables = [_table(r, args.table_key) for r in refs]
+    ref = refs[0] if len(refs) == 1 else ad.concat(tables, uns_merge="unique", join="inner")
+    tk = {"table_key": args.table_key} if args.table_key else {}
+    fit = {"max_epochs": args.max_epochs, "n_models": args.n_models, "progress_bar": not args.quiet}
+    model = hs.tl.mclstexp_train(ref, **fit, **(tk if hasattr(ref, "tables") else {}))
+    hs.tl.mclstexp_predict(query, model=model, n_neighbors=args.n_neighbors, **(tk if hasattr(query, "tables") else {}))
     if args.genes:
         _save_gene_maps(
             _table(query, args.table_key), args.genes, args.plot or str(Path(args.output).with_suffix(".png"))
@@ -451,6 +535,16 @@ def _version() -> str:
         return "0.0.0"
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (0 < v < math.inf):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -461,9 +555,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (and exit code 2), as every expected failure of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `histospace` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="histospace",
         description="Spatial transcriptomics with H&E histology: StereoMM spatial domains and mclSTExp prediction.",
     )
@@ -544,8 +645,10 @@ EXPECTED = (CLIError, KeyError, ValueError, TypeError, OSError, ImportError, Flo
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (2 for bad input)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad option (one line on stderr, exit code 2)
+        return int(e.code or 0)
     import scanpy as sc
 
     sc.settings.verbosity = "info" if args.verbose else "warning"
