@@ -8,13 +8,22 @@ on stderr and exit code 2; `-v` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+
+from histospace._cli_io import CLIError, _check_outputs, _positive_int, _table, input_kind, read_input, write_output
+from histospace._cli_steps import (
+    _add_encoder_args,
+    _feature_kwargs,
+    _features_needed,
+    _has_image,
+    _image_features,
+    _spatial_graph,
+)
 
 MOBILENET_FILE = Path("weights") / "mobilenet_v2_imagenet_coral" / "mobilenet_v2_imagenet_fp32_torchvision_keys.pt"
 #: image features of the mclSTExp pipeline (validated by the expression benchmark): stage features of the patch and
@@ -28,293 +37,6 @@ def _mclstexp_features(weights) -> dict:
     from histospace._nn._encoders import trained_with_tf_padding
 
     return MCLSTEXP_FEATURES | ({"tf_padding": True} if trained_with_tf_padding(weights) else {})
-
-
-GEM_SUFFIXES = (".gem", ".gem.gz", ".txt", ".txt.gz", ".tsv", ".tsv.gz")
-
-
-class CLIError(Exception):
-    """Bad input on the command line: printed as one line, exit code 2."""
-
-
-# ---- input and output -----------------------------------------------------------------------------------------------
-def _is_zarr(p: Path) -> bool:
-    return p.is_dir() and (p.suffix == ".zarr" or any((p / f).exists() for f in ("zarr.json", ".zattrs", ".zgroup")))
-
-
-def input_kind(path: str) -> tuple[Path, str]:
-    """`(path, kind)` of an input, from its name alone: kind `'h5ad'` (an AnnData), `'gem'`, `'zarr'` or `'folder'`."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        msg = f"{p} does not exist; pass an .h5ad or SpatialData .zarr file, a Visium HD / SAW / Visium folder, or a GEM file"
-        raise CLIError(msg)
-    name = p.name.lower()
-    if p.is_file() and (name.endswith(".h5ad") or name.endswith(GEM_SUFFIXES)):
-        return p, "h5ad" if name.endswith(".h5ad") else "gem"
-    if p.is_dir():
-        return p, "zarr" if _is_zarr(p) else "folder"
-    msg = f"{p}: unknown input; expected .h5ad, a SpatialData .zarr, a Visium HD / SAW / Visium folder or a GEM file"
-    raise CLIError(msg)
-
-
-def read_input(path: str, *, bin_size: int | None = None, image: str | None = None):
-    """An AnnData (`.h5ad`) or a SpatialData (SpatialData `.zarr`, Visium HD or SAW output folder, Visium folder,
-    Stereo-seq GEM file binned to `bin_size` DNB), with `image` attached to a bins table that has none.
-    """  # noqa: D205
-    p, kind = input_kind(path)
-    if kind == "h5ad":
-        import anndata as ad
-
-        try:
-            return ad.read_h5ad(p)
-        except Exception as e:  # h5py and anndata raise many types for files that are not AnnData HDF5
-            msg = f"{p} is not an .h5ad file anndata can read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            raise CLIError(msg) from e
-    if kind == "gem":
-        import histospace as hs
-
-        sdata = hs.io.read_gem(p, bin_size=bin_size or 50)
-        if image is not None:
-            hs.io.add_image(sdata, image)
-        return sdata
-    if kind == "zarr":
-        import spatialdata as sd
-
-        try:
-            return sd.read_zarr(p)
-        except Exception as e:  # zarr and spatialdata raise many types for stores that are not SpatialData
-            msg = f"{p} is not a SpatialData .zarr store spatialdata can read ({type(e).__name__}: {e})"
-            raise CLIError(msg) from e
-    return _read_platform_folder(p, bin_size=bin_size)
-
-
-def _read_platform_folder(p: Path, *, bin_size: int | None):
-    """A Space Ranger (Visium HD or Visium) or SAW output folder, read with spatialdata-io."""
-    from histospace._utils._deps import quiet_import
-
-    sio = quiet_import("spatialdata_io")
-    files = [f.name for f in p.rglob("*") if f.is_file()]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        if (p / "binned_outputs").is_dir() or any(f.endswith("feature_slice.h5") for f in files):
-            return sio.visium_hd(p, bin_size=bin_size or 8, load_segmentations_only=False)
-        if any(f.endswith(".gef") for f in files):
-            return sio.stereoseq(p)
-        if any(f.endswith("filtered_feature_bc_matrix.h5") for f in files) and (p / "spatial").is_dir():
-            return sio.visium(p)
-    msg = f"{p} is not a Visium HD, SAW (Stereo-seq) or Visium output folder (no binned_outputs/, .gef or spatial/)"
-    raise CLIError(msg)
-
-
-def _table(data, table_key: str | None):
-    """The table of a SpatialData (or the AnnData itself)."""
-    from histospace._utils._sdata import as_table
-
-    return as_table(data, table_key)[0]
-
-
-def write_output(data, path: str) -> None:
-    """Write an AnnData (`.h5ad`, or `.zarr`) or a SpatialData (`.zarr`; or its table as `.h5ad`)."""
-    from histospace._utils._sdata import is_spatialdata
-
-    out = Path(path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if is_spatialdata(data):  # a .zarr: `_check_outputs` refused anything else before the work
-        data.write(out, overwrite=True)
-        print(f"wrote {out} (SpatialData: {', '.join(f'{k} {t.n_obs} x {t.n_vars}' for k, t in data.tables.items())})")
-        return
-    if out.suffix == ".zarr":
-        data.write_zarr(out)
-    else:
-        data.write_h5ad(out)
-    print(f"wrote {out} ({data.n_obs} obs x {data.n_vars} vars)")
-
-
-def _check_outputs(args: argparse.Namespace, *, spatialdata: bool) -> None:
-    """Refuse, before any work, outputs that could not be written: `-o`'s suffix for the data, `--plot`'s format."""
-    out = Path(args.output).expanduser()
-    if out.suffix not in (".zarr", ".h5ad") or (spatialdata and out.suffix != ".zarr"):
-        what = "a SpatialData, written as .zarr" if spatialdata else "an AnnData, written as .h5ad or .zarr"
-        msg = f"-o {args.output}: the result is {what}; pass -o ending in {'.zarr' if spatialdata else '.h5ad'}"
-        raise CLIError(msg)
-    paths = [out]
-    if getattr(args, "plot", None) or getattr(args, "genes", None):
-        from matplotlib.backend_bases import FigureCanvasBase
-
-        plot = Path(args.plot or out.with_suffix(".png")).expanduser()
-        if plot.suffix.lstrip(".").lower() not in FigureCanvasBase.get_supported_filetypes():
-            msg = f"--plot {args.plot}: not an image format matplotlib writes; pass a path ending in .png, .pdf or .svg"
-            raise CLIError(msg)
-        paths.append(plot)
-    for path in paths:
-        folder = path.absolute().parent
-        while not folder.exists():
-            folder = folder.parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            msg = f"{path}: {folder} is not a folder this user can write to; pass an output path elsewhere"
-            raise CLIError(msg)
-
-
-# ---- image features and graph ---------------------------------------------------------------------------------------
-def _floats(text: str) -> tuple[float, float, float] | float:
-    """`--mean`/`--std`: one number, or three comma-separated numbers (one per RGB channel)."""
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) not in (1, 3) or not all(math.isfinite(v) for v in vals):
-        msg = f"expected one number or three comma-separated numbers (one per RGB channel), got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return vals[0] if len(vals) == 1 else vals
-
-
-def _add_encoder_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("image features")
-    g.add_argument("--encoder", default="mobilenet_v2", help="image encoder (default: %(default)s)")
-    g.add_argument(
-        "--weights",
-        default="imagenet",
-        help="'imagenet' (torchvision download), a local weights file, 'hub' (pathology encoders) or 'none' for "
-        "random init (default: %(default)s)",
-    )
-    g.add_argument(
-        "--mean", type=_floats, help="input normalisation mean, e.g. 0.5 or 0.5,0.5,0.5 (default: as weights)"
-    )
-    g.add_argument("--std", type=_floats, help="input normalisation std (default: as the weights)")
-    g.add_argument("--patch-size", type=_positive_float, help="patch side in full-resolution pixels (default: 3 spots)")
-    g.add_argument("--patch-size-um", type=_positive_float, help="patch side in µm")
-    g.add_argument("--input-size", type=_positive_int, help="side of the encoder's input in pixels (default: 224)")
-    g.add_argument("--image-key", help="SpatialData: the H&E image element (default: the only one)")
-    g.add_argument("--recompute-features", action="store_true", help="compute image features even if present")
-
-
-def _feature_kwargs(args: argparse.Namespace) -> dict:
-    weights = None if str(args.weights).lower() in {"none", "random"} else args.weights
-    kw = {
-        "encoder": args.encoder,
-        "weights": weights,
-        "mean": args.mean,
-        "std": args.std,
-        "patch_size": args.patch_size,
-        "patch_size_um": args.patch_size_um,
-        "input_size": args.input_size,
-    }
-    return {k: v for k, v in kw.items() if v is not None or k == "weights"}
-
-
-def _weights_label(weights) -> str:
-    if weights is None:
-        return "random"
-    if str(weights) in ("imagenet", "hub"):
-        return str(weights)
-    return str(Path(weights).expanduser().resolve())
-
-
-def _features_match(table, kw: dict, extra: dict) -> str | None:
-    """Why the features in `obsm['img_features']` do not match the requested ones (`None` when they do)."""
-    if "img_features" not in table.obsm:
-        return "no obsm['img_features']"
-    params = (table.uns.get("img_features") or {}).get("params", {})
-    want = {"encoder": kw["encoder"], "weights": _weights_label(kw["weights"])} | {
-        k: v for k, v in extra.items() if k in ("layers", "context", "dihedral", "tf_padding")
-    }
-    for k in ("patch_size_px", "patch_size_um"):
-        arg = kw.get("patch_size" if k == "patch_size_px" else "patch_size_um")
-        if arg is not None:
-            want[k] = float(arg)
-    for k, v in want.items():
-        have = params.get(k, {"layers": "last", "dihedral": False, "tf_padding": False}.get(k))
-        if str(have) != str(v):
-            return f"uns['img_features']['params'][{k!r}] is {have!r}, not {v!r}"
-    return None
-
-
-def _feature_width(kw: dict, extra: dict) -> int | None:
-    """The width of the requested features (torchvision encoders), `None` when it is not known without a download."""
-    from histospace._nn._encoders import ENCODERS, STAGES
-
-    if kw["encoder"] not in ENCODERS:
-        return None
-    width = STAGES[kw["encoder"]][1] if extra.get("layers") == "stages" else ENCODERS[kw["encoder"]][2]
-    return width * (2 if extra.get("context") else 1)
-
-
-def _features_needed(data, args, *, label: str, extra: dict | None = None, image: str | None = None) -> bool:
-    """Whether image features must be computed for `label` (the input file): `False` when its table holds matching
-    ones (then say so), a `CLIError` when they are needed but there is no H&E image to compute them from.
-
-    Features without recorded settings (another tool, an older histospace) are reused with a warning when their
-    width fits: any width for StereoMM (`extra=None`), the requested features' width for mclSTExp.
-    """  # noqa: D205
-    kw = _feature_kwargs(args)
-    extra = extra or {}
-    table = _table(data, args.table_key)
-    have = table.obsm["img_features"].shape[1] if "img_features" in table.obsm else None
-    if args.recompute_features:
-        why = "--recompute-features was passed"
-    elif have is not None and not (table.uns.get("img_features") or {}).get("params"):
-        want = _feature_width(kw, extra) if extra else None
-        if want in (None, have):
-            warnings.warn(
-                f"{label}: obsm['img_features'] ({have} columns) has no recorded settings (another tool or an older "
-                "histospace made it): reusing it as it is; pass --recompute-features to compute them from the H&E",
-                UserWarning,
-                stacklevel=2,
-            )
-            return False
-        why = f"obsm['img_features'] has {have} columns and no recorded settings, the {kw['encoder']} features {want}"
-    elif (why := _features_match(table, kw, extra)) is None:
-        print("reusing obsm['img_features']: computed with the requested encoder and weights", file=sys.stderr)
-        return False
-    if image is None and not _has_image(data):
-        stored = "uns['img_features']['params'" in why
-        msg = (
-            f"{label}: {why}, and it holds no H&E image to compute the requested features from; pass --image "
-            f"HE_FILE{', or feature options matching the stored ones' if stored else ''}"
-        )
-        raise CLIError(msg)
-    return True
-
-
-def _image_features(data, args, *, extra: dict | None = None, image: str | None = None) -> None:
-    import histospace as hs
-    from histospace._utils._sdata import is_spatialdata
-
-    kw, extra = _feature_kwargs(args), extra or {}
-    if is_spatialdata(data):
-        hs.pp.image_features(
-            data, table_key=args.table_key, image_key=args.image_key, progress_bar=not args.quiet, **kw, **extra
-        )
-    else:
-        hs.pp.image_features(data, img=image, progress_bar=not args.quiet, **kw, **extra)
-
-
-def _has_image(data) -> bool:
-    from histospace._utils._sdata import is_spatialdata
-
-    if is_spatialdata(data):
-        return len(data.images) > 0
-    for lib in (data.uns.get("spatial") or {}).values():
-        if lib.get("images") or (lib.get("metadata") or {}).get("source_image_path"):
-            return True
-    return False
-
-
-def _spatial_graph(data, args) -> None:
-    """Build the spatial graph unless the table holds one that matches its spots (then say so)."""
-    import histospace as hs
-
-    table = _table(data, args.table_key)
-    g = table.obsp.get("spatial_connectivities")
-    if g is not None and g.shape == (table.n_obs, table.n_obs) and "spatial_neighbors" in table.uns:
-        n = (table.uns["spatial_neighbors"].get("params") or {}).get("n_isolated")
-        print(
-            f"reusing obsp['spatial_connectivities']{f' ({n} spots without a neighbour)' if n else ''}", file=sys.stderr
-        )
-        return
-    if g is not None:
-        print("obsp['spatial_connectivities'] does not match the spots: rebuilding it", file=sys.stderr)
-    hs.pp.spatial_graph(data, **({"table_key": args.table_key} if args.table_key else {}))
 
 
 # ---- commands -------------------------------------------------------------------------------------------------------
@@ -533,26 +255,6 @@ def _version() -> str:
         return version("histospace")
     except PackageNotFoundError:  # pragma: no cover - source tree without install
         return "0.0.0"
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not (0 < v < math.inf):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from e
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
 
 
 class _Parser(argparse.ArgumentParser):
