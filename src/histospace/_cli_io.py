@@ -95,7 +95,7 @@ def _table(data, table_key: str | None):
 
 
 def write_output(data, path: str) -> None:
-    """Write an AnnData (`.h5ad`, or `.zarr`) or a SpatialData (`.zarr`; or its table as `.h5ad`)."""
+    """Write an AnnData (`.h5ad` or `.zarr`) or a SpatialData (`.zarr`)."""
     from histospace._utils._sdata import is_spatialdata
 
     out = Path(path).expanduser()
