@@ -149,3 +149,52 @@ def test_string_expression_names_x(adata_graph):
         hs.models.StereoMM(a, hidden=[8], n_latent=4)
     with pytest.raises(TypeError, match=r"`adata.X` has dtype"):
         hs.models.MclSTExp(a, **TINY)
+
+
+# ---- issue #24 (11): piped progress writes one line per bar; one warning per problem --------------------------------
+def test_piped_dense_features_write_one_line_per_bar(adata, capsys):
+    import torch
+    from torch import nn
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the dense method needs padded convolutions
+        enc = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    dense = {**FEAT, "encoder": enc, "method": "dense", "tile_size": 64, "progress_bar": True}
+    capsys.readouterr()
+    hs.pp.image_features(adata, **dense)  # capsys: stderr is not a terminal, as in `histospace domains 2> log`
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if "dense features" in line]
+    assert len(lines) == 1 and "100%" in lines[0], err
+
+
+def test_no_tqdm_outside_the_progress_helper():
+    # every bar goes through `_utils._progress.progress` (one line per bar when stderr is not a terminal)
+    from pathlib import Path
+
+    src = Path(hs.__file__).parent
+    direct = [
+        str(f.relative_to(src))
+        for f in src.rglob("*.py")
+        if f.name != "_progress.py" and ("from tqdm" in f.read_text() or "import tqdm" in f.read_text())
+    ]
+    assert direct == []
+
+
+def test_isolated_spots_warned_once(adata):
+    import warnings
+
+    # a hole of 3 x 3 spots around one spot: with a 150 px radius (pitch 100) that spot has no neighbour
+    r, c = adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy()
+    hole = (np.abs(r - 2) <= 1) & (np.abs(c - 2) <= 1) & ~((r == 2) & (c == 2))
+    a = adata[~hole].copy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hs.pp.spatial_graph(a, radius=150)
+        hs.tl.stereomm(a, hidden=[8], n_latent=4, max_epochs=1, device="cpu", progress_bar=False)
+    about = [str(w.message) for w in caught if "neighbour" in str(w.message)]
+    assert len(about) == 1 and "1 of 56 spots" in about[0] and "bigger `radius_um`/`radius`" in about[0], about
+    # a graph not built by hs.pp.spatial_graph (no record of the warning): the model warns
+    del a.uns["spatial_neighbors"]
+    with pytest.warns(UserWarning, match=r"1 of 56 spots .* no neighbour in `adata.obsp\['spatial_connectivities'\]`"):
+        hs.tl.stereomm(a, hidden=[8], n_latent=4, max_epochs=1, device="cpu", progress_bar=False)

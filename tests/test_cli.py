@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import anndata as ad
 import numpy as np
+import pytest
 
 from histospace._cli import main
 
@@ -116,3 +120,152 @@ def test_cli_help_is_fast_and_quiet():
         text=True,
     )
     assert r.stdout.strip() == "[]" and r.stderr == ""
+
+
+# ---- issue #24: nothing silent on real files ------------------------------------------------------------------------
+def _files(folder):
+    """Every file under `folder` with its size and modification time (to show an input was left as it was)."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def sdata_zarr(adata, tmp_path):
+    """The tiny slide as a SpatialData .zarr whose H&E is only an image element (no `uns['spatial']`, no features)."""
+    from spatialdata_io.experimental import from_legacy_anndata
+
+    s = from_legacy_anndata(adata)
+    table = s.tables["table"]
+    del table.obsm["img_features"]
+    table.uns.pop("spatial", None)
+    path = tmp_path / "slide.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr's notices about its next release
+        s.write(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--n-clusters", "0"], "argument --n-clusters: expected a positive integer, got '0'"),
+        (["--n-clusters", "3", "--max-epochs", "0"], "argument --max-epochs: expected a positive integer, got '0'"),
+        (["--n-clusters", "3", "--mean", "0.5,x"], "argument --mean: expected one number or three comma-separated"),
+        (["--n-clusters", "3", "--std", "1,2"], "argument --std: expected one number or three comma-separated"),
+        (["--n-clusters", "3", "--patch-size", "-40"], "argument --patch-size: expected a positive number, got '-40'"),
+        (["--n-clusters", "3", "--method", "mclust"], "argument --method: invalid choice: 'mclust'"),
+        ([], "the following arguments are required: --n-clusters"),
+    ],
+)
+def test_cli_bad_option_values_one_line(adata, tmp_path, capsys, options, named):
+    # issue #24 (2): argparse printed its 13-line usage; every expected failure is one line and exit code 2
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    before = _files(tmp_path)
+    assert main(["domains", str(tmp_path / "a.h5ad"), "-o", str(tmp_path / "o.h5ad"), "-q", *options]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("histospace domains: error: ") and named in err and "see histospace domains --help" in err
+    assert _files(tmp_path) == before  # nothing written
+
+
+def test_cli_help_and_version_exit_0(capsys):
+    assert main(["--version"]) == 0 and "histospace" in capsys.readouterr().out
+    assert main(["domains", "--help"]) == 0 and "--n-clusters" in capsys.readouterr().out
+    assert main([]) == 2 and len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_cli_outputs_checked_before_any_work(adata, sdata_zarr, tmp_path, capsys):
+    # issue #24 (5): `-o result.h5ad` for a SpatialData input was refused after the whole pipeline had run
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    before = _files(tmp_path)
+    base = ["--n-clusters", "3", "-q"]
+    cases = [
+        (
+            ["domains", str(sdata_zarr), "-o", str(tmp_path / "r.h5ad"), *base],
+            "-o .*r.h5ad: the result is a SpatialData",
+        ),
+        (["domains", str(tmp_path / "a.h5ad"), "-o", str(tmp_path / "r.csv"), *base], r"r.csv.*ending in \.h5ad"),
+        (
+            ["domains", str(tmp_path / "a.h5ad"), "-o", str(tmp_path / "r.h5ad"), "--plot", "d.xyz", *base],
+            "--plot d.xyz",
+        ),
+        (
+            ["domains", str(tmp_path / "a.h5ad"), "-o", str(tmp_path / "a.h5ad" / "r.h5ad"), *base],
+            r"a\.h5ad is not a folder this user can write to",
+        ),
+        (
+            ["predict", "--reference", str(tmp_path / "a.h5ad"), "--query", str(sdata_zarr), "-o", "p.h5ad", "-q"],
+            r"-o p.h5ad: the result is a SpatialData, written as \.zarr; pass -o ending in \.zarr",
+        ),
+    ]
+    for argv, match in cases:
+        assert main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.splitlines()) == 1 and re.search(match, err), err  # no "read ..." line: no work
+    # an obs column that is not there is named right after reading, before any step
+    argv = ["domains", str(tmp_path / "a.h5ad"), "-o", str(tmp_path / "r.h5ad"), *base, "--ground-truth", "layer"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert (
+        "--ground-truth 'layer' is not a column of obs" in err
+        and out.startswith("read ")
+        and len(out.splitlines()) == 1
+    )
+    assert _files(tmp_path) == before
+
+
+FAST = ["--weights", "none", "--input-size", "32", "--max-epochs", "2"]
+
+
+def test_cli_features_without_recorded_settings(adata, tmp_path, capsys):
+    # issue #24 (3): obsm['img_features'] from another tool (no uns['img_features']) and no image: "No image"
+    bare = adata.copy()
+    del bare.uns["spatial"]
+    assert "img_features" in bare.obsm and "img_features" not in bare.uns
+    bare.write_h5ad(tmp_path / "bare.h5ad")
+    adata.write_h5ad(tmp_path / "ref.h5ad")
+    before = _files(tmp_path)
+    out = tmp_path / "o.h5ad"
+    # StereoMM takes features of any width: reused, with a warning saying so (and progress, one line per bar)
+    assert (
+        main(["domains", str(tmp_path / "bare.h5ad"), "-o", str(out), "--n-clusters", "3", "--n-models", "2", *FAST])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "bare.h5ad: obsm['img_features'] (16 columns) has no recorded settings" in err
+    assert "reusing it as it is; pass --recompute-features" in err
+    np.testing.assert_array_equal(ad.read_h5ad(out).obsm["img_features"], bare.obsm["img_features"])
+    assert "\r" not in err and sum("StereoMM" in line for line in err.splitlines()) == 2  # one line per bar
+    out.unlink()
+    # recomputing them needs an image: the error says why one was wanted
+    argv = ["domains", str(tmp_path / "bare.h5ad"), "-o", str(out), "--n-clusters", "3", "-q", "--recompute-features"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "bare.h5ad: --recompute-features was passed, and it holds no H&E image" in err
+    assert "pass --image HE_FILE" in err
+    # mclSTExp needs the reference's width (2 x 696 MobileNetV2 stage features), not 16: refused before the
+    # reference's features are computed
+    argv = ["predict", "--reference", str(tmp_path / "ref.h5ad"), "--query", str(tmp_path / "bare.h5ad"), "-q"]
+    assert main([*argv, "-o", str(out), *FAST, "--patch-size", "40"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert (
+        "bare.h5ad: obsm['img_features'] has 16 columns and no recorded settings, the mobilenet_v2 features 1392" in err
+    )
+    assert "no H&E image" in err and "--image HE_FILE" in err and "image features" not in capsys.readouterr().out
+    assert _files(tmp_path) == before  # the input is read, not written; no output left by the failures
+
+
+def test_cli_predict_spatialdata_reference_keeps_its_image(sdata_zarr, adata, tmp_path, capsys):
+    # issue #24 (4): the reference's table was kept without its H&E image element ("No image found")
+    query = adata.copy()
+    del query.obs["library_id"]
+    query.write_h5ad(tmp_path / "q.h5ad")
+    before = _files(sdata_zarr)
+    out = tmp_path / "pred.h5ad"
+    argv = ["predict", "--reference", str(sdata_zarr), "--query", str(tmp_path / "q.h5ad"), "-o", str(out), "-q"]
+    argv += [*FAST, "--n-models", "1", "--n-neighbors", "5", "--patch-size", "40"]
+    assert main(argv) == 0, capsys.readouterr().err
+    pred = ad.read_h5ad(out)
+    assert pred.layers["mclstexp"].shape == adata.shape and np.isfinite(pred.layers["mclstexp"]).all()
+    assert pred.uns["img_features"]["params"]["encoder"] == "mobilenet_v2"
+    assert _files(sdata_zarr) == before  # the reference file is read, not written

@@ -15,6 +15,16 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from histospace._cli_io import CLIError, _check_outputs, _positive_int, _table, input_kind, read_input, write_output
+from histospace._cli_steps import (
+    _add_encoder_args,
+    _feature_kwargs,
+    _features_needed,
+    _has_image,
+    _image_features,
+    _spatial_graph,
+)
+
 MOBILENET_FILE = Path("weights") / "mobilenet_v2_imagenet_coral" / "mobilenet_v2_imagenet_fp32_torchvision_keys.pt"
 #: image features of the mclSTExp pipeline (validated by the expression benchmark): stage features of the patch and
 #: of a patch twice as wide, averaged over the 8 flips/rotations (plus the TF padding of weights trained with it:
@@ -29,233 +39,25 @@ def _mclstexp_features(weights) -> dict:
     return MCLSTEXP_FEATURES | ({"tf_padding": True} if trained_with_tf_padding(weights) else {})
 
 
-GEM_SUFFIXES = (".gem", ".gem.gz", ".txt", ".txt.gz", ".tsv", ".tsv.gz")
-
-
-class CLIError(Exception):
-    """Bad input on the command line: printed as one line, exit code 2."""
-
-
-# ---- input and output -----------------------------------------------------------------------------------------------
-def _is_zarr(p: Path) -> bool:
-    return p.is_dir() and (p.suffix == ".zarr" or any((p / f).exists() for f in ("zarr.json", ".zattrs", ".zgroup")))
-
-
-def read_input(path: str, *, bin_size: int | None = None, image: str | None = None):
-    """An AnnData (`.h5ad`) or a SpatialData (SpatialData `.zarr`, Visium HD or SAW output folder, Visium folder,
-    Stereo-seq GEM file binned to `bin_size` DNB), with `image` attached to a bins table that has none.
-    """  # noqa: D205
-    p = Path(path).expanduser()
-    if not p.exists():
-        msg = f"{p} does not exist; pass an .h5ad or SpatialData .zarr file, a Visium HD / SAW / Visium folder, or a GEM file"
-        raise CLIError(msg)
-    name = p.name.lower()
-    if p.is_file() and name.endswith(".h5ad"):
-        import anndata as ad
-
-        try:
-            return ad.read_h5ad(p)
-        except Exception as e:  # h5py and anndata raise many types for files that are not AnnData HDF5
-            msg = f"{p} is not an .h5ad file anndata can read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            raise CLIError(msg) from e
-    if p.is_file() and name.endswith(GEM_SUFFIXES):
-        import histospace as hs
-
-        sdata = hs.io.read_gem(p, bin_size=bin_size or 50)
-        if image is not None:
-            hs.io.add_image(sdata, image)
-        return sdata
-    if _is_zarr(p):
-        import spatialdata as sd
-
-        try:
-            return sd.read_zarr(p)
-        except Exception as e:  # zarr and spatialdata raise many types for stores that are not SpatialData
-            msg = f"{p} is not a SpatialData .zarr store spatialdata can read ({type(e).__name__}: {e})"
-            raise CLIError(msg) from e
-    if p.is_dir():
-        return _read_platform_folder(p, bin_size=bin_size)
-    msg = f"{p}: unknown input; expected .h5ad, a SpatialData .zarr, a Visium HD / SAW / Visium folder or a GEM file"
-    raise CLIError(msg)
-
-
-def _read_platform_folder(p: Path, *, bin_size: int | None):
-    """A Space Ranger (Visium HD or Visium) or SAW output folder, read with spatialdata-io."""
-    from histospace._utils._deps import quiet_import
-
-    sio = quiet_import("spatialdata_io")
-    files = [f.name for f in p.rglob("*") if f.is_file()]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        if (p / "binned_outputs").is_dir() or any(f.endswith("feature_slice.h5") for f in files):
-            return sio.visium_hd(p, bin_size=bin_size or 8, load_segmentations_only=False)
-        if any(f.endswith(".gef") for f in files):
-            return sio.stereoseq(p)
-        if any(f.endswith("filtered_feature_bc_matrix.h5") for f in files) and (p / "spatial").is_dir():
-            return sio.visium(p)
-    msg = f"{p} is not a Visium HD, SAW (Stereo-seq) or Visium output folder (no binned_outputs/, .gef or spatial/)"
-    raise CLIError(msg)
-
-
-def _table(data, table_key: str | None):
-    """The table of a SpatialData (or the AnnData itself)."""
-    from histospace._utils._sdata import as_table
-
-    return as_table(data, table_key)[0]
-
-
-def write_output(data, path: str) -> None:
-    """Write an AnnData (`.h5ad`, or `.zarr`) or a SpatialData (`.zarr`; or its table as `.h5ad`)."""
-    from histospace._utils._sdata import is_spatialdata
-
-    out = Path(path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if is_spatialdata(data):
-        if out.suffix == ".h5ad":
-            msg = f"{out}: a SpatialData is written as .zarr; pass -o ending in .zarr"
-            raise CLIError(msg)
-        data.write(out, overwrite=True)
-        print(f"wrote {out} (SpatialData: {', '.join(f'{k} {t.n_obs} x {t.n_vars}' for k, t in data.tables.items())})")
-        return
-    if out.suffix == ".zarr":
-        data.write_zarr(out)
-    else:
-        data.write_h5ad(out)
-    print(f"wrote {out} ({data.n_obs} obs x {data.n_vars} vars)")
-
-
-# ---- image features and graph ---------------------------------------------------------------------------------------
-def _parse_floats(text: str | None) -> tuple[float, float, float] | float | None:
-    if text is None:
-        return None
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError as e:
-        msg = f"expected numbers separated by commas, got {text!r}"
-        raise CLIError(msg) from e
-    if len(vals) not in (1, 3):
-        msg = f"expected one number or three comma-separated numbers (one per RGB channel), got {text!r}"
-        raise CLIError(msg)
-    return vals[0] if len(vals) == 1 else vals
-
-
-def _add_encoder_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("image features")
-    g.add_argument("--encoder", default="mobilenet_v2", help="image encoder (default: %(default)s)")
-    g.add_argument(
-        "--weights",
-        default="imagenet",
-        help="'imagenet' (torchvision download), a local weights file, 'hub' (pathology encoders) or 'none' for "
-        "random init (default: %(default)s)",
-    )
-    g.add_argument("--mean", help="input normalisation mean, e.g. 0.5 or 0.5,0.5,0.5 (default: as the weights)")
-    g.add_argument("--std", help="input normalisation std (default: as the weights)")
-    g.add_argument("--patch-size", type=float, help="patch side in full-resolution pixels (default: 3 spot diameters)")
-    g.add_argument("--patch-size-um", type=float, help="patch side in µm")
-    g.add_argument("--input-size", type=_positive_int, help="side of the encoder's input in pixels (default: 224)")
-    g.add_argument("--image-key", help="SpatialData: the H&E image element (default: the only one)")
-    g.add_argument("--recompute-features", action="store_true", help="compute image features even if present")
-
-
-def _feature_kwargs(args: argparse.Namespace) -> dict:
-    weights = None if str(args.weights).lower() in {"none", "random"} else args.weights
-    kw = {
-        "encoder": args.encoder,
-        "weights": weights,
-        "mean": _parse_floats(args.mean),
-        "std": _parse_floats(args.std),
-        "patch_size": args.patch_size,
-        "patch_size_um": args.patch_size_um,
-        "input_size": args.input_size,
-    }
-    return {k: v for k, v in kw.items() if v is not None or k == "weights"}
-
-
-def _weights_label(weights) -> str:
-    if weights is None:
-        return "random"
-    if str(weights) in ("imagenet", "hub"):
-        return str(weights)
-    return str(Path(weights).expanduser().resolve())
-
-
-def _features_match(table, kw: dict, extra: dict) -> str | None:
-    """Why the features in `obsm['img_features']` do not match the requested ones (`None` when they do)."""
-    if "img_features" not in table.obsm:
-        return "no obsm['img_features']"
-    params = (table.uns.get("img_features") or {}).get("params", {})
-    want = {"encoder": kw["encoder"], "weights": _weights_label(kw["weights"])} | {
-        k: v for k, v in extra.items() if k in ("layers", "context", "dihedral", "tf_padding")
-    }
-    for k in ("patch_size_px", "patch_size_um"):
-        arg = kw.get("patch_size" if k == "patch_size_px" else "patch_size_um")
-        if arg is not None:
-            want[k] = float(arg)
-    for k, v in want.items():
-        have = params.get(k, {"layers": "last", "dihedral": False, "tf_padding": False}.get(k))
-        if str(have) != str(v):
-            return f"uns['img_features']['params'][{k!r}] is {have!r}, not {v!r}"
-    return None
-
-
-def _image_features(data, args, *, extra: dict | None = None, image: str | None = None) -> None:
-    """Compute image features unless the table holds matching ones (then say so)."""
-    import histospace as hs
-    from histospace._utils._sdata import is_spatialdata
-
-    kw = _feature_kwargs(args)
-    extra = extra or {}
-    table = _table(data, args.table_key)
-    why = None if args.recompute_features else _features_match(table, kw, extra)
-    if why is None and not args.recompute_features:
-        print("reusing obsm['img_features']: computed with the requested encoder and weights", file=sys.stderr)
-        return
-    if is_spatialdata(data):
-        hs.pp.image_features(
-            data, table_key=args.table_key, image_key=args.image_key, progress_bar=not args.quiet, **kw, **extra
-        )
-    else:
-        hs.pp.image_features(data, img=image, progress_bar=not args.quiet, **kw, **extra)
-
-
-def _has_image(data) -> bool:
-    from histospace._utils._sdata import is_spatialdata
-
-    if is_spatialdata(data):
-        return len(data.images) > 0
-    for lib in (data.uns.get("spatial") or {}).values():
-        if lib.get("images") or (lib.get("metadata") or {}).get("source_image_path"):
-            return True
-    return False
-
-
-def _spatial_graph(data, args) -> None:
-    """Build the spatial graph unless the table holds one that matches its spots (then say so)."""
-    import histospace as hs
-
-    table = _table(data, args.table_key)
-    g = table.obsp.get("spatial_connectivities")
-    if g is not None and g.shape == (table.n_obs, table.n_obs) and "spatial_neighbors" in table.uns:
-        print("reusing obsp['spatial_connectivities']", file=sys.stderr)
-        return
-    if g is not None:
-        print("obsp['spatial_connectivities'] does not match the spots: rebuilding it", file=sys.stderr)
-    hs.pp.spatial_graph(data, **({"table_key": args.table_key} if args.table_key else {}))
-
-
 # ---- commands -------------------------------------------------------------------------------------------------------
 def cmd_domains(args: argparse.Namespace) -> int:
     """Spatial domains with StereoMM: image features (if there is an image), spatial graph, StereoMM, domains."""
     import histospace as hs
 
     t0 = time.perf_counter()
+    _check_outputs(args, spatialdata=input_kind(args.input)[1] != "h5ad")
     data = read_input(args.input, bin_size=args.bin_size, image=args.image)
     table = _table(data, args.table_key)
     print(f"read {args.input}: {table.n_obs} spots/bins x {table.n_vars} genes ({time.perf_counter() - t0:.0f} s)")
+    if args.ground_truth and args.ground_truth not in table.obs:
+        msg = f"--ground-truth {args.ground_truth!r} is not a column of obs; available: {list(table.obs)}"
+        raise CLIError(msg)
     tk = {"table_key": args.table_key} if args.table_key else {}
     if args.image is not None or _has_image(data) or "img_features" in table.obsm:
         with _timed("image features"):
-            _image_features(data, args, image=args.image if not hasattr(data, "tables") else None)
+            image = args.image if not hasattr(data, "tables") else None
+            if _features_needed(data, args, label=args.input, image=image):
+                _image_features(data, args, image=image)
         features_key = "img_features"
     else:
         print("no H&E image found: StereoMM runs on expression and the spatial graph only", file=sys.stderr)
@@ -277,9 +79,6 @@ def cmd_domains(args: argparse.Namespace) -> int:
     counts = table.obs["stereomm_domain"].value_counts().sort_index()
     print("domains: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
     if args.ground_truth:
-        if args.ground_truth not in table.obs:
-            msg = f"--ground-truth {args.ground_truth!r} is not a column of obs; available: {list(table.obs)}"
-            raise CLIError(msg)
         ari = hs.metrics.ari(table.obs[args.ground_truth], table.obs["stereomm_domain"])
         print(f"ARI vs {args.ground_truth}: {ari:.3f}")
     if args.plot:
@@ -321,14 +120,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if (args.query is None) == (args.image is None):
         msg = "pass exactly one of --query FILE or --image HE_IMAGE"
         raise CLIError(msg)
-    refs = []  # read every input before any work, so a bad path fails at once
+    query_kind = input_kind(args.query)[1] if args.query else "h5ad"  # --image: tiles in an AnnData
     for path in args.reference:
-        r = read_input(path)
-        if hasattr(r, "tables"):
-            r = _table(r, args.table_key)
-        if "library_id" not in r.obs:
-            r.obs["library_id"] = Path(path).stem
-        refs.append(r)
+        input_kind(path)  # a missing or unknown input is named before any work
+    _check_outputs(args, spatialdata=query_kind != "h5ad")
+    refs = [read_input(path) for path in args.reference]
+    for path, r in zip(args.reference, refs, strict=True):
+        if "library_id" not in _table(r, args.table_key).obs:
+            _table(r, args.table_key).obs["library_id"] = Path(path).stem
     if args.query is not None:
         query = read_input(args.query)
     else:
@@ -337,13 +136,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     extra = (
         _mclstexp_features(_feature_kwargs(args)["weights"]) if args.encoder == "mobilenet_v2" else MCLSTEXP_FEATURES
     )
-    for r in refs:
-        _image_features(r, args, extra=extra | {"library_key": "library_id"})
-    ref = refs[0] if len(refs) == 1 else ad.concat(refs, uns_merge="unique", join="inner")
-    _image_features(query, args, extra=extra)
-    model = hs.tl.mclstexp_train(ref, max_epochs=args.max_epochs, n_models=args.n_models, progress_bar=not args.quiet)
-    tk = {"table_key": args.table_key} if args.table_key and hasattr(query, "tables") else {}
-    hs.tl.mclstexp_predict(query, model=model, n_neighbors=args.n_neighbors, **tk)
+    inputs = [
+        (r, path, extra | ({} if hasattr(r, "tables") else {"library_key": "library_id"}))
+        for path, r in zip(args.reference, refs, strict=True)
+    ]
+    inputs.append((query, args.query or args.image, extra))
+    # every input checked before any is computed; a SpatialData keeps its H&E: features from its image element
+    for data, kw in [(d, kw) for d, label, kw in inputs if _features_needed(d, args, label=label, extra=kw)]:
+        _image_features(data, args, extra=kw)
+    tables = [_table(r, args.table_key) for r in refs]
+    ref = refs[0] if len(refs) == 1 else ad.concat(tables, uns_merge="unique", join="inner")
+    tk = {"table_key": args.table_key} if args.table_key else {}
+    fit = {"max_epochs": args.max_epochs, "n_models": args.n_models, "progress_bar": not args.quiet}
+    model = hs.tl.mclstexp_train(ref, **fit, **(tk if hasattr(ref, "tables") else {}))
+    hs.tl.mclstexp_predict(query, model=model, n_neighbors=args.n_neighbors, **(tk if hasattr(query, "tables") else {}))
     if args.genes:
         _save_gene_maps(
             _table(query, args.table_key), args.genes, args.plot or str(Path(args.output).with_suffix(".png"))
@@ -451,19 +257,16 @@ def _version() -> str:
         return "0.0.0"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from e
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (and exit code 2), as every expected failure of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `histospace` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="histospace",
         description="Spatial transcriptomics with H&E histology: StereoMM spatial domains and mclSTExp prediction.",
     )
@@ -544,8 +347,10 @@ EXPECTED = (CLIError, KeyError, ValueError, TypeError, OSError, ImportError, Flo
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (2 for bad input)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad option (one line on stderr, exit code 2)
+        return int(e.code or 0)
     import scanpy as sc
 
     sc.settings.verbosity = "info" if args.verbose else "warning"

@@ -80,6 +80,34 @@ def test_gene_correlation_all_nan(cv_results):
     assert len(plt.get_fignums()) == n_figs  # no figure left behind
 
 
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (["a", "b"], r"`results` is a list"),
+        ([[0.1, 0.2], [0.3]], r"`results` is a list"),
+        ({"r": [0.1]}, r"got a dict with keys \['r'\] \(no 'pearson'\)"),
+        (pd.DataFrame({"s1": ["x", "y"]}), r"columns that are not numbers: \['s1'\]"),
+        ("mclstexp", r"`results` is a str"),
+    ],
+)
+def test_gene_correlation_wrong_type(bad, match):
+    # issue #24 (6): a wrong input failed inside numpy ("setting an array element with a sequence")
+    n_figs = len(plt.get_fignums())
+    with pytest.raises(
+        TypeError, match=rf"`results` must be the dict returned by `hs.tl.mclstexp_cross_validate`.*{match}"
+    ):
+        hs.pl.gene_correlation(bad, show=False)
+    assert len(plt.get_fignums()) == n_figs
+
+
+def test_gene_correlation_anndata_is_refused(adata):
+    with pytest.raises(TypeError, match=r"Series, a genes x folds DataFrame.*`results` is a AnnData"):
+        hs.pl.gene_correlation(adata, show=False)
+    ax = hs.pl.gene_correlation(np.array([0.1, 0.3, 0.2]), show=False)  # a plain array still works
+    assert "n=3" in ax.get_legend().get_texts()[0].get_text()
+    plt.close("all")
+
+
 def test_top_genes(cv_results):
     ax = hs.pl.top_genes(cv_results, n=7, show=False)
     assert isinstance(ax, Axes) and len(ax.patches) == 7
@@ -151,3 +179,23 @@ def test_gene_predictability_errors(gene_scores, predicted):
         hs.pl.gene_predictability(gene_scores, fdr=5, show=False)
     with pytest.raises(TypeError, match="data"):
         hs.pl.gene_predictability([1, 2], show=False)
+
+
+def test_gene_predictability_spatialdata(gene_scores, predicted):
+    # issue #24 (6): a SpatialData was refused; its table is read as the AnnData is, `table_key=` picks it
+    import spatialdata as sd
+
+    a, model = predicted
+    scores = gene_scores.iloc[:30].set_axis(list(a.var_names))
+    hs.tl.mclstexp_predict(a, model=model, n_neighbors=10, gene_scores=scores)
+    sdata = sd.SpatialData(tables={"table": a})
+    ax = hs.pl.gene_predictability(sdata, show=False)
+    assert ax.get_title() == hs.pl.gene_predictability(a, show=False).get_title()
+    sdata = sd.SpatialData(tables={"table": a, "bare": a[:5].copy()})
+    del sdata.tables["bare"].uns["mclstexp"]
+    assert hs.pl.gene_predictability(sdata, table_key="table", show=False).get_title() == ax.get_title()
+    with pytest.raises(ValueError, match="pass `table_key=`"):
+        hs.pl.gene_predictability(sdata, show=False)
+    with pytest.raises(KeyError, match=r"uns\['mclstexp'\]\['gene_scores'\]` not found"):
+        hs.pl.gene_predictability(sdata, table_key="bare", show=False)
+    plt.close("all")

@@ -175,3 +175,24 @@ def test_domains_many_spots_rasterised():
     a.obsm["spatial"] = xy
     ax = hs.pl.domains(a, key="d", show=False)
     assert len(ax.get_images()) == 1 and not ax.collections
+
+
+def test_training_history_spatialdata(adata_graph):
+    # issue #24 (6): every pl function takes a SpatialData, with `table_key=` naming its table
+    import spatialdata as sd
+
+    hs.tl.stereomm(adata_graph, hidden=[8], n_latent=4, max_epochs=3, device="cpu", progress_bar=False)
+    other = adata_graph[:10].copy()
+    del other.uns["stereomm"]
+    sdata = sd.SpatialData(tables={"table": adata_graph, "other": other})
+    ax = hs.pl.training_history(sdata, key="stereomm", table_key="table", metrics=["loss"], show=False)
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), adata_graph.uns["stereomm"]["history"]["loss"], rtol=1e-6)
+    plt.close("all")
+    with pytest.raises(ValueError, match=r"2 tables.*pass `table_key=`"):
+        hs.pl.training_history(sdata, key="stereomm", show=False)
+    with pytest.raises(KeyError, match=r"`adata.uns\['stereomm'\]` not found.*hs.tl.stereomm"):
+        hs.pl.training_history(sdata, key="stereomm", table_key="other", show=False)
+    with pytest.raises(KeyError, match=r"`sdata.tables\['nope'\]` not found"):
+        hs.pl.training_history(sdata, key="stereomm", table_key="nope", show=False)
+    with pytest.raises(TypeError, match="`model_or_adata` must be an AnnData, a SpatialData or a model"):
+        hs.pl.training_history([1.0, 0.5], show=False)

@@ -106,6 +106,34 @@ def test_errors(adata_rep):
     assert "stereomm_domain" in adata_rep.obs
 
 
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        ({"n_clusters": True}, TypeError, r"`n_clusters` must be a positive int or None, got the bool True"),
+        ({"n_clusters": np.bool_(True)}, TypeError, r"`n_clusters` must be a positive int or None, got the bool"),
+        ({"n_clusters": 0}, ValueError, r"`n_clusters` must be a positive int or None, got 0"),
+        ({"n_clusters": "3"}, TypeError, r"`n_clusters` must be a positive int or None, got str '3'"),
+        ({"n_clusters": 3, "refine": -1}, ValueError, r"`refine` must be a non-negative int, got -1.*True/False"),
+        ({"n_clusters": 3, "refine": 1.5}, ValueError, r"`refine` must be a non-negative int, got 1\.5.*passes"),
+        ({"n_clusters": 3, "refine": "yes"}, TypeError, r"`refine` must be.*got str 'yes'.*True/False"),
+        ({"n_clusters": 3, "n_neighbors": True}, TypeError, r"`n_neighbors` must be a positive int, got the bool"),
+    ],
+)
+def test_bools_and_negative_refine_refused(adata_rep, kw, error, match):
+    # issue #24 (10): refine=-1 was recorded as is, n_clusters=True taken as one cluster
+    before = (set(adata_rep.obs), set(adata_rep.uns), set(adata_rep.obsm))
+    with pytest.raises(error, match=match):
+        hs.tl.domains(adata_rep, **kw)
+    assert (set(adata_rep.obs), set(adata_rep.uns), set(adata_rep.obsm)) == before
+
+
+def test_refine_counts(adata_rep):
+    hs.tl.domains(adata_rep, n_clusters=3, refine=2)
+    assert adata_rep.uns["stereomm_domain"]["params"]["refine"] == 2
+    hs.tl.domains(adata_rep, n_clusters=3, refine=np.int64(0), key_added="none")
+    assert adata_rep.uns["none"]["params"]["refine"] == 0
+
+
 def test_seed_ensemble_vote(adata_rep):
     # three latents side by side, as `hs.tl.stereomm(n_models=3)` writes them: two show the bands (with their
     # groups in other orders), the third is noise; the vote follows the two, whatever the order of their labels

@@ -121,8 +121,8 @@ def check_number(
     """Return `value` as int or float after checking it is a finite real number in range.
 
     Numpy scalars are accepted; `bool`, NaN and infinity are refused. Raises `TypeError` for something that is not a
-    number and `ValueError` for a number out of range, not whole when `integer`, or not finite; the message names
-    `name` and the range.
+    number (a bool included) and `ValueError` for a number out of range, not whole when `integer`, or not finite; the
+    message names `name` and the range.
     """
     import numbers
 
@@ -149,9 +149,9 @@ def check_number(
             return None
         msg = f"`{name}` must be {want}, got None."
         raise TypeError(msg)
-    if isinstance(value, bool | np.bool_):
-        msg = f"`{name}` must be {want}, got {value!r}."
-        raise ValueError(msg)
+    if isinstance(value, bool | np.bool_):  # bool is an int subclass, but True is not a count of anything
+        msg = f"`{name}` must be {want}, got the bool {value!r}."
+        raise TypeError(msg)
     if not isinstance(value, numbers.Real):
         msg = f"`{name}` must be {want}, got {type(value).__name__} {value!r}."
         raise TypeError(msg)

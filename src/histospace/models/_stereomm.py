@@ -257,8 +257,10 @@ class StereoMM(BaseModelClass):
                     f"{len(_preprocessor.arrays['img_mean'])}."
                 )
                 raise ValueError(msg)
+        from histospace.pp._spatial_graph import isolated_already_warned
+
         n_isolated = int((np.diff(a.indptr) == 0).sum())
-        if n_isolated:
+        if n_isolated and not isolated_already_warned(adata, connectivity_key, n_isolated):  # warned by the builder
             warnings.warn(
                 f"{n_isolated} of {adata.n_obs} spots ({100 * n_isolated / adata.n_obs:.2g}%) have no neighbour in "
                 f"`adata.obsp[{connectivity_key!r}]`; their latent comes from their own features only. Rebuild the "

@@ -9,10 +9,13 @@ import numpy as np
 from anndata import AnnData
 from matplotlib.axes import Axes
 
+from histospace._utils._sdata import as_table, is_spatialdata
 from histospace.pl._utils import finish
 
 
-def _history_of(model_or_adata, key: str | None) -> tuple[dict[str, np.ndarray], str]:
+def _history_of(model_or_adata, key: str | None, table_key: str | None) -> tuple[dict[str, np.ndarray], str]:
+    if is_spatialdata(model_or_adata):
+        model_or_adata = as_table(model_or_adata, table_key, name="model_or_adata")[0]
     if isinstance(model_or_adata, AnnData):
         if key is None:
             msg = "pass `key=` naming the `adata.uns` entry with the history (e.g. key='stereomm' or 'mclstexp')."
@@ -27,7 +30,10 @@ def _history_of(model_or_adata, key: str | None) -> tuple[dict[str, np.ndarray],
         return dict(entry["history"]), key
     hist = getattr(model_or_adata, "history", None)
     if not isinstance(hist, Mapping):
-        msg = f"expected an AnnData or a model with a `.history` dict, got {type(model_or_adata).__name__}."
+        msg = (
+            "`model_or_adata` must be an AnnData, a SpatialData or a model with a `.history` dict, got "
+            f"{type(model_or_adata).__name__}."
+        )
         raise TypeError(msg)
     return dict(hist), type(model_or_adata).__name__
 
@@ -36,6 +42,7 @@ def training_history(
     model_or_adata,
     *,
     key: str | None = None,
+    table_key: str | None = None,
     metrics: Sequence[str] | None = None,
     log: bool | None = None,
     ax: Axes | None = None,
@@ -47,9 +54,12 @@ def training_history(
     ----------
     model_or_adata
         A model with a `.history` dict of per-epoch lists (e.g. :class:`~histospace.models.StereoMM`), or an AnnData
-        with `adata.uns[key]['history']` (written by `hs.tl.stereomm` and the mclSTExp tools).
+        (or a SpatialData whose table has it) with `adata.uns[key]['history']` (written by `hs.tl.stereomm` and the
+        mclSTExp tools).
     key
-        Key in `adata.uns` when an AnnData is passed (e.g. `'stereomm'`).
+        Key in `adata.uns` when an AnnData or a SpatialData is passed (e.g. `'stereomm'`).
+    table_key
+        SpatialData: the table holding `uns[key]` (default: the only one).
     metrics
         History entries to draw; `None` draws all. Entries of other lengths than the first (e.g. per-validation
         values) are drawn against their own index.
@@ -64,7 +74,7 @@ def training_history(
     -------
     The `Axes` when `show=False`, else `None`.
     """
-    hist, name = _history_of(model_or_adata, key)
+    hist, name = _history_of(model_or_adata, key, table_key)
     if metrics is not None:
         missing = [m for m in metrics if m not in hist]
         if missing:

@@ -202,17 +202,40 @@ def predicted_vs_observed(
     return _finish(fig, show)
 
 
+_CORRELATION_INPUT = (
+    "`results` must be the dict returned by `hs.tl.mclstexp_cross_validate`, per-gene correlations as a pandas "
+    "Series, a genes x folds DataFrame or a 1-d/2-d numeric array"
+)
+
+
 def _pearson_table(results, method: str) -> pd.DataFrame:
+    """The genes x folds correlations of `method` in `results`, checked to be numbers (`TypeError` otherwise)."""
     if isinstance(results, dict) and "pearson" in results:
         if method not in results["pearson"]:
             msg = f"Method {method!r} not in the results; available: {list(results['pearson'])}."
             raise KeyError(msg)
-        return results["pearson"][method]
-    if isinstance(results, pd.Series):
-        return results.to_frame()
-    if isinstance(results, pd.DataFrame):
-        return results
-    return pd.DataFrame(np.asarray(results, dtype=float).reshape(-1, 1))
+        table, where = results["pearson"][method], f"results['pearson'][{method!r}]"
+    elif isinstance(results, dict):
+        msg = f"{_CORRELATION_INPUT}; got a dict with keys {list(results)[:10]} (no 'pearson')."
+        raise TypeError(msg)
+    else:
+        table, where = results, "results"
+    if isinstance(table, pd.Series):
+        table = table.to_frame()
+    if isinstance(table, pd.DataFrame):
+        bad = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
+        if bad:
+            msg = f"{_CORRELATION_INPUT}; `{where}` has columns that are not numbers: {bad[:5]}."
+            raise TypeError(msg)
+        return table
+    try:
+        arr = np.asarray(table)
+    except ValueError:  # ragged nested sequences
+        arr = np.asarray(None, dtype=object)
+    if arr.ndim not in (1, 2) or not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_):
+        msg = f"{_CORRELATION_INPUT}; `{where}` is a {type(table).__name__}."
+        raise TypeError(msg)
+    return pd.DataFrame(arr.astype(float).reshape(len(arr), -1))
 
 
 def gene_correlation(

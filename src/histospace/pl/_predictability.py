@@ -9,6 +9,7 @@ from matplotlib import pyplot as plt
 from matplotlib.axes import Axes
 
 from histospace._constants import MCLSTEXP_KEY
+from histospace._utils._sdata import as_table, is_spatialdata
 from histospace.pl._utils import finish as _finish
 
 
@@ -17,6 +18,7 @@ def gene_predictability(
     *,
     method: str = "mclstexp",
     key: str = MCLSTEXP_KEY,
+    table_key: str | None = None,
     fdr: float = 0.05,
     n_labels: int = 8,
     ax: Axes | None = None,
@@ -34,12 +36,15 @@ def gene_predictability(
     data
         The dict returned by :func:`~histospace.tl.mclstexp_cross_validate`, a gene-score
         :class:`~pandas.DataFrame` (its `['gene_scores'][method]`), or an AnnData predicted with
-        `gene_scores=` (:func:`~histospace.tl.mclstexp_predict`, read from `adata.uns[key]['gene_scores']`). The
-        scores need the columns `pcc` and `mean_expression`; `fdr` for the highlight.
+        `gene_scores=` (:func:`~histospace.tl.mclstexp_predict`, read from `adata.uns[key]['gene_scores']`), or a
+        SpatialData whose table was. The scores need the columns `pcc` and `mean_expression`; `fdr` for the
+        highlight.
     method
         Method of a cross-validation result (`'mclstexp'`, `'bleep'`, `'ridge_pca256'`, ...).
     key
-        `adata.uns` entry of the predictions, for an AnnData.
+        `adata.uns` entry of the predictions, for an AnnData or a SpatialData.
+    table_key
+        SpatialData: the table predicted (default: the only one).
     fdr
         FDR level of the highlight: genes with `fdr < fdr` and a positive r.
     n_labels
@@ -56,6 +61,8 @@ def gene_predictability(
     """
     from histospace.tl._gene_scores import scores_from
 
+    if is_spatialdata(data):
+        data = as_table(data, table_key, name="data")[0]
     if isinstance(data, AnnData):
         entry = data.uns.get(key)
         if not isinstance(entry, dict) or "gene_scores" not in entry:

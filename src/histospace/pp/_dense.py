@@ -227,10 +227,10 @@ def dense_features(
     sample and their `(len(indices), d)` features.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from histospace._utils import resolve_device
     from histospace._utils._image import open_image
+    from histospace._utils._progress import progress
 
     src = open_image(source)
     centres = np.asarray(centres_px, dtype=np.float64)
@@ -289,7 +289,7 @@ def dense_features(
             else [_plan(cs, input_size / s, int(input_size), tile, h, geom.max_stride) for s in sizes]
         )
         kw = {"dihedral": bool(dihedral), "batch_size": int(batch_size), "device": dev}
-        with tqdm(total=sum(p.n_tiles for p in ps), desc=desc, disable=not progress_bar) as bar:
+        with progress(total=sum(p.n_tiles for p in ps), desc=desc, disable=not progress_bar) as bar:
             for k, p in enumerate(ps):
                 if project is None:
                     _dense_pass(

@@ -33,6 +33,20 @@ from histospace.pp._graph_meta import _GRID_NEIGHS, _is_hex_grid, _library_ids, 
 from histospace.pp._spot_graph import squidpy_graph
 
 
+def isolated_already_warned(adata: AnnData, connectivity_key: str, n_isolated: int) -> bool:
+    """Whether `spatial_graph` built `adata.obsp[connectivity_key]` and warned then about its `n_isolated` spots.
+
+    A model reading the graph warns about spots without a neighbour only when the builder did not (a graph from
+    squidpy or another tool, or another count), so one run of `spatial_graph` then `tl.stereomm` warns once.
+    """
+    for entry in adata.uns.values():
+        if isinstance(entry, Mapping) and entry.get("connectivities_key") == connectivity_key:
+            params = entry.get("params")
+            if isinstance(params, Mapping) and "n_isolated" in params and "mean_degree" in params:
+                return int(params["n_isolated"]) == int(n_isolated)
+    return False
+
+
 @doc_params()
 def spatial_graph(
     adata: AnnData | SpatialData,

@@ -378,10 +378,8 @@ def domains(
     )
     x = check_obsm(adata, use_rep, hint=hint).astype(np.float64)
     n_models = _n_models(adata, use_rep, x.shape[1], n_models)
+    n_clusters = check_number(n_clusters, "n_clusters", integer=True, low=1, allow_none=True)
     if n_clusters is not None:
-        if not isinstance(n_clusters, int | np.integer) or n_clusters < 1:
-            msg = f"`n_clusters` must be a positive int or None, got {n_clusters!r}."
-            raise ValueError(msg)
         if adata.n_obs < n_clusters:
             msg = f"`adata` has {adata.n_obs} spots, fewer than n_clusters={n_clusters}."
             raise ValueError(msg)
@@ -393,7 +391,13 @@ def domains(
         if adata.n_obs <= lo_k:
             msg = f"`adata` has {adata.n_obs} spots, too few for cluster_range={cluster_range!r}."
             raise ValueError(msg)
-    n_refine = int(refine)
+    if isinstance(refine, bool | np.bool_):  # True/False: one pass or none
+        n_refine = int(refine)
+    else:
+        try:
+            n_refine = check_number(refine, "refine", integer=True, low=0)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e} Pass True/False or a number of refinement passes (0, 1, 2, ...).") from None
     adj = None
     if n_refine:
         adj = check_obsp(

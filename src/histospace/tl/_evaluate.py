@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
-from tqdm.auto import tqdm
 
 from histospace._constants import FEATURES_KEY, LIBRARY_KEY, SPATIAL_KEY
 from histospace._utils import check_random_state, check_unique_obs_names, doc_params, get_matrix
 from histospace._utils._data import as_dense, check_genes, library_labels, normalize_expression, smooth_over_neighbors
+from histospace._utils._progress import progress
 from histospace._utils._sdata import as_table
 from histospace.metrics import pearson_per_gene
 from histospace.tl._gene_scores import (
@@ -280,7 +280,7 @@ def mclstexp_cross_validate(
     rows, top_genes, n_test, expr_sum = [], {}, {}, {}
     pearson, pvalue, fdr, n_eff = ({m: {} for m in methods} for _ in range(4))
     predictions, prediction_std, observed = {m: {} for m in methods}, {}, {}
-    for g in tqdm(groups, desc="folds", disable=not progress_bar):
+    for g in progress(groups, desc="folds", disable=not progress_bar):
         test_m = labels == g
         train = adata[~test_m]
         test = adata[test_m]
