@@ -70,7 +70,7 @@ def get_matrix(adata: AnnData, layer: str | None, *, counts: bool = False):
         x, name = adata.X, "adata.X"
     else:
         if layer not in adata.layers:
-            msg = f"`adata.layers[{layer!r}]` not found; available layers: {list(adata.layers)}. Pass `layer=None` to use `adata.X`."
+            msg = f"`adata.layers[{layer!r}]` not found; available layers: {[k for k in adata.layers if k is not None]}. Pass `layer=None` to use `adata.X`."
             raise KeyError(msg)
         x, name = adata.layers[layer], f"adata.layers[{layer!r}]"
     if x is None:
