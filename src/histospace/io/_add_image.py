@@ -170,7 +170,7 @@ def _pixel_transformation(
             msg = f"`transformation` must be a spatialdata transformation, got {type(transformation).__name__}."
             raise TypeError(msg)
         if offset is not None:
-            msg = "`offset` goes with `scale` (or `microns_per_pixel`); put the translation into `transformation`."
+            msg = "`offset` goes with `scale` (or `mpp`); put the translation into `transformation`."
             raise ValueError(msg)
         return transformation, "transformation"
     if affine is not None:
@@ -194,7 +194,7 @@ def _pixel_transformation(
             msg = (
                 f"Cannot place the image: {missing} is unknown. Pass `scale=` (coordinate units per pixel) and "
                 "`offset=`, `affine=` or `transformation=`"
-                + ("" if mpp is not None else ", or `microns_per_pixel=`")
+                + ("" if mpp is not None else ", or `mpp=` (µm per pixel)")
                 + "."
             )
             raise ValueError(msg)
@@ -228,6 +228,7 @@ def add_image(
     scale: float | Sequence[float] | None = None,
     offset: Sequence[float] | None = None,
     affine=None,
+    mpp: float | None = None,
     microns_per_pixel: float | None = None,
     scale_factors: Sequence[int] | None = None,
     dims: Sequence[str] | None = None,
@@ -242,7 +243,7 @@ def add_image(
     - `affine`: a 2 x 3 or 3 x 3 matrix from pixel `(x, y, 1)` to coordinates;
     - `scale` (coordinate units per pixel, one value or `(sx, sy)`) and `offset` (the coordinates of pixel
       `(0, 0)`'s corner), i.e. `coords = scale * pixel + offset`;
-    - nothing: the scale is µm per pixel (`microns_per_pixel`, else read from the file: OME `PhysicalSizeX`, Aperio
+    - nothing: the scale is µm per pixel (`mpp`, else read from the file: OME `PhysicalSizeX`, Aperio
       `MPP`, TIFF resolution tags) over the coordinate system's µm per unit (:func:`histospace.io.microns_per_unit`),
       plus `offset`.
 
@@ -263,8 +264,11 @@ def add_image(
         coordinate system that nothing maps to yet (an H&E-only slide, e.g. for `hs.pp.tile_image`) and without a
         placement, one unit is one full-resolution pixel and the image's µm per pixel is recorded as the system's µm
         per unit.
-    transformation, scale, offset, affine, microns_per_pixel
-        The placement, see above.
+    transformation, scale, offset, affine, mpp
+        The placement, see above; `mpp` is the image's µm per full-resolution pixel (the name
+        :func:`histospace.pp.tile_image` uses too).
+    microns_per_pixel
+        Deprecated alias of `mpp` (a `FutureWarning`).
     scale_factors
         Downscaling factors between pyramid levels (each relative to the previous level) for
         :meth:`spatialdata.models.Image2DModel.parse`. Default: the file's own pyramid levels when it has some, else
@@ -303,6 +307,17 @@ def add_image(
         warnings.warn(
             f"No element of `sdata` maps to {coordinate_system!r} yet (it has {systems}).", UserWarning, stacklevel=2
         )
+    if microns_per_pixel is not None:
+        if mpp is not None:
+            msg = "Pass `mpp=` only (`microns_per_pixel=` is its deprecated alias), not both."
+            raise ValueError(msg)
+        warnings.warn(
+            "`microns_per_pixel=` of `hs.io.add_image` is deprecated; pass `mpp=` (µm per pixel, as in "
+            "`hs.pp.tile_image`).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        mpp = microns_per_pixel
     chunks = int(chunks)
     if chunks < 64:
         msg = f"`chunks` must be at least 64 pixels, got {chunks}."
@@ -338,7 +353,7 @@ def add_image(
         scale=scale,
         offset=offset,
         affine=affine,
-        microns_per_pixel=microns_per_pixel,
+        microns_per_pixel=mpp,
         file_mpp=file_mpp,
         cs_mpu=cs_mpu,
         coordinate_system=coordinate_system,
@@ -359,7 +374,7 @@ def add_image(
             chunks=(levels[0].shape[0], chunks, chunks),
         )
     sdata.images[image_key] = element
-    mpp = microns_per_pixel if microns_per_pixel is not None else file_mpp
+    mpp = mpp if mpp is not None else file_mpp
     if pixel_units and mpp is not None:
         set_microns_per_unit(sdata, float(mpp), coordinate_system=coordinate_system)
     logg.info(
