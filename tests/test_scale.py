@@ -239,3 +239,76 @@ def test_add_image_mpp_and_its_deprecated_alias(img):
     assert hs.io.microns_per_unit(a, "global") == hs.io.microns_per_unit(b, "global") == 0.5
     with pytest.raises(ValueError, match=r"Pass `mpp=` only"):
         hs.io.add_image(spatialdata.SpatialData(), img, mpp=0.5, microns_per_pixel=0.5)
+
+
+# ---- real data: a tiny her2st model predicting the two SVS slides (add_image -> tile_image -> features -> predict) --
+WSI = {"cmu": "CMU-1-Small-Region.svs", "tcga": "TCGA-CR-7395-01A-01-TS1.svs"}
+
+
+@pytest.fixture(scope="module")
+def her2st_model(data_dir):
+    a = hs.datasets.her2st("C2", data_dir=data_dir, image=False)[:48].copy()
+    hs.pp.image_features(a, **(FEATURES | {"patch_size_um": 100.0}), **RUN)  # about 130 px on her2st
+    model = hs.tl.mclstexp_train(a, n_top_genes=30, model_kwargs=TINY, **FIT)
+    model.test_px_per_um = a.uns["spatial"]["C2"]["metadata"]["pixels_per_um"]  # what the loader measured
+    return model
+
+
+def _wsi_tiles(data_dir, name: str, mpp: float | None):
+    spatialdata = pytest.importorskip("spatialdata")
+    path = data_dir / "wsi" / WSI[name]
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    s = spatialdata.SpatialData()
+    hs.io.add_image(s, path, mpp=mpp)
+    hs.pp.tile_image(s, tile_size=512)
+    return s
+
+
+@pytest.mark.data
+def test_her2st_model_records_um(her2st_model):
+    s = her2st_model.feature_settings
+    assert s["patch_size_um"] == pytest.approx(100.0)
+    assert s["mpp"] == pytest.approx(1 / her2st_model.test_px_per_um, rel=1e-6)
+    assert s["patch_size_px"] == pytest.approx(100.0 * her2st_model.test_px_per_um, rel=1e-6)
+
+
+@pytest.mark.data
+def test_cmu_svs_through_the_chain(data_dir, her2st_model):
+    s = _wsi_tiles(data_dir, "cmu", None)  # Aperio MPP 0.499 read from the file
+    t = s.tables["tiles"]
+    hs.pp.image_features(s, table_key="tiles", **her2st_model.image_features_kwargs, **RUN)
+    assert t.uns["img_features"]["params"]["patch_size_px"] == pytest.approx(100.0 / 0.499, rel=1e-3)
+    hs.tl.mclstexp_predict(s, table_key="tiles", model=her2st_model, n_neighbors=10)
+    pred = t.obsm["mclstexp"]
+    assert pred.shape == (t.n_obs, 30) and np.isfinite(pred.to_numpy()).all()
+    assert t.uns["mclstexp"]["params"]["features_computed"] is False
+    # the same without the features step: predict makes them, equal
+    s2 = _wsi_tiles(data_dir, "cmu", None)
+    hs.tl.mclstexp_predict(s2, table_key="tiles", model=her2st_model, n_neighbors=10, progress_bar=False)
+    np.testing.assert_allclose(s2.tables["tiles"].obsm["img_features"], t.obsm["img_features"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.data
+def test_tcga_svs_without_resolution_needs_mpp(data_dir, her2st_model):
+    s = _wsi_tiles(data_dir, "tcga", None)  # no µm-per-pixel metadata in the file
+    t = s.tables["tiles"]
+    keys = (set(t.obsm), set(t.uns))
+    with pytest.raises(ValueError, match=r"resolution is unknown.*mpp="):
+        hs.tl.mclstexp_predict(s, table_key="tiles", model=her2st_model, n_neighbors=10, progress_bar=False)
+    assert (set(t.obsm), set(t.uns)) == keys
+    # features made with the tile in pixels (all that can be done without µm) are refused as well
+    hs.pp.image_features(s, table_key="tiles", **(her2st_model.image_features_kwargs | {"patch_size_um": None}), **RUN)
+    keys = (set(t.obsm), set(t.uns))
+    with pytest.raises(ValueError, match=r"unknown scale.*mpp="):
+        hs.tl.mclstexp_predict(s, table_key="tiles", model=her2st_model, n_neighbors=10)
+    assert (set(t.obsm), set(t.uns)) == keys
+    # with the resolution given (at hs.io.add_image, or to mclstexp_predict) it works
+    s = _wsi_tiles(data_dir, "tcga", 0.5)
+    hs.tl.mclstexp_predict(s, table_key="tiles", model=her2st_model, n_neighbors=10, progress_bar=False)
+    t = s.tables["tiles"]
+    assert t.obsm["mclstexp"].shape == (t.n_obs, 30)
+    assert t.uns["img_features"]["params"]["patch_size_px"] == pytest.approx(200.0)
+    s = _wsi_tiles(data_dir, "tcga", None)
+    hs.tl.mclstexp_predict(s, table_key="tiles", model=her2st_model, n_neighbors=10, mpp=0.5, progress_bar=False)
+    np.testing.assert_allclose(s.tables["tiles"].obsm["img_features"], t.obsm["img_features"], rtol=1e-4, atol=1e-5)
