@@ -500,22 +500,13 @@ def _sdata_mpp(ctx, image_key: str | None, mpp: float | None) -> tuple[float, di
     """µm per pixel of the full-resolution level of the SpatialData query's image (`mpp`, else its coordinate
     system's µm per unit) and the image option of image_features; raises naming `mpp=` when unknown.
     """  # noqa: D205
-    from histospace._utils._choice import only_one
     from histospace._utils._sdata import affine_scale
     from histospace._utils._wsi import coordinate_system_to_pixels
     from histospace.io import microns_per_unit
+    from histospace.pp._feature_sources import sdata_image_key
 
     sdata = ctx.sdata
-    images = list(sdata.images)
-    if image_key is None:
-        image_key = only_one(
-            images,
-            f"The SpatialData holds {len(images)} images {images}; pass `image_key=` naming the H&E.",
-            empty_msg="The SpatialData holds no image; add the H&E with `hs.io.add_image(sdata, ...)`.",
-        )
-    elif image_key not in sdata.images:
-        msg = f"`sdata.images[{image_key!r}]` not found; images: {images}."
-        raise KeyError(msg)
+    image_key = sdata_image_key(sdata, image_key)
     kw = {"image_key": image_key}
     if mpp is not None:
         return float(mpp), kw
