@@ -200,6 +200,25 @@ def test_reference_pca_is_recorded_and_reused(img, tmp_path):
     np.testing.assert_allclose(q.obsm["img_features"], ref.obsm["img_features"], rtol=1e-4, atol=1e-4)
 
 
+def test_reference_slides_at_two_resolutions(img):
+    a, b = _slide(img), _slide(_half(img), factor=2.0)  # the same tissue, half the pixels
+    a.obs_names, b.obs_names = "A_" + a.obs_names, "B_" + b.obs_names
+    ref = ad.concat([a, b], label="library_id", keys=["A", "B"])
+    ref.uns["spatial"] = {"A": a.uns["spatial"]["lib"], "B": b.uns["spatial"]["lib"]}
+    hs.pp.image_features(ref, library_key="library_id", **FEATURES, **RUN)  # 64 µm: 64 and 32 px
+    s = hs.tl.mclstexp_train(ref, model_kwargs=TINY, **FIT).feature_settings
+    assert s["patch_size_um"] == pytest.approx(64.0) and "patch_size_px" not in s and "mpp" not in s
+    # one pixel patch on slides 2x apart: no µm is recorded, and the model refuses to guess one for a query
+    pixels = FEATURES | {"patch_size_um": None, "patch_size": 64}
+    hs.pp.image_features(ref, library_key="library_id", **pixels, **RUN)
+    m = hs.tl.mclstexp_train(ref, model_kwargs=TINY, **FIT)
+    assert "patch_size_um" not in m.feature_settings and m.feature_settings["patch_size_px"] == 64.0
+    q = _slide(img)
+    with pytest.raises(ValueError, match=r"reference had no µm scale.*image_features_kwargs"):
+        hs.tl.mclstexp_predict(q, model=m, n_neighbors=5)
+    assert "mclstexp" not in q.uns and "img_features" not in q.obsm
+
+
 def test_no_recorded_settings_keeps_the_old_error(ref):
     a = ref.copy()
     del a.uns["img_features"]

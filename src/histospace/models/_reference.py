@@ -62,6 +62,8 @@ SETTINGS_COMPARED = (
 )  # fmt: skip
 #: relative tolerance on the patch size in µm between the model and a query
 UM_RTOL = 0.01
+#: reference slides whose patches span at most this ratio of µm record their median (else no µm is recorded)
+UM_SPREAD = 1.25
 
 
 def _uniform(value) -> float | None:
@@ -80,7 +82,9 @@ def feature_settings(params: Mapping | None) -> dict[str, Any]:
     `encoder`, `weights` (label or path), `mean`, `std`, `tf_padding`, `layers`, `dihedral`, `context`, `input_size`,
     `method`, `n_components`, `random_state` (random weights), `patch_size_px` and, when the image's µm per pixel was
     known, `patch_size_um` and `mpp` (µm per full-resolution pixel, `patch_size_um / patch_size_px`). Per-slide
-    values that differ are left out. `{}` when `params` does not come from `image_features` (no `encoder`).
+    values that differ are left out, except the µm of slides cut with one pixel patch at resolutions within 25% of
+    each other: their median, with `patch_size_um_range` (min, max). `{}` when `params` does not come from
+    `image_features` (no `encoder`).
     """
     if not isinstance(params, Mapping) or not isinstance(params.get("encoder"), str):
         return {}
@@ -102,6 +106,11 @@ def feature_settings(params: Mapping | None) -> dict[str, Any]:
     px, um = _uniform(params.get("patch_size_px")), _uniform(params.get("patch_size_um"))
     if px is not None:
         out["patch_size_px"] = px
+    if um is None and params.get("patch_size_um") is not None:  # slides of the same pixel patch at other µm
+        v = np.asarray(params["patch_size_um"], dtype=np.float64).ravel()
+        if v.size and np.isfinite(v).all() and v.min() > 0 and v.max() / v.min() <= UM_SPREAD:
+            um = float(np.median(v))
+            out["patch_size_um_range"] = [float(v.min()), float(v.max())]
     if um is not None:
         out["patch_size_um"] = um
         if px is not None:
