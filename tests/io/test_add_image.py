@@ -58,8 +58,8 @@ def test_ome_tiff_native_levels_and_mpp(tmp_path, gem_path):
     np.testing.assert_array_equal(
         tree["scale0"]["image"].data[:, 50:60, 70:75].compute(), img[50:60, 70:75].transpose(2, 0, 1)
     )
-    # explicit microns_per_pixel wins over the file
-    hsio.add_image(sdata, path, image_key="he2", microns_per_pixel=1.0)
+    # explicit mpp wins over the file
+    hsio.add_image(sdata, path, image_key="he2", mpp=1.0)
     np.testing.assert_allclose(matrix(sdata.images["he2"], "global")[0, 0], 2.0)
 
 
@@ -96,7 +96,7 @@ def test_errors(tmp_path, gem_path):
         hsio.add_image(sdata, rgb())
     sdata.attrs.clear()
     with pytest.raises(ValueError, match="µm per unit of 'global' is unknown"):
-        hsio.add_image(sdata, rgb(), microns_per_pixel=0.5)
+        hsio.add_image(sdata, rgb(), mpp=0.5)
     with pytest.raises(FileNotFoundError):
         hsio.add_image(sdata, tmp_path / "none.tif", scale=1)
     with pytest.raises(ValueError, match="shape"):
@@ -159,18 +159,20 @@ def _state(sdata):
     )
 
 
+@pytest.mark.parametrize("name", ["mpp", "microns_per_pixel"])
 @pytest.mark.parametrize("bad", [0, -0.25, np.nan])
-def test_microns_per_pixel_named_and_nothing_written(tmp_path, gem_path, bad):
-    """`microns_per_pixel <= 0` names `microns_per_pixel` (not `scale`), with bins or on an empty SpatialData, and
-    leaves `sdata` as it was (the empty one used to get the image before the error)."""
+@pytest.mark.filterwarnings("ignore:`microns_per_pixel=`:FutureWarning")
+def test_mpp_named_and_nothing_written(tmp_path, gem_path, bad, name):
+    """`mpp <= 0` (or its deprecated alias) names the argument given (not `scale`), with bins or on an empty
+    SpatialData, and leaves `sdata` as it was (the empty one used to get the image before the error)."""
     from spatialdata import SpatialData
 
     path = write_ome(tmp_path / "he.ome.tif", rgb(130, 150), mpp=0.25, levels=1)
     for sdata in (hsio.read_gem(gem_path, bin_size=10), SpatialData()):
         before = _state(sdata)
         for image in (rgb(), path):
-            with pytest.raises(ValueError, match=r"`microns_per_pixel` must be a positive number") as e:
-                hsio.add_image(sdata, image, microns_per_pixel=bad)
+            with pytest.raises(ValueError, match=rf"`{name}` must be a positive number") as e:
+                hsio.add_image(sdata, image, **{name: bad})
             assert "scale" not in str(e.value)
             assert _state(sdata) == before
 
@@ -183,7 +185,7 @@ def test_bad_attrs_raise_before_the_image_is_added(tmp_path):
     sdata.attrs["histospace"] = "not a dict"
     before = _state(sdata)
     with pytest.raises(TypeError, match=r"`sdata.attrs\['histospace'\]` is a str, expected a dict; remove or fix it"):
-        hsio.add_image(sdata, rgb(), microns_per_pixel=0.5)
+        hsio.add_image(sdata, rgb(), mpp=0.5)
     assert _state(sdata) == before
 
 

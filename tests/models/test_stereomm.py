@@ -357,3 +357,25 @@ def test_default_attention_starts_as_identity(adata_graph):
     torch.testing.assert_close(x_ma, m._x_m)
     ref = hs.models.StereoMM(adata_graph, preset="reference", **TINY)
     assert not ref.config["zero_init_attention"] and ref.config["image_weight"] == 1.0
+
+
+def test_image_feature_settings_recorded(adata_graph, tmp_path):
+    # StereoMM is transductive (no new section): the settings of its image features are recorded, not reused
+    a = adata_graph.copy()
+    a.uns["img_features"] = {
+        "params": {"encoder": "mobilenet_v2", "weights": "w.pt", "patch_size_px": 165.0, "patch_size_um": 82.5,
+                   "input_size": 224, "mean": np.array([0.5, 0.5, 0.5]), "std": np.array([0.5, 0.5, 0.5])}
+    }  # fmt: skip
+    m = hs.models.StereoMM(a, **TINY).train(**FAST)
+    s = m.feature_settings
+    assert s["encoder"] == "mobilenet_v2" and s["patch_size_um"] == 82.5 and s["mpp"] == pytest.approx(0.5)
+    m.save(tmp_path / "m")
+    del a.uns["img_features"]
+    assert hs.models.StereoMM.load(tmp_path / "m", adata=a).feature_settings == s
+    hs.tl.stereomm(a, **TINY, **FAST)  # no recorded settings: no entry
+    assert "image_features" not in a.uns["stereomm"]["params"]
+    b = adata_graph.copy()
+    b.uns["img_features"] = {"params": {"encoder": "resnet50", "patch_size_px": 100.0}}
+    hs.tl.stereomm(b, **TINY, **FAST)
+    assert b.uns["stereomm"]["params"]["image_features"]["encoder"] == "resnet50"
+    assert b.uns["stereomm"]["params"]["image_features"]["patch_size_px"] == 100.0

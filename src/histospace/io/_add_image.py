@@ -140,7 +140,7 @@ def _pixel_transformation(
             msg = f"`transformation` must be a spatialdata transformation, got {type(transformation).__name__}."
             raise TypeError(msg)
         if offset is not None:
-            msg = "`offset` goes with `scale` (or `microns_per_pixel`); put the translation into `transformation`."
+            msg = "`offset` goes with `scale` (or `mpp`); put the translation into `transformation`."
             raise ValueError(msg)
         return transformation, "transformation"
     if affine is not None:
@@ -164,7 +164,7 @@ def _pixel_transformation(
             msg = (
                 f"Cannot place the image: {missing} is unknown. Pass `scale=` (coordinate units per pixel) and "
                 "`offset=`, `affine=` or `transformation=`"
-                + ("" if mpp is not None else ", or `microns_per_pixel=`")
+                + ("" if mpp is not None else ", or `mpp=` (µm per pixel)")
                 + "."
             )
             raise ValueError(msg)
@@ -198,6 +198,7 @@ def add_image(
     scale: float | Sequence[float] | None = None,
     offset: Sequence[float] | None = None,
     affine=None,
+    mpp: float | None = None,
     microns_per_pixel: float | None = None,
     scale_factors: Sequence[int] | None = None,
     dims: Sequence[str] | None = None,
@@ -212,9 +213,9 @@ def add_image(
     - `affine`: a 2 x 3 or 3 x 3 matrix from pixel `(x, y, 1)` to coordinates;
     - `scale` (coordinate units per pixel, one value or `(sx, sy)`) and `offset` (the coordinates of pixel
       `(0, 0)`'s corner), i.e. `coords = scale * pixel + offset`;
-    - nothing: the scale is µm per pixel (`microns_per_pixel`, else read from the file by the rule every histospace
-      reader uses: OME `PhysicalSizeX/Y`, Aperio `MPP`, else the TIFF resolution tags, ignoring inch resolutions of
-      1200 dpi or less, which are software defaults, not a pixel size) over the coordinate system's µm per unit (:func:`histospace.io.microns_per_unit`),
+    - nothing: the scale is µm per pixel (`mpp`, else read from the file by the rule every histospace reader uses:
+      OME `PhysicalSizeX/Y`, Aperio `MPP`, else the TIFF resolution tags, ignoring inch resolutions of 1200 dpi or
+      less, which are software defaults, not a pixel size) over the coordinate system's µm per unit (:func:`histospace.io.microns_per_unit`),
       plus `offset`.
 
     A Stereo-seq image registered to the chip (SAW's `*_regist.tif`) has one pixel per DNB: `scale=1`.
@@ -237,8 +238,11 @@ def add_image(
         coordinate system that nothing maps to yet (an H&E-only slide, e.g. for `hs.pp.tile_image`) and without a
         placement, one unit is one full-resolution pixel and the image's µm per pixel is recorded as the system's µm
         per unit.
-    transformation, scale, offset, affine, microns_per_pixel
-        The placement, see above. `microns_per_pixel` must be positive; it wins over the file's metadata.
+    transformation, scale, offset, affine, mpp
+        The placement, see above; `mpp` is the image's µm per full-resolution pixel (the name
+        :func:`histospace.pp.tile_image` uses too). `mpp` must be positive; it wins over the file's metadata.
+    microns_per_pixel
+        Deprecated alias of `mpp` (a `FutureWarning`).
     scale_factors
         Downscaling factors between pyramid levels (each relative to the previous level) for
         :meth:`spatialdata.models.Image2DModel.parse`. Default: the file's own pyramid levels when it has some, else
@@ -277,11 +281,21 @@ def add_image(
         warnings.warn(
             f"No element of `sdata` maps to {coordinate_system!r} yet (it has {systems}).", UserWarning, stacklevel=2
         )
+    mpp_name = "mpp"
+    if microns_per_pixel is not None:
+        if mpp is not None:
+            msg = "Pass `mpp=` only (`microns_per_pixel=` is its deprecated alias), not both."
+            raise ValueError(msg)
+        warnings.warn(
+            "`microns_per_pixel=` of `hs.io.add_image` is deprecated; pass `mpp=` (µm per pixel, as in "
+            "`hs.pp.tile_image`).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        mpp, mpp_name = microns_per_pixel, "microns_per_pixel"
     chunks = check_number(chunks, "chunks", integer=True, low=64)
-    # checked by its own name before anything is read (a zero would otherwise surface as a bad `scale`)
-    microns_per_pixel = check_number(
-        microns_per_pixel, "microns_per_pixel", low=0, low_inclusive=False, allow_none=True
-    )
+    # checked by the name the user gave before anything is read (a zero would otherwise surface as a bad `scale`)
+    mpp = check_number(mpp, mpp_name, low=0, low_inclusive=False, allow_none=True)
 
     file_mpp = None
     levels = None
@@ -318,7 +332,7 @@ def add_image(
         scale=scale,
         offset=offset,
         affine=affine,
-        microns_per_pixel=microns_per_pixel,
+        microns_per_pixel=mpp,
         file_mpp=file_mpp,
         cs_mpu=cs_mpu,
         coordinate_system=coordinate_system,
@@ -338,7 +352,7 @@ def add_image(
             scale_factors=factors or None,
             chunks=(levels[0].shape[0], chunks, chunks),
         )
-    mpp = microns_per_pixel if microns_per_pixel is not None else file_mpp
+    mpp = mpp if mpp is not None else file_mpp
     record = pixel_units and mpp is not None
     if record:
         check_attrs(sdata)  # before anything is written: nothing is added when the record would fail

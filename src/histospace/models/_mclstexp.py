@@ -133,6 +133,12 @@ class MclSTExp(QueryMixin, BaseModelClass):
     :meth:`train`) and split into nearly equal chunks of at most `reference_batch_size` spots, each chunk one
     sequence — so spots see random companions of their own slide, as during training, and never another slide's.
     Queries only use the image side, so their predictions do not depend on batching.
+
+    The model records how the reference's image features were made (:attr:`feature_settings`, from
+    `adata.uns[features_key]['params']` of :func:`histospace.pp.image_features`; saved and loaded with it), including
+    the patch size in µm. A query without features gets them made with those settings at the same µm, whatever its
+    magnification (:meth:`query_features`, called by :func:`histospace.tl.mclstexp_predict`); features that were
+    made otherwise, or at an unknown scale, are refused.
     """
 
     _arrays_file = "reference.npz"

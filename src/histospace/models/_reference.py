@@ -54,8 +54,107 @@ def obsm_features(adata: AnnData, key: str, hint: str = FEATURES_HINT) -> np.nda
     return f
 
 
+#: how image features were made, recorded with the model (see :func:`feature_settings`); defaults of absent keys
+SETTING_DEFAULTS: dict[str, Any] = {"tf_padding": False, "layers": "last", "dihedral": False, "input_size": 224}
+#: settings compared exactly between the model and a query's `uns[features_key]['params']`
+SETTINGS_COMPARED = (
+    "encoder", "weights", "random_state", "tf_padding", "layers", "dihedral", "context", "input_size", "n_components"
+)  # fmt: skip
+#: relative tolerance on the patch size in µm between the model and a query
+UM_RTOL = 0.01
+#: reference slides whose patches span at most this ratio of µm record their median (else no µm is recorded)
+UM_SPREAD = 1.25
+
+
+def _uniform(value) -> float | None:
+    """One float from a recorded value that is a number or an array of equal numbers; `None` otherwise."""
+    if value is None or isinstance(value, str | bool):
+        return None
+    v = np.asarray(value, dtype=np.float64).ravel()
+    if v.size == 0 or not np.isfinite(v).all() or not np.allclose(v, v[0], rtol=1e-6, atol=0):
+        return None
+    return float(v[0])
+
+
+def feature_settings(params: Mapping | None) -> dict[str, Any]:
+    """The settings of :func:`histospace.pp.image_features` recorded in its `uns[key]['params']` (JSON-able).
+
+    `encoder`, `weights` (label or path), `mean`, `std`, `tf_padding`, `layers`, `dihedral`, `context`, `input_size`,
+    `method`, `n_components`, `random_state` (random weights), `patch_size_px` and, when the image's µm per pixel was
+    known, `patch_size_um` and `mpp` (µm per full-resolution pixel, `patch_size_um / patch_size_px`). Per-slide
+    values that differ are left out, except the µm of slides cut with one pixel patch at resolutions within 25% of
+    each other: their median, with `patch_size_um_range` (min, max). `{}` when `params` does not come from
+    `image_features` (no `encoder`).
+    """
+    if not isinstance(params, Mapping) or not isinstance(params.get("encoder"), str):
+        return {}
+    out: dict[str, Any] = {"encoder": str(params["encoder"]), "weights": str(params.get("weights", "imagenet"))}
+    for k in ("mean", "std"):
+        if params.get(k) is not None:
+            out[k] = [float(v) for v in np.atleast_1d(np.asarray(params[k], dtype=np.float64))]
+    out["tf_padding"] = bool(params.get("tf_padding", False))
+    out["layers"] = str(params.get("layers", "last"))
+    out["dihedral"] = bool(params.get("dihedral", False))
+    if params.get("context") is not None:
+        out["context"] = float(params["context"])
+    out["input_size"] = int(params.get("input_size", 224))
+    method = params.get("method")
+    out["method"] = str(method) if isinstance(method, str) else "auto"
+    for k in ("n_components", "random_state"):
+        if params.get(k) is not None:
+            out[k] = int(params[k])
+    px, um = _uniform(params.get("patch_size_px")), _uniform(params.get("patch_size_um"))
+    if px is not None:
+        out["patch_size_px"] = px
+    if um is None and params.get("patch_size_um") is not None:  # slides of the same pixel patch at other µm
+        v = np.asarray(params["patch_size_um"], dtype=np.float64).ravel()
+        if v.size and np.isfinite(v).all() and v.min() > 0 and v.max() / v.min() <= UM_SPREAD:
+            um = float(np.median(v))
+            out["patch_size_um_range"] = [float(v.min()), float(v.max())]
+    if um is not None:
+        out["patch_size_um"] = um
+        if px is not None:
+            out["mpp"] = um / px
+    return out
+
+
+def feature_pca(uns_f: Mapping | None) -> dict[str, np.ndarray] | None:
+    """The PCA of `uns[features_key]['pca']` (`mean`, `components`, float64) when the features were reduced."""
+    pca = uns_f.get("pca") if isinstance(uns_f, Mapping) else None
+    if not isinstance(pca, Mapping) or "mean" not in pca or "components" not in pca:
+        return None
+    return {"mean": np.asarray(pca["mean"], np.float64), "components": np.asarray(pca["components"], np.float64)}
+
+
+def settings_mismatch(model: Mapping, query: Mapping) -> tuple[str, Any, Any] | None:
+    """`(setting, query value, model value)` of the first setting in which the query's features differ, else `None`.
+
+    The patch size is compared in µm (relative tolerance 1%) when the model knows it: the same tissue whatever the
+    magnification; a query without µm gives `('patch_size_um', None, um)`. Without µm in the model, in pixels.
+    """
+    for k in SETTINGS_COMPARED:
+        a, b = query.get(k, SETTING_DEFAULTS.get(k)), model.get(k, SETTING_DEFAULTS.get(k))
+        if a != b:
+            return k, a, b
+    for k in ("mean", "std"):
+        a, b = query.get(k), model.get(k)
+        if a is not None and b is not None and (len(a) != len(b) or not np.allclose(a, b, rtol=1e-5, atol=1e-6)):
+            return k, a, b
+    if "patch_size_um" in model:
+        um = query.get("patch_size_um")
+        if um is None or not np.isclose(um, model["patch_size_um"], rtol=UM_RTOL, atol=0):
+            return "patch_size_um", um, model["patch_size_um"]
+    elif "patch_size_px" in model and "patch_size_px" in query:
+        if not np.isclose(query["patch_size_px"], model["patch_size_px"], rtol=1e-6, atol=0):
+            return "patch_size_px", query["patch_size_px"], model["patch_size_px"]
+    return None
+
+
 def check_feature_params(ref: Mapping | None, query: Mapping | None, features_key: str) -> None:
-    """Compare `uns[features_key]['params']` of the reference and the query (encoder, weights, patch size, ...)."""
+    """Compare `uns[features_key]['params']` of the reference and the query (encoder, weights, patch size, ...).
+
+    The check of models saved before the settings were recorded (:func:`feature_settings` does the newer one).
+    """
     if not ref or not query:
         return
     for k in FEATURE_PARAMS:
@@ -83,6 +182,8 @@ class ReferenceData:
     n_y: int
     img_dim: int | None
     feature_params: dict = field(default_factory=dict)
+    feature_settings: dict = field(default_factory=dict)
+    feature_pca: dict | None = None
     feature_mean: np.ndarray | None = None
     feature_std: np.ndarray | None = None
     positions: np.ndarray | None = None
@@ -174,6 +275,8 @@ class ReferenceData:
             ref.feature_params = {
                 k: v for k, v in uns_f["params"].items() if k in FEATURE_PARAMS and isinstance(v, str | int | float)
             }
+            ref.feature_settings = feature_settings(uns_f["params"])
+            ref.feature_pca = feature_pca(uns_f) if ref.feature_settings else None
         ref.img_dim = int(ref.features.shape[1])
         if scale_features:
             ref.feature_mean = ref.features.mean(axis=0).astype(np.float32)
@@ -191,6 +294,12 @@ class ReferenceData:
             n_y=int(meta["n_y"]),
             img_dim=meta["img_dim"],
             feature_params=dict(meta.get("feature_params", {})),
+            feature_settings=dict(meta.get("feature_settings", {})),
+            feature_pca=(
+                {"mean": arrays["feature_pca_mean"], "components": arrays["feature_pca_components"]}
+                if "feature_pca_mean" in arrays
+                else None
+            ),
             feature_mean=arrays.get("feature_mean"),
             feature_std=arrays.get("feature_std"),
         )
@@ -200,6 +309,9 @@ class ReferenceData:
         out = {"reference_expression": self.expression, "reference_obs_names": np.asarray(self.obs_names).astype(str)}
         if self.feature_mean is not None:
             out["feature_mean"], out["feature_std"] = self.feature_mean, self.feature_std
+        if self.feature_pca is not None:
+            out["feature_pca_mean"] = self.feature_pca["mean"]
+            out["feature_pca_components"] = self.feature_pca["components"]
         return out
 
     def meta(self) -> dict[str, Any]:
@@ -210,6 +322,7 @@ class ReferenceData:
             "n_y": self.n_y,
             "img_dim": self.img_dim,
             "feature_params": self.feature_params,
+            "feature_settings": self.feature_settings,
         }
 
     def scale(self, feats: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,6 +30,7 @@ from histospace._utils._graph import GraphBatch, gcn_normalized_edges, make_tile
 from histospace._utils._preprocess import Preprocessor
 from histospace._utils._sdata import as_table
 from histospace.models._base import BaseModelClass
+from histospace.models._reference import feature_settings
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -233,8 +235,13 @@ class StereoMM(BaseModelClass):
             msg = f"StereoMM needs at least 3 spots; `adata` has {adata.n_obs}."
             raise ValueError(msg)
         x_img = None
+        #: how the image features were made (see `MclSTExp.feature_settings`): recorded, not reused, as StereoMM is
+        #: transductive (a model is never applied to a new section, so no query features are made from them)
+        self.feature_settings: dict[str, Any] = {}
         if features_key is not None:
             x_img = np.asarray(check_obsm(adata, features_key, hint=IMAGE_HINT), dtype=np.float32)  # no copy
+            uns_f = adata.uns.get(features_key)
+            self.feature_settings = feature_settings(uns_f.get("params") if isinstance(uns_f, Mapping) else None)
         adj = check_obsp(adata, connectivity_key, hint=GRAPH_HINT)
         if adj.shape != (adata.n_obs, adata.n_obs):
             msg = f"`adata.obsp[{connectivity_key!r}]` has shape {adj.shape}; expected ({adata.n_obs}, {adata.n_obs})."
@@ -591,7 +598,12 @@ class StereoMM(BaseModelClass):
         return {"obs_names": self.obs_names, **self._pre.arrays}
 
     def _meta(self) -> dict[str, Any]:
-        return {"config": self.config, "n_obs": self.n_obs, "n_models": self.n_models}
+        return {
+            "config": self.config,
+            "n_obs": self.n_obs,
+            "n_models": self.n_models,
+            "feature_settings": self.feature_settings,
+        }
 
     def _save_extra(self, folder: Path) -> None:
         if self._members:
@@ -619,6 +631,8 @@ class StereoMM(BaseModelClass):
             raise ValueError(msg)
         model = cls(adata, **meta["init"], _preprocessor=Preprocessor(**arrays))
         model._restore(folder, meta, device)
+        if meta.get("feature_settings"):  # as trained (the AnnData's `uns` may have lost them since)
+            model.feature_settings = dict(meta["feature_settings"])
         if int(meta.get("n_models", 1)) > 1:
             if not (folder / "members.pt").exists():
                 msg = f"{folder} holds a {meta['n_models']}-model ensemble but `members.pt` is missing."

@@ -182,6 +182,23 @@ def _resolve_libraries(
     return out
 
 
+def sdata_image_key(sdata, image_key: str | None) -> str:
+    """The H&E element of `sdata.images`: `image_key`, checked, or the only image when it is `None`."""
+    from histospace._utils._choice import only_one
+
+    images = list(sdata.images)
+    if image_key is None:
+        return only_one(
+            images,
+            f"The SpatialData holds {len(images)} images {images}; pass `image_key=` naming the H&E.",
+            empty_msg="The SpatialData holds no image; add the H&E with `hs.io.add_image(sdata, ...)` or pass `img=`.",
+        )
+    if image_key not in sdata.images:
+        msg = f"`sdata.images[{image_key!r}]` not found; images: {images}."
+        raise KeyError(msg)
+    return image_key
+
+
 def _sdata_libraries(
     ctx: TableContext,
     *,
@@ -196,21 +213,11 @@ def _sdata_libraries(
     The regions' centres are mapped shapes -> `coordinate_system` -> image level 0 with spatialdata's
     transformations; µm come from :func:`histospace.io.microns_per_unit` of the coordinate system.
     """
-    from histospace._utils._choice import only_one
     from histospace._utils._wsi import coordinate_system_to_pixels, open_multiscale
     from histospace.io import microns_per_unit
 
     sdata = ctx.sdata
-    images = list(sdata.images)
-    if image_key is None:
-        image_key = only_one(
-            images,
-            f"The SpatialData holds {len(images)} images {images}; pass `image_key=` naming the H&E.",
-            empty_msg="The SpatialData holds no image; add the H&E with `hs.io.add_image(sdata, ...)` or pass `img=`.",
-        )
-    elif image_key not in sdata.images:
-        msg = f"`sdata.images[{image_key!r}]` not found; images: {images}."
-        raise KeyError(msg)
+    image_key = sdata_image_key(sdata, image_key)
     shapes_key = ctx.shapes_key(shapes_key)
     cs = ctx.coordinate_system(coordinate_system, [shapes_key, image_key])
     rows = ctx.rows_of(shapes_key)

@@ -127,8 +127,11 @@ def mclstexp_predict(
     weighting: Literal["inverse_square", "uniform", "softmax"] | None = None,
     smooth_neighbors: int = 0,
     img=None,
+    image_key: str | None = None,
+    mpp: float | None = None,
     batch_size: int = 4096,
     gene_scores: dict | pd.DataFrame | None = None,
+    progress_bar: bool = True,
     key_added: str = MCLSTEXP_KEY,
     copy: bool = False,
 ) -> AnnData | SpatialData | None:
@@ -148,9 +151,14 @@ def mclstexp_predict(
     adata
         {adata}
         It needs the image features the model was trained on (`adata.obsm[model.features_key]`, from
-        :func:`histospace.pp.image_features`), or an image (`img=` or `adata.uns['spatial']`) for a model with a
-        fine-tuned encoder. Expression is not needed (H&E-only slides and tiles from
-        :func:`histospace.pp.tile_image` work).
+        :func:`histospace.pp.image_features` with the reference's settings, `**model.image_features_kwargs`), or an
+        image: without those features they are computed here with the settings recorded from the reference
+        (:attr:`~histospace.models.MclSTExp.feature_settings`) at the reference's physical scale, i.e. patches of
+        the same µm whatever the query's magnification (see `mpp`); a model with a fine-tuned encoder reads patches
+        from `img=` or `adata.uns['spatial']`. Expression is not needed (H&E-only slides and tiles from
+        :func:`histospace.pp.tile_image` work). Features that were made with other settings (encoder, weights,
+        layers, patch size in µm, ...) or at an unknown scale raise a `ValueError`: delete them to have them
+        recomputed here, or recompute them.
     table_key
         {table_key}
     model
@@ -165,7 +173,17 @@ def mclstexp_predict(
         Average each query's image embedding with those of its `smooth_neighbors` nearest spatial neighbours
         (`obsm['spatial']`, within a slide) before the search. `0` (reference) switches it off.
     img
-        Full-resolution image (array, path, or dict per library) for a model with a fine-tuned encoder.
+        Full-resolution image (array, path, or dict per library) for a model with a fine-tuned encoder, or to
+        compute the features of an AnnData query from.
+    image_key
+        With a SpatialData whose features are computed here: the H&E element of `sdata.images` (`None`: the only
+        one).
+    mpp
+        µm per full-resolution pixel of the query (of `obsm['spatial']`; with a SpatialData, of the image's
+        full-resolution level), used when its features are computed here. `None` reads it from the query
+        (`uns['spatial'][library_id]['metadata']`: `microns_per_pixel`, or `spot_diameter_um` with
+        `scalefactors['spot_diameter_fullres']`; a SpatialData's µm per unit); when it is unknown there a
+        `ValueError` is raised before any work. Never guessed.
     batch_size
         Query rows per chunk of the nearest-neighbour search.
     gene_scores
@@ -173,6 +191,8 @@ def mclstexp_predict(
         :func:`~histospace.tl.mclstexp_cross_validate` run with the model's settings on its training slides (its
         `['gene_scores']['mclstexp']` table is used), or a :class:`~pandas.DataFrame` indexed by gene with a `'pcc'`
         column (and optionally `'fdr'` and the other columns of that table). Panel genes without a score get NaN.
+    progress_bar
+        Show a progress bar while the query's image features are computed.
     key_added
         Key of the `obsm`, `layers` and `uns` entries.
     copy
@@ -200,8 +220,12 @@ def mclstexp_predict(
     `adata.var['mclstexp_pcc' | key_added + '_pcc']`, `adata.var['mclstexp_fdr' | key_added + '_fdr']` : float
         With `gene_scores` and when `adata` holds panel genes: each gene's cross-validated Pearson r and FDR (the
         latter when the scores have one); NaN for genes outside the panel or without a score.
+    `adata.obsm[model.features_key]` : :class:`numpy.ndarray` (dtype `float32`), `adata.uns[model.features_key]`
+        Only when the query had no image features: those computed here (as by :func:`histospace.pp.image_features`
+        with :attr:`~histospace.models.MclSTExp.image_features_kwargs`, its `uns` entry with them).
     `adata.uns['mclstexp' | key_added]` : :class:`dict`
-        `params` (n_neighbors, weighting, model parameters, genes, the embedding key) and `version`; with
+        `params` (n_neighbors, weighting, model parameters, genes, the embedding key, `features_computed`, and the
+        query's `mpp` when given) and `version`; with
         `gene_scores`, also `gene_scores`: `'gene'` (the panel, `model.genes` order) and one float64 array per
         numeric column of the scores (`pcc`, `fdr`, ...), for every query, genes or not.
 
@@ -254,6 +278,17 @@ def mclstexp_predict(
                 stacklevel=2,
             )
     weighting = model.default_weighting if weighting is None else weighting
+    features = features_uns = None
+    if model.freeze_encoder and model.features_key not in adata.obsm:  # made here, as the reference's
+        model._check_options(adata, n_neighbors, weighting, smooth_neighbors, batch_size)
+        features, features_uns = model.query_features(
+            adata if ctx is None else ctx.sdata,
+            table_key=None if ctx is None else ctx.table_key,
+            image_key=image_key,
+            img=img,
+            mpp=mpp,
+            progress_bar=progress_bar,
+        )
     start = logg.info(f"predicting {len(model.genes)} genes for {adata.n_obs} spots with mclSTExp")
     pred, std, emb = model._predict(
         adata,
@@ -264,6 +299,7 @@ def mclstexp_predict(
         batch_size=batch_size,
         with_std=True,
         with_embedding=True,
+        features=features,
     )
     emb_key, std_key = f"X_{key_added}", f"{key_added}_std"
     uns = {
@@ -280,6 +316,8 @@ def mclstexp_predict(
                 "n_models": int(model.n_models_),
                 "genes": list(model.genes),
                 "embedding_key": emb_key,
+                "features_computed": features is not None,
+                **({"mpp": float(mpp)} if mpp is not None else {}),
             }
         ),
         "version": version_string(),
@@ -302,6 +340,10 @@ def mclstexp_predict(
     )
     out.obsm[emb_key] = emb
     deep = f"added\n    {key_added!r}, predicted expression (adata.obsm)\n    {emb_key!r}, joint-space embedding (adata.obsm)"
+    if features is not None:
+        out.obsm[model.features_key] = features
+        out.uns[model.features_key] = features_uns
+        deep += f"\n    {model.features_key!r}, image features made with the model's settings (adata.obsm, adata.uns)"
     if std is not None:
         out.obsm[std_key] = pd.DataFrame(std, index=out.obs_names.copy(), columns=genes_index.copy())
         deep += f"\n    {std_key!r}, standard deviation over the {model.n_models_} models (adata.obsm)"

@@ -112,7 +112,8 @@ def stereomm(
         `m` in columns `m * n_latent` to `(m + 1) * n_latent`). scanpy's neighbours and UMAP take it as it is.
     `adata.uns['stereomm' | key_added without 'X_']` : :class:`dict`
         `'params'` (resolved model and training parameters, `'n_models'` and `'n_latent'` among them; `hs.tl.domains`
-        reads `'n_models'`), `'history'` (`'loss'`, `'reconstruction'`, `'kl'`: float32 arrays, one value per
+        reads `'n_models'`; `'image_features'`: how the image features were made, as recorded by
+        :func:`histospace.pp.image_features`: encoder, weights, patch size in px and µm, ...), `'history'` (`'loss'`, `'reconstruction'`, `'kl'`: float32 arrays, one value per
         epoch, the mean over the models) and `'version'`.
     """
     from histospace.models import StereoMM
@@ -153,6 +154,8 @@ def stereomm(
         params.pop(k, None)
     if model.config["n_pcs"] is not None:
         params["n_pcs"] = int(model.config["n_pcs"])
+    if model.feature_settings:
+        params["image_features"] = dict(model.feature_settings)
     out.uns[uns_key] = {
         "params": uns_safe(params),
         "history": {k: np.asarray(v, dtype=np.float32) for k, v in model.history.items()},
