@@ -110,8 +110,8 @@ def test_model_seed_ensemble(adata, tmp_path):
     (tmp_path / "ens2" / "members.pt").unlink()
     with pytest.raises(FileNotFoundError, match="members.pt"):
         hs.models.MclSTExp.load(tmp_path / "ens2")
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="n_models"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (1.5, ValueError), (True, TypeError)):
+        with pytest.raises(error, match="n_models"):
             hs.models.MclSTExp(adata, genes=genes, **TINY).train(**{**FIT, "n_models": bad})
 
 
