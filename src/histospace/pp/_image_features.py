@@ -538,11 +538,6 @@ def image_features(
     start = logg.info(
         f"computing image features ({info['encoder']}, weights {info['weights']}) for {adata.n_obs} spots"
     )
-    if isinstance(encoder, str):  # our own fresh copy: fold BatchNorm into the convolutions (faster, same output)
-        fuse_conv_bn(enc.backbone)
-    enc = enc.to(dev)
-    if dev.type == "cpu":
-        enc = enc.to(memory_format=torch.channels_last)
     d_full = d * len(factors)
     if n_components is not None and pca is None and n_components > min(d_full, adata.n_obs):
         msg = (
@@ -555,11 +550,29 @@ def image_features(
     reduce = n_components is not None or fitted is not None
     width = d_full if not reduce else (n_components if fitted is None else fitted[1].shape[1])
     feats = np.empty((adata.n_obs, width), dtype=np.float32)
-    methods = {lib.library_id: _choose(method, lib, coords, enc, input_size, context) for lib in libs}
+    # the cache is looked up first: a slide found there needs no method choice (which runs the trunk) nor features.
+    # Keyed on `method` as passed ('auto' resolves the same way for the same spots and settings) and on whether a PCA
+    # follows (dense slides are cached only without one); the entry records the method used.
     cache_kw = {"input_size": int(input_size), "context": context, "dihedral": bool(dihedral), "layers": layers,
-                "tf_padding": bool(tf_padding), "device": dev.type}  # fmt: skip
+                "tf_padding": bool(tf_padding), "device": dev.type, "method": method, "tile_size": tile_size,
+                "halo": halo, "pca": bool(reduce)}  # fmt: skip
     if weights is None:
         cache_kw["random_state"] = random_state
+    keys, hits, settings = {}, {}, {}
+    if cache_root is not None:
+        for lib in libs:
+            settings[lib.library_id] = _cache_settings(lib, info, weights, **cache_kw)
+            keys[lib.library_id], hit = _cached(cache_root, settings[lib.library_id], lib, coords, d_full)
+            if hit is not None and hit[1].get("method") in ("patch", "dense"):
+                hits[lib.library_id] = hit
+    if len(hits) < len(libs):  # something to compute
+        if isinstance(encoder, str):  # our own fresh copy: fold BatchNorm into the convolutions (faster, same output)
+            fuse_conv_bn(enc.backbone)
+        enc = enc.to(dev)
+        if dev.type == "cpu":
+            enc = enc.to(memory_format=torch.channels_last)
+    methods = {lib.library_id: hits[lib.library_id][1]["method"] if lib.library_id in hits else
+               _choose(method, lib, coords, enc, input_size, context) for lib in libs}  # fmt: skip
     dense_kw = {"input_size": input_size, "context": context, "dihedral": dihedral, "device": dev,
                 "tile_size": tile_size, "halo": halo, "progress_bar": progress_bar}  # fmt: skip
     records = {lib.library_id: {"patch_size_px": float(lib.patch_size_px), "method": methods[lib.library_id],
@@ -589,8 +602,7 @@ def image_features(
             # without a PCA straight into `feats`; with one, full width first, projected below
             target, rows = (np.empty((len(lib.rows), d_full), np.float32), np.arange(len(lib.rows))) if reduce else (
                 feats, lib.rows)  # fmt: skip
-            settings = None if cache_root is None else _cache_settings(lib, info, weights, method="patch", **cache_kw)
-            key, hit = _cached(cache_root, settings, lib, coords, d_full)
+            key, hit = keys.get(lib.library_id), hits.get(lib.library_id)
             if hit is not None:
                 target[rows] = hit[0]
                 rec |= hit[1]
@@ -641,9 +653,8 @@ def image_features(
                 del src, ds, loader
             del loaded
             if key is not None:
-                _feature_cache.save(
-                    cache_root, key, target[rows], {k: v for k, v in rec.items() if k not in before}, settings
-                )
+                stored = {"method": "patch"} | {k: v for k, v in rec.items() if k not in before}
+                _feature_cache.save(cache_root, key, target[rows], stored, settings[lib.library_id])
             if reduce:
                 held[lib.library_id] = target
                 if fitted is None:
@@ -657,19 +668,15 @@ def image_features(
     for lib in dense_libs:  # (with a PCA: its maps projected before the window means)
         if lib.library_id in held:
             continue
-        # without a PCA the slide's full-width features can be cached
-        settings = None
-        if cache_root is not None and not reduce:
-            settings = _cache_settings(lib, info, weights, method="dense", tile_size=tile_size, halo=halo, **cache_kw)
-        key, hit = _cached(cache_root, settings, lib, coords, d_full)
-        if hit is not None:
+        key, hit = keys.get(lib.library_id), hits.get(lib.library_id)  # (only without a PCA: full-width features)
+        if hit is not None and not reduce:
             feats[lib.rows] = hit[0]
             records[lib.library_id] |= hit[1]
             continue
         rec = _dense_library(lib, coords, enc, feats, pca=fitted, **dense_kw)
         records[lib.library_id] |= rec
-        if key is not None:
-            _feature_cache.save(cache_root, key, feats[lib.rows], rec, settings)
+        if key is not None and not reduce:
+            _feature_cache.save(cache_root, key, feats[lib.rows], {"method": "dense"} | rec, settings[lib.library_id])
     if reduce:
         for lib in libs:
             if lib.library_id in held:
