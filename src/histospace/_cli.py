@@ -26,17 +26,20 @@ from histospace._cli_steps import (
 )
 
 MOBILENET_FILE = Path("weights") / "mobilenet_v2_imagenet_coral" / "mobilenet_v2_imagenet_fp32_torchvision_keys.pt"
-#: image features of the mclSTExp pipeline (validated by the expression benchmark): stage features of the patch and
-#: of a patch twice as wide, averaged over the 8 flips/rotations (plus the TF padding of weights trained with it:
-#: see `_mclstexp_features`)
-MCLSTEXP_FEATURES = {"layers": "stages", "context": 2.0, "dihedral": True}
+#: image features of the mclSTExp pipeline (validated by the expression benchmark): `hs.pp.image_features`'s
+#: `preset='mclstexp'` (stage features of the patch and of a patch twice as wide, averaged over the 8
+#: flips/rotations; the TF padding of weights trained with it). The options are spelled out too, so that
+#: `_features_match` can compare them with stored features; they equal the preset's (a test checks it).
+MCLSTEXP_FEATURES = {"preset": "mclstexp", "layers": "stages", "context": 2.0, "dihedral": True}
 
 
 def _mclstexp_features(weights) -> dict:
-    """The mclSTExp image-feature options for `weights`: TF 'SAME' padding for a file known to be trained with it."""
-    from histospace._nn._encoders import trained_with_tf_padding
+    """The mclSTExp image-feature options for `weights` (`preset='mclstexp'` and what it fills for these weights)."""
+    from histospace.pp._image_features import preset_options
 
-    return MCLSTEXP_FEATURES | ({"tf_padding": True} if trained_with_tf_padding(weights) else {})
+    opts = preset_options("mclstexp", weights=weights)
+    opts.pop("encoder")  # the command's --encoder decides
+    return {"preset": "mclstexp"} | opts
 
 
 # ---- commands -------------------------------------------------------------------------------------------------------
@@ -184,7 +187,11 @@ def _data_dir(arg: str | None) -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """StereoMM domains on DLPFC 151673 and mclSTExp on her2st (train C3-C6, predict C2), on real data."""
+    """StereoMM domains on DLPFC 151673 and mclSTExp on her2st (train C3-C6, predict C2), on real data.
+
+    Image features are cached in `hs.pp.feature_cache_dir()` ($HISTOSPACE_CACHE/features, else
+    ~/.cache/histospace/features), so a second run reuses them; `hs.pp.clear_feature_cache()` empties it.
+    """
     import anndata as ad
     import matplotlib.pyplot as plt
     import numpy as np
@@ -200,7 +207,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not weights.is_file():
         msg = f"{weights} not found; the demo uses the ImageNet MobileNetV2 weights in the shared data folder"
         raise CLIError(msg)
-    feat_kw = {"encoder": "mobilenet_v2", "weights": str(weights)}  # mean/std: known from the file
+    # mean/std: known from the file; features cached (`hs.pp.feature_cache_dir()`), so a second run reuses them
+    feat_kw = {"encoder": "mobilenet_v2", "weights": str(weights), "cache": True}
     t0 = time.perf_counter()
 
     if "domains" in args.parts:
@@ -221,9 +229,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         slides = {}
         for s in ["C2", "C3", "C4", "C5", "C6"]:
             a = hs.datasets.her2st(s, data_dir=data_dir)
-            hs.pp.image_features(
-                a, patch_size=224, progress_bar=not args.quiet, **feat_kw, **_mclstexp_features(weights)
-            )
+            hs.pp.image_features(a, preset="mclstexp", patch_size=224, progress_bar=not args.quiet, **feat_kw)
             slides[s] = a
         ref = ad.concat([slides[s] for s in ["C3", "C4", "C5", "C6"]], uns_merge="unique", join="inner")
         genes = [g for g in genes if g in ref.var_names and g in slides["C2"].var_names]
@@ -244,6 +250,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         plt.close(fig)
         print(f"wrote {out / 'her2st_C2_predicted.png'}")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; figures in {out}/")
+    print(f"image features cached in {hs.pp.feature_cache_dir()} (clear: hs.pp.clear_feature_cache())")
     return 0
 
 

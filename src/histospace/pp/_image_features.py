@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -137,17 +138,112 @@ def _check_pca(pca: Mapping, width: int, n_components: int | None) -> tuple[np.n
     return mu, comp
 
 
-def _dihedral_mean(enc: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Mean of `enc` over the 8 flips/right-angle rotations of the batch `x` `(B, 3, H, W)`."""
-    total = None
+#: images per forward pass of the 8 dihedral views (several views of a batch go through the encoder together)
+DIHEDRAL_CHUNK = 128
+
+
+def _dihedral_mean(enc: nn.Module, x: torch.Tensor, *, chunk: int = DIHEDRAL_CHUNK) -> torch.Tensor:
+    """Mean of `enc` over the 8 flips/right-angle rotations of the batch `x` `(B, 3, H, W)`.
+
+    The views are stacked and run in forward passes of about `chunk` images (several views of a small batch at once),
+    which is faster on a CPU than 8 passes of `B`; each image's features do not depend on its batch, so the result
+    is the same up to float rounding. They are summed in the order rot90 k = 0..3, each then its flip.
+    """
+    b = x.shape[0]
+    per = max(1, min(8, chunk // max(b, 1)))  # views per forward pass
+    fmt = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
+    views = []
     for k in range(4):
         r = torch.rot90(x, k, dims=(2, 3))
-        for view in (r, r.flip(-1)):
-            y = enc(view.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else view).float()
-            total = y if total is None else total + y
+        views += [r, r.flip(-1)]
+    total = None
+    for i in range(0, 8, per):
+        v = torch.cat(views[i : i + per]).contiguous(memory_format=fmt)
+        y = enc(v).float()
+        y = y.view(-1, b, *y.shape[1:])
+        for j in range(y.shape[0]):
+            total = y[j] if total is None else total + y[j]
     return total / 8
 
 
+#: named feature recipes of `image_features(preset=...)`: the options each fills (see `preset_options`)
+PRESETS: dict[str, dict] = {
+    # mclSTExp on her2st (validated by the expression benchmark): stage features of the patch and of a patch twice as
+    # wide, averaged over the 8 flips/rotations; plus `tf_padding` for weights trained with TF 'SAME' padding
+    "mclstexp": {"encoder": "mobilenet_v2", "layers": "stages", "context": 2.0, "dihedral": True},
+}
+
+
+def preset_options(preset: str, *, encoder=None, weights="imagenet") -> dict:
+    """The options that `image_features(preset=preset)` fills for `encoder` and `weights` (the caller's or defaults).
+
+    `PRESETS[preset]`, plus `tf_padding=True` when `weights` is a file known to be trained with TensorFlow 'SAME'
+    padding (by its SHA-256, e.g. the shared TF-converted MobileNetV2) and the encoder is a named one.
+    """
+    if not isinstance(preset, str) or preset not in PRESETS:
+        msg = f"`preset` must be one of {sorted(PRESETS)} or None, got {preset!r}."
+        raise ValueError(msg)
+    from histospace._nn._encoders import trained_with_tf_padding
+
+    out = dict(PRESETS[preset])
+    enc = out.get("encoder") if encoder is None else encoder
+    if isinstance(enc, str) and trained_with_tf_padding(weights):
+        out["tf_padding"] = True
+    return out
+
+
+def _cache_settings(lib: _Library, info: dict, weights, **options) -> dict | None:
+    """What a slide's features depend on besides its centres (the key of :mod:`._feature_cache`); `None`: uncacheable."""
+    from histospace.pp import _feature_cache
+
+    if info["weights"] == "module":  # a user module: its weights cannot be identified
+        return None
+    image = _feature_cache.image_digest(lib.source)
+    w = _feature_cache.weights_digest(weights)
+    if image is None or w is None:
+        return None
+    src = lib.source
+    return {
+        "format": _feature_cache.CACHE_FORMAT,
+        "torch": torch.__version__,
+        "image": image,
+        "image_kind": src.kind,
+        "image_shape": [int(src.height), int(src.width)],
+        "scale": [float(v) for v in src._scale_xy()],
+        "offset": [float(v) for v in src.offset],
+        "levels": 1 if lib.multiscale is None else int(lib.multiscale.n_levels),
+        "patch_size_px": float(lib.patch_size_px),
+        "info": {k: v for k, v in info.items() if k != "weights"},
+        "weights": w,
+        **options,
+    }
+
+
+def _cached(root, settings, lib: _Library, coords, width: int):
+    """`(key, (features, record) or None)` of a slide in the cache at `root` (`(None, None)` without a cache)."""
+    from histospace.pp import _feature_cache
+
+    if root is None or settings is None:
+        return None, None
+    key = _feature_cache.entry_key(settings, coords[lib.rows])
+    return key, _feature_cache.load(root, key, (len(lib.rows), width))
+
+
+def _with_preset(func):
+    """Fill the options of `preset=` that the caller did not pass (explicit arguments win) before calling `func`."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        preset = kwargs.get("preset")
+        if preset is not None:
+            filled = preset_options(preset, encoder=kwargs.get("encoder"), weights=kwargs.get("weights", "imagenet"))
+            kwargs = filled | kwargs
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+@_with_preset
 @doc_params()
 def image_features(
     adata: AnnData | SpatialData,
@@ -161,6 +257,7 @@ def image_features(
     library_id: str | None = None,
     library_key: str | None = None,
     spatial_key: str = SPATIAL_KEY,
+    preset: Literal["mclstexp"] | None = None,
     encoder: str | nn.Module = "mobilenet_v2",
     weights: str | os.PathLike | None = "imagenet",
     mean: float | tuple[float, float, float] | None = None,
@@ -177,6 +274,7 @@ def image_features(
     input_size: int = 224,
     n_components: int | None = None,
     pca: Mapping | None = None,
+    cache: bool | str | os.PathLike = False,
     batch_size: int = 32,
     device: str | torch.device | None = None,
     num_workers: int = 0,
@@ -236,6 +334,14 @@ def image_features(
         uses its own image in `adata.uns['spatial']`.
     spatial_key
         {spatial_key}
+    preset
+        A named recipe that fills the options not passed (explicit arguments win); recorded in
+        `uns[key_added]['params']['preset']`. `'mclstexp'`: the image features validated for
+        :func:`histospace.tl.mclstexp_train` on her2st, `encoder='mobilenet_v2'`, `layers='stages'`, `context=2`,
+        `dihedral=True`, and `tf_padding=True` when `weights` is a file known to be trained with TensorFlow padding
+        (the shared TF-converted MobileNetV2, recognised by its checksum). The weights and the patch size are not
+        filled: the benchmark used that MobileNetV2 file and `patch_size=224` (her2st full-resolution pixels,
+        about 150 µm). `None`: no recipe, every option at its default.
     encoder
         `'densenet121'` (1024 features), `'resnet50'` (2048), `'mobilenet_v2'` (1280): torchvision architectures
         with the classifier removed and global average pooling; or any `torch.nn.Module` mapping normalised
@@ -301,6 +407,16 @@ def image_features(
         Project onto a PCA fitted by an earlier call, `other.uns['img_features']['pca']` (a mapping with `'mean'` and
         `'components'`), instead of fitting one: the features of a new slide in the space of a reference's (e.g. for
         `hs.tl.mclstexp_predict` with a model trained on reduced features). The encoder options must be the same.
+    cache
+        Store each slide's features on disk and reuse them when the same image, spots and settings come again (a
+        second run of a script or of the `histospace` command reads them instead of running the encoder). `True`:
+        the folder :func:`histospace.pp.feature_cache_dir` (`$HISTOSPACE_CACHE/features`, else
+        `~/.cache/histospace/features`); a path: that folder; `False` (default): no cache, nothing written to disk.
+        An entry's key is a hash of the image's content (its file's bytes or the array's pixels), the spot centres,
+        the patch size and every feature setting (encoder, the weights file's hash, mean/std, `tf_padding`,
+        `layers`, `dihedral`, `context`, `input_size`, method, tiles, device type), so any change computes anew.
+        Slides read from a zarr/dask image without a file, user modules and dense-method slides with a PCA are not
+        cached; unreadable entries are recomputed. Empty it with :func:`histospace.pp.clear_feature_cache`.
     batch_size
         Patches per forward pass; memory use grows with it, not with the number of spots.
     device
@@ -328,9 +444,10 @@ def image_features(
         `'n_fit'`, the number of spots it was fitted on (`0` when given); `'params'`: `n_components` (when set),
         `encoder`, `weights` (`'imagenet'`, file path, `'random'` or `'module'`), `patch_size_px`,
         `patch_size_um` (when known), `input_size`, `image` (`'fullres'`, `'hires'`, `'lowres'` or `'img'`), `scale`,
-        `mean`, `std`, `padding` (of patches at the image border), `tf_padding`, `layers` and `dihedral` (when
-        set), `library_ids` and, per library, `libraries[library_id]` with its own `image`, `scale`,
-        `patch_size_px`; `'version'`.
+        `mean`, `std`, `padding` (of patches at the image border), `preset`, `tf_padding`, `layers` and `dihedral`
+        (when set), `library_ids` and, per library, `libraries[library_id]` with its own `image`, `scale`,
+        `patch_size_px`; `'version'`. Read from the cache (`cache=`), the features and these records are those of
+        the run that stored them.
 
     Examples
     --------
@@ -369,6 +486,11 @@ def image_features(
         raise TypeError(msg)
     tile_size = check_number(tile_size, "tile_size", integer=True, low=1, allow_none=True)
     halo = check_number(halo, "halo", integer=True, low=0, allow_none=True)
+    if preset is not None:
+        preset_options(preset)  # a bad name raises here also when the function is called past its wrapper
+    from histospace.pp import _feature_cache
+
+    cache_root = _feature_cache.resolve_cache(cache)
     dev = resolve_device(device)
 
     from histospace._nn._pathology import get_pathology_model, is_pathology_encoder
@@ -416,11 +538,6 @@ def image_features(
     start = logg.info(
         f"computing image features ({info['encoder']}, weights {info['weights']}) for {adata.n_obs} spots"
     )
-    if isinstance(encoder, str):  # our own fresh copy: fold BatchNorm into the convolutions (faster, same output)
-        fuse_conv_bn(enc.backbone)
-    enc = enc.to(dev)
-    if dev.type == "cpu":
-        enc = enc.to(memory_format=torch.channels_last)
     d_full = d * len(factors)
     if n_components is not None and pca is None and n_components > min(d_full, adata.n_obs):
         msg = (
@@ -433,7 +550,29 @@ def image_features(
     reduce = n_components is not None or fitted is not None
     width = d_full if not reduce else (n_components if fitted is None else fitted[1].shape[1])
     feats = np.empty((adata.n_obs, width), dtype=np.float32)
-    methods = {lib.library_id: _choose(method, lib, coords, enc, input_size, context) for lib in libs}
+    # the cache is looked up first: a slide found there needs no method choice (which runs the trunk) nor features.
+    # Keyed on `method` as passed ('auto' resolves the same way for the same spots and settings) and on whether a PCA
+    # follows (dense slides are cached only without one); the entry records the method used.
+    cache_kw = {"input_size": int(input_size), "context": context, "dihedral": bool(dihedral), "layers": layers,
+                "tf_padding": bool(tf_padding), "device": dev.type, "method": method, "tile_size": tile_size,
+                "halo": halo, "pca": bool(reduce)}  # fmt: skip
+    if weights is None:
+        cache_kw["random_state"] = random_state
+    keys, hits, settings = {}, {}, {}
+    if cache_root is not None:
+        for lib in libs:
+            settings[lib.library_id] = _cache_settings(lib, info, weights, **cache_kw)
+            keys[lib.library_id], hit = _cached(cache_root, settings[lib.library_id], lib, coords, d_full)
+            if hit is not None and hit[1].get("method") in ("patch", "dense"):
+                hits[lib.library_id] = hit
+    if len(hits) < len(libs):  # something to compute
+        if isinstance(encoder, str):  # our own fresh copy: fold BatchNorm into the convolutions (faster, same output)
+            fuse_conv_bn(enc.backbone)
+        enc = enc.to(dev)
+        if dev.type == "cpu":
+            enc = enc.to(memory_format=torch.channels_last)
+    methods = {lib.library_id: hits[lib.library_id][1]["method"] if lib.library_id in hits else
+               _choose(method, lib, coords, enc, input_size, context) for lib in libs}  # fmt: skip
     dense_kw = {"input_size": input_size, "context": context, "dihedral": dihedral, "device": dev,
                 "tile_size": tile_size, "halo": halo, "progress_bar": progress_bar}  # fmt: skip
     records = {lib.library_id: {"patch_size_px": float(lib.patch_size_px), "method": methods[lib.library_id],
@@ -463,10 +602,24 @@ def image_features(
             # without a PCA straight into `feats`; with one, full width first, projected below
             target, rows = (np.empty((len(lib.rows), d_full), np.float32), np.arange(len(lib.rows))) if reduce else (
                 feats, lib.rows)  # fmt: skip
+            key, hit = keys.get(lib.library_id), hits.get(lib.library_id)
+            if hit is not None:
+                target[rows] = hit[0]
+                rec |= hit[1]
+                bar.update(len(factors) * -(-len(lib.rows) // batch_size))
+                if reduce:
+                    held[lib.library_id] = target
+                    if fitted is None:
+                        fit_rows.append(target)
+                continue
+            before = set(rec)
+            loaded: dict = {}  # level -> decoded image: the patch and its context read one decoded JPEG/PNG
             for j, factor in enumerate(factors):
                 full = lib.patch_size_px * factor  # patch side in full-resolution units
                 level, src = lib.source_for(full, input_size)
-                src = src.load()  # JPEG/PNG decoded once; others stay lazy
+                if level not in loaded:
+                    loaded[level] = src.load()  # JPEG/PNG decoded once; others stay lazy
+                src = loaded[level]
                 size = full * src.scale
                 exact = size < input_size
                 if size < 16 and j == 0:
@@ -498,6 +651,10 @@ def image_features(
                 if lib.multiscale is not None and lib.multiscale.n_levels > 1:
                     rec["level" if j == 0 else "context_level"] = int(level)
                 del src, ds, loader
+            del loaded
+            if key is not None:
+                stored = {"method": "patch"} | {k: v for k, v in rec.items() if k not in before}
+                _feature_cache.save(cache_root, key, target[rows], stored, settings[lib.library_id])
             if reduce:
                 held[lib.library_id] = target
                 if fitted is None:
@@ -509,8 +666,17 @@ def image_features(
         fitted = covariance_pca(np.concatenate(fit_rows) if len(fit_rows) > 1 else fit_rows[0], int(n_components))
         del fit_rows
     for lib in dense_libs:  # (with a PCA: its maps projected before the window means)
-        if lib.library_id not in held:
-            records[lib.library_id] |= _dense_library(lib, coords, enc, feats, pca=fitted, **dense_kw)
+        if lib.library_id in held:
+            continue
+        key, hit = keys.get(lib.library_id), hits.get(lib.library_id)  # (only without a PCA: full-width features)
+        if hit is not None and not reduce:
+            feats[lib.rows] = hit[0]
+            records[lib.library_id] |= hit[1]
+            continue
+        rec = _dense_library(lib, coords, enc, feats, pca=fitted, **dense_kw)
+        records[lib.library_id] |= rec
+        if key is not None and not reduce:
+            _feature_cache.save(cache_root, key, feats[lib.rows], {"method": "dense"} | rec, settings[lib.library_id])
     if reduce:
         for lib in libs:
             if lib.library_id in held:
@@ -539,6 +705,8 @@ def image_features(
     }
     if library_key is not None:
         params["library_key"] = library_key
+    if preset is not None:
+        params["preset"] = preset
     if tf_padding:
         params["tf_padding"] = True
     if layers != "last":
