@@ -87,8 +87,8 @@ AUTO_GLOBAL_MAX = 100_000
 #: `graph_weight='auto'`: the neighbour dissimilarity is measured on this many leading expression PCs ...
 AUTO_GRAPH_PCS = 10
 #: ... and the graph convolutions mix neighbours (weight 1) below this dissimilarity, not at all (weight 0) above it.
-#: Measured (10 PCs, default graphs): DLPFC 151673 0.27, 151674 0.26 (Visium, 6 neighbours); Stereo-seq embryo bin20
-#: S01 0.77, S02 0.77 (8 neighbours); see benchmarks/domains_stereoseq.py.
+#: Measured (10 PCs, default graphs): DLPFC 151673 0.26, 151674 0.25 (Visium, 6 neighbours); Stereo-seq embryo bin20
+#: S01 0.78, S02 0.75 (8 neighbours); see benchmarks/domains_stereoseq.py.
 AUTO_GRAPH_MAX_DISSIMILARITY = 0.5
 
 
@@ -147,8 +147,8 @@ class StereoMM(BaseModelClass):
       random-attention noise);
     - graph VAE hidden ``[256, 64]``, latent 32, linear last decoder layer, correct log-variance KL weighted ``1/n``;
       ``graph_weight='auto'``: the GCN layers average each spot with its neighbours when graph neighbours are alike
-      (neighbour dissimilarity of the first 10 expression PCs below 0.5: Visium DLPFC 0.26-0.27) and keep each spot's
-      own features when they are nearly as different as random spots (Stereo-seq bin20 embryo sections 0.77, where
+      (neighbour dissimilarity of the first 10 expression PCs below 0.5: Visium DLPFC 0.25-0.26) and keep each spot's
+      own features when they are nearly as different as random spots (Stereo-seq bin20 embryo sections 0.75-0.78, where
       tissues one bin thick border each other and averaging mixes them; see ``benchmarks/domains_stereoseq.py``);
     - training (:meth:`train`): Adam, lr 1e-3, weight decay 1e-4, gradient-norm clip 5, float32; full batch up to
       20,000 spots for 300 epochs, beyond that spatial tiles of 16,384 spots (plus a halo covering the receptive
