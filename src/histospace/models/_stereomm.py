@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "decoder_last_relu": False,
     "image_weight": 0.1,
     "zero_init_attention": True,
+    "graph_weight": "auto",
 }
 #: StereoMMv1 README settings ("real data" command)
 REFERENCE: dict[str, Any] = {
@@ -70,6 +71,7 @@ REFERENCE: dict[str, Any] = {
     "decoder_last_relu": False,
     "image_weight": 1.0,
     "zero_init_attention": False,
+    "graph_weight": 1.0,
 }
 DEFAULT_TRAIN = {"max_epochs": 300, "lr": 1e-3, "weight_decay": 1e-4, "n_models": 3}
 REFERENCE_TRAIN = {"max_epochs": 100, "lr": 1e-4, "weight_decay": 1e-4, "n_models": 1}
@@ -84,6 +86,40 @@ AUTO_BATCH_SIZE = 16384
 MIN_TILE_EPOCHS = 5
 #: `attention='auto'` uses exact global attention up to this many spots, local attention beyond
 AUTO_GLOBAL_MAX = 100_000
+#: `graph_weight='auto'`: the neighbour dissimilarity is measured on this many leading expression PCs ...
+AUTO_GRAPH_PCS = 10
+#: ... and the graph convolutions mix neighbours (weight 1) below this dissimilarity, not at all (weight 0) above it.
+#: Measured (10 PCs, default graphs): DLPFC 151673 0.26, 151674 0.25 (Visium, 6 neighbours); Stereo-seq embryo bin20
+#: S01 0.78, S02 0.75 (8 neighbours); see benchmarks/domains_stereoseq.py.
+AUTO_GRAPH_MAX_DISSIMILARITY = 0.5
+
+
+def neighbour_dissimilarity(x: np.ndarray, a: sp.csr_matrix) -> float:
+    """Mean squared distance of graph neighbours over that of random pairs (Geary's ratio; 0: alike, 1: random).
+
+    `x`: spots x features; `a`: binary symmetric adjacency without self loops. ``sum_ij a_ij |x_i - x_j|^2 / nnz``
+    divided by ``2 * sum(var(x))``, computed as ``2 (tr(X'DX) - tr(X'AX))`` without forming the edge differences.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.mean(0)
+    total = 2.0 * float(x.var(0).sum())
+    if a.nnz == 0 or total == 0:
+        return 1.0
+    deg = np.asarray(a.sum(axis=1), dtype=np.float64).ravel()
+    edge_sum = 2.0 * (float((deg[:, None] * x * x).sum()) - float((x * (a @ x)).sum()))
+    return edge_sum / a.nnz / total
+
+
+def weighted_gcn_edges(a: sp.csr_matrix, weight: float):
+    """``(edge_index, edge_weight)`` of ``D^-1/2 (I + weight A) D^-1/2``; `weight=1` is the usual GCN propagation."""
+    if weight == 1.0:
+        return gcn_normalized_edges(a)
+    m = sp.csr_matrix(a * np.float32(weight) + sp.eye(a.shape[0], dtype=np.float32, format="csr"))
+    m.eliminate_zeros()
+    m = m.tocoo()
+    dinv = 1.0 / np.sqrt(np.asarray(m.sum(axis=1), dtype=np.float64).ravel())
+    w = (m.data * dinv[m.row] * dinv[m.col]).astype(np.float32)
+    return torch.from_numpy(np.vstack([m.col, m.row]).astype(np.int64)), torch.from_numpy(w)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -112,6 +148,10 @@ class StereoMM(BaseModelClass):
       output projection initialised at zero (the attention starts as the identity instead of adding
       random-attention noise);
     - graph VAE hidden ``[256, 64]``, latent 32, linear last decoder layer, correct log-variance KL weighted ``1/n``;
+      ``graph_weight='auto'``: the GCN layers average each spot with its neighbours when graph neighbours are alike
+      (neighbour dissimilarity of the first 10 expression PCs below 0.5: Visium DLPFC 0.25-0.26) and keep each spot's
+      own features when they are nearly as different as random spots (Stereo-seq bin20 embryo sections 0.75-0.78, where
+      tissues one bin thick border each other and averaging mixes them; see ``benchmarks/domains_stereoseq.py``);
     - training (:meth:`train`): Adam, lr 1e-3, weight decay 1e-4, gradient-norm clip 5, float32; full batch up to
       20,000 spots for 300 epochs, beyond that spatial tiles of 16,384 spots (plus a halo covering the receptive
       field) for about 300 optimiser steps in all, so that the cost grows linearly with the number of spots;
@@ -178,6 +218,13 @@ class StereoMM(BaseModelClass):
     zero_init_attention
         Start the attention output projection at zero, so that the attention starts as the identity (default
         `True`; `False` in the reference, whose random frozen attention then adds noise to both modalities).
+    graph_weight
+        Weight of the neighbours in the graph convolutions, ``D^-1/2 (I + graph_weight * A) D^-1/2``: 1 is the usual
+        GCN (the reference), 0 keeps each spot's own features (the graph then only serves `hs.tl.domains`'
+        refinement and, beyond 100,000 spots, nothing else). `'auto'` (default): 1 when graph neighbours are alike,
+        0 when they are nearly as different as random spots: Geary's ratio of the first 10 expression PCs over the
+        graph (mean squared distance of neighbours over that of random pairs; all z-scored genes with `n_pcs=None`)
+        below 0.5 or not. The ratio is kept in `config['neighbour_dissimilarity']`.
     """
 
     def __init__(
@@ -203,6 +250,7 @@ class StereoMM(BaseModelClass):
         decoder_last_relu: bool | None = None,
         image_weight: float | None = None,
         zero_init_attention: bool | None = None,
+        graph_weight: float | Literal["auto"] | None = None,
         _preprocessor: Preprocessor | None = None,
     ):
         super().__init__(self._init_params_of(locals()))
@@ -222,6 +270,7 @@ class StereoMM(BaseModelClass):
             "decoder_last_relu": decoder_last_relu,
             "image_weight": image_weight,
             "zero_init_attention": zero_init_attention,
+            "graph_weight": graph_weight,
         }
         cfg = {**base, **{k: v for k, v in given.items() if v is not None}}
         if n_pcs != "default":
@@ -304,7 +353,21 @@ class StereoMM(BaseModelClass):
         self._x_t = torch.from_numpy(xt)
         self._x_m = None if xm is None else torch.from_numpy(xm * np.float32(cfg["image_weight"]))
         self.dim = xt.shape[1]
-        self._edge_index, self._edge_weight = gcn_normalized_edges(a)
+        if cfg["graph_weight"] == "auto":
+            ratio = neighbour_dissimilarity(xt if cfg["n_pcs"] is None else xt[:, :AUTO_GRAPH_PCS], a)
+            cfg["neighbour_dissimilarity"] = float(ratio)
+            cfg["graph_weight"] = 1.0 if ratio < AUTO_GRAPH_MAX_DISSIMILARITY else 0.0
+            logg.info(
+                f"    neighbour dissimilarity {ratio:.2f} (0: neighbours alike, 1: as different as random spots): "
+                + (
+                    "the graph convolutions average over neighbours"
+                    if cfg["graph_weight"]
+                    else f"above {AUTO_GRAPH_MAX_DISSIMILARITY}, so the graph convolutions keep each spot's own "
+                    "features (graph_weight=0); pass graph_weight=1 to average over neighbours anyway"
+                )
+            )
+        cfg["graph_weight"] = float(cfg["graph_weight"])
+        self._edge_index, self._edge_weight = weighted_gcn_edges(a, cfg["graph_weight"])
         self._adj_t = sparse_adjacency(self._edge_index, self._edge_weight, adata.n_obs)
         self._coords = (
             np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2] if spatial_key in adata.obsm else None
@@ -344,6 +407,11 @@ class StereoMM(BaseModelClass):
             check_number(cfg[key], key, integer=True, low=1)
         check_number(cfg["n_pcs"], "n_pcs", integer=True, low=1, allow_none=True)
         check_number(cfg["image_weight"], "image_weight", low=0, low_inclusive=False)
+        if cfg["graph_weight"] != "auto":
+            if isinstance(cfg["graph_weight"], str):
+                msg = f"graph_weight={cfg['graph_weight']!r} is not 'auto' or a number >= 0."
+                raise ValueError(msg)
+            check_number(cfg["graph_weight"], "graph_weight", low=0)
         if isinstance(cfg["hidden"], str | bytes) or not cfg["hidden"]:
             msg = f"`hidden` must be a non-empty list of positive ints, got {cfg['hidden']!r}."
             raise ValueError(msg)

@@ -86,7 +86,8 @@ def stereomm(
         `random_state + 1`, ...; their latents are written side by side and `hs.tl.domains` clusters them together,
         which depends less on the seed than one model does. `n_models=1` is 3 times faster.
     model_kwargs
-        Other arguments of :class:`~histospace.models.StereoMM` (e.g. `gene_selection`, `n_top_genes`, `proj_dim`).
+        Other arguments of :class:`~histospace.models.StereoMM` (e.g. `gene_selection`, `n_top_genes`, `proj_dim`,
+        `graph_weight`).
     train_kwargs
         Other arguments of :meth:`~histospace.models.StereoMM.train` (e.g. `weight_decay`, `clip_norm`).
     device
@@ -113,8 +114,9 @@ def stereomm(
     `adata.uns['stereomm' | key_added without 'X_']` : :class:`dict`
         `'params'` (resolved model and training parameters, `'n_models'` and `'n_latent'` among them; `hs.tl.domains`
         reads `'n_models'`; `'image_features'`: how the image features were made, as recorded by
-        :func:`histospace.pp.image_features`: encoder, weights, patch size in px and µm, ...), `'history'` (`'loss'`, `'reconstruction'`, `'kl'`: float32 arrays, one value per
-        epoch, the mean over the models) and `'version'`.
+        :func:`histospace.pp.image_features`: encoder, weights, patch size in px and µm, ...; `'graph_weight'` used
+        and, with `graph_weight='auto'`, the `'neighbour_dissimilarity'` it was chosen from), `'history'` (`'loss'`,
+        `'reconstruction'`, `'kl'`: float32 arrays, one value per epoch, the mean over the models) and `'version'`.
     """
     from histospace.models import StereoMM
 
