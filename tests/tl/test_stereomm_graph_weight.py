@@ -70,7 +70,7 @@ def test_save_load_recomputes_the_same_choice(adata_graph, tmp_path):
 
 @pytest.mark.parametrize(
     ("value", "error", "match"),
-    [(-1, ValueError, "graph_weight"), ("x", ValueError, "graph_weight='x'"), (True, ValueError, "graph_weight")],
+    [(-1, ValueError, "graph_weight"), ("x", ValueError, "graph_weight='x'"), (True, TypeError, "graph_weight")],
 )
 def test_bad_graph_weight_writes_nothing(adata_graph, value, error, match):
     before = set(adata_graph.obsm), set(adata_graph.uns)
