@@ -11,6 +11,7 @@ from histospace._lazy import lazy_exports
 if TYPE_CHECKING:
     from ._dlpfc import dlpfc
     from ._her2st import her2st
+    from ._mob import mob
     from ._synthetic import SimulatedTissue, simulate_tissue
     from ._synthetic_gem import write_gem
     from ._synthetic_pyramid import write_wsi
@@ -21,6 +22,7 @@ __all__ = [
     "SimulatedTissue",
     "dlpfc",
     "her2st",
+    "mob",
     "simulate_tissue",
     "write_gem",
     "write_stereoseq",
@@ -32,6 +34,7 @@ __getattr__, __dir__ = lazy_exports(
     {
         "dlpfc": "._dlpfc",
         "her2st": "._her2st",
+        "mob": "._mob",
         "SimulatedTissue": "._synthetic",
         "simulate_tissue": "._synthetic",
         "write_gem": "._synthetic_gem",
