@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from ._dlpfc import dlpfc
     from ._her2st import her2st
     from ._stereoseq_embryo import stereoseq_embryo
+    from ._mob import mob
     from ._synthetic import SimulatedTissue, simulate_tissue
     from ._synthetic_gem import write_gem
     from ._synthetic_pyramid import write_wsi
@@ -22,6 +23,7 @@ __all__ = [
     "SimulatedTissue",
     "dlpfc",
     "her2st",
+    "mob",
     "simulate_tissue",
     "stereoseq_embryo",
     "write_gem",
@@ -35,6 +37,7 @@ __getattr__, __dir__ = lazy_exports(
         "dlpfc": "._dlpfc",
         "her2st": "._her2st",
         "stereoseq_embryo": "._stereoseq_embryo",
+        "mob": "._mob",
         "SimulatedTissue": "._synthetic",
         "simulate_tissue": "._synthetic",
         "write_gem": "._synthetic_gem",

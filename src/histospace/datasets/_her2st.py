@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import io
 import os
 import warnings
 from pathlib import Path
@@ -11,10 +9,9 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from scanpy import logging as logg
 
-from ._common import log_loaded, spatial_uns
+from ._common import check_max_size, log_loaded, read_st_counts, st_pixels_per_step, st_spatial_uns
 from ._download import DEFAULT_TIMEOUT, ensure_files, join_url, locate_dataset
 
 __all__ = ["her2st"]
@@ -80,7 +77,11 @@ HER2ST_CLASSES = (
 
 ST_PITCH_UM = 200.0  # centre-to-centre distance of adjacent array positions, legacy ST
 ST_SPOT_UM = 100.0  # spot diameter, legacy ST
-LOWRES_MAX_SIZE = 600
+COUNTS_FIX = (
+    "Delete the file to download it again (cache) or replace it with the original from github.com/almaan/her2st "
+    "(data/ST-cnts)."
+)
+IMAGE_FIX = "Replace the file with the original from github.com/almaan/her2st (data/ST-imgs) or pass `image=False`."
 
 
 def _local_files(section: str) -> dict[str, str]:
@@ -182,9 +183,7 @@ def her2st(
     >>> adata.uns["spatial"]["C2"]["metadata"]["source_image_path"]  # doctest: +SKIP
     """
     section = _check_section(section)
-    if isinstance(hires_max_size, bool) or not isinstance(hires_max_size, int | np.integer) or hires_max_size < 1:
-        msg = f"`hires_max_size` must be a positive int (pixels), got {hires_max_size!r}."
-        raise ValueError(msg)
+    check_max_size(hires_max_size, "hires_max_size")
     start = logg.info(f"loading her2st section {section}")
     loc = locate_dataset("her2st", data_dir=data_dir, cache_dir=cache_dir)
     root = loc.path
@@ -203,7 +202,7 @@ def her2st(
             msg = f"her2st section {section}: file {p} not found in {loc.describe()}. {loc.fix()}"
             raise FileNotFoundError(msg)
 
-    spot_ids, genes, counts = _read_counts(counts_path)
+    spot_ids, genes, counts = read_st_counts(counts_path, dataset="her2st", fix=COUNTS_FIX)
     coords = _read_spots(spots_path, spot_ids)
 
     obs = pd.DataFrame(
@@ -232,25 +231,17 @@ def her2st(
     adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=var_names))
     adata.obsm["spatial"] = coords[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
 
-    px_per_um = _pixels_per_um(coords)
-    spot_px = float(ST_SPOT_UM * px_per_um)
-    scalefactors: dict[str, float] = {"spot_diameter_fullres": spot_px, "fiducial_diameter_fullres": spot_px}
-    metadata: dict[str, object] = {
-        "technology": "st",
-        "spot_diameter_um": ST_SPOT_UM,
-        "pixels_per_um": float(px_per_um),
-    }
-    images: dict[str, np.ndarray] = {}
     img_path = _find_image(root, section)
-    if img_path is not None:
-        metadata["source_image_path"] = str(img_path.resolve())
-        if image:
-            hires, scalef = _read_downscaled(img_path, hires_max_size)
-            lowres, lowres_scalef = _downscale_array(hires, scalef, LOWRES_MAX_SIZE)
-            images = {"hires": hires, "lowres": lowres}
-            scalefactors["tissue_hires_scalef"] = scalef
-            scalefactors["tissue_lowres_scalef"] = lowres_scalef
-    elif image:
+    adata.uns["spatial"] = st_spatial_uns(
+        section,
+        pixels_per_um=_pixels_per_um(coords),
+        spot_um=ST_SPOT_UM,
+        img_path=img_path,
+        image=image,
+        hires_max_size=hires_max_size,
+        fix=IMAGE_FIX,
+    )
+    if img_path is None and image:
         msg = (
             f"her2st section {section}: no H&E image found (expected {root / 'images'}/{section}_*.jpg in "
             f"{loc.describe()}); loaded counts and spot coordinates only, `uns['spatial'][{section!r}]['images']` is "
@@ -258,7 +249,6 @@ def her2st(
             "almaan/her2st (leave `data_dir` and HISTOSPACE_DATA unset on a machine with internet to download them)."
         )
         warnings.warn(msg, UserWarning, stacklevel=2)
-    adata.uns["spatial"] = spatial_uns(section, images=images, scalefactors=scalefactors, metadata=metadata)
     log_loaded(adata, start)
     return adata
 
@@ -272,35 +262,6 @@ def _check_section(section) -> str:
         msg = f"Unknown her2st section {section!r}; valid sections: {', '.join(HER2ST_SECTIONS)}."
         raise ValueError(msg)
     return s
-
-
-def _read_counts(path: Path) -> tuple[list[str], list[str], sp.csr_matrix]:
-    """Read a spots x genes count table (first column: spot id '<x>x<y>'); fast path with numpy's C parser."""
-    try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-        lines = raw.split(b"\n", 1)
-        header = lines[0].rstrip(b"\r").decode().split("\t")
-        genes = header[1:]
-        body = lines[1] if len(lines) > 1 else b""
-        spot_ids = [ln.split(b"\t", 1)[0].decode() for ln in body.split(b"\n") if ln.strip()]
-        x = np.loadtxt(
-            io.BytesIO(body), delimiter="\t", usecols=range(1, len(header)), dtype=np.int64, ndmin=2, comments=None
-        )
-    except (OSError, EOFError, ValueError, UnicodeDecodeError, gzip.BadGzipFile) as e:
-        msg = (
-            f"Could not read the her2st count table {path}: {e}. Expected a gzipped tab-separated table, spots x "
-            "genes, with spot ids '<x>x<y>' in the first column. Delete the file to download it again (cache) or "
-            "replace it with the original from github.com/almaan/her2st (data/ST-cnts)."
-        )
-        raise ValueError(msg) from e
-    if x.shape != (len(spot_ids), len(genes)) or not spot_ids:
-        msg = f"The her2st count table {path} has {x.shape} values for {len(spot_ids)} spots x {len(genes)} genes."
-        raise ValueError(msg)
-    if (x < 0).any():
-        msg = f"The her2st count table {path} holds negative values; expected raw UMI counts."
-        raise ValueError(msg)
-    return spot_ids, genes, sp.csr_matrix(x.astype(np.int32))
 
 
 def _read_spots(path: Path, spot_ids: list[str]) -> pd.DataFrame:
@@ -347,21 +308,16 @@ def _read_labels(path: Path, spot_ids: list[str]) -> pd.Categorical:
 
 
 def _pixels_per_um(coords: pd.DataFrame) -> float:
-    """Fit pixel vs (integer) array coordinate on both axes: pixels per array step / 200 µm."""
-    slopes = []
-    for arr, px in (("x", "pixel_x"), ("y", "pixel_y")):  # integer array positions: the 200 µm design grid
-        a = coords[arr].to_numpy(dtype=float)
-        p = coords[px].to_numpy(dtype=float)
-        if np.unique(np.round(a)).size >= 2:
-            slopes.append(abs(np.polyfit(a, p, 1)[0]))
-    if not slopes:
+    """Pixels per array step (fitted on both axes) / 200 µm."""
+    step_px = st_pixels_per_step(coords)
+    if step_px is None:
         warnings.warn(
             "too few spots to fit the pixel size; assuming 1.28 px/µm (her2st patient C images)",
             UserWarning,
             stacklevel=3,
         )
         return 1.28
-    return float(np.mean(slopes)) / ST_PITCH_UM
+    return step_px / ST_PITCH_UM
 
 
 def _find_image(root: Path, section: str) -> Path | None:
@@ -372,41 +328,3 @@ def _find_image(root: Path, section: str) -> Path | None:
         p for p in folder.iterdir() if p.name.startswith(f"{section}_") and p.suffix.lower() in {".jpg", ".jpeg"}
     )
     return cands[0] if cands else None
-
-
-def _read_downscaled(path: Path, max_size: int) -> tuple[np.ndarray, float]:
-    """Read a (large) JPEG downscaled so that its longest side is `max_size`; returns uint8 RGB and the scale."""
-    from PIL import Image
-
-    old_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # whole-slide H&E are legitimately larger than PIL's bomb limit
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            scalef = min(1.0, max_size / max(w, h))
-            size = (max(1, round(w * scalef)), max(1, round(h * scalef)))
-            im.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale directly (fast)
-            im = im.convert("RGB")
-            if im.size != size:
-                im = im.resize(size, Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8).copy()
-    except (OSError, ValueError, SyntaxError) as e:
-        msg = (
-            f"Could not read the H&E image {path}: {e}. Replace the file with the original from "
-            "github.com/almaan/her2st (data/ST-imgs) or pass `image=False`."
-        )
-        raise ValueError(msg) from e
-    finally:
-        Image.MAX_IMAGE_PIXELS = old_limit
-    return arr, float(scalef)
-
-
-def _downscale_array(img: np.ndarray, scalef: float, max_size: int) -> tuple[np.ndarray, float]:
-    """Downscale an in-memory image further; returns the image and its scale relative to full resolution."""
-    from PIL import Image
-
-    h, w = img.shape[:2]
-    f = min(1.0, max_size / max(h, w))
-    size = (max(1, round(w * f)), max(1, round(h * f)))
-    out = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
-    return out, float(scalef * f)

@@ -1,0 +1,279 @@
+"""H&E -> expression on the mouse olfactory bulb (legacy ST '2k' array, MOB1-MOB3): mclSTExp defaults vs baselines.
+
+Run from the repository root (2 CPU threads):
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/expression_mob.py [--data-dir ../shared/data] [--cache /tmp/m.h5ad]
+
+Data: `hs.datasets.mob` sections MOB1, MOB2 (animal 1) and MOB3 (animal 2), all 1,000 genes of the count tables.
+Features: the validated mclSTExp recipe of the command line (`MCLSTEXP_FEATURES` in `histospace._cli`: MobileNetV2
+stages 2-7 pooled, a patch and a 2x context patch, mean over the 8 flips/rotations, TF 'SAME' padding for the shared
+weights `weights/mobilenet_v2_imagenet_coral`, input `x / 127.5 - 1`), with a patch of the same physical size as
+her2st's 224-px patch: 224 px / (pixels per µm of her2st C2) = about 154 µm, about 35 px of the MOB JPEG (4.4 µm per
+pixel); the patches are resized to 224 px, as on her2st.
+
+Evaluations (`hs.tl.mclstexp_cross_validate`, same folds, genes, targets and features for every method):
+- leave-one-section-out over MOB1-MOB3 (`groupby='library_id'`);
+- across animals: train on animal 1 (MOB1 + MOB2), predict MOB3 (animal 2). This is the fold MOB3 of the
+  leave-one-section-out (the same training spots, genes and seeds), so it is reported from that fold rather than
+  trained a second time.
+Methods: mclSTExp with the defaults of `hs.models.MclSTExp` / `hs.tl.mclstexp_train` (30 epochs, 5 seeds, softmax
+weights over 200 neighbours), ridge-PCA256 (the HEST-Benchmark protocol) and kNN (k = 50) on the same standardised
+features. Targets: `ln(1 + 1e4 x / s)` per spot over the genes. Scores: mean per-gene Pearson r over the held-out
+spots, over all genes (constant genes left out) and over the 300 genes with the highest mean expression in the
+held-out section; MSE/MAE; genes with a positive r at FDR < 0.05 (Dutilleul's spatial test).
+
+Writes `benchmarks/results/expression_mob.md` and `benchmarks/results/expression_mob.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+import histospace as hs
+from histospace._cli import _mclstexp_features
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from expression import _data_dir, md_table  # the her2st benchmark's data root and table format
+
+SECTIONS = ["MOB1", "MOB2", "MOB3"]
+ROOT = Path(__file__).resolve().parent
+KEY = "mclstexp_features"
+N_TOP = 300
+HER2ST_PATCH_PX = 224  # the patch of mclSTExp on her2st (full-resolution pixels of patient C's H&E)
+METHOD_NAMES = {"mclstexp": "mclSTExp (defaults)", "ridge_pca256": "ridge-PCA256", "knn": "kNN (k=50)"}
+EVALUATIONS = {"leave-one-section-out": {"groupby": "library_id", "groups": None}}
+CROSS_ANIMAL_FOLD = "MOB3"  # held out with MOB1 + MOB2 (animal 1) as the training sections: animal 1 -> animal 2
+
+
+def her2st_patch_um(data_dir: Path) -> float:
+    """Physical side of her2st's 224-px patch: 224 px / pixels per µm of her2st C2 (the first benchmark section)."""
+    c2 = hs.datasets.her2st("C2", data_dir=data_dir, image=False)
+    return HER2ST_PATCH_PX / float(c2.uns["spatial"]["C2"]["metadata"]["pixels_per_um"])
+
+
+def load(data_dir: Path, cache: Path | None, patch_um: float, args) -> tuple[ad.AnnData, dict]:
+    """MOB1-MOB3 with the mclSTExp features in `obsm[KEY]`; cached in `cache` when given.
+
+    `args.spots_per_section` (a seeded random subset of each section) and `args.no_dihedral` reduce the cost for a
+    machine too slow for the full recipe; both are recorded and printed in the report.
+    """
+    if cache is not None and cache.exists():
+        a = ad.read_h5ad(cache)
+        return a, json.loads(a.uns["bench_features"])
+    weights = data_dir / "weights" / "mobilenet_v2_imagenet_coral" / "mobilenet_v2_imagenet_fp32_torchvision_keys.pt"
+    recipe = _mclstexp_features(weights)
+    if args.no_dihedral:
+        recipe = recipe | {"dihedral": False}
+    kw = {"encoder": "mobilenet_v2", "weights": weights, "mean": 0.5, "std": 0.5, "progress_bar": False}
+    kw |= {"device": "cpu", "batch_size": 32, "patch_size_um": patch_um, "method": "patch", "key_added": KEY} | recipe
+    parts, info = [], {"recipe": dict(recipe), "patch_size_um": patch_um, "seconds": {}}
+    info["spots_per_section"] = args.spots_per_section
+    rng = np.random.default_rng(0)
+    for s in SECTIONS:
+        a = hs.datasets.mob(s, data_dir=data_dir, image=False)
+        if args.spots_per_section is not None and args.spots_per_section < a.n_obs:
+            a = a[np.sort(rng.choice(a.n_obs, args.spots_per_section, replace=False))].copy()
+        t0 = time.perf_counter()
+        hs.pp.image_features(a, **kw)
+        info["seconds"][s] = round(time.perf_counter() - t0, 1)
+        info.setdefault("patch_size_px", {})[s] = float(a.uns[KEY]["params"]["patch_size_px"])
+        info["width"] = int(a.obsm[KEY].shape[1])
+        info["threads"] = args.threads
+        del a.uns[KEY]
+        parts.append(a)
+    adata = ad.concat(parts, join="inner", uns_merge="first")
+    adata.obs["library_id"] = pd.Categorical(adata.obs["library_id"])
+    adata.obs["animal"] = pd.Categorical(adata.obs["animal"])
+    adata.uns["bench_features"] = json.dumps(info)
+    if cache is not None:
+        adata.write_h5ad(cache)
+    return adata, info
+
+
+def verdict(over: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+    """Whether mclSTExp (defaults) >= ridge-PCA256 on all genes and on the top 300: mean over the held-out sections,
+    and the cross-animal fold (MOB1 + MOB2 -> MOB3).
+    """
+    out = []
+    fold = summary[summary["fold"] == CROSS_ANIMAL_FOLD].assign(evaluation="animal 1 -> animal 2 (MOB1+MOB2 -> MOB3)")
+    for ev, df in pd.concat([over, fold], ignore_index=True).groupby("evaluation", sort=False):
+        m = df.set_index("method")
+        a, b = m.loc[METHOD_NAMES["mclstexp"]], m.loc[METHOD_NAMES["ridge_pca256"]]
+        res = []
+        for col, name in (("pcc_all", "all genes"), ("pcc_top", f"top {N_TOP}")):
+            holds = a[col] >= b[col]
+            res.append(f"{name}: {a[col]:.3f} vs {b[col]:.3f} ({'holds' if holds else 'does not hold'})")
+        out.append(f"- {ev}: " + "; ".join(res) + ".")
+    return out
+
+
+def write(args, adata, genes, feat, summaries, overall, pearson) -> None:
+    summary = pd.concat(summaries, ignore_index=True)
+    over = pd.concat(overall, ignore_index=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "histospace": hs.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "load_average_at_start": args.load_start,
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
+    ocols = ["evaluation", "method", "pcc_all", "pcc_top", "mse", "mae", "n_genes_fdr05"]
+    ocols += ["train_time_s", "predict_time_s"]
+    cols = ["evaluation", "method", "fold", "n_train", "n_test", "pcc_all", "pcc_top", "mse", "mae"]
+    cols += ["n_genes_fdr05", "train_time_s", "predict_time_s"]
+    n_spots = adata.obs["library_id"].value_counts().reindex(SECTIONS).to_dict()
+    md = [
+        "# Expression prediction on the mouse olfactory bulb (legacy ST '2k', MOB1-MOB3)",
+        "",
+        f"Command: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/expression_mob.py{''.join(' ' + shlex.quote(a) for a in sys.argv[1:])}` "
+        "(seed 0). Timings are from a shared 2-core machine under load (load averages below), not quiet figures.",
+        f"Environment: {json.dumps(env)}.",
+        *([f"Note: {args.note}"] if args.note else []),
+        "",
+        f"Data: `hs.datasets.mob` {', '.join(f'{s} ({n} spots)' for s, n in n_spots.items())}; animal 1 = MOB1, MOB2; "
+        f"animal 2 = MOB3. {len(genes)} genes (all genes of the count tables). pcc_all: mean per-gene Pearson r over "
+        f"the genes (constant genes left out); pcc_top: over the {N_TOP} genes with the highest mean expression in the "
+        "held-out section; MSE/MAE over held-out spots x genes of `ln(1 + CP10k)`; n_genes_fdr05: genes with a "
+        "positive r at Benjamini-Hochberg FDR < 0.05 (Dutilleul's spatial test). Times in seconds per fold.",
+        f"Features: `{json.dumps(feat['recipe'])}` (`MCLSTEXP_FEATURES` of `histospace._cli`), MobileNetV2 "
+        f"`mobilenet_v2_imagenet_coral`, input `x / 127.5 - 1`, {feat['width']} features per spot; patch "
+        f"{feat['patch_size_um']:.1f} µm (her2st's 224 px at the pixel size of her2st C2) = "
+        f"{', '.join(f'{s}: {v:.1f} px' for s, v in feat['patch_size_px'].items())} of the MOB JPEGs (and a 2x "
+        f"context patch), cropped per spot (`method='patch'`, as on her2st) and resized to 224 px. Extraction time ({feat['threads']} torch threads): "
+        f"{json.dumps(feat['seconds'])} s.",
+        "",
+        *(
+            [
+                "**Reduced run** (the machine was too slow for the full recipe): "
+                + ", ".join(
+                    x
+                    for x in (
+                        f"a seeded random subset of {feat['spots_per_section']} spots per section"
+                        if feat.get("spots_per_section")
+                        else "",
+                        "no dihedral mean (`dihedral=False`)" if not feat["recipe"].get("dihedral") else "",
+                        f"max_epochs={args.max_epochs}" if args.max_epochs is not None else "",
+                        f"n_models={args.n_models}" if args.n_models is not None else "",
+                    )
+                    if x
+                )
+                + ". The full run is the command without these options.",
+                "",
+            ]
+            if feat.get("spots_per_section") or not feat["recipe"].get("dihedral") or args.max_epochs or args.n_models
+            else []
+        ),
+        "Methods: mclSTExp with the defaults of `hs.models.MclSTExp` / `hs.tl.mclstexp_train` (L2-normalised "
+        "embeddings with a learned temperature, 30 epochs, 5 seeds averaged, softmax weights over 200 neighbours); "
+        "ridge-PCA256 (RidgeCV on the first 256 principal components of the standardised training features, the "
+        "HEST-Benchmark protocol) and kNN (k = 50) on the same features.",
+        "",
+        "## Target: mclSTExp defaults >= ridge-PCA256 (all genes and top 300)",
+        "",
+        *verdict(over, summary),
+        "",
+        "## Overall (mean over the held-out sections of each evaluation)",
+        "",
+        md_table(over, ocols),
+        "",
+        "## Per fold",
+        "",
+        md_table(summary, cols),
+        "",
+    ]
+    (out / "expression_mob.md").write_text("\n".join(md))
+    (out / "expression_mob.json").write_text(
+        json.dumps(
+            {
+                "environment": env,
+                "genes": len(genes),
+                "n_top": N_TOP,
+                "features": feat,
+                "evaluations": EVALUATIONS,
+                "overall": over.to_dict(orient="records"),
+                "per_fold": summary.to_dict(orient="records"),
+                "per_gene_pearson_mean_over_folds": pearson,
+            },
+            indent=1,
+        )
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--cache", default=None, help="h5ad caching the features (read when it exists)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-epochs", type=int, default=None, help="override the default epochs (quick checks only)")
+    p.add_argument("--n-models", type=int, default=None, help="override the default seeds (quick checks only)")
+    p.add_argument(
+        "--spots-per-section", type=int, default=None, help="a seeded random subset of each section (slow machines)"
+    )
+    p.add_argument("--no-dihedral", action="store_true", help="no mean over the 8 flips/rotations (8x cheaper)")
+    p.add_argument("--out", default=str(ROOT / "results"))
+    p.add_argument("--note", default="", help="text added to the report")
+    args = p.parse_args()
+    args.load_start = [round(x, 2) for x in os.getloadavg()]
+    torch.set_num_threads(args.threads)
+    data_dir = _data_dir(args.data_dir)
+
+    t0 = time.perf_counter()
+    patch_um = her2st_patch_um(data_dir)
+    adata, feat = load(data_dir, Path(args.cache) if args.cache else None, patch_um, args)
+    genes = list(adata.var_names)
+    print(f"{adata.n_obs} spots, {len(genes)} genes; load + features {time.perf_counter() - t0:.0f} s", flush=True)
+
+    train_kwargs = {"device": "cpu"}
+    if args.max_epochs is not None:
+        train_kwargs["max_epochs"] = args.max_epochs
+    if args.n_models is not None:
+        train_kwargs["n_models"] = args.n_models
+    summaries, overall, pearson = [], [], {}
+    for ev, spec in EVALUATIONS.items():
+        print(f"== {ev}", flush=True)
+        res = hs.tl.mclstexp_cross_validate(
+            adata,
+            groupby=spec["groupby"],
+            groups=spec["groups"],
+            genes=genes,
+            n_top=N_TOP,
+            model_kwargs={"features_key": KEY},
+            train_kwargs=train_kwargs,
+            baselines=("ridge_pca256", "knn"),
+            knn_k=50,
+            random_state=0,
+        )
+        s = res["summary"].copy()
+        s["method"] = s["method"].replace(METHOD_NAMES)
+        s.insert(0, "evaluation", ev)
+        summaries.append(s)
+        o = res["overall"].reset_index()
+        o["method"] = o["method"].replace(METHOD_NAMES)
+        o.insert(0, "evaluation", ev)
+        overall.append(o)
+        pearson[ev] = {METHOD_NAMES.get(m, m): df.mean(axis=1).round(4).to_dict() for m, df in res["pearson"].items()}
+        print(o[["method", "pcc_all", "pcc_top", "mse", "train_time_s"]].to_string(), flush=True)
+        write(args, adata, genes, feat, summaries, overall, pearson)
+    print(f"written {Path(args.out) / 'expression_mob'}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
