@@ -11,8 +11,8 @@ from histospace._lazy import lazy_exports
 if TYPE_CHECKING:
     from ._dlpfc import dlpfc
     from ._her2st import her2st
-    from ._stereoseq_embryo import stereoseq_embryo
     from ._mob import mob
+    from ._stereoseq_embryo import stereoseq_embryo
     from ._synthetic import SimulatedTissue, simulate_tissue
     from ._synthetic_gem import write_gem
     from ._synthetic_pyramid import write_wsi
