@@ -78,7 +78,7 @@ def _graph(adata):
     except Exception:  # noqa: BLE001
         import squidpy as sq
 
-        sq.gr.spatial_neighbors(adata, coord_type="grid", n_neighs=6)
+        sq.gr.spatial_neighbors_grid(adata, n_neighs=6)
 
 
 def _image_features(adata):

@@ -46,3 +46,18 @@ def test_docstrings_have_no_unfilled_placeholders():
             )
             found += [f"{ns.__name__}.{name}" for m in members if placeholder.search(m.__doc__ or "")]
     assert not found, f"unfilled docstring placeholders in {found}"
+
+
+def test_no_hint_names_the_deprecated_squidpy_spatial_neighbors():
+    # `squidpy.gr.spatial_neighbors` is deprecated in squidpy 1.8 and goes in 1.9: hints, docs and tutorials name the
+    # per-mode functions (`spatial_neighbors_grid`, ...) instead
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "README.md", *(root / "src").rglob("*.py"), *(root / "docs").glob("*.md")]
+    files += [*(root / "tutorials" / "src").glob("*.py"), *(root / "benchmarks").glob("*.py")]
+    pattern = re.compile(r"spatial_neighbors(?![_\w])\s*[(`]")
+    found = [f"{f.relative_to(root)}:{i}" for f in files for i, line in enumerate(f.read_text().splitlines(), 1)
+             if pattern.search(line)]  # fmt: skip
+    assert not found, found

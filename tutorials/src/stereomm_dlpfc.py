@@ -79,7 +79,7 @@ adata.obs["layer_guess_reordered"].value_counts(dropna=False).sort_index()
 #    patches carry little detail. With the full-resolution TIFF, pass `img=` or set
 #    `metadata['source_image_path']`.
 # 2. `hs.pp.spatial_graph`: the Visium hexagonal grid (6 neighbours) → `obsp['spatial_connectivities']`, the same
-#    layout as `squidpy.gr.spatial_neighbors`.
+#    layout as `squidpy.gr.spatial_neighbors_grid`.
 # 3. `hs.tl.stereomm`: train StereoMM with its defaults (printed further down) → `obsm['X_stereomm']`,
 #    `uns['stereomm']`. By default three models are trained from seeds 0, 1, 2 and their latents are stored side by
 #    side (3 × 32 columns): one model's domains change with its seed, those of three together less.

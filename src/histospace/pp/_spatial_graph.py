@@ -73,8 +73,7 @@ def spatial_graph(
 
     Spot arrays (Visium, legacy ST, any point cloud) go to squidpy's own builders
     (:func:`squidpy.gr.spatial_neighbors_grid`, :func:`~squidpy.gr.spatial_neighbors_knn`,
-    :func:`~squidpy.gr.spatial_neighbors_radius`, :func:`~squidpy.gr.spatial_neighbors_delaunay`, the modes of
-    :func:`squidpy.gr.spatial_neighbors`). Square bins (Visium HD, Stereo-seq; see `bins`) get a grid graph built from
+    :func:`~squidpy.gr.spatial_neighbors_radius`, :func:`~squidpy.gr.spatial_neighbors_delaunay`). Square bins (Visium HD, Stereo-seq; see `bins`) get a grid graph built from
     their integer indices `obs['array_row']`/`obs['array_col']` by sparse index arithmetic (one hash per bin, one
     shift and `searchsorted` per neighbour direction), or a radius graph from a k-d tree: no dense matrix and no loop
     over bins, so 10^6 bins take seconds. Both are written in squidpy's layout, so a graph made by squidpy directly

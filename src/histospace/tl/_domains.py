@@ -403,7 +403,7 @@ def domains(
         adj = check_obsp(
             adata,
             connectivity_key,
-            hint="Build it with `squidpy.gr.spatial_neighbors(adata)` or `hs.pp.spatial_graph(adata)`, or pass refine=False.",
+            hint="Build it with `hs.pp.spatial_graph(adata)` or `squidpy.gr.spatial_neighbors_grid(adata)`, or pass refine=False.",
         )
         if adj.shape != (adata.n_obs, adata.n_obs):
             msg = f"`adata.obsp[{connectivity_key!r}]` has shape {adj.shape}; expected ({adata.n_obs}, {adata.n_obs})."

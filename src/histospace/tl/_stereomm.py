@@ -63,7 +63,7 @@ def stereomm(
     features_key
         Key in `adata.obsm` with image features (`hs.pp.image_features`); `None` for an expression-only model.
     connectivity_key
-        Key in `adata.obsp` with the spatial graph (`squidpy.gr.spatial_neighbors` or `hs.pp.spatial_graph`).
+        Key in `adata.obsp` with the spatial graph (`hs.pp.spatial_graph`, or squidpy's `spatial_neighbors_grid` and its siblings).
     preset
         `None` (histospace defaults) or `'reference'` (StereoMMv1 settings).
     n_latent
