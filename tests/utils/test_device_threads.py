@@ -27,3 +27,20 @@ def test_stereomm_preprocessing_keeps_torch_threads(adata_graph):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_keep_freed_memory_applies_once_and_can_be_turned_off():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from histospace._utils._device import keep_freed_memory as k; import sys; "
+        "print(k(), k(), sys.platform.startswith('linux'))"
+    )
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if on[2] == "True":  # glibc's mallopt on Linux: applied, and a second call is a no-op that says so
+        assert on[:2] == ["True", "True"]
+    env = {**os.environ, "HISTOSPACE_MALLOC_TUNING": "0"}
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert off.split()[:2] == ["False", "False"]

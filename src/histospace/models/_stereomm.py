@@ -39,7 +39,9 @@ IMAGE_HINT = (
     "Compute image features first, e.g. `hs.pp.image_features(adata)` (or `squidpy.im.calculate_image_features`), "
     "or pass `features_key=None` for an expression-only model."
 )
-GRAPH_HINT = "Build a spatial graph first, e.g. `hs.pp.spatial_graph(adata)` or `squidpy.gr.spatial_neighbors_grid(adata)`."
+GRAPH_HINT = (
+    "Build a spatial graph first, e.g. `hs.pp.spatial_graph(adata)` or `squidpy.gr.spatial_neighbors_grid(adata)`."
+)
 
 #: default settings (see the class docstring for why they differ from the reference)
 DEFAULTS: dict[str, Any] = {

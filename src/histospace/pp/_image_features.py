@@ -19,6 +19,7 @@ from histospace._constants import FEATURES_KEY, SPATIAL_KEY
 from histospace._nn._encoders import build_encoder, check_encoder_options, fuse_conv_bn
 from histospace._utils import check_number, check_random_state, doc_params, resolve_device, version_string
 from histospace._utils._data import check_key_added
+from histospace._utils._device import keep_freed_memory
 from histospace._utils._image import PADDING, crop_patches, read_order, resize_patches
 from histospace._utils._progress import progress
 from histospace._utils._sdata import as_table, table_output
@@ -492,6 +493,8 @@ def image_features(
 
     cache_root = _feature_cache.resolve_cache(cache)
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()  # CNN activations: heap reuse instead of fresh mmap pages per layer (2x on 2 cores)
 
     from histospace._nn._pathology import get_pathology_model, is_pathology_encoder
 
