@@ -58,27 +58,23 @@ print(", ".join(f"{p} {version(p)}" for p in ["histospace", "scanpy", "anndata",
 # `hs.datasets.her2st` keeps a downscaled copy of the H&E in `uns['spatial'][section]['images']['hires']` and the
 # path of the full-resolution JPEG in `...['metadata']['source_image_path']`. `hs.pp.image_features` reads the
 # full-resolution image around every spot and runs the frozen MobileNetV2 on it → `obsm['img_features']`. For
-# mclSTExp we use the image features that its benchmark validated (the same as `histospace predict` computes),
-# `preset='mclstexp'`, which fills these options (any of them passed explicitly wins):
+# mclSTExp we use the image features that its benchmark validated (the same as `histospace predict` computes):
 #
+# - a 224-px patch (about 150 µm, a spot and its margin, as mclSTExp does on this dataset);
 # - `layers='stages'`: the pooled output of each stage of the CNN, not only the last one (texture and cell-scale
 #   features as well as the most abstract ones);
 # - `context=2`: the same features of a patch twice as wide, appended (the tissue around the spot);
 # - `dihedral=True`: the mean over the 8 flips and rotations of the patch (H&E has no preferred orientation);
-# - `tf_padding=True` for these MobileNetV2 weights (recognised by their checksum): they were trained in
-#   TensorFlow, whose convolutions pad differently from PyTorch's; with torchvision's own ImageNet weights
-#   (`weights='imagenet'`) the preset leaves it out.
-#
-# The patch size is ours to give: 224 px (about 150 µm, a spot and its margin, as mclSTExp does on this dataset).
-# `cache=True` keeps the features in `hs.pp.feature_cache_dir()`, so running the notebook again skips this step
-# (`hs.pp.clear_feature_cache()` empties it).
+# - `tf_padding=True`: these MobileNetV2 weights were trained in TensorFlow, whose convolutions pad differently from
+#   PyTorch's; with torchvision's own ImageNet weights (`weights='imagenet'`) leave it out.
 
 # %%
+FEATURES = {"patch_size": 224, "layers": "stages", "context": 2, "dihedral": True, "tf_padding": True}
 sections = ["C2", "C3", "C4"] if FAST else ["C2", "C3", "C4", "C5", "C6"]
 slides = {}
 for s in sections:
     a = hs.datasets.her2st(s)
-    hs.pp.image_features(a, preset="mclstexp", weights=WEIGHTS, patch_size=224, cache=True, progress_bar=PROGRESS)
+    hs.pp.image_features(a, weights=WEIGHTS, **FEATURES, progress_bar=PROGRESS)
     slides[s] = a
     print(f"{s}: {a.n_obs} spots x {a.n_vars} genes, features {a.obsm['img_features'].shape}")
 
@@ -242,7 +238,7 @@ plt.show()
 # %%
 he_path = slides["C2"].uns["spatial"]["C2"]["metadata"]["source_image_path"]
 tiles = hs.pp.tile_image(he_path, tile_size=448 if FAST else 224, library_id="C2_HE")
-hs.pp.image_features(tiles, preset="mclstexp", weights=WEIGHTS, patch_size=224, progress_bar=PROGRESS)
+hs.pp.image_features(tiles, weights=WEIGHTS, **FEATURES, progress_bar=PROGRESS)
 hs.tl.mclstexp_predict(tiles, model=model)
 tiles.obsm["mclstexp"].iloc[:5, :6].round(2)
 
