@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from histospace._utils._choice import only_one
+from histospace._utils._choice import element_key
 
 
 def is_spatialdata(obj) -> bool:
@@ -196,15 +196,13 @@ def as_table(data, table_key: str | None, *, name: str = "adata") -> tuple[AnnDa
         return data, None
     if is_spatialdata(data):
         tables = list(data.tables)
-        if table_key is None:
-            table_key = only_one(
-                tables,
-                f"The SpatialData holds {len(tables)} tables {tables}; pass `table_key=` naming the table to use.",
-                empty_msg="The SpatialData holds no table; add one (`sdata.tables['table'] = ...`) with the expression.",
-            )
-        elif table_key not in data.tables:
-            msg = f"`sdata.tables[{table_key!r}]` not found; tables: {tables}."
-            raise KeyError(msg)
+        table_key = element_key(
+            data.tables,
+            table_key,
+            slot="sdata.tables",
+            msg=f"The SpatialData holds {len(tables)} tables {tables}; pass `table_key=` naming the table to use.",
+            empty_msg="The SpatialData holds no table; add one (`sdata.tables['table'] = ...`) with the expression.",
+        )
         return data.tables[table_key], TableContext(data, table_key)
     msg = f"`{name}` must be an AnnData or a SpatialData, got {type(data).__name__}."
     raise TypeError(msg)

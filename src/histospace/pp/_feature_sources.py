@@ -184,19 +184,16 @@ def _resolve_libraries(
 
 def sdata_image_key(sdata, image_key: str | None) -> str:
     """The H&E element of `sdata.images`: `image_key`, checked, or the only image when it is `None`."""
-    from histospace._utils._choice import only_one
+    from histospace._utils._choice import element_key
 
     images = list(sdata.images)
-    if image_key is None:
-        return only_one(
-            images,
-            f"The SpatialData holds {len(images)} images {images}; pass `image_key=` naming the H&E.",
-            empty_msg="The SpatialData holds no image; add the H&E with `hs.io.add_image(sdata, ...)` or pass `img=`.",
-        )
-    if image_key not in sdata.images:
-        msg = f"`sdata.images[{image_key!r}]` not found; images: {images}."
-        raise KeyError(msg)
-    return image_key
+    return element_key(
+        sdata.images,
+        image_key,
+        slot="sdata.images",
+        msg=f"The SpatialData holds {len(images)} images {images}; pass `image_key=` naming the H&E.",
+        empty_msg="The SpatialData holds no image; add the H&E with `hs.io.add_image(sdata, ...)` or pass `img=`.",
+    )
 
 
 def _sdata_libraries(

@@ -12,7 +12,7 @@ import pandas as pd
 from scanpy import logging as logg
 
 from histospace._utils import check_number, version_string
-from histospace._utils._choice import only_one
+from histospace._utils._choice import element_key
 from histospace._utils._image import ImageSource, _is_image_container
 from histospace._utils._sdata import is_spatialdata
 from histospace._utils._wsi import open_multiscale
@@ -286,12 +286,8 @@ def _sdata_image(sdata, image_key: str | None, key_added: str, mpp: float | None
     from histospace.io import microns_per_unit
 
     images = list(sdata.images)
-    if image_key is None:
-        msg = f"The SpatialData holds {len(images)} images {images}; pass `image_key=` naming the H&E."
-        image_key = only_one(images, msg)
-    if image_key not in sdata.images:
-        msg = f"`sdata.images[{image_key!r}]` not found; images: {images}."
-        raise KeyError(msg)
+    msg = f"The SpatialData holds {len(images)} images {images}; pass `image_key=` naming the H&E."
+    image_key = element_key(sdata.images, image_key, slot="sdata.images", msg=msg)
     if not isinstance(key_added, str) or not key_added:
         msg = f"`key_added` must be a non-empty str, got {key_added!r}."
         raise TypeError(msg)
