@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-patch-bins", type=int, default=None, help="largest bin count timed for the patch method")
     ap.add_argument("--parts", default="agreement,halo,bins,area,breakeven,expression")
-    ap.add_argument("--out", default=str(ROOT / "results" / "dense_features"))
+    ap.add_argument("--out", default=str(ROOT / "results"), help="folder of dense_features.md and .json")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     parts = set(args.parts.split(","))
@@ -314,7 +314,7 @@ def main() -> None:
 
     res["machine"]["load_avg_end"] = list(os.getloadavg())
     res["peak_rss_gb"] = peak_rss_gb()
-    out = Path(args.out)
+    out = Path(args.out) / "dense_features"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.parts != ap.get_default("parts") and out.with_suffix(".json").exists():
         # a partial run updates its parts of the existing results and keeps the others (with their machine state)

@@ -6,7 +6,7 @@ seed. Reports ARI mean, sd, min and max against `layer_guess_reordered`. A secon
 0 and changes only the clustering seed, to tell the clustering's share of the spread from the model's.
 
 Usage: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/domain_stability.py [--seeds 10] [--domains-kwargs JSON]`
-(writes benchmarks/results/domain_stability.{md,json}; `--tag` names a variant's result files; `--save-latents` keeps
+(writes benchmarks/results/domain_stability.{md,json}; `--tag` writes a variant as a section of that page; `--save-latents` keeps
 each seed's latent, `--latents TAG` clusters the latents of an earlier run instead of training the same models again).
 """
 
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _results import write_page
 
 N_THREADS = int(os.environ.get("OMP_NUM_THREADS", "2"))
 HERE = Path(__file__).resolve().parent
@@ -56,7 +57,7 @@ def main() -> None:
     p.add_argument("--sections", nargs="*", default=SECTIONS)
     p.add_argument("--domains-kwargs", default="{}", help="JSON of extra hs.tl.domains arguments (a variant)")
     p.add_argument("--features-kwargs", default="{}", help="JSON of hs.pp.image_features arguments (a variant)")
-    p.add_argument("--tag", default="", help="suffix of the result files for a variant")
+    p.add_argument("--tag", default="", help="a variant: its results become the section TAG of the page")
     p.add_argument("--save-latents", action="store_true", help="keep each seed's latent in results/cache")
     p.add_argument(
         "--latents",
@@ -123,8 +124,6 @@ def main() -> None:
                 }
                 | {"min": float(a.min()), "max": float(a.max())}
             )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"domain_stability{('_' + args.tag) if args.tag else ''}"
     meta = {
         "threads": N_THREADS,
         "latents": args.latents,
@@ -133,7 +132,6 @@ def main() -> None:
         "features_kwargs": fkw,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
     lines = [
         f"# Domain stability over {args.seeds} seeds (DLPFC, k = 7)",
         "",
@@ -162,7 +160,8 @@ def main() -> None:
         "bits of the fits, which can move a seed's ARI; the fit times are in the JSON with the load).",
         "",
     ]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    data = {"meta": meta, "summary": summary, "rows": rows}
+    write_page("domain_stability", "\n".join(lines), data, section=args.tag or None)
     print("\n".join(lines))
 
 

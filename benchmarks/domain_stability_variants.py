@@ -23,19 +23,19 @@ so the windows are not independent and the sd of a row is a rough figure (with 8
 about a quarter of its value).
 
 Usage: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/domain_stability_variants.py --tag lat`
-(writes benchmarks/results/domain_stability_variants.{md,json}; `_TAG` is added for tags other than `lat`).
+(writes benchmarks/results/domain_stability_variants.{md,json}; a tag other than `lat` is a section of that page).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from itertools import combinations
 
 import numpy as np
-from domain_stability import CACHE, DATA, GT, N_THREADS, RESULTS, SECTIONS  # the latents that script saves
+from _results import write_page
+from domain_stability import CACHE, DATA, GT, N_THREADS, SECTIONS  # the latents that script saves
 
 #: (row name, models per ensemble, hs.tl.domains keyword arguments, spatial smoothing of the latent)
 BEST_OF_10 = {"n_init": 10, "consensus": False}  # the mixture of best likelihood of 10 restarts (the old default)
@@ -113,9 +113,6 @@ def main() -> None:
                 f"{section} {name}: mean {r['mean']:.3f} sd {r['sd']:.3f} pairwise {r['pairwise_ari']:.3f}", flush=True
             )
     meta = {"threads": N_THREADS, "tag": args.tag, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    name = "domain_stability_variants" + ("" if args.tag == "lat" else f"_{args.tag}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
         "# Domain stability: aggregation variants on the same models (DLPFC, k = 7)",
         "",
@@ -133,7 +130,8 @@ def main() -> None:
             f"{r['max']:.3f} | {r['pairwise_ari']:.3f} |"
         )
     lines += ["", f"Run of {meta['date_utc']} UTC, {N_THREADS} threads.", ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    section = None if args.tag == "lat" else args.tag
+    write_page("domain_stability_variants", "\n".join(lines), {"meta": meta, "rows": rows}, section=section)
     print("\n".join(lines))
 
 

@@ -23,8 +23,9 @@ Feature sets (all from `hs.pp.image_features` with the shared MobileNetV2; basel
   stages 2-7 pooled, 696 features), `dihedral=True` (mean over the 8 flips/rotations), for the 224-px patch and
   for a 448-px context patch around the spot (resized to 224), concatenated (1392 features).
 
-Writes `benchmarks/results/expression.md` and `benchmarks/results/expression.json` (`expression_<tag>.*` with
-`--tag`, e.g. for a subset of the runs: `--runs "ViT h0-mini (random weights), 5 models, softmax weights" --tag vit`).
+Writes `benchmarks/results/expression.md` and `benchmarks/results/expression.json`; with `--tag`, e.g. for a subset
+of the runs (`--runs "ViT h0-mini (random weights), 5 models, softmax weights" --tag vit`), the run is the section
+`vit` of that page.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from _results import write_page
 
 import histospace as hs
 
@@ -323,26 +325,25 @@ def write(summaries, overall, pearson, args, adata, genes, feat_times, timing) -
         ),
         "",
     ]
-    name = f"expression_{args.tag}" if args.tag else "expression"
-    (out / f"{name}.md").write_text("\n".join(md))
-    (out / f"{name}.json").write_text(
-        json.dumps(
-            {
-                "environment": env,
-                "genes": len(genes),
-                "leave_one_patient_out": lopo,
-                "feature_times_s": feat_times,
-                "prediction_time": timing,
-                "runs": {
-                    r: {"features": RUNS[r][0], "model": RUNS[r][1], "predict": RUNS[r][2], "train": RUNS[r][4]}
-                    for r in pearson
-                },
-                "overall": over.to_dict(orient="records"),
-                "per_fold": summary.to_dict(orient="records"),
-                "per_gene_pearson_mean_over_folds": pearson,
+    write_page(
+        "expression",
+        "\n".join(md),
+        {
+            "environment": env,
+            "genes": len(genes),
+            "leave_one_patient_out": lopo,
+            "feature_times_s": feat_times,
+            "prediction_time": timing,
+            "runs": {
+                r: {"features": RUNS[r][0], "model": RUNS[r][1], "predict": RUNS[r][2], "train": RUNS[r][4]}
+                for r in pearson
             },
-            indent=1,
-        )
+            "overall": over.to_dict(orient="records"),
+            "per_fold": summary.to_dict(orient="records"),
+            "per_gene_pearson_mean_over_folds": pearson,
+        },
+        section=args.tag or None,
+        out=out,
     )
 
 
@@ -355,7 +356,7 @@ def main() -> None:
     p.add_argument("--runs", nargs="*", default=list(RUNS))
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--note", default="", help="text added to the report (e.g. where cached features came from)")
-    p.add_argument("--tag", default="", help="suffix of the result files (a subset of the runs)")
+    p.add_argument("--tag", default="", help="a variant (a subset of the runs): the section TAG of the page")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -410,7 +411,7 @@ def main() -> None:
     timing = [predict_timing(adata, genes, n) for n in (1, 5)]
     print(json.dumps(timing), flush=True)
     write(summaries, overall, pearson, args, adata, genes, feat_times, timing)
-    print(f"written {Path(args.out) / ('expression_' + args.tag if args.tag else 'expression')}.md and .json")
+    print(f"written {Path(args.out) / 'expression'}.md and .json" + (f" (section {args.tag!r})" if args.tag else ""))
 
 
 if __name__ == "__main__":

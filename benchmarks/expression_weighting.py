@@ -11,13 +11,14 @@ with both weightings from the same trained model. The weighting with the higher 
 is the one a user could have chosen for fold g. Every pair of sections is one training run (the three others),
 which serves the inner fold of both outer folds it belongs to; 10 runs per method.
 
-Writes `benchmarks/results/expression_weighting.md`.
+Writes `benchmarks/results/expression_weighting.md` and `.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 from pathlib import Path
@@ -127,7 +128,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "expression_weighting.md").write_text("\n".join(md))
-    print(f"written {out / 'expression_weighting.md'}")
+    data = {"inner": inner.to_dict(orient="records"), "chosen": chosen.to_dict(orient="records")}
+    (out / "expression_weighting.json").write_text(json.dumps(data, indent=1, default=str))
+    print(f"written {out / 'expression_weighting.md'} and .json")
 
 
 if __name__ == "__main__":

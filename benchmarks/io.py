@@ -177,7 +177,7 @@ def main() -> None:
     p.add_argument("--gen-side", type=float, default=1300.0, help="side (µm) of the generator runs")
     p.add_argument("--tmp", default=None, help="folder for the files (default: a temporary one)")
     p.add_argument("--timeout", type=float, default=3600)
-    p.add_argument("--out", default="io", help="results/<out>.md and .json ('' to skip)")
+    p.add_argument("--out", default=str(RESULTS), help="folder of io.md and io.json ('' to skip)")
     a = p.parse_args()
     if a.worker:
         kind, *rest = a.worker
@@ -260,9 +260,10 @@ def main() -> None:
     text = "\n".join(lines_md) + "\n"
     print(text)
     if a.out:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{a.out}.md").write_text(text)
-        (RESULTS / f"{a.out}.json").write_text(json.dumps(results, indent=2))
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "io.md").write_text(text)
+        (out / "io.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ process's peak RSS after it (`ru_maxrss`, imports and data included). Threads: `
 
 Usage: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/pipeline_scale.py [--cases a b c] [--scale 1.0]
 [--work-dir /tmp/hs_scale] [--device cpu] [--features-method auto] [--tag TAG]` (writes
-benchmarks/results/pipeline_scale[_TAG].{md,json}; cases not run keep their earlier results there).
+benchmarks/results/pipeline_scale.{md,json}, a `--tag` run as the section TAG of that page; cases not run keep their
+earlier results there).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from _results import load, write_page
 
 N_THREADS = int(os.environ.get("OMP_NUM_THREADS", "2"))
 HERE = Path(__file__).resolve().parent
@@ -224,7 +226,7 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0, help="side of the simulated tissue relative to the issue's")
     p.add_argument("--work-dir", default="/tmp/hs_scale")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--tag", default="", help="suffix of the result files (e.g. for another --scale)")
+    p.add_argument("--tag", default="", help="a variant (e.g. another --scale): the section TAG of the page")
     p.add_argument("--features-method", default="auto", help="case (c): `method` of hs.pp.image_features")
     p.add_argument("--tables-only", action="store_true", help="rewrite the markdown from the JSON, run nothing")
     p.add_argument("--worker")
@@ -241,13 +243,14 @@ def main() -> None:
         res["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
         print("RESULT " + json.dumps(res, default=float))
         return
-    name = f"pipeline_scale{('_' + args.tag) if args.tag else ''}"
-    previous = RESULTS / f"{name}.json"
-    old = json.loads(previous.read_text()) if previous.exists() else None
+    section = args.tag or None
+    old = load("pipeline_scale", section=section)
     if args.tables_only:
         if old is None:
-            raise SystemExit(f"{previous} does not exist: run the cases first")
-        write_tables(name, old["meta"], old["results"])
+            raise SystemExit(
+                f"no results in {RESULTS / 'pipeline_scale.json'} for tag {args.tag!r}: run the cases first"
+            )
+        write_tables(section, old["meta"], old["results"])
         return
     results = {}
     if old is not None and old["meta"]["scale"] == args.scale and old["meta"]["device"] == args.device:
@@ -270,12 +273,11 @@ def main() -> None:
         "python": platform.python_version(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    previous.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    write_tables(name, meta, results)
+    write_tables(section, meta, results)
 
 
-def write_tables(name: str, meta: dict, results: dict) -> None:
+def write_tables(section: str | None, meta: dict, results: dict) -> None:
+    """Write the page (or its section `section`) with the stored `meta` and `results`."""
     lines = [
         "# The pipeline at scale (simulated Visium HD, Stereo-seq and whole-slide H&E)",
         "",
@@ -304,7 +306,7 @@ def write_tables(name: str, meta: dict, results: dict) -> None:
                 f"- ({case}) run {res['date_utc']} UTC, 1-min load average {res['load_avg_1min_end']:.2f} at its end."
             )
     lines += ["", f"Machine: {meta}", ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    write_page("pipeline_scale", "\n".join(lines), {"meta": meta, "results": results}, section=section)
     print("\n".join(lines))
 
 

@@ -138,7 +138,7 @@ def main() -> int:
     p.add_argument("--max-epochs", type=int, default=30)
     p.add_argument("--n-models", type=int, default=5)
     p.add_argument("--no-dihedral", action="store_true", help="without the 8 flips/rotations (8 times less compute)")
-    p.add_argument("--out", default=str(ROOT / "results" / "resolution"))
+    p.add_argument("--out", default=str(ROOT / "results"), help="folder of resolution.md and .json")
     args = p.parse_args()
     data_dir = _data_dir(args.data_dir)
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -204,7 +204,7 @@ def main() -> int:
     table = pd.DataFrame(rows)
     fmt = table.to_string(index=False, float_format=lambda v: f"{v:.3f}")
     print(fmt)
-    out = Path(args.out)
+    out = Path(args.out) / "resolution"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     lines = [

@@ -88,17 +88,18 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=0, help="0: the model's default (max_epochs=None)")
     p.add_argument("--attention", nargs="*", default=None, help="one per size; default 'auto'")
     p.add_argument("--batch-size", default="auto")
-    p.add_argument("--out", default="scaling")
+    p.add_argument("--out", default=str(RESULTS), help="folder of scaling.md and scaling.json")
     args = p.parse_args()
     if args.worker:
         n, ep, att, bs = args.worker
         print("RESULT " + json.dumps(_worker(int(n), int(ep), att, bs), default=str))
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(N_THREADS), "MKL_NUM_THREADS": str(N_THREADS)}
     atts = args.attention or ["auto"] * len(args.sizes)
     rows = []
-    out_json = RESULTS / f"{args.out}.json"
+    out_json = out / "scaling.json"
     if out_json.exists():
         rows = json.loads(out_json.read_text()).get("rows", [])
     for n, att in zip(args.sizes, atts, strict=True):
@@ -142,7 +143,7 @@ def main() -> None:
             f"{r['train_seconds'] / steps:.3f} | {r['train_seconds'] / r['epochs']:.2f} | {r['latent_seconds']:.1f} | {total:.1f} | {r['peak_rss_mb']:.0f} | "
             f"{r.get('ari_sim', float('nan')):.2f} | {r.get('load_avg_1min', float('nan')):.1f} |"
         )
-    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    (out / "scaling.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

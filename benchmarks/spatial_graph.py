@@ -151,7 +151,7 @@ def main() -> None:
     p.add_argument("--plot", action="store_true", help="also hs.pl.domains of the bins, saved as a PNG")
     p.add_argument("--png", default="", help="keep the PNG of the largest plot here")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="spatial_graph", help="results/<out>.md and .json ('' to skip)")
+    p.add_argument("--out", default=str(RESULTS), help="folder of spatial_graph.md and .json ('' to skip)")
     args = p.parse_args()
     if args.worker:
         case, n, png = args.worker
@@ -205,9 +205,10 @@ def main() -> None:
         )
     print("\n".join(lines))
     if args.out:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "spatial_graph.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (out / "spatial_graph.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

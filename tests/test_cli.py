@@ -269,3 +269,16 @@ def test_cli_predict_spatialdata_reference_keeps_its_image(sdata_zarr, adata, tm
     assert pred.layers["mclstexp"].shape == adata.shape and np.isfinite(pred.layers["mclstexp"]).all()
     assert pred.uns["img_features"]["params"]["encoder"] == "mobilenet_v2"
     assert _files(sdata_zarr) == before  # the reference file is read, not written
+
+
+def test_cli_demo_without_data_names_the_file_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    # the demo finds its weights and gene panel through hs.datasets: a missing data folder is one line, exit 2
+    monkeypatch.delenv("HISTOSPACE_DATA", raising=False)
+    monkeypatch.setenv("HISTOSPACE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo_out"
+    assert main(["demo", "--out-dir", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "MobileNetV2 ImageNet weights not found" in err and "HISTOSPACE_DATA" in err and len(err.splitlines()) == 1
+    assert main(["demo", "--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(out), "-q"]) == 2
+    assert "nowhere' is not a directory" in capsys.readouterr().err
+    assert not out.exists()

@@ -8,14 +8,13 @@ on stderr and exit code 2; `-v` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from histospace._cli_io import CLIError, _check_outputs, _positive_int, _table, input_kind, read_input, write_output
+from histospace._cli_io import CLIError, _check_outputs, _positive_int, _table, write_output
 from histospace._cli_steps import (
     _add_encoder_args,
     _feature_kwargs,
@@ -24,8 +23,8 @@ from histospace._cli_steps import (
     _image_features,
     _spatial_graph,
 )
+from histospace.io._read import input_kind
 
-MOBILENET_FILE = Path("weights") / "mobilenet_v2_imagenet_coral" / "mobilenet_v2_imagenet_fp32_torchvision_keys.pt"
 #: image features of the mclSTExp pipeline (validated by the expression benchmark): `hs.pp.image_features`'s
 #: `preset='mclstexp'` (stage features of the patch and of a patch twice as wide, averaged over the 8
 #: flips/rotations; the TF padding of weights trained with it). The options are spelled out too, so that
@@ -48,8 +47,9 @@ def cmd_domains(args: argparse.Namespace) -> int:
     import histospace as hs
 
     t0 = time.perf_counter()
-    _check_outputs(args, spatialdata=input_kind(args.input)[1] != "h5ad")
-    data = read_input(args.input, bin_size=args.bin_size, image=args.image)
+    kind = input_kind(args.input)[1]
+    _check_outputs(args, spatialdata=kind != "h5ad")
+    data = hs.io.read(args.input, bin_size=args.bin_size, image=args.image if kind == "gem" else None)
     table = _table(data, args.table_key)
     print(f"read {args.input}: {table.n_obs} spots/bins x {table.n_vars} genes ({time.perf_counter() - t0:.0f} s)")
     if args.ground_truth and args.ground_truth not in table.obs:
@@ -101,13 +101,17 @@ def _timed(step: str):
 
 
 def _save_domains_plot(data, path: str, *, ground_truth: str | None = None, table_key: str | None = None) -> None:
-    import matplotlib.pyplot as plt
-
     import histospace as hs
 
     kw = {"table_key": table_key} if table_key else {}
-    ax = hs.pl.domains(data, key="stereomm_domain", groundtruth_key=ground_truth, show=False, **kw)
-    fig = ax.figure
+    _save_figure(hs.pl.domains(data, key="stereomm_domain", groundtruth_key=ground_truth, show=False, **kw), path)
+
+
+def _save_figure(fig, path) -> None:
+    """Write a figure (or the figure of an `Axes`) at 150 dpi and close it."""
+    import matplotlib.pyplot as plt
+
+    fig = getattr(fig, "figure", fig)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
@@ -127,12 +131,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path in args.reference:
         input_kind(path)  # a missing or unknown input is named before any work
     _check_outputs(args, spatialdata=query_kind != "h5ad")
-    refs = [read_input(path) for path in args.reference]
+    refs = [hs.io.read(path) for path in args.reference]
     for path, r in zip(args.reference, refs, strict=True):
         if "library_id" not in _table(r, args.table_key).obs:
             _table(r, args.table_key).obs["library_id"] = Path(path).stem
     if args.query is not None:
-        query = read_input(args.query)
+        query = hs.io.read(args.query)
     else:
         query = hs.pp.tile_image(args.image, tile_size=args.tile_size)
         print(f"tiled {args.image}: {query.n_obs} tiles over the tissue")
@@ -154,36 +158,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = hs.tl.mclstexp_train(ref, **fit, **(tk if hasattr(ref, "tables") else {}))
     hs.tl.mclstexp_predict(query, model=model, n_neighbors=args.n_neighbors, **(tk if hasattr(query, "tables") else {}))
     if args.genes:
-        _save_gene_maps(
-            _table(query, args.table_key), args.genes, args.plot or str(Path(args.output).with_suffix(".png"))
-        )
+        fig = hs.pl.predicted_vs_observed(_table(query, args.table_key), genes=args.genes, show=False)
+        _save_figure(fig, args.plot or Path(args.output).with_suffix(".png"))
     write_output(query, args.output)
     return 0
-
-
-def _save_gene_maps(adata, genes: list[str], path: str) -> None:
-    import matplotlib.pyplot as plt
-
-    import histospace as hs
-
-    fig = hs.pl.predicted_vs_observed(adata, genes=genes, show=False)
-    fig = getattr(fig, "figure", fig)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    print(f"wrote {path}")
-
-
-def _data_dir(arg: str | None) -> Path:
-    d = arg or os.environ.get("HISTOSPACE_DATA")
-    if d is None:
-        msg = "no data directory: pass --data-dir DIR or set HISTOSPACE_DATA"
-        raise CLIError(msg)
-    p = Path(d)
-    if not p.is_dir():
-        msg = f"--data-dir {p} is not a directory"
-        raise CLIError(msg)
-    return p
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -193,20 +171,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ~/.cache/histospace/features), so a second run reuses them; `hs.pp.clear_feature_cache()` empties it.
     """
     import anndata as ad
-    import matplotlib.pyplot as plt
     import numpy as np
     import torch
 
     import histospace as hs
 
-    data_dir = _data_dir(args.data_dir)
+    data_dir = args.data_dir  # None: $HISTOSPACE_DATA, as every dataset loader
+    weights = hs.datasets.mobilenet_v2_weights(data_dir=data_dir)  # the shared data folder's ImageNet MobileNetV2
+    genes = hs.datasets.her2st_genes(data_dir=data_dir) if "predict" in args.parts else []
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    weights = data_dir / MOBILENET_FILE
-    if not weights.is_file():
-        msg = f"{weights} not found; the demo uses the ImageNet MobileNetV2 weights in the shared data folder"
-        raise CLIError(msg)
     # mean/std: known from the file; features cached (`hs.pp.feature_cache_dir()`), so a second run reuses them
     feat_kw = {"encoder": "mobilenet_v2", "weights": str(weights), "cache": True}
     t0 = time.perf_counter()
@@ -224,8 +199,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if "predict" in args.parts:
         t = time.perf_counter()
-        panel_file = data_dir / "her2st" / "gene_lists" / "her2st_785genes_hist2st.txt"
-        genes = [g.strip() for g in panel_file.read_text().split() if g.strip()]
         slides = {}
         for s in ["C2", "C3", "C4", "C5", "C6"]:
             a = hs.datasets.her2st(s, data_dir=data_dir)
@@ -244,11 +217,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         show_genes = [g for g in ("GNAS", "FASN") if g in query.var_names]
         show_genes += [g for g in pcc.sort_values(ascending=False).index if g not in show_genes][: 2 - len(show_genes)]
-        fig = hs.pl.predicted_vs_observed(query, genes=show_genes, show=False)
-        fig = getattr(fig, "figure", fig)
-        fig.savefig(out / "her2st_C2_predicted.png", dpi=150, bbox_inches="tight")
-        plt.close(fig)
-        print(f"wrote {out / 'her2st_C2_predicted.png'}")
+        _save_figure(hs.pl.predicted_vs_observed(query, genes=show_genes, show=False), out / "her2st_C2_predicted.png")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; figures in {out}/")
     print(f"image features cached in {hs.pp.feature_cache_dir()} (clear: hs.pp.clear_feature_cache())")
     return 0

@@ -1,7 +1,8 @@
 """Datasets: real public data and simulated tissue.
 
 Loaders for real public datasets take a local copy first and the public source on a connected machine; the simulated
-tissue is written in the platforms' own file formats (Space Ranger, SAW, GEM, whole-slide TIFF).
+tissue is written in the platforms' own file formats (Space Ranger, SAW, GEM, whole-slide TIFF). `her2st_genes` and
+`mobilenet_v2_weights` find the gene panel and the encoder weights that go with them in the data folder.
 """
 
 from typing import TYPE_CHECKING
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     from ._dlpfc import dlpfc
     from ._her2st import her2st
     from ._mob import mob
+    from ._resources import her2st_genes, mobilenet_v2_weights
     from ._stereoseq_embryo import stereoseq_embryo
     from ._synthetic import SimulatedTissue, simulate_tissue
     from ._synthetic_gem import write_gem
@@ -23,7 +25,9 @@ __all__ = [
     "SimulatedTissue",
     "dlpfc",
     "her2st",
+    "her2st_genes",
     "mob",
+    "mobilenet_v2_weights",
     "simulate_tissue",
     "stereoseq_embryo",
     "write_gem",
@@ -36,6 +40,8 @@ __getattr__, __dir__ = lazy_exports(
     {
         "dlpfc": "._dlpfc",
         "her2st": "._her2st",
+        "her2st_genes": "._resources",
+        "mobilenet_v2_weights": "._resources",
         "stereoseq_embryo": "._stereoseq_embryo",
         "mob": "._mob",
         "SimulatedTissue": "._synthetic",
