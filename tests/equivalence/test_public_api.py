@@ -501,3 +501,47 @@ def test_copy_returns_the_input_form_and_leaves_it(form, func, kw, written):
     out_table = out if isinstance(out, AnnData) else out.tables["table"]
     assert key in getattr(out_table, slot)
     assert {s: set(getattr(table, s)) for s in before} == before
+
+
+def _slots(t: AnnData) -> dict:
+    return {
+        s: sorted(map(str, getattr(t, s).keys() if s != "obs" else t.obs.columns))
+        for s in ("obs", "obsm", "obsp", "uns")
+    }
+
+
+ERRORS = {
+    "pp.spatial_graph": (lambda d: hs.pp.spatial_graph(d, n_neighs=0), ValueError),
+    "pp.image_features": (lambda d: hs.pp.image_features(d, input_size=0, progress_bar=False), ValueError),
+    "tl.stereomm": (lambda d: hs.tl.stereomm(d, features_key="nope", **STEREOMM), KeyError),
+    "tl.domains": (lambda d: hs.tl.domains(d, use_rep="nope"), KeyError),
+    "tl.mclstexp_train": (lambda d: hs.tl.mclstexp_train(d, features_key="nope", progress_bar=False), KeyError),
+    "tl.mclstexp_cross_validate": (lambda d: hs.tl.mclstexp_cross_validate(d, groupby="nope"), KeyError),
+    "pl.training_history": (lambda d: hs.pl.training_history(d, key="nope", show=False), KeyError),
+    "pl.predicted_vs_observed": (lambda d: hs.pl.predicted_vs_observed(d, genes=["gene1"], show=False), KeyError),
+    "pl.gene_predictability": (lambda d: hs.pl.gene_predictability(d, show=False), KeyError),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ERRORS))
+def test_errors_are_the_same_and_write_nothing(pair, name):
+    """A bad argument raises the same exception with the same message in both forms, before anything is written."""
+    func, exc = ERRORS[name]
+    before = [_slots(pair.adata), _slots(pair.table)]
+    messages = []
+    for data in pair.forms():
+        with pytest.raises(exc) as info:
+            func(data)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert [_slots(pair.adata), _slots(pair.table)] == before
+
+
+def test_plot_domains_error_names_the_table(pair):
+    """The one message that differs, on purpose: with a SpatialData it names the table's column."""
+    messages = []
+    for data in pair.forms():
+        with pytest.raises(KeyError, match=r"obs\['nope'\]` not found; run `hs.tl.domains") as info:
+            hs.pl.domains(data, key="nope", show=False)
+        messages.append(str(info.value))
+    assert "`adata.obs['nope']`" in messages[0] and "`sdata.tables['table'].obs['nope']`" in messages[1]
