@@ -427,6 +427,7 @@ def _drawn_spots(ax) -> dict:
     from matplotlib.collections import EllipseCollection, PatchCollection
 
     out = {"xlim": ax.get_xlim(), "ylim": ax.get_ylim(), "extent": _image_extents(ax)}
+    out["image_shape"] = [im.get_array().shape for im in ax.images]
     for c in ax.collections:
         if isinstance(c, PatchCollection):  # squidpy: one circle path per spot, in data units
             ext = np.array([p.get_extents().bounds for p in c.get_paths()])
@@ -472,19 +473,21 @@ def test_plot_domains_colours_and_spots(pair):
     assert_same_value(drawn[0], drawn[1], "drawn spots")
 
 
-def _panels(fig) -> list[dict]:
-    return [_drawn_spots(ax) | {"title": ax.get_title()} for ax in fig.axes if ax.images]
+def _pvo_panels(pair, model) -> tuple[list[dict], list[dict], list[np.ndarray]]:
+    """Predict both forms and draw `pl.predicted_vs_observed` of two genes: the panels of each form and the pixels."""
+    for data in pair.forms():
+        hs.tl.mclstexp_predict(data, model=model, n_neighbors=5, progress_bar=False)
+    figs = [hs.pl.predicted_vs_observed(d, genes=model.genes[:2], show=False) for d in pair.forms()]
+    pa, ps = ([_drawn_spots(ax) | {"title": ax.get_title()} for ax in f.axes if ax.images] for f in figs)
+    pixels = [_pixels(f) for f in figs]
+    plt.close("all")
+    return pa, ps, pixels
 
 
 @covers("pl.predicted_vs_observed")
 def test_predicted_vs_observed_values(pair, mcl_model):
     """What both forms agree on: the panels, their titles and the colours of each spot (the values drawn)."""
-    genes = mcl_model.genes[:2]
-    for data in pair.forms():
-        hs.tl.mclstexp_predict(data, model=mcl_model, n_neighbors=5, progress_bar=False)
-    figs = [hs.pl.predicted_vs_observed(d, genes=genes, show=False) for d in pair.forms()]
-    pa, ps = (_panels(f) for f in figs)
-    plt.close("all")
+    pa, ps, _ = _pvo_panels(pair, mcl_model)
     assert len(pa) == len(ps) == 4
     for a, s in zip(pa, ps, strict=True):
         assert a["title"] == s["title"]
@@ -492,7 +495,8 @@ def test_predicted_vs_observed_values(pair, mcl_model):
         # the same spots over the same image pixels: centres counted in pixels of the drawn image
         for p in (a, s):
             x0, x1, y0, y1 = p["extent"][0]
-            p["in_image"] = (p["centres"] - [x0, y1]) / [(x1 - x0) / 650, (y0 - y1) / 650]
+            h, w = p["image_shape"][0][:2]
+            p["in_image"] = (p["centres"] - [x0, y1]) / [(x1 - x0) / w, (y0 - y1) / h]
         np.testing.assert_allclose(a["in_image"], s["in_image"], rtol=0, atol=1e-9)
 
 
@@ -509,13 +513,7 @@ def test_predicted_vs_observed_values(pair, mcl_model):
     ),
 )
 def test_predicted_vs_observed_figure(pair, mcl_model):
-    genes = mcl_model.genes[:2]
-    for data in pair.forms():
-        hs.tl.mclstexp_predict(data, model=mcl_model, n_neighbors=5, progress_bar=False)
-    figs = [hs.pl.predicted_vs_observed(d, genes=genes, show=False) for d in pair.forms()]
-    pa, ps = (_panels(f) for f in figs)
-    pixels = [_pixels(f) for f in figs]
-    plt.close("all")
+    pa, ps, pixels = _pvo_panels(pair, mcl_model)
     for a, s in zip(pa, ps, strict=True):
         assert_same_value(a, s, f"panel {a['title']!r}")
     assert_same_value(pixels[0], pixels[1], "figure pixels")
