@@ -88,6 +88,12 @@ def adata() -> ad.AnnData:
     return make_adata()
 
 
+@pytest.fixture(scope="session")
+def make_slide():
+    """`make_adata` itself, for fixtures of other folders that need another size, seed or library id."""
+    return make_adata
+
+
 @pytest.fixture(scope="module")
 def adata_module() -> ad.AnnData:
     """The same tiny AnnData as `adata`, shared by the tests of a module (for fixtures that train a model once)."""
