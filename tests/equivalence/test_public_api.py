@@ -44,6 +44,7 @@ SKIP = {
     "pp.feature_cache_dir": "no data input: returns the feature cache folder",
     "pl.gene_correlation": "draws mclstexp_cross_validate's result dict (or per-gene scores), not an AnnData/SpatialData",
     "pl.top_genes": "draws mclstexp_cross_validate's result dict, not an AnnData/SpatialData",
+    "io.read": "reader: a path in, an AnnData (.h5ad) or a SpatialData out; no data input (tests/io/test_read.py)",
     "io.read_gem": "reader: a GEM file path in, a SpatialData out; there is no AnnData/SpatialData input",
     "io.read_stereopy": "converter: stereopy's AnnData (or .h5ad) in, a SpatialData out; no SpatialData input form",
     "io.add_image": "SpatialData only: adds an image element (an AnnData has no elements); tests/io/test_add_image.py",
