@@ -1,8 +1,9 @@
 """Image encoders for H&E patches: torchvision backbones (classifier removed, global average pooling) or any module.
 
-:func:`build_encoder` is shared by `pp.image_features` (frozen features) and mclSTExp (fine-tuning). The returned
-:class:`ImageEncoder` maps an RGB batch `(B, 3, H, W)` float in `[0, 1]` to `(B, d)` features; it normalises the
-input itself (`(x - mean) / std`, the statistics the weights were trained with), so callers only scale to `[0, 1]`.
+:func:`~histospace._image.encoders._build.build_encoder` builds them for `pp.image_features` (frozen features) and
+mclSTExp (fine-tuning). The returned :class:`ImageEncoder` maps an RGB batch `(B, 3, H, W)` float in `[0, 1]` to
+`(B, d)` features; it normalises the input itself (`(x - mean) / std`, the statistics the weights were trained with),
+so callers only scale to `[0, 1]`.
 """
 
 from __future__ import annotations
