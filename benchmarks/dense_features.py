@@ -1,4 +1,4 @@
-"""Dense image features (`histospace.pp._dense.dense_features`) against the patch method (`hs.pp.image_features`).
+"""Dense image features (`histospace._image.features._dense.dense_features`) against the patch method (`hs.pp.image_features`).
 
 Run from the repository root (2 CPU threads on a quiet machine):
 
@@ -51,10 +51,9 @@ import pandas as pd
 import torch
 
 import histospace as hs
-from histospace._nn._encoders import build_encoder, fuse_conv_bn
-from histospace._utils._image import open_image
-from histospace.pp import _dense
-from histospace.pp._dense import dense_cost_ratio, dense_features
+from histospace._image import build_encoder, fuse_conv_bn, open_image
+from histospace._image.features import _dense
+from histospace._image.features._dense import dense_cost_ratio, dense_features
 
 ROOT = Path(__file__).resolve().parent
 WEIGHTS = Path("weights") / "mobilenet_v2_imagenet_coral" / "mobilenet_v2_imagenet_fp32_torchvision_keys.pt"

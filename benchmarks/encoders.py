@@ -1,6 +1,6 @@
 """Benchmark the pathology foundation-model encoders (random init): throughput, memory, real patches.
 
-For every named encoder (`histospace._nn._pathology.PATHOLOGY_ENCODERS`), each in its own subprocess so that the
+For every named encoder (`histospace._image.encoders._pathology.PATHOLOGY_ENCODERS`), each in its own subprocess so that the
 peak RSS is the encoder's and two large models are never in memory at once:
 
 - CPU (2 threads): patches/s of the encoder on 224-px inputs (normalisation + ViT + pooling, `inference_mode`) at the
@@ -82,7 +82,7 @@ def time_batch(enc, batch_size: int, device: torch.device, precision: str, min_p
 def worker(name: str, args) -> dict:
     """Measure one encoder (run in a subprocess)."""
     import histospace as hs
-    from histospace._nn._pathology import build_pathology_encoder, get_pathology_model
+    from histospace._image import build_pathology_encoder, get_pathology_model
 
     torch.set_num_threads(args.threads)
     entry = get_pathology_model(name)
@@ -266,7 +266,7 @@ def to_markdown(res: dict) -> str:
 
 
 def parse_args(argv=None):
-    from histospace._nn._pathology import PATHOLOGY_ENCODERS
+    from histospace._image import PATHOLOGY_ENCODERS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoders", nargs="+", default=list(PATHOLOGY_ENCODERS))

@@ -5,7 +5,7 @@ Run from the repository root (2 CPU threads):
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/expression_mob.py [--data-dir ../shared/data] [--cache /tmp/m.h5ad]
 
 Data: `hs.datasets.mob` sections MOB1, MOB2 (animal 1) and MOB3 (animal 2), all 1,000 genes of the count tables.
-Features: the validated mclSTExp recipe of the command line (`MCLSTEXP_FEATURES` in `histospace._cli`: MobileNetV2
+Features: the validated mclSTExp recipe of the command line (`MCLSTEXP_FEATURES` of `histospace._image`, which the CLI runs: MobileNetV2
 stages 2-7 pooled, a patch and a 2x context patch, mean over the 8 flips/rotations, TF 'SAME' padding for the shared
 weights `weights/mobilenet_v2_imagenet_coral`, input `x / 127.5 - 1`), with a patch of the same physical size as
 her2st's 224-px patch: 224 px / (pixels per µm of her2st C2) = about 154 µm, about 35 px of the MOB JPEG (4.4 µm per
@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 
 import histospace as hs
-from histospace._cli import _mclstexp_features
+from histospace._image import mclstexp_features as _mclstexp_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from expression import _data_dir, md_table  # the her2st benchmark's data root and table format
@@ -153,7 +153,7 @@ def write(args, adata, genes, feat, summaries, overall, pearson) -> None:
         f"the genes (constant genes left out); pcc_top: over the {N_TOP} genes with the highest mean expression in the "
         "held-out section; MSE/MAE over held-out spots x genes of `ln(1 + CP10k)`; n_genes_fdr05: genes with a "
         "positive r at Benjamini-Hochberg FDR < 0.05 (Dutilleul's spatial test). Times in seconds per fold.",
-        f"Features: `{json.dumps(feat['recipe'])}` (`MCLSTEXP_FEATURES` of `histospace._cli`), MobileNetV2 "
+        f"Features: `{json.dumps(feat['recipe'])}` (`MCLSTEXP_FEATURES` of `histospace._image`), MobileNetV2 "
         f"`mobilenet_v2_imagenet_coral`, input `x / 127.5 - 1`, {feat['width']} features per spot; patch "
         f"{feat['patch_size_um']:.1f} µm (her2st's 224 px at the pixel size of her2st C2) = "
         f"{', '.join(f'{s}: {v:.1f} px' for s, v in feat['patch_size_px'].items())} of the MOB JPEGs (and a 2x "

@@ -5,7 +5,7 @@ Run from the repository root:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/resolution.py [--data-dir ../shared/data] [--cache /tmp/ref.h5ad]
         [--max-epochs 30] [--n-models 5]
 
-The model is trained on her2st C3-C6 with the validated image features (`MCLSTEXP_FEATURES` of the CLI: the shared
+The model is trained on her2st C3-C6 with the validated image features (`histospace._image.MCLSTEXP_FEATURES`, the recipe the CLI runs: the shared
 MobileNetV2 with TF padding, `layers='stages'`, `dihedral=True`, `context=2`; 224-px patches, i.e. 175 µm at her2st's
 1.28 px/µm) over the 785-gene panel, with the default training (30 epochs, 5 models unless told otherwise). The same
 model predicts three queries of C2, none of which holds features, so that `hs.tl.mclstexp_predict` makes them:
@@ -58,8 +58,8 @@ def _data_dir(arg: str | None) -> Path:
 
 
 def feature_kwargs(data_dir: Path, dihedral: bool = True) -> dict:
-    """The validated mclSTExp features (the CLI's `MCLSTEXP_FEATURES` with the shared MobileNetV2)."""
-    from histospace._cli import _mclstexp_features
+    """The validated mclSTExp features (`histospace._image.mclstexp_features` with the shared MobileNetV2)."""
+    from histospace._image import mclstexp_features as _mclstexp_features
 
     weights = data_dir / WEIGHTS
     kw = {"encoder": "mobilenet_v2", "weights": weights, "patch_size": 224, "method": "patch"}

@@ -110,7 +110,7 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from histospace._utils._wsi import open_slide
+    from histospace._image import open_slide
 
     base_rss = rss_mb()
     t0 = time.perf_counter()

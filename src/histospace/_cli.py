@@ -23,22 +23,9 @@ from histospace._cli_steps import (
     _image_features,
     _spatial_graph,
 )
+from histospace._image.features._recipes import MCLSTEXP_FEATURES
+from histospace._image.features._recipes import mclstexp_features as _mclstexp_features
 from histospace.io._read import input_kind
-
-#: image features of the mclSTExp pipeline (validated by the expression benchmark): `hs.pp.image_features`'s
-#: `preset='mclstexp'` (stage features of the patch and of a patch twice as wide, averaged over the 8
-#: flips/rotations; the TF padding of weights trained with it). The options are spelled out too, so that
-#: `_features_match` can compare them with stored features; they equal the preset's (a test checks it).
-MCLSTEXP_FEATURES = {"preset": "mclstexp", "layers": "stages", "context": 2.0, "dihedral": True}
-
-
-def _mclstexp_features(weights) -> dict:
-    """The mclSTExp image-feature options for `weights` (`preset='mclstexp'` and what it fills for these weights)."""
-    from histospace.pp._image_features import preset_options
-
-    opts = preset_options("mclstexp", weights=weights)
-    opts.pop("encoder")  # the command's --encoder decides
-    return {"preset": "mclstexp"} | opts
 
 
 # ---- commands -------------------------------------------------------------------------------------------------------

@@ -53,7 +53,13 @@ def _weights_label(weights) -> str:
 
 
 def _features_match(table, kw: dict, extra: dict) -> str | None:
-    """Why the features in `obsm['img_features']` do not match the requested ones (`None` when they do)."""
+    """Why the features in `obsm['img_features']` do not match the requested ones (`None` when they do).
+
+    The one comparison of the feature slot (:func:`~histospace._image.features._slot.settings_mismatch`, the one the
+    models use), on the settings the command asks for: encoder, weights, the recipe's options, the patch size.
+    """
+    from histospace._image import feature_settings, settings_mismatch
+
     if "img_features" not in table.obsm:
         return "no obsm['img_features']"
     params = (table.uns.get("img_features") or {}).get("params", {})
@@ -64,16 +70,16 @@ def _features_match(table, kw: dict, extra: dict) -> str | None:
         arg = kw.get("patch_size" if k == "patch_size_px" else "patch_size_um")
         if arg is not None:
             want[k] = float(arg)
-    for k, v in want.items():
-        have = params.get(k, {"layers": "last", "dihedral": False, "tf_padding": False}.get(k))
-        if str(have) != str(v):
-            return f"uns['img_features']['params'][{k!r}] is {have!r}, not {v!r}"
-    return None
+    bad = settings_mismatch(want, feature_settings(params), keys=want)
+    if bad is None:
+        return None
+    k, have, v = bad
+    return f"uns['img_features']['params'][{k!r}] is {have!r}, not {v!r}"
 
 
 def _feature_width(kw: dict, extra: dict) -> int | None:
     """The width of the requested features (torchvision encoders), `None` when it is not known without a download."""
-    from histospace._nn._encoders import ENCODERS, STAGES
+    from histospace._image import ENCODERS, STAGES
 
     if kw["encoder"] not in ENCODERS:
         return None

@@ -1,4 +1,4 @@
-"""Tests of the pathology foundation-model encoders (`histospace._nn._pathology`).
+"""Tests of the pathology foundation-model encoders (`histospace._image.encoders._pathology`).
 
 Full-size models are only built on torch's meta device (no memory); real builds use reduced variants of every family
 (same timm architecture, registers, MLP type, patch size and pooling; depth 1, width 32) registered for the test, plus
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import histospace as hs
-from histospace._nn._encoders import ImageEncoder, build_encoder
-from histospace._nn._pathology import (
+from histospace._image import ImageEncoder, build_encoder
+from histospace._image.encoders._pathology import (
     HOPTIMUS_MEAN,
     PATHOLOGY_ENCODERS,
     PathologyEncoder,

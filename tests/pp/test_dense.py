@@ -1,4 +1,4 @@
-"""Tests of the dense image-feature engine (`histospace.pp._dense`): tiny images, random-init encoders, CPU."""
+"""Tests of the dense image-feature engine (`histospace._image.features._dense`): tiny images, random-init encoders, CPU."""
 
 from __future__ import annotations
 
@@ -10,15 +10,20 @@ import torch
 from torch import nn
 
 import histospace as hs
-from histospace._nn._encoders import build_encoder
-from histospace._utils._image import open_image
+from histospace._image import build_encoder, open_image
+from histospace._image.features import _dense
+from histospace._image.features._dense import (
+    choose_method,
+    dense_cost_ratio,
+    dense_features,
+    pick_level,
+    trunk_geometry,
+)
+from histospace._image.features._dense_engine import _iter_strips, _pca_sample, _plan
+from histospace._image.features._dense_resample import _Resampler
+from histospace._image.features._dense_trunk import _run_trunk
+from histospace._image.features._dense_windows import _box_means, _sat, _window_means, _window_means_sat
 from histospace._utils._preprocess import covariance_pca
-from histospace.pp import _dense
-from histospace.pp._dense import choose_method, dense_cost_ratio, dense_features, pick_level, trunk_geometry
-from histospace.pp._dense_engine import _iter_strips, _pca_sample, _plan
-from histospace.pp._dense_resample import _Resampler
-from histospace.pp._dense_trunk import _run_trunk
-from histospace.pp._dense_windows import _box_means, _sat, _window_means, _window_means_sat
 
 CPU = torch.device("cpu")
 

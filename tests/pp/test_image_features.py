@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import histospace as hs
-from histospace._nn._encoders import build_encoder
+from histospace._image import build_encoder
 
 with torch.random.fork_rng(devices=[]):
     torch.manual_seed(0)
@@ -378,7 +378,7 @@ def test_tf_padding(adata):
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50", "densenet121"])
 def test_build_encoder_stages(name):
-    from histospace._nn._encoders import STAGES
+    from histospace._image import STAGES
 
     x = torch.rand(2, 3, 64, 64)
     enc, d, info = build_encoder(name, None, random_state=0, layers="stages")
@@ -400,7 +400,7 @@ def test_build_encoder_stages(name):
 
 
 def test_layers_stages_and_dihedral(adata):
-    from histospace.pp._image_features import _dihedral_mean
+    from histospace._image import dihedral_mean as _dihedral_mean
 
     adata = adata[:12].copy()
     out = hs.pp.image_features(adata, copy=True, **MOBILENET, layers="stages", dihedral=True)
@@ -561,7 +561,7 @@ def test_cropped_image_container_gives_the_features_of_the_uncropped_image(adata
 
 
 def test_known_weights_files(mobilenet_weights, tmp_path):
-    from histospace._nn._encoders import known_normalization, trained_with_tf_padding
+    from histospace._image.encoders._torchvision import known_normalization, trained_with_tf_padding
 
     # the shared TF-converted MobileNetV2: inputs x / 127.5 - 1 and TF 'SAME' padding, recognised by its checksum
     assert known_normalization(mobilenet_weights) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -623,9 +623,9 @@ def test_n_components_is_the_pca_of_the_full_features(adata, method, tmp_path):
 
 def test_n_components_over_slides_with_a_projected_second_pass(adata_two_slides, monkeypatch):
     # a PCA sample smaller than the slides: fitted on the strips of both, then every map projected in a second pass
-    from histospace.pp import _image_features
+    from histospace._image.features import _compute
 
-    monkeypatch.setattr(_image_features, "PCA_N_SPOTS", 16)
+    monkeypatch.setattr(_compute, "PCA_N_SPOTS", 16)
     a = adata_two_slides
     kw = {**DENSE, "library_key": "library_id"}
     full = _feats(a, **kw).astype(np.float64)

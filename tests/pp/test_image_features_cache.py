@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import histospace as hs
-from histospace.pp import _image_features as imf
+from histospace import _image as wing
+from histospace._image.features import _compute, _patch
 
 MOBILENET = {"encoder": "mobilenet_v2", "weights": None, "input_size": 32, "progress_bar": False, "device": "cpu"}
 
@@ -37,8 +38,8 @@ def _no_crops(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("patches were cropped or a method chosen: the features were recomputed")
 
-    monkeypatch.setattr(imf._BatchDataset, "__getitem__", fail)
-    monkeypatch.setattr(imf, "_choose", fail)
+    monkeypatch.setattr(_patch._BatchDataset, "__getitem__", fail)
+    monkeypatch.setattr(_compute, "_choose", fail)
 
 
 # ---- preset -----------------------------------------------------------------------------------------------------
@@ -78,21 +79,61 @@ def test_unknown_preset_raises_and_writes_nothing(adata):
 
 @pytest.mark.data
 def test_preset_sets_tf_padding_for_the_shared_weights(mobilenet_weights):
-    assert imf.preset_options("mclstexp", weights=str(mobilenet_weights))["tf_padding"] is True
-    assert "tf_padding" not in imf.preset_options("mclstexp", weights="imagenet")
+    assert wing.preset_options("mclstexp", weights=str(mobilenet_weights))["tf_padding"] is True
+    assert "tf_padding" not in wing.preset_options("mclstexp", weights="imagenet")
 
 
-def test_cli_mclstexp_options_are_the_preset():
+def test_mclstexp_recipe_is_the_preset_and_the_cli_imports_it():
+    """The validated recipe lives in the wing; the CLI (and the benchmarks) import it from there."""
     from histospace import _cli
 
-    opts = _cli._mclstexp_features(None)
+    assert _cli.MCLSTEXP_FEATURES is wing.MCLSTEXP_FEATURES
+    assert _cli._mclstexp_features is wing.mclstexp_features
+    opts = wing.mclstexp_features(None)
     assert opts["preset"] == "mclstexp"
-    assert {k: v for k, v in _cli.MCLSTEXP_FEATURES.items() if k != "preset"} == {
-        k: v for k, v in imf.PRESETS["mclstexp"].items() if k != "encoder"
+    assert {k: v for k, v in wing.MCLSTEXP_FEATURES.items() if k != "preset"} == {
+        k: v for k, v in wing.PRESETS["mclstexp"].items() if k != "encoder"
     }
     assert {k: v for k, v in opts.items() if k != "preset"} == {
-        k: v for k, v in imf.preset_options("mclstexp", weights=None).items() if k != "encoder"
+        k: v for k, v in wing.preset_options("mclstexp", weights=None).items() if k != "encoder"
     }
+
+
+def _stored(params: dict) -> ad.AnnData:
+    """A table whose `obsm['img_features']` was made with `params` (as `pp.image_features` records them)."""
+    a = ad.AnnData(np.zeros((4, 2), np.float32))
+    a.obsm["img_features"] = np.zeros((4, 1392), np.float32)
+    a.uns["img_features"] = {"params": params}
+    return a
+
+
+def test_one_settings_check_for_the_models_and_the_cli():
+    """The CLI's "reuse the stored features?" and the models' "were the query's features made like the
+    reference's?" are one comparison, `settings_mismatch` of the feature slot (the CLI on the settings it asks for)."""
+    from histospace._cli_steps import _features_match
+
+    made = {"encoder": "mobilenet_v2", "weights": "random", "layers": "stages", "context": 2.0, "dihedral": True,
+            "tf_padding": False, "patch_size_px": 224.0, "patch_size_um": 150.0}  # fmt: skip
+    kw = {"encoder": "mobilenet_v2", "weights": None}
+    extra = {k: v for k, v in wing.MCLSTEXP_FEATURES.items() if k != "preset"}
+    assert _features_match(_stored(made), kw, extra) is None
+    # the patch size in µm within 1%, as the models compare it (the CLI compared the strings before)
+    assert _features_match(_stored(made), kw | {"patch_size_um": 150.9}, extra) is None
+    near = wing.feature_settings(made | {"patch_size_um": 150.9})
+    assert wing.settings_mismatch(wing.feature_settings(made), near) is None
+    why = _features_match(_stored(made), kw | {"patch_size_um": 160.0}, extra)
+    assert why == "uns['img_features']['params']['patch_size_um'] is 150.0, not 160.0"
+    why = _features_match(_stored(made | {"dihedral": False}), kw, extra)
+    assert why == "uns['img_features']['params']['dihedral'] is False, not True"
+    why = _features_match(_stored({k: v for k, v in made.items() if k != "context"}), kw, extra)
+    assert why == "uns['img_features']['params']['context'] is None, not 2.0"
+    assert _features_match(_stored(made), kw | {"encoder": "resnet50"}, extra) == (
+        "uns['img_features']['params']['encoder'] is 'mobilenet_v2', not 'resnet50'"
+    )
+    # settings the command does not ask for are not compared; the models compare them all
+    assert _features_match(_stored(made | {"input_size": 256}), kw, extra) is None
+    bad = wing.settings_mismatch(wing.feature_settings(made), wing.feature_settings(made | {"input_size": 256}))
+    assert bad == ("input_size", 256, 224)
 
 
 # ---- the batched dihedral mean -----------------------------------------------------------------------------------
@@ -109,13 +150,13 @@ def _dihedral_loop(enc, x):
 
 @pytest.mark.parametrize("chunk", [1, 10, 64])
 def test_dihedral_mean_batched_equals_one_pass_per_view(chunk):
-    from histospace._nn._encoders import build_encoder
+    from histospace._image import build_encoder
 
     enc, _, _ = build_encoder("mobilenet_v2", None, layers="stages", input_size=32)
     x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = _dihedral_loop(enc, x)
-        got = imf._dihedral_mean(enc, x, chunk=chunk)
+        got = wing.dihedral_mean(enc, x, chunk=chunk)
     assert got.shape == ref.shape == (5, 696)
     np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
 
@@ -196,7 +237,7 @@ def test_cache_hit_with_a_dense_method_slide(adata, monkeypatch, tmp_path):
     def fail(*args, **kwargs):
         raise AssertionError("the dense engine ran")
 
-    monkeypatch.setattr(imf, "_dense_library", fail)
+    monkeypatch.setattr(_compute, "_dense_library", fail)
     second = hs.pp.image_features(adata, copy=True, **kw)
     np.testing.assert_array_equal(second.obsm["img_features"], first.obsm["img_features"])
     p1, p2 = first.uns["img_features"]["params"], second.uns["img_features"]["params"]
@@ -205,7 +246,7 @@ def test_cache_hit_with_a_dense_method_slide(adata, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_shape"])
 def test_corrupted_cache_entry_is_recomputed(adata, tmp_path, damage):
-    from histospace.pp import _feature_cache
+    from histospace._image.features import _cache as _feature_cache
 
     first = hs.pp.image_features(adata, cache=tmp_path, copy=True, **MOBILENET)
     (entry,) = _entries(tmp_path)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import tifffile
 
-from histospace._utils._image import crop_patches, open_image
-from histospace._utils._wsi import (
+from histospace._image import (
     MultiscaleImage,
     coordinate_system_to_pixels,
+    crop_patches,
     element_to_pixels,
+    open_image,
     open_multiscale,
     open_slide,
     transform_xy,
@@ -170,7 +171,7 @@ def test_svs_every_reader_gives_the_same_pixels(svs_path, base, reader):
 
 
 def test_openslide_composites_transparent_pixels_on_background():
-    from histospace._utils._wsi_levels import _composite
+    from histospace._image._levels import _composite
 
     rgba = np.array([[[10, 20, 30, 255], [0, 0, 0, 0], [200, 100, 0, 128]]], dtype=np.uint8)
     out = _composite(rgba, np.array([255, 255, 255], dtype=np.uint16).reshape(1, 1, 3))
@@ -475,8 +476,8 @@ def test_close_and_reopen(svs_path, base, reader):
 def test_dask_level_reads_through_a_cache_of_chunks(base):
     import dask.array as da
 
-    from histospace._utils._image import ImageSource, read_order
-    from histospace._utils._wsi_levels import _DaskLevel
+    from histospace._image import ImageSource, read_order
+    from histospace._image._levels import _DaskLevel
 
     computed = []
 
@@ -537,8 +538,9 @@ def _rule_files(tmp_path, base, ome_path, svs_path):
 
 
 def test_one_mpp_rule_for_every_reader(tmp_path, base, ome_path, svs_path):
-    """`open_slide` (behind `pp.image_features`), `io.add_image` and `pp.tile_image` give a file the same µm per
-    pixel (a 600-dpi TIFF got 42.3 µm/px from `io.add_image` and none from `open_slide`)."""
+    """`open_slide` and `open_multiscale` (the wing's readers behind `pp.image_features`), `io.add_image` and
+    `pp.tile_image` give a file the same µm per pixel, by the one rule of `histospace._image._mpp` (a 600-dpi TIFF
+    got 42.3 µm/px from `io.add_image` and none from `open_slide`)."""
     from spatialdata import SpatialData
 
     import histospace as hs
@@ -546,7 +548,7 @@ def test_one_mpp_rule_for_every_reader(tmp_path, base, ome_path, svs_path):
 
     slide_readers = [r for r in ("openslide", "tiffslide") if _importable(r)]
     for path, want in _rule_files(tmp_path, base, ome_path, svs_path).items():
-        got = {"open_slide": open_slide(path, reader="tifffile").mpp}
+        got = {"open_slide": open_slide(path, reader="tifffile").mpp, "open_multiscale": open_multiscale(path).mpp}
         if path != ome_path:  # OpenSlide does not read OME SubIFD pyramids
             got.update({f"open_slide {r}": open_slide(path, reader=r).mpp for r in slide_readers})
         sdata = SpatialData()

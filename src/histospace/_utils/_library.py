@@ -13,7 +13,7 @@ import pandas as pd
 from anndata import AnnData
 
 from histospace._constants import SPATIAL_UNS_KEY
-from histospace._utils._image import ImageSource, crop_patches, open_image, resize_patches
+from histospace._image import ImageSource, crop_patches, open_image, resize_patches
 from histospace._utils._validate import check_no_nan
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class PatchStream:
     """H&E patches around spots, cut on the fly from each slide's image (never all held in memory).
 
     The image of a slide is found as `pp.image_features` finds it (:func:`histospace._utils._library.library_image`);
-    cropping and resizing are the shared helpers of `histospace._utils._image`.
+    cropping and resizing are the shared helpers of `histospace._image._sources`.
     """
 
     def __init__(self, adata: AnnData, libs: np.ndarray, *, img, spatial_key: str, patch_size: float, input_size: int):

@@ -174,7 +174,7 @@ class TableContext:
         """The `(3, 3)` affine map from `element`'s intrinsic `(x, y)` to `coordinate_system`."""
         from spatialdata.transformations import get_transformation
 
-        from histospace._utils._wsi import _xy_matrix
+        from histospace._image._sdata import _xy_matrix
 
         return _xy_matrix(get_transformation(self.sdata[element], to_coordinate_system=coordinate_system))
 

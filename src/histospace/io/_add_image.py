@@ -26,14 +26,14 @@ MIN_LEVEL_SIZE = 1024
 def _read_path(path: Path, chunk: int):
     """Levels of an image file as dask arrays `(y, x[, c])` (TIFF pyramids lazily through zarr) and its µm/px.
 
-    A TIFF is read as `open_slide` reads it (:func:`~histospace._utils._wsi_tiff.read_tiff_header`): its largest
-    series, the µm per pixel by the one rule of :mod:`histospace._utils._wsi_mpp`, and a `ValueError` naming the file
+    A TIFF is read as `open_slide` reads it (:func:`~histospace._image._tiff.read_tiff_header`): its largest
+    series, the µm per pixel by the one rule of :mod:`histospace._image._mpp`, and a `ValueError` naming the file
     when it is damaged or truncated.
     """
     import dask.array as da
 
-    from histospace._utils._wsi_read import _is_tiff
-    from histospace._utils._wsi_tiff import read_tiff_header
+    from histospace._image import read_tiff_header
+    from histospace._image._readers import _is_tiff
 
     name = path.name.lower()
     if name.endswith(_TIFF_SUFFIXES) or name.endswith((".ome.tif", ".ome.tiff")) or _is_tiff(path):

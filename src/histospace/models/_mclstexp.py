@@ -290,7 +290,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
         c = self.config
         image_encoder = None
         if not self.freeze_encoder:
-            from histospace._nn._encoders import build_encoder
+            from histospace._image import build_encoder
 
             encoder, weights = self._encoder_spec
             ft = self._fine_tune

@@ -10,17 +10,17 @@ import torch
 from anndata import AnnData
 from scanpy import logging as logg
 
-from histospace._nn._mclstexp import knn_predict
-from histospace._utils import check_no_nan, check_number
-from histospace._utils._data import as_dense, library_labels, smooth_over_neighbors
-from histospace._utils._library import PatchStream
-from histospace.models._reference import (
+from histospace._image.features._slot import (
     FEATURES_HINT,
     UM_RTOL,
     check_feature_params,
     feature_settings,
     settings_mismatch,
 )
+from histospace._nn._mclstexp import knn_predict
+from histospace._utils import check_no_nan, check_number
+from histospace._utils._data import as_dense, library_labels, smooth_over_neighbors
+from histospace._utils._library import PatchStream
 
 #: how to give a query image its resolution (named in the errors)
 MPP_FIX = (
@@ -500,8 +500,8 @@ def _sdata_mpp(ctx, image_key: str | None, mpp: float | None) -> tuple[float, di
     """µm per pixel of the full-resolution level of the SpatialData query's image (`mpp`, else its coordinate
     system's µm per unit) and the image option of image_features; raises naming `mpp=` when unknown.
     """  # noqa: D205
+    from histospace._image import coordinate_system_to_pixels
     from histospace._utils._sdata import affine_scale
-    from histospace._utils._wsi import coordinate_system_to_pixels
     from histospace.io import microns_per_unit
     from histospace.pp._feature_sources import sdata_image_key
 

@@ -271,8 +271,8 @@ PLOT_IMAGE_SIDE = 2000
 
 def _sdata_view(sdata, table_key, image_key, shapes_key, coordinate_system, key, img):
     """An AnnData to draw (the table's obs, centres in pixels of a small image level) and that level's pixels."""
+    from histospace._image import coordinate_system_to_pixels, open_multiscale
     from histospace._utils._sdata import apply_affine, as_table
-    from histospace._utils._wsi import coordinate_system_to_pixels, open_multiscale
 
     table, ctx = as_table(sdata, table_key)
     if key is not None and key not in table.obs:

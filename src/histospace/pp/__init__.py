@@ -5,7 +5,8 @@ from typing import TYPE_CHECKING
 from histospace._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from ._feature_cache import clear_feature_cache, feature_cache_dir
+    from histospace._image.features._cache import clear_feature_cache, feature_cache_dir
+
     from ._image_features import image_features
     from ._spatial_graph import spatial_graph
     from ._tiles import tile_image
@@ -14,8 +15,8 @@ __all__ = ["clear_feature_cache", "feature_cache_dir", "image_features", "spatia
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "clear_feature_cache": "._feature_cache",
-        "feature_cache_dir": "._feature_cache",
+        "clear_feature_cache": "histospace._image.features._cache",
+        "feature_cache_dir": "histospace._image.features._cache",
         "image_features": "._image_features",
         "spatial_graph": "._spatial_graph",
         "tile_image": "._tiles",

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from anndata import AnnData
 
+from histospace._image import ImageSource
 from histospace._utils._data import library_labels
-from histospace._utils._image import ImageSource
 from histospace._utils._library import library_entry, library_image
 from histospace._utils._sdata import TableContext, affine_scale, apply_affine
 
@@ -210,7 +210,7 @@ def _sdata_libraries(
     The regions' centres are mapped shapes -> `coordinate_system` -> image level 0 with spatialdata's
     transformations; µm come from :func:`histospace.io.microns_per_unit` of the coordinate system.
     """
-    from histospace._utils._wsi import coordinate_system_to_pixels, open_multiscale
+    from histospace._image import coordinate_system_to_pixels, open_multiscale
     from histospace.io import microns_per_unit
 
     sdata = ctx.sdata

@@ -1,9 +1,13 @@
-"""`pp.image_features`: CNN features of H&E patches around every spot, streamed in batches."""
+"""`pp.image_features`: CNN features of H&E patches around every spot, streamed in batches.
+
+A thin public function: it checks the options, resolves the slides (:mod:`histospace.pp._feature_sources`), builds
+the encoder and hands the work to the image wing (:func:`histospace._image.features._compute.compute_features`: the
+feature cache, the patch and dense engines, the PCA), then writes the slot with its provenance
+(:mod:`histospace._image.features._slot`). The recipes of `preset=` live in :mod:`histospace._image.features._recipes`.
+"""
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -16,18 +20,21 @@ from scanpy import logging as logg
 from torch import nn
 
 from histospace._constants import FEATURES_KEY, SPATIAL_KEY
-from histospace._nn._encoders import build_encoder, check_encoder_options, fuse_conv_bn
-from histospace._utils import check_number, check_random_state, doc_params, resolve_device, version_string
+from histospace._image.encoders._build import build_encoder
+from histospace._image.encoders._registry import get_pathology_model, is_pathology_encoder
+from histospace._image.encoders._torchvision import check_encoder_options
+from histospace._image.features._cache import resolve_cache
+from histospace._image.features._compute import compute_features
+from histospace._image.features._recipes import preset_options, with_preset
+from histospace._image.features._slot import feature_params, write_features
+from histospace._utils import check_number, check_random_state, doc_params, resolve_device
 from histospace._utils._data import check_key_added
 from histospace._utils._device import keep_freed_memory
-from histospace._utils._image import PADDING, crop_patches, read_order, resize_patches
-from histospace._utils._progress import progress
 from histospace._utils._sdata import as_table, table_output
 from histospace.pp._feature_sources import (
     _SDATA_KEYS,
     _anndata_coords,
     _check_inside,
-    _Library,
     _resolve_libraries,
     _sdata_libraries,
 )
@@ -38,213 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["image_features"]
 
 
-class _BatchDataset(torch.utils.data.Dataset):
-    """Batch `i` of a library: its RGB uint8 patches `(b, s, s, 3)` (cropping runs in DataLoader workers)."""
-
-    def __init__(self, source, centres, size, input_size, batch_size, exact):
-        self.source, self.centres, self.size = source, centres, size
-        self.input_size, self.batch_size, self.exact = input_size, batch_size, exact
-
-    def __len__(self):
-        return -(-self.centres.shape[0] // self.batch_size)
-
-    def __getitem__(self, i):
-        c = self.centres[i * self.batch_size : (i + 1) * self.batch_size]
-        return torch.from_numpy(crop_patches(self.source, c, self.size, self.input_size, exact=self.exact))
-
-
-def _choose(method: str, lib: _Library, coords: np.ndarray, enc, input_size: int, context: float | None) -> str:
-    """`'dense'` or `'patch'` for one slide (`method='auto'`: dense when the patches overlap enough to pay off)."""
-    if method != "auto":
-        return method
-    from histospace.pp._dense import choose_method
-
-    _, src = lib.source_for(lib.patch_size_px, input_size)
-    size = lib.patch_size_px * src.scale
-    try:
-        return choose_method(
-            src.to_pixels(coords[lib.rows]),
-            size,
-            enc,
-            input_size=input_size,
-            context_px=None if context is None else size * context,
-        )
-    except (TypeError, ValueError):  # an encoder the dense engine cannot run (no map of input_size / stride cells)
-        return "patch"
-
-
-def _dense_library(lib: _Library, coords, enc, feats, *, input_size, context, dihedral, device, tile_size, halo,
-                   progress_bar, pca=None, sample=None) -> dict | tuple:  # fmt: skip
-    """Dense features of one slide into `feats[lib.rows]` (projected onto `pca` when given); returns what to record.
-
-    With `sample`, only the full-width features of a PCA sample of at least `sample` of its spots: returns
-    `(positions in lib.rows, features, record)`.
-    """
-    from histospace.pp import _dense
-
-    level, src = lib.source_for(lib.patch_size_px, input_size)
-    src = src.load()
-    size = lib.patch_size_px * src.scale
-    out = _dense.dense_features(
-        src,
-        src.to_pixels(coords[lib.rows]),
-        size,
-        enc,
-        input_size=input_size,
-        context_px=None if context is None else size * context,
-        dihedral=dihedral,
-        tile_size=tile_size,
-        halo=halo,
-        device=device,
-        batch_size=1 if device.type == "cpu" else 4,
-        pca=pca,
-        sample=sample,
-        progress_bar=progress_bar,
-    )
-    if sample is None:
-        feats[lib.rows] = out
-    rec = {"image": src.kind, "scale": float(src.scale), "halo": int(_dense._STATS["halo"])}
-    rec["n_tiles"] = int(sum(_dense._STATS["n_tiles"]))
-    if lib.multiscale is not None and lib.multiscale.n_levels > 1:
-        rec["level"] = int(level)
-    if src.path is not None:
-        rec["image_path"] = str(src.path)
-    return rec if sample is None else (*out, rec)
-
-
-#: spots (about) on which `n_components` fits its PCA, spread over the dense-method slides
-PCA_N_SPOTS = 20_000
-
-
-def _check_pca(pca: Mapping, width: int, n_components: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """`(mean, components)` of a stored PCA, checked against the feature width and `n_components`."""
-    try:
-        mu = np.asarray(pca["mean"], dtype=np.float64)
-        comp = np.asarray(pca["components"], dtype=np.float64)
-    except KeyError as e:
-        msg = f"`pca` has no {e.args[0]!r}: pass `adata.uns['img_features']['pca']` of an earlier call."
-        raise ValueError(msg) from None
-    if mu.shape != (width,) or comp.ndim != 2 or comp.shape[0] != width or not comp.shape[1]:
-        msg = (
-            f"`pca` was fitted on features of width {mu.shape[0] if mu.ndim == 1 else mu.shape}, these have width "
-            f"{width}: compute them with the encoder options of the call that fitted it."
-        )
-        raise ValueError(msg)
-    if n_components is not None and n_components != comp.shape[1]:
-        msg = f"n_components={n_components} but `pca` has {comp.shape[1]} components; pass one of them."
-        raise ValueError(msg)
-    if not (np.isfinite(mu).all() and np.isfinite(comp).all()):
-        msg = "`pca` holds NaN or infinite values."
-        raise ValueError(msg)
-    return mu, comp
-
-
-#: images per forward pass of the 8 dihedral views (several views of a batch go through the encoder together)
-DIHEDRAL_CHUNK = 128
-
-
-def _dihedral_mean(enc: nn.Module, x: torch.Tensor, *, chunk: int = DIHEDRAL_CHUNK) -> torch.Tensor:
-    """Mean of `enc` over the 8 flips/right-angle rotations of the batch `x` `(B, 3, H, W)`.
-
-    The views are stacked and run in forward passes of about `chunk` images (several views of a small batch at once),
-    which is faster on a CPU than 8 passes of `B`; each image's features do not depend on its batch, so the result
-    is the same up to float rounding. They are summed in the order rot90 k = 0..3, each then its flip.
-    """
-    b = x.shape[0]
-    per = max(1, min(8, chunk // max(b, 1)))  # views per forward pass
-    fmt = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
-    views = []
-    for k in range(4):
-        r = torch.rot90(x, k, dims=(2, 3))
-        views += [r, r.flip(-1)]
-    total = None
-    for i in range(0, 8, per):
-        v = torch.cat(views[i : i + per]).contiguous(memory_format=fmt)
-        y = enc(v).float()
-        y = y.view(-1, b, *y.shape[1:])
-        for j in range(y.shape[0]):
-            total = y[j] if total is None else total + y[j]
-    return total / 8
-
-
-#: named feature recipes of `image_features(preset=...)`: the options each fills (see `preset_options`)
-PRESETS: dict[str, dict] = {
-    # mclSTExp on her2st (validated by the expression benchmark): stage features of the patch and of a patch twice as
-    # wide, averaged over the 8 flips/rotations; plus `tf_padding` for weights trained with TF 'SAME' padding
-    "mclstexp": {"encoder": "mobilenet_v2", "layers": "stages", "context": 2.0, "dihedral": True},
-}
-
-
-def preset_options(preset: str, *, encoder=None, weights="imagenet") -> dict:
-    """The options that `image_features(preset=preset)` fills for `encoder` and `weights` (the caller's or defaults).
-
-    `PRESETS[preset]`, plus `tf_padding=True` when `weights` is a file known to be trained with TensorFlow 'SAME'
-    padding (by its SHA-256, e.g. the shared TF-converted MobileNetV2) and the encoder is a named one.
-    """
-    if not isinstance(preset, str) or preset not in PRESETS:
-        msg = f"`preset` must be one of {sorted(PRESETS)} or None, got {preset!r}."
-        raise ValueError(msg)
-    from histospace._nn._encoders import trained_with_tf_padding
-
-    out = dict(PRESETS[preset])
-    enc = out.get("encoder") if encoder is None else encoder
-    if isinstance(enc, str) and trained_with_tf_padding(weights):
-        out["tf_padding"] = True
-    return out
-
-
-def _cache_settings(lib: _Library, info: dict, weights, **options) -> dict | None:
-    """What a slide's features depend on besides its centres (the key of :mod:`._feature_cache`); `None`: uncacheable."""
-    from histospace.pp import _feature_cache
-
-    if info["weights"] == "module":  # a user module: its weights cannot be identified
-        return None
-    image = _feature_cache.image_digest(lib.source)
-    w = _feature_cache.weights_digest(weights)
-    if image is None or w is None:
-        return None
-    src = lib.source
-    return {
-        "format": _feature_cache.CACHE_FORMAT,
-        "torch": torch.__version__,
-        "image": image,
-        "image_kind": src.kind,
-        "image_shape": [int(src.height), int(src.width)],
-        "scale": [float(v) for v in src._scale_xy()],
-        "offset": [float(v) for v in src.offset],
-        "levels": 1 if lib.multiscale is None else int(lib.multiscale.n_levels),
-        "patch_size_px": float(lib.patch_size_px),
-        "info": {k: v for k, v in info.items() if k != "weights"},
-        "weights": w,
-        **options,
-    }
-
-
-def _cached(root, settings, lib: _Library, coords, width: int):
-    """`(key, (features, record) or None)` of a slide in the cache at `root` (`(None, None)` without a cache)."""
-    from histospace.pp import _feature_cache
-
-    if root is None or settings is None:
-        return None, None
-    key = _feature_cache.entry_key(settings, coords[lib.rows])
-    return key, _feature_cache.load(root, key, (len(lib.rows), width))
-
-
-def _with_preset(func):
-    """Fill the options of `preset=` that the caller did not pass (explicit arguments win) before calling `func`."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        preset = kwargs.get("preset")
-        if preset is not None:
-            filled = preset_options(preset, encoder=kwargs.get("encoder"), weights=kwargs.get("weights", "imagenet"))
-            kwargs = filled | kwargs
-        return func(*args, **kwargs)
-
-    return wrapper
-
-
-@_with_preset
+@with_preset
 @doc_params()
 def image_features(
     adata: AnnData | SpatialData,
@@ -387,7 +188,7 @@ def image_features(
         `'patch'`: crop, resize and encode every spot's patch (the cost grows with the number of spots). `'dense'`:
         run the encoder's trunk once over the tissue in tiles with a halo and give each spot the mean of the feature
         map over its patch window, from summed-area tables (the cost grows with the tissue area; the same quantity
-        up to the network's border effects; see :mod:`histospace.pp._dense`). `'auto'`: dense when the patches
+        up to the network's border effects; see :mod:`histospace._image.features._dense`). `'auto'`: dense when the patches
         overlap enough that it runs fewer pixels through the network (bins, tiles with a small stride), patch
         otherwise. Vision transformers give their patch-token map on tiles of `input_size` (mean of patch tokens,
         not the class token).
@@ -489,14 +290,10 @@ def image_features(
     halo = check_number(halo, "halo", integer=True, low=0, allow_none=True)
     if preset is not None:
         preset_options(preset)  # a bad name raises here also when the function is called past its wrapper
-    from histospace.pp import _feature_cache
-
-    cache_root = _feature_cache.resolve_cache(cache)
+    cache_root = resolve_cache(cache)
     dev = resolve_device(device)
     if dev.type == "cpu":
         keep_freed_memory()  # CNN activations: heap reuse instead of fresh mmap pages per layer (2x on 2 cores)
-
-    from histospace._nn._pathology import get_pathology_model, is_pathology_encoder
 
     if patch_size is None and patch_size_um is None and is_pathology_encoder(encoder):
         patch_size_um = get_pathology_model(encoder).patch_size_um  # the tissue size the model was trained on
@@ -537,155 +334,18 @@ def image_features(
         layers=layers,
     )
 
-    # ---- run -----------------------------------------------------------------------------------------------------
+    # ---- run: the wing's engines ---------------------------------------------------------------------------------
     start = logg.info(
         f"computing image features ({info['encoder']}, weights {info['weights']}) for {adata.n_obs} spots"
     )
-    d_full = d * len(factors)
-    if n_components is not None and pca is None and n_components > min(d_full, adata.n_obs):
-        msg = (
-            f"n_components={n_components} is more than the {d_full} features or the {adata.n_obs} spots; pass at "
-            f"most {min(d_full, adata.n_obs)}."
-        )
-        raise ValueError(msg)
-    fitted = None if pca is None else _check_pca(pca, d_full, n_components)
-    n_fit = 0
-    reduce = n_components is not None or fitted is not None
-    width = d_full if not reduce else (n_components if fitted is None else fitted[1].shape[1])
-    feats = np.empty((adata.n_obs, width), dtype=np.float32)
-    # the cache is looked up first: a slide found there needs no method choice (which runs the trunk) nor features.
-    # Keyed on `method` as passed ('auto' resolves the same way for the same spots and settings) and on whether a PCA
-    # follows (dense slides are cached only without one); the entry records the method used.
-    cache_kw = {"input_size": int(input_size), "context": context, "dihedral": bool(dihedral), "layers": layers,
-                "tf_padding": bool(tf_padding), "device": dev.type, "method": method, "tile_size": tile_size,
-                "halo": halo, "pca": bool(reduce)}  # fmt: skip
-    if weights is None:
-        cache_kw["random_state"] = random_state
-    keys, hits, settings = {}, {}, {}
-    if cache_root is not None:
-        for lib in libs:
-            settings[lib.library_id] = _cache_settings(lib, info, weights, **cache_kw)
-            keys[lib.library_id], hit = _cached(cache_root, settings[lib.library_id], lib, coords, d_full)
-            if hit is not None and hit[1].get("method") in ("patch", "dense"):
-                hits[lib.library_id] = hit
-    if len(hits) < len(libs):  # something to compute
-        if isinstance(encoder, str):  # our own fresh copy: fold BatchNorm into the convolutions (faster, same output)
-            fuse_conv_bn(enc.backbone)
-        enc = enc.to(dev)
-        if dev.type == "cpu":
-            enc = enc.to(memory_format=torch.channels_last)
-    methods = {lib.library_id: hits[lib.library_id][1]["method"] if lib.library_id in hits else
-               _choose(method, lib, coords, enc, input_size, context) for lib in libs}  # fmt: skip
-    dense_kw = {"input_size": input_size, "context": context, "dihedral": dihedral, "device": dev,
-                "tile_size": tile_size, "halo": halo, "progress_bar": progress_bar}  # fmt: skip
-    records = {lib.library_id: {"patch_size_px": float(lib.patch_size_px), "method": methods[lib.library_id],
-                                **lib.extra} for lib in libs}  # fmt: skip
-    for lib in libs:
-        if lib.patch_size_um is not None:
-            records[lib.library_id]["patch_size_um"] = float(lib.patch_size_um)
-    dense_libs = [lib for lib in libs if methods[lib.library_id] == "dense"]
-    patch_libs = [lib for lib in libs if methods[lib.library_id] == "patch"]
-    held: dict = {}  # with a PCA: full-width features of whole slides, projected once the PCA is known
-    fit_rows: list[np.ndarray] = []  # ... and the rows the PCA is fitted on
-    if reduce and fitted is None:  # a sample of each dense slide (all its spots when it has few)
-        for lib in dense_libs:
-            target = max(1, math.ceil(PCA_N_SPOTS * len(lib.rows) / adata.n_obs))
-            pos, x, rec = _dense_library(lib, coords, enc, None, sample=target, **dense_kw)
-            fit_rows.append(x)
-            if pos.size == len(lib.rows):  # the whole slide: no second pass
-                held[lib.library_id] = x
-                records[lib.library_id] |= rec
-    n_batches = len(factors) * sum(-(-len(lib.rows) // batch_size) for lib in patch_libs)
-    with (
-        progress(total=n_batches, desc="image features", disable=not progress_bar or not n_batches) as bar,
-        torch.inference_mode(),
-    ):
-        for lib in patch_libs:
-            rec = records[lib.library_id]
-            # without a PCA straight into `feats`; with one, full width first, projected below
-            target, rows = (np.empty((len(lib.rows), d_full), np.float32), np.arange(len(lib.rows))) if reduce else (
-                feats, lib.rows)  # fmt: skip
-            key, hit = keys.get(lib.library_id), hits.get(lib.library_id)
-            if hit is not None:
-                target[rows] = hit[0]
-                rec |= hit[1]
-                bar.update(len(factors) * -(-len(lib.rows) // batch_size))
-                if reduce:
-                    held[lib.library_id] = target
-                    if fitted is None:
-                        fit_rows.append(target)
-                continue
-            before = set(rec)
-            loaded: dict = {}  # level -> decoded image: the patch and its context read one decoded JPEG/PNG
-            for j, factor in enumerate(factors):
-                full = lib.patch_size_px * factor  # patch side in full-resolution units
-                level, src = lib.source_for(full, input_size)
-                if level not in loaded:
-                    loaded[level] = src.load()  # JPEG/PNG decoded once; others stay lazy
-                src = loaded[level]
-                size = full * src.scale
-                exact = size < input_size
-                if size < 16 and j == 0:
-                    warnings.warn(
-                        f"library {lib.library_id!r}: patches are only {size:.1f} px wide in the {src.kind!r} image "
-                        f"(scale {src.scale:g}) and are upsampled to {input_size} px; they carry little detail. A "
-                        "full-resolution image (`img=` or `metadata['source_image_path']`) gives better features.",
-                        UserWarning,
-                        stacklevel=2,
-                    )
-                centres = src.to_pixels(coords[lib.rows])
-                order = read_order(src, centres - size / 2.0)  # chunk by chunk from a chunked (dask) image
-                out_rows = rows if order is None else rows[order]
-                if order is not None:
-                    centres = centres[order]
-                ds = _BatchDataset(src, centres, size, input_size, batch_size, exact)
-                loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=int(num_workers))
-                cols = slice(j * d, (j + 1) * d)
-                for i, batch in enumerate(loader):
-                    c = centres[i * batch_size : (i + 1) * batch_size]
-                    x = resize_patches(batch.to(dev, non_blocking=True), input_size, centres=c, size=size, exact=exact)
-                    y = _dihedral_mean(enc, x) if dihedral else enc(x)
-                    target[out_rows[i * batch_size : (i + 1) * batch_size], cols] = y.float().cpu().numpy()
-                    bar.update(1)
-                if j == 0:
-                    rec |= {"image": src.kind, "scale": float(src.scale)}
-                    if src.path is not None:
-                        rec["image_path"] = str(src.path)
-                if lib.multiscale is not None and lib.multiscale.n_levels > 1:
-                    rec["level" if j == 0 else "context_level"] = int(level)
-                del src, ds, loader
-            del loaded
-            if key is not None:
-                stored = {"method": "patch"} | {k: v for k, v in rec.items() if k not in before}
-                _feature_cache.save(cache_root, key, target[rows], stored, settings[lib.library_id])
-            if reduce:
-                held[lib.library_id] = target
-                if fitted is None:
-                    fit_rows.append(target)
-    if reduce and fitted is None:  # one PCA for all slides
-        from histospace._utils._preprocess import covariance_pca
-
-        n_fit = sum(len(x) for x in fit_rows)
-        fitted = covariance_pca(np.concatenate(fit_rows) if len(fit_rows) > 1 else fit_rows[0], int(n_components))
-        del fit_rows
-    for lib in dense_libs:  # (with a PCA: its maps projected before the window means)
-        if lib.library_id in held:
-            continue
-        key, hit = keys.get(lib.library_id), hits.get(lib.library_id)  # (only without a PCA: full-width features)
-        if hit is not None and not reduce:
-            feats[lib.rows] = hit[0]
-            records[lib.library_id] |= hit[1]
-            continue
-        rec = _dense_library(lib, coords, enc, feats, pca=fitted, **dense_kw)
-        records[lib.library_id] |= rec
-        if key is not None and not reduce:
-            _feature_cache.save(cache_root, key, feats[lib.rows], {"method": "dense"} | rec, settings[lib.library_id])
-    if reduce:
-        for lib in libs:
-            if lib.library_id in held:
-                x = held.pop(lib.library_id)
-                feats[lib.rows] = ((x.astype(np.float64) - fitted[0]) @ fitted[1]).astype(np.float32)
-
+    res = compute_features(
+        libs, coords, enc, d, info, n_obs=adata.n_obs, encoder=encoder, weights=weights, factors=factors,
+        input_size=input_size, batch_size=batch_size, num_workers=num_workers, dihedral=dihedral, layers=layers,
+        tf_padding=tf_padding, context=context, method=method, tile_size=tile_size, halo=halo,
+        n_components=n_components, pca=pca, random_state=random_state, dev=dev, cache_root=cache_root,
+        progress_bar=progress_bar,
+    )  # fmt: skip
+    feats = res.features
     if not np.isfinite(feats).all():
         warnings.warn(
             f"The encoder returned {int((~np.isfinite(feats)).sum())} NaN or infinite feature values; check the "
@@ -695,53 +355,13 @@ def image_features(
         )
 
     # ---- write ---------------------------------------------------------------------------------------------------
-    params = {
-        "encoder": info["encoder"],
-        "weights": info["weights"],
-        "input_size": int(input_size),
-        "mean": np.asarray(info["mean"], dtype=np.float64),
-        "std": np.asarray(info["std"], dtype=np.float64),
-        "padding": PADDING,
-        "spatial_key": spatial_key,
-        "library_ids": [str(k) for k in records],
-        "libraries": records,
-    }
-    if library_key is not None:
-        params["library_key"] = library_key
-    if preset is not None:
-        params["preset"] = preset
-    if tf_padding:
-        params["tf_padding"] = True
-    if layers != "last":
-        params["layers"] = layers
-    if dihedral:
-        params["dihedral"] = True
-    if context is not None:
-        params["context"] = float(context)
-    for k in ("pooling", "mpp"):
-        if info.get(k) is not None:
-            params[k] = info[k]
-    for k in ("image", "scale", "patch_size_px", "patch_size_um", "method", "halo", "n_tiles") + _SDATA_KEYS:
-        vals = [r[k] for r in records.values() if k in r]
-        if not vals:
-            continue
-        if len(vals) == len(records) and all(v == vals[0] for v in vals):
-            params[k] = vals[0]
-        elif k == "image" or k in _SDATA_KEYS:
-            params[k] = [str(v) for v in vals]
-        else:
-            params[k] = np.asarray(vals, dtype=np.float64)
-    if weights is None and not isinstance(encoder, nn.Module) and random_state is not None:
-        params["random_state"] = int(random_state)
-
-    if ctx is not None:
-        params.pop("spatial_key")
+    params = feature_params(
+        info, res.records, input_size=input_size, spatial_key=spatial_key if ctx is None else None,
+        library_key=library_key, preset=preset, tf_padding=tf_padding, layers=layers, dihedral=dihedral,
+        context=context, weights=weights, encoder=encoder, random_state=random_state, sdata_keys=_SDATA_KEYS,
+    )  # fmt: skip
     out = adata.copy() if copy else adata
-    out.obsm[key_added] = feats
-    out.uns[key_added] = {"params": params, "version": version_string()}
-    if reduce:
-        params["n_components"] = int(width)
-        out.uns[key_added]["pca"] = {"mean": fitted[0], "components": fitted[1], "n_fit": int(n_fit)}
+    write_features(out, key_added, feats, params, pca=res.pca if res.reduced else None, n_fit=res.n_fit)
     logg.info(
         "    finished",
         time=start,

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 
+from histospace._image import open_multiscale
+from histospace._image._sources import ImageSource, _is_image_container
 from histospace._utils import check_number, version_string
 from histospace._utils._choice import element_key
-from histospace._utils._image import ImageSource, _is_image_container
 from histospace._utils._sdata import is_spatialdata
-from histospace._utils._wsi import open_multiscale
 
 __all__ = ["tile_image"]
 
@@ -281,8 +281,8 @@ def _sdata_image(sdata, image_key: str | None, key_added: str, mpp: float | None
     """`(sdata, image element, image_key, µm per level-0 pixel)` of the image to tile."""
     from spatialdata.transformations import get_transformation
 
+    from histospace._image import coordinate_system_to_pixels
     from histospace._utils._sdata import affine_scale
-    from histospace._utils._wsi import coordinate_system_to_pixels
     from histospace.io import microns_per_unit
 
     images = list(sdata.images)

@@ -15,8 +15,9 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from histospace._constants import FEATURES_KEY, LIBRARY_KEY, SPATIAL_KEY
+from histospace._image.features._slot import read_features
 from histospace._utils import check_random_state, check_unique_obs_names, doc_params, get_matrix
-from histospace._utils._data import as_dense, check_genes, library_labels, normalize_expression, smooth_over_neighbors
+from histospace._utils._data import check_genes, library_labels, normalize_expression, smooth_over_neighbors
 from histospace._utils._progress import progress
 from histospace._utils._sdata import as_table
 from histospace.metrics import pearson_per_gene
@@ -257,9 +258,7 @@ def mclstexp_cross_validate(
     counts = get_matrix(adata, layer, counts=normalize != "none")
     if genes is not None:
         check_genes(genes, adata.var_names, where="adata.var_names", fix="Fix `genes=`.")
-    if features_key not in adata.obsm:
-        msg = f"`adata.obsm[{features_key!r}]` not found. Compute image features first with `hs.pp.image_features`."
-        raise KeyError(msg)
+    feats_all = read_features(adata, features_key, "Compute image features first with `hs.pp.image_features`.")
     if pvalues not in ("spatial", "independent"):
         msg = f"`pvalues` must be 'spatial' or 'independent', got {pvalues!r}."
         raise ValueError(msg)
@@ -273,7 +272,6 @@ def mclstexp_cross_validate(
     if regressions and int(predict_kwargs.get("smooth_neighbors", 0)) > 0 and spatial_key not in adata.obsm:
         msg = f"`adata.obsm[{spatial_key!r}]` not found; `smooth_neighbors > 0` needs spot coordinates."
         raise KeyError(msg)
-    feats_all = as_dense(adata.obsm[features_key]).astype(np.float32)
     methods = ["mclstexp", *baselines]
 
     start = logg.info(f"cross-validating mclSTExp over {len(groups)} groups of `obs[{groupby!r}]`")

@@ -2,7 +2,7 @@
 
 :func:`read_tiff_header` is what `open_slide` (tifffile reader) and `io.add_image` read from a TIFF before any pixel:
 the largest series (the slide; thumbnails, labels and macro images are smaller), its levels, the µm per pixel by the
-one rule of :func:`histospace._utils._wsi_mpp._tiff_mpp`, and a check that the file is whole. A file cut short (an
+one rule of :func:`histospace._image._mpp._tiff_mpp`, and a check that the file is whole. A file cut short (an
 interrupted copy or download) keeps its header, so tifffile opens it, and the tiles beyond its end read as empty or
 fail deep inside a later computation; :func:`check_tiff_complete` compares the chain of IFDs, and the extent of every
 level's pixel data and of the tag values of its IFD, with the file size and raises naming the file.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histospace._utils._wsi_mpp import _tiff_mpp, _valid_mpp
+from histospace._image._mpp import _tiff_mpp, _valid_mpp
 
 __all__ = ["TiffHeader", "TruncatedTiffError", "check_tiff_complete", "read_tiff_header"]
 

@@ -60,7 +60,7 @@ def _round_up(v: float, m: int) -> int:
 
 
 def _taps_of(encoder, layers: str | None) -> tuple[int, ...] | None:
-    from histospace._nn._encoders import STAGES
+    from histospace._image.encoders._torchvision import STAGES
 
     if layers is None:
         return encoder.taps
@@ -84,7 +84,7 @@ def _run_trunk(encoder, x, taps: tuple[int, ...] | None) -> list:
     """Maps of the trunk for a normalised input `x`: `[map]` or one map per tap (children order)."""
     import torch.nn.functional as F
 
-    from histospace._nn._encoders import DenseNetFeatures
+    from histospace._image.encoders._torchvision import DenseNetFeatures
 
     bb = encoder.backbone
     if _is_vit(encoder):
@@ -124,7 +124,7 @@ def trunk_geometry(encoder, *, layers: Literal["last", "stages"] | None = None) 
     Parameters
     ----------
     encoder
-        An :class:`~histospace._nn._encoders.ImageEncoder` (from `build_encoder`).
+        An :class:`~histospace._image.encoders._torchvision.ImageEncoder` (from `build_encoder`).
     layers
         `'last'`, `'stages'`, or `None` for the encoder's own setting.
 
@@ -233,11 +233,11 @@ def trunk_geometry(encoder, *, layers: Literal["last", "stages"] | None = None) 
 
 
 def _check_encoder(encoder) -> None:
-    from histospace._nn._encoders import ImageEncoder
+    from histospace._image.encoders._torchvision import ImageEncoder
 
     if not isinstance(encoder, ImageEncoder):
         msg = (
-            "`encoder` must be an ImageEncoder from `histospace._nn._encoders.build_encoder` (it carries the input "
+            "`encoder` must be an ImageEncoder from `histospace._image.encoders._torchvision.build_encoder` (it carries the input "
             f"normalisation and the trunk), got {type(encoder).__name__}."
         )
         raise TypeError(msg)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from histospace.pp._dense_resample import _Resampler
-from histospace.pp._dense_trunk import TrunkGeometry, _dihedral_maps, _round_up, _run_trunk
-from histospace.pp._dense_windows import _window_means
+from histospace._image.features._dense_resample import _Resampler
+from histospace._image.features._dense_trunk import TrunkGeometry, _dihedral_maps, _round_up, _run_trunk
+from histospace._image.features._dense_windows import _window_means
 
 #: internal counters of the last :func:`dense_features` call (for tests and benchmarks)
 _STATS: dict = {}

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from histospace._nn._encoders import IMAGENET_MEAN, IMAGENET_STD
+from histospace._image.encoders._torchvision import IMAGENET_MEAN, IMAGENET_STD
 
 #: Bioptimus' H&E statistics (H-optimus-0 model card and `bioptimus/H-optimus-0` config.json `pretrained_cfg`)
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)

@@ -16,14 +16,14 @@ import torch
 from scanpy import logging as logg
 from torch import nn
 
-from histospace._nn._encoders import mismatch_text, state_dict_mismatch, state_dict_shapes
-from histospace._nn._pathology_registry import (
+from histospace._image.encoders._registry import (
     PATHOLOGY_ENCODERS,
     PathologyModel,
     _import_timm,
     _layer_classes,
     create_vit,
 )
+from histospace._image.encoders._torchvision import mismatch_text, state_dict_mismatch, state_dict_shapes
 
 #: weight files looked for, in this order, in a folder (a HuggingFace snapshot or a download folder)
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth", "checkpoint.pth")

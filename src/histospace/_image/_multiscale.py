@@ -1,6 +1,6 @@
 """The multiscale image: levels read lazily region by region, their downsamples, µm per pixel and level choice.
 
-See :mod:`histospace._utils._wsi` for the readers that build one.
+See :mod:`histospace._image._readers` (files) and :mod:`histospace._image._open` (anything) for what builds one.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from histospace._utils._image import ImageSource
-from histospace._utils._wsi_levels import _DaskLevel
+from histospace._image._levels import _DaskLevel
+from histospace._image._sources import ImageSource
 
 __all__ = ["MultiscaleImage", "level_zero"]
 
@@ -23,7 +23,7 @@ class MultiscaleImage:
     Parameters
     ----------
     levels
-        One :class:`~histospace._utils._image.ImageSource` per level, full resolution first. Level 0 sets the
+        One :class:`~histospace._image._sources.ImageSource` per level, full resolution first. Level 0 sets the
         mapping from full-resolution coordinates (its `scale` and `offset`); the other levels are given the same
         mapping divided by their downsample. The sources are copied, not modified.
     mpp
@@ -153,10 +153,10 @@ class MultiscaleImage:
         return int(ok[np.argmax(self.downsamples[ok].max(axis=1))])
 
     def source(self, level: int = 0) -> ImageSource:
-        """The :class:`~histospace._utils._image.ImageSource` of `level` (shared: copy it before changing it).
+        """The :class:`~histospace._image._sources.ImageSource` of `level` (shared: copy it before changing it).
 
         Its `scale`/`scale_xy` and `offset` map full-resolution (level-0) coordinates to this level's pixels through
-        :meth:`~histospace._utils._image.ImageSource.to_pixels`; its `mpp` is the level's µm per pixel.
+        :meth:`~histospace._image._sources.ImageSource.to_pixels`; its `mpp` is the level's µm per pixel.
         """
         if not isinstance(level, int | np.integer) or not -self.n_levels <= level < self.n_levels:
             msg = f"{self.name}: level {level!r} does not exist; the image has levels 0..{self.n_levels - 1}."
@@ -167,7 +167,7 @@ class MultiscaleImage:
         """Level 0 reduced by an integer `factor` to RGB `uint8` `(ceil(H / factor), ceil(W / factor), 3)`.
 
         Read from the coarsest level whose downsample divides `factor` (within 1%), block-averaged by the rest with
-        :meth:`~histospace._utils._image.ImageSource.downsample`, then cropped or padded white to the exact shape
+        :meth:`~histospace._image._sources.ImageSource.downsample`, then cropped or padded white to the exact shape
         (a level whose size was rounded may differ by a pixel). With one level this is a block mean of level 0.
         """
         factor = max(1, int(factor))

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-from histospace._utils._image import ImageSource
-from histospace._utils._multiscale import MultiscaleImage
-from histospace._utils._wsi_levels import _DaskLevel
-from histospace._utils._wsi_read import is_slide_path, open_slide
+from histospace._image._levels import _DaskLevel
+from histospace._image._sources import ImageSource
 
-__all__ = ["coordinate_system_to_pixels", "element_to_pixels", "is_xarray_image", "open_multiscale", "transform_xy"]
+__all__ = ["coordinate_system_to_pixels", "element_to_pixels", "is_xarray_image", "transform_xy"]
 
 
 def is_xarray_image(obj) -> bool:
@@ -50,69 +44,6 @@ def _tree_levels(tree) -> list:
             raise ValueError(msg)
         out.append(variables[0])
     return out
-
-
-def open_multiscale(
-    obj,
-    *,
-    mpp: float | Sequence[float] | None = None,
-    reader: Literal["auto", "openslide", "tiffslide", "tifffile"] = "auto",
-    library_id: str | None = None,
-    name: str | None = None,
-) -> MultiscaleImage:
-    """Open anything histospace reads as a :class:`MultiscaleImage`.
-
-    Parameters
-    ----------
-    obj
-        A path (:func:`open_slide` for slides and TIFFs, one level for JPEG/PNG), a SpatialData image element (an
-        `xarray.DataArray` `(c, y, x)`, or a multiscale `xarray.DataTree` with `scale0`, `scale1`, ...; read lazily
-        through their dask arrays, downsamples from the level shapes), a squidpy `ImageContainer` (one level, with its
-        crop offset and scale), a numpy-like array, an :class:`~histospace._utils._image.ImageSource` or a
-        `MultiscaleImage`.
-    mpp
-        µm per level-0 pixel; for files it wins over the metadata (see :func:`open_slide`).
-    reader
-        Reader for files (see :func:`open_slide`).
-    library_id
-        z-plane of an `ImageContainer` with several planes.
-    name
-        Description used in messages.
-
-    Returns
-    -------
-    The image as levels with downsamples and µm per pixel (`None` when unknown).
-    """
-    from histospace._utils._image import open_image
-
-    if isinstance(obj, MultiscaleImage):
-        if mpp is None:
-            return obj
-        return MultiscaleImage(
-            obj.levels,
-            mpp=mpp,
-            name=obj.name,
-            path=obj.path,
-            reader=obj.reader,
-            vendor=obj.vendor,
-            level_downsamples=obj.level_downsamples,
-        )
-    if isinstance(obj, str | os.PathLike):
-        path = Path(obj).expanduser()
-        if is_slide_path(path) or not path.is_file():
-            return open_slide(path, mpp=mpp, reader=reader)
-        src = open_image(path, name=name)
-        return MultiscaleImage([src], mpp=mpp, name=str(path), path=path, reader="pil")
-    if is_xarray_image(obj):
-        label = name or ("SpatialData image" + (f" {obj.name!r}" if getattr(obj, "name", None) else ""))
-        if type(obj).__name__ == "DataTree":
-            levels = [_dataarray_source(da, f"{label}[scale{i}]") for i, da in enumerate(_tree_levels(obj))]
-        else:
-            levels = [_dataarray_source(obj, label)]
-        return MultiscaleImage(levels, mpp=mpp, name=label, reader="spatialdata")
-    src = open_image(obj, name=name, library_id=library_id)
-    reader_name = "squidpy" if type(obj).__name__ == "ImageContainer" else "array"
-    return MultiscaleImage([src], mpp=mpp, name=src.name, reader=reader_name)
 
 
 def _element(sdata, key: str, what: str):

@@ -53,9 +53,9 @@ from typing import Literal
 import numpy as np
 from scanpy import logging as logg
 
+from histospace._image.features._dense_engine import _STATS, _dense_pass, _pca_sample, _plan
+from histospace._image.features._dense_trunk import TrunkGeometry, _check_encoder, _is_vit, _round_up, trunk_geometry
 from histospace._utils._preprocess import covariance_pca
-from histospace.pp._dense_engine import _STATS, _dense_pass, _pca_sample, _plan
-from histospace.pp._dense_trunk import TrunkGeometry, _check_encoder, _is_vit, _round_up, trunk_geometry
 
 __all__ = ["choose_method", "dense_cost_ratio", "dense_features", "pick_level", "trunk_geometry"]
 
@@ -164,7 +164,7 @@ def dense_features(
     Parameters
     ----------
     source
-        The image: an `ImageSource` (`histospace._utils._image.open_image`) or anything `open_image` takes (path,
+        The image: an `ImageSource` (`histospace._image._sources.open_image`) or anything `open_image` takes (path,
         array, squidpy `ImageContainer`). JPEG/PNG files are decoded once; TIFF/zarr sources are read tile by tile.
         For a multiscale image pass the level that fits (see :func:`pick_level`) and its `scale`.
     centres_px
@@ -172,7 +172,7 @@ def dense_features(
     patch_px
         Side of the patch in the same units as `centres_px`.
     encoder
-        An `ImageEncoder` from `histospace._nn._encoders.build_encoder`. It is put in eval mode and moved to `device`
+        An `ImageEncoder` from `histospace._image.encoders._torchvision.build_encoder`. It is put in eval mode and moved to `device`
         (in place). Its `mean`/`std` normalisation is applied to each tile. For speed on a CPU fold its BatchNorm
         (`fuse_conv_bn`) and make it channels-last, as `image_features` does.
     scale
@@ -182,7 +182,7 @@ def dense_features(
         Side in pixels that a patch is resampled to (as in the patch method).
     layers
         `'last'`: the trunk's final map (DenseNet: after its final ReLU). `'stages'` (named encoders): every stage
-        map in :data:`histospace._nn._encoders.STAGES`, concatenated. `None`: as the encoder was built.
+        map in :data:`histospace._image.encoders._torchvision.STAGES`, concatenated. `None`: as the encoder was built.
     context_px
         Side of a second, larger patch around the same centre (e.g. `448`): the trunk runs again at the resolution
         `input_size / context_px` and its features are appended (the width doubles).
@@ -228,8 +228,8 @@ def dense_features(
     """
     import torch
 
+    from histospace._image._open import open_image
     from histospace._utils import resolve_device
-    from histospace._utils._image import open_image
     from histospace._utils._progress import progress
 
     src = open_image(source)

@@ -1,7 +1,7 @@
-"""Whole-slide and TIFF files opened as a :class:`~histospace._utils._multiscale.MultiscaleImage`.
+"""Whole-slide and TIFF files opened as a :class:`~histospace._image._multiscale.MultiscaleImage`.
 
 The reader is picked per file (OpenSlide, tiffslide or tifffile; see :func:`open_slide`); µm per pixel comes from
-:mod:`histospace._utils._wsi_mpp`.
+:mod:`histospace._image._mpp`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ from typing import Literal
 import numpy as np
 from scanpy import logging as logg
 
-from histospace._utils._image import ImageSource, _PILFileSource, _tiff_axes
-from histospace._utils._multiscale import MultiscaleImage, _check_mpp
-from histospace._utils._wsi_levels import (
+from histospace._image._levels import (
     INSTALL,
     _Handle,
     _has,
@@ -26,8 +24,10 @@ from histospace._utils._wsi_levels import (
     _TiffLevel,
     _TiffSlideLevel,
 )
-from histospace._utils._wsi_mpp import _is_default_dpi, _resolution_mpp, _valid_mpp
-from histospace._utils._wsi_tiff import _TIFF_VENDORS, TruncatedTiffError, read_tiff_header
+from histospace._image._mpp import properties_mpp
+from histospace._image._multiscale import MultiscaleImage, _check_mpp
+from histospace._image._sources import ImageSource, _PILFileSource, _tiff_axes
+from histospace._image._tiff import _TIFF_VENDORS, TruncatedTiffError, read_tiff_header
 
 __all__ = ["is_slide_path", "open_slide"]
 
@@ -183,16 +183,7 @@ def _read_openslide(path: Path):
         )
         raise ValueError(msg) from e
     props = dict(slide.properties)
-    mpp = None
-    try:
-        mpp = (float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]))
-    except (KeyError, ValueError):
-        mpp = _resolution_mpp(
-            props.get("tiff.XResolution"), props.get("tiff.YResolution"), props.get("tiff.ResolutionUnit")
-        )
-    if mpp is not None and _is_default_dpi(props.get("tiff.ResolutionUnit"), props.get("tiff.XResolution"), mpp):
-        mpp = None
-    mpp = _valid_mpp(mpp)
+    mpp = properties_mpp(props, "openslide")
     bg = props.get("openslide.background-color", "FFFFFF")
     try:
         background = [int(bg[i : i + 2], 16) for i in (0, 2, 4)]
@@ -215,12 +206,7 @@ def _read_tiffslide(path: Path):
         msg = f"tiffslide cannot read {str(path)!r} ({type(e).__name__}: {e}); try `reader='openslide'` or 'tifffile'."
         raise ValueError(msg) from e
     props = dict(slide.properties)
-    mpp = None
-    if props.get("tiffslide.mpp-x") is not None and props.get("tiffslide.mpp-y") is not None:
-        mpp = (float(props["tiffslide.mpp-x"]), float(props["tiffslide.mpp-y"]))
-        if _is_default_dpi(props.get("tiff.ResolutionUnit"), props.get("tiff.XResolution"), mpp):
-            mpp = None
-    mpp = _valid_mpp(mpp)
+    mpp = properties_mpp(props, "tiffslide")
     handle = _Handle("tiffslide", str(path), slide)
     ds = list(slide.level_downsamples)
     probe = np.asarray(slide.read_region((0, 0), 0, (1, 1), as_array=True, padding=False))

@@ -18,7 +18,6 @@ image): it would be mostly padding, its size is then almost surely in the wrong 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -369,106 +368,6 @@ def _tiff_axes(axes: str, shape: Sequence[int]) -> str:
     return "".join(out)
 
 
-def open_image(
-    obj,
-    *,
-    kind: str = "img",
-    scale: float | None = None,
-    name: str | None = None,
-    library_id: str | None = None,
-) -> ImageSource:
-    """Open an image lazily from a path, a numpy-like array, a squidpy `ImageContainer` or a SpatialData image.
-
-    Only the header of a file is read here; :meth:`ImageSource.load` decodes JPEG/PNG once. TIFFs and whole-slide
-    files (`.svs`, `.ndpi`, `.mrxs`, OME-TIFF, ...) are opened with :func:`histospace._utils._wsi.open_slide` and read
-    region by region from their full-resolution level, so memory stays bounded; a multiscale image
-    (:class:`~histospace._utils._wsi.MultiscaleImage`, a SpatialData `DataTree`) gives its level 0. Use
-    :func:`histospace._utils._wsi.open_multiscale` for the whole pyramid.
-
-    A cropped `ImageContainer` (`crop_corner`/`crop_center`) keeps its position in the full image as
-    :attr:`ImageSource.offset`; map coordinates with :meth:`ImageSource.to_pixels`. A container with several z-planes
-    needs `library_id=` (the plane to read).
-    """
-    from histospace._utils import _wsi
-
-    if isinstance(obj, ImageSource):
-        return obj
-    if isinstance(obj, _wsi.MultiscaleImage) or _wsi.is_xarray_image(obj):
-        return _wsi.level_zero(_wsi.open_multiscale(obj, name=name), kind=kind, scale=scale)
-    if isinstance(obj, str | os.PathLike):
-        path = Path(obj).expanduser()
-        if not path.is_file():
-            msg = f"Image file {str(path)!r} not found; pass an existing JPEG/PNG/TIFF path or an array as `img=`."
-            raise FileNotFoundError(msg)
-        suffix = "".join(path.suffixes[-2:]).lower() if len(path.suffixes) > 1 else path.suffix.lower()
-        s = 1.0 if scale is None else scale
-        if suffix in _TIFF_SUFFIXES or path.suffix.lower() in _TIFF_SUFFIXES or _wsi.is_slide_path(path):
-            return _wsi.level_zero(_wsi.open_slide(path), kind=kind, scale=s)
-        try:
-            return _PILFileSource(path, kind=kind, scale=s)
-        except OSError as e:
-            msg = f"Could not read the image file {str(path)!r} ({e}); expected a JPEG, PNG or TIFF file."
-            raise ValueError(msg) from e
-    if _is_image_container(obj):
-        return _container_source(obj, kind=kind, scale=scale, name=name, library_id=library_id)
-    if type(obj).__module__.startswith("torch") and hasattr(obj, "detach"):  # a torch.Tensor (torch not imported)
-        obj = obj.detach().cpu().numpy()
-    if not hasattr(obj, "shape") or not hasattr(obj, "dtype"):
-        msg = (
-            f"`img` must be a path, a numpy array (H x W or H x W x C), a squidpy ImageContainer or a SpatialData "
-            f"image, got {type(obj).__name__}."
-        )
-        raise TypeError(msg)
-    arr = obj if isinstance(obj, np.ndarray) or hasattr(obj, "chunks") else np.asarray(obj)
-    if arr.ndim == 2:
-        axes = "YX"
-    elif arr.ndim == 3:
-        axes = "YXS"
-    else:
-        msg = f"{name or '`img`'} has shape {tuple(arr.shape)}; expected H x W or H x W x C (C = 1, 3 or 4)."
-        raise ValueError(msg)
-    return ImageSource(arr, axes, kind=kind, scale=1.0 if scale is None else scale, name=name or "`img`")
-
-
-def _container_source(obj, *, kind: str, scale: float | None, name: str | None, library_id: str | None) -> ImageSource:
-    """The first layer of a squidpy `ImageContainer`, with its crop offset and scale, at one z-plane."""
-    layer = next(iter(obj.data.data_vars))
-    da = obj[layer]
-    label = name or f"ImageContainer[{layer!r}]"
-    planes = [str(z) for z in np.asarray(obj.data.coords["z"].values)] if "z" in obj.data.coords else []
-    if "z" in da.dims and da.sizes["z"] > 1:
-        if library_id is None:
-            msg = (
-                f"{label} has {da.sizes['z']} z-planes {planes}; pass `library_id=` naming the plane to read, or "
-                f"select it with squidpy first, e.g. `img = img.crop_corner(0, 0, library_id={planes[0]!r})`."
-            )
-            raise ValueError(msg)
-        if str(library_id) not in planes:
-            msg = f"{label}: z-plane `library_id={library_id!r}` not found; the container holds {planes}."
-            raise KeyError(msg)
-        da = da.isel(z=planes.index(str(library_id)))
-        label = f"{label}[z={library_id!r}]"
-    dims = [str(d) for d in da.dims]
-    axes = "".join("Y" if d == "y" else "X" if d == "x" else "S" if d.startswith("channels") else "Q" for d in dims)
-    attrs = obj.data.attrs
-    c_scale = float(attrs.get("scale", 1.0) or 1.0)
-    offset = np.zeros(2)
-    coords = attrs.get("coords")
-    if coords is not None and tuple(coords.to_tuple() if hasattr(coords, "to_tuple") else coords) != (0, 0, 0, 0):
-        x0, y0 = (float(coords.x0), float(coords.y0)) if hasattr(coords, "x0") else map(float, tuple(coords)[:2])
-        pad = attrs.get("padding")
-        px, py = (float(pad.x_pre), float(pad.y_pre)) if pad is not None and hasattr(pad, "x_pre") else (0.0, 0.0)
-        # squidpy keeps the crop box in pixels of the scaled image; its pixel 0 sits at (x0 - x_pre, y0 - y_pre)
-        offset = np.array([x0 - px, y0 - py]) / c_scale
-    s = c_scale if scale is None else scale
-    data = da.data
-    if hasattr(data, "dask"):  # a lazy container: read each region with dask's synchronous scheduler
-        from histospace._utils._wsi import _DaskLevel
-
-        data = _DaskLevel(data)
-    return ImageSource(data, axes, kind=kind, scale=s, name=label, offset=offset)
-
-
 def read_order(src: ImageSource, starts: np.ndarray) -> np.ndarray | None:
     """An order of windows that reads a chunked image chunk by chunk; `None` when any order reads as fast.
 
@@ -477,7 +376,7 @@ def read_order(src: ImageSource, starts: np.ndarray) -> np.ndarray | None:
     the chunks row by row, so that a chunk and its right and lower neighbours (which the windows overlap) stay in the
     reader's cache of chunks while they are needed.
     """
-    from histospace._utils._wsi_levels import _DaskLevel
+    from histospace._image._levels import _DaskLevel
 
     if not isinstance(src.arr, _DaskLevel):
         return None

@@ -4,7 +4,7 @@
 `'phikon-v2'`, `'gigapath'`) to a :class:`PathologyModel`: the timm architecture and its arguments, the input size,
 normalisation, the resolution it was trained at, its pooling, its widths, parameter count and licence, each with the
 source it was taken from. :func:`build_pathology_encoder` builds one as a :class:`PathologyEncoder`, an
-:class:`~histospace._nn._encoders.ImageEncoder` (`(B, 3, H, W)` floats in `[0, 1]` -> `(B, d)`, normalising itself)
+:class:`~histospace._image.encoders._torchvision.ImageEncoder` (`(B, 3, H, W)` floats in `[0, 1]` -> `(B, d)`, normalising itself)
 that also gives the patch-token map (:meth:`PathologyEncoder.feature_map`). Weights come from a local file in the
 formats the model cards publish (`pytorch_model.bin`, `model.safetensors`, HuggingFace-transformers DINOv2 layout for
 Phikon-v2, the original DINOv2 layout), from the HuggingFace hub through timm's `hf-hub:` loader (`weights='hub'`), or
@@ -26,8 +26,7 @@ import torch
 from scanpy import logging as logg
 from torch import nn
 
-from histospace._nn._encoders import ImageEncoder, _as_triplet
-from histospace._nn._pathology_registry import (
+from histospace._image.encoders._registry import (
     _POOLINGS,
     HOPTIMUS_MEAN,
     HOPTIMUS_STD,
@@ -40,7 +39,8 @@ from histospace._nn._pathology_registry import (
     is_pathology_encoder,
     replace_model,
 )
-from histospace._nn._pathology_weights import (
+from histospace._image.encoders._torchvision import ImageEncoder, _as_triplet
+from histospace._image.encoders._weights import (
     _from_hub,
     _hub_id,
     convert_dinov2,
@@ -133,7 +133,7 @@ class ViTTrunk(nn.Module):
 
 
 class PathologyEncoder(ImageEncoder):
-    """An :class:`~histospace._nn._encoders.ImageEncoder` around a pathology ViT.
+    """An :class:`~histospace._image.encoders._torchvision.ImageEncoder` around a pathology ViT.
 
     `forward`: `(B, 3, H, W)` floats in `[0, 1]` -> `(B, d)` (normalised with the model's mean/std, pooled as its
     card says). :meth:`feature_map`: the patch-token map `(B, embed_dim, H // p, W // p)`. Attributes `pooling`,

@@ -1,8 +1,11 @@
-"""µm per pixel from slide metadata: OpenSlide properties, OME `PhysicalSizeX/Y`, Aperio `MPP`, TIFF resolution tags.
+"""The one µm-per-pixel rule: slide metadata (OpenSlide / tiffslide properties, OME `PhysicalSizeX/Y`, Aperio `MPP`,
+TIFF resolution tags) to µm per pixel.
 
-Resolution tags in inches at 1200 dpi or less are screen/print defaults written by image software, not a
-microscope's pixel size, and are ignored.
-"""
+Every reader of the wing asks this module: :func:`properties_mpp` for OpenSlide and tiffslide, :func:`_tiff_mpp` for
+tifffile (also behind :func:`~histospace._image._tiff.read_tiff_header`, which `io.add_image` uses). Resolution
+tags in inches at 1200 dpi or less are screen/print defaults written by image software, not a microscope's pixel
+size, and are ignored.
+"""  # noqa: D205
 
 from __future__ import annotations
 
@@ -144,3 +147,24 @@ def _tiff_mpp(tf, series, index: int) -> tuple[float, float] | None:
         return _resolution_mpp(xres, yres, int(unit.value))
     except (ZeroDivisionError, TypeError, ValueError, AttributeError):
         return None
+
+
+def properties_mpp(props, reader: str) -> tuple[float, float] | None:
+    """µm per pixel from the property map of an OpenSlide or tiffslide handle (`reader`: `'openslide'`/`'tiffslide'`).
+
+    `{reader}.mpp-x/y`; with OpenSlide, else the `tiff.*Resolution` tags (OpenSlide leaves `mpp` unset for generic
+    TIFFs); inch resolutions of 1200 dpi or less are ignored, as are non-positive or non-finite values.
+    """
+    mpp = None
+    if reader == "openslide":
+        try:
+            mpp = (float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]))
+        except (KeyError, ValueError):
+            mpp = _resolution_mpp(
+                props.get("tiff.XResolution"), props.get("tiff.YResolution"), props.get("tiff.ResolutionUnit")
+            )
+    elif props.get(f"{reader}.mpp-x") is not None and props.get(f"{reader}.mpp-y") is not None:
+        mpp = (float(props[f"{reader}.mpp-x"]), float(props[f"{reader}.mpp-y"]))
+    if mpp is not None and _is_default_dpi(props.get("tiff.ResolutionUnit"), props.get("tiff.XResolution"), mpp):
+        mpp = None
+    return _valid_mpp(mpp)
