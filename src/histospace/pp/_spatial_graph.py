@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 from scanpy import logging as logg
 
+from histospace._constants import GRAPH_KEY, graph_keys
 from histospace._spatial._platform import GRID_NEIGHS as _GRID_NEIGHS
 from histospace._spatial._slide import sdata_slide
 from histospace._spatial._uns import uns_path
@@ -69,7 +70,7 @@ def spatial_graph(
     n_rings: int = 1,
     delaunay: bool = False,
     set_diag: bool = False,
-    key_added: str = "spatial",
+    key_added: str = GRAPH_KEY,
     copy: bool = False,
 ) -> AnnData | SpatialData | None:
     """Build the spatial neighbour graph of spots or square bins, one graph per slide, with a radius in µm.
@@ -157,7 +158,9 @@ def spatial_graph(
         Put 1 on the diagonal of the connectivities (each spot its own neighbour).
     key_added
         Prefix of the keys written: `obsp[key_added + '_connectivities']`, `obsp[key_added + '_distances']`,
-        `uns[key_added + '_neighbors']` (squidpy's naming).
+        `uns[key_added + '_neighbors']` (squidpy's naming). The readers of the graph (`connectivity_key=` of
+        `tl.stereomm`, `tl.domains`, `models.StereoMM`) take this same name: `key_added='x'` is read back with
+        `connectivity_key='x'` (or the full `'x_connectivities'`).
     copy
         {copy}
 
@@ -441,7 +444,7 @@ def spatial_graph(
 
     if ctx is not None:
         params["table_key"] = ctx.table_key
-    conns_key, dists_key, uns_key = f"{key_added}_connectivities", f"{key_added}_distances", f"{key_added}_neighbors"
+    conns_key, dists_key, uns_key = graph_keys(key_added)
     out = adata.copy() if copy else adata
     out.obsp[conns_key] = conn
     out.obsp[dists_key] = dist
