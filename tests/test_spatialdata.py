@@ -117,7 +117,7 @@ def test_image_features_errors_leave_the_table(sdata):
     before = set(table.obsm)
     with pytest.raises(KeyError, match=r"images\['nope'\]"):
         hs.pp.image_features(sdata, image_key="nope", **FEAT)
-    with pytest.raises(ValueError, match="Coordinate system 'other' does not connect"):
+    with pytest.raises(KeyError, match="Coordinate system 'other' not found"):
         hs.pp.image_features(sdata, coordinate_system="other", **FEAT)
     with pytest.raises(ValueError, match="patch_size_um.*µm scale.*set_microns_per_unit"):
         hs.pp.image_features(sdata, patch_size_um=50, **FEAT)

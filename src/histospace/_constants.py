@@ -20,3 +20,27 @@ DOMAIN_KEY = "stereomm_domain"
 MCLSTEXP_KEY = "mclstexp"
 #: `adata.obs` columns with integer array coordinates (row, column)
 POSITION_KEYS = ("array_row", "array_col")
+
+
+# ---- spatial graph keys (squidpy's `{key}_connectivities` rule) ------------------------------------------------------
+#: base name of the spatial graph: `pp.spatial_graph(key_added=...)` and squidpy's `key_added`
+GRAPH_KEY = "spatial"
+
+
+def graph_keys(key_added: str = GRAPH_KEY) -> tuple[str, str, str]:
+    """`(connectivities, distances, uns)` keys of the spatial graph named `key_added`, as squidpy names them.
+
+    `graph_keys('spatial')` is `('spatial_connectivities', 'spatial_distances', 'spatial_neighbors')`.
+    """
+    return f"{key_added}_connectivities", f"{key_added}_distances", f"{key_added}_neighbors"
+
+
+def connectivity_key_in(obsp, key: str) -> str:
+    """The `obsp` key of a graph named by the user: `key` itself when present (`'x_connectivities'`, or any matrix),
+    else `graph_keys(key)[0]` when present (the base name given to `pp.spatial_graph(key_added='x')`), else `key`
+    (so that the reader's own "not found" error names what the user passed).
+    """  # noqa: D205
+    if key in obsp:
+        return key
+    long = graph_keys(key)[0]
+    return long if long in obsp else key

@@ -659,3 +659,22 @@ def test_hex_crop_not_taken_for_bins():
     a.uns["spatial"] = {"x": {"scalefactors": {"spot_diameter_fullres": 65.8}, "metadata": {}}}
     hs.pp.spatial_graph(a)
     assert a.uns[UNS]["params"]["bins"] is False
+
+
+def test_readers_take_the_name_given_to_key_added(adata):
+    """`spatial_graph(key_added='x')` is read back as `connectivity_key='x'` (squidpy's long name still works)."""
+    from histospace._constants import graph_keys
+
+    assert graph_keys("x") == ("x_connectivities", "x_distances", "x_neighbors")
+    hs.pp.spatial_graph(adata, key_added="x")
+    assert set(graph_keys("x")[:2]) <= set(adata.obsp) and graph_keys("x")[2] in adata.uns
+    kw = {"use_rep": "img_features", "n_clusters": 3, "method": "kmeans", "refine": 1, "copy": True}
+    short = hs.tl.domains(adata, connectivity_key="x", **kw)
+    long = hs.tl.domains(adata, connectivity_key="x_connectivities", **kw)
+    np.testing.assert_array_equal(short.obs["img_features_domain"], long.obs["img_features_domain"])
+    before = set(adata.obs)
+    with pytest.raises(KeyError, match=r"obsp\['y'\]` not found.*spatial_graph"):
+        hs.tl.domains(adata, connectivity_key="y", **{**kw, "copy": False})
+    assert set(adata.obs) == before
+    model = hs.models.StereoMM(adata, features_key=None, connectivity_key="x", hidden=[8], n_latent=4)
+    assert model.connectivity_key == "x_connectivities"

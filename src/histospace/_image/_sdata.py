@@ -8,6 +8,9 @@ import numpy as np
 
 from histospace._image._levels import _DaskLevel
 from histospace._image._sources import ImageSource
+from histospace._spatial._affine import apply_affine as transform_xy
+from histospace._spatial._affine import check_coordinate_system as _check_cs
+from histospace._spatial._affine import xy_matrix as _xy_matrix
 
 __all__ = ["coordinate_system_to_pixels", "element_to_pixels", "is_xarray_image", "transform_xy"]
 
@@ -66,38 +69,6 @@ def _level_dataarray(image, level: int, image_key: str):
         msg = f"Image {image_key!r} has levels 0..{len(levels) - 1}; got `level={level!r}`."
         raise IndexError(msg)
     return levels[int(level)]
-
-
-def _check_cs(sdata, coordinate_system: str, elements: dict) -> dict:
-    """The transformations of `elements` to `coordinate_system`, with clear errors when one is not in it."""
-    from spatialdata.transformations import get_transformation
-
-    if coordinate_system not in sdata.coordinate_systems:
-        msg = (
-            f"Coordinate system {coordinate_system!r} not found; `sdata` has {list(sdata.coordinate_systems)}. "
-            "Pass `coordinate_system=` naming one of them."
-        )
-        raise KeyError(msg)
-    all_t = {k: get_transformation(e, get_all=True) for k, e in elements.items()}
-    missing = [k for k, t in all_t.items() if coordinate_system not in t]
-    if missing:
-        common = sorted(set.intersection(*(set(t) for t in all_t.values())))
-        where = "; ".join(f"{k!r} is in {sorted(t)}" for k, t in all_t.items())
-        msg = (
-            f"{' and '.join(repr(k) for k in missing)} not in coordinate system {coordinate_system!r} ({where}). "
-            f"Pass a coordinate system holding all of them: {common}"
-            + (
-                "."
-                if common
-                else " (none; add a transformation with `spatialdata.transformations.set_transformation`)."
-            )
-        )
-        raise ValueError(msg)
-    return {k: t[coordinate_system] for k, t in all_t.items()}
-
-
-def _xy_matrix(transformation) -> np.ndarray:
-    return np.asarray(transformation.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
 
 
 def coordinate_system_to_pixels(sdata, *, image_key: str, coordinate_system: str = "global", level: int = 0):
@@ -162,10 +133,3 @@ def element_to_pixels(
     da = _level_dataarray(image, level, image_key)
     ts = _check_cs(sdata, coordinate_system, {element_key: el, image_key: da})
     return _xy_matrix(TSequence([ts[element_key], _inverse(ts[image_key], image_key, coordinate_system)]))
-
-
-def transform_xy(matrix: np.ndarray, xy) -> np.ndarray:
-    """Apply a `(3, 3)` affine matrix to `(x, y)` points `(..., 2)`; returns float64 of the same shape."""
-    xy = np.asarray(xy, dtype=np.float64)
-    m = np.asarray(matrix, dtype=np.float64)
-    return xy @ m[:2, :2].T + m[:2, 2]

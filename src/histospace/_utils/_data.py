@@ -9,7 +9,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from histospace._constants import LIBRARY_KEY, SPATIAL_UNS_KEY
+from histospace._constants import LIBRARY_KEY
+from histospace._spatial._uns import uns_libraries
 
 
 def as_dense(x) -> np.ndarray:
@@ -46,8 +47,7 @@ def library_labels(adata: AnnData, library_key: str | None = LIBRARY_KEY, *, req
             f"apart (obs columns: {list(adata.obs.columns)[:10]}), or `library_key=None` for a single slide."
         )
         raise KeyError(msg)
-    spatial = adata.uns.get(SPATIAL_UNS_KEY)
-    libs = list(spatial) if isinstance(spatial, Mapping) else []
+    libs = uns_libraries(adata)
     name = str(libs[0]) if len(libs) == 1 else "0"
     return np.full(adata.n_obs, name, dtype=object)
 

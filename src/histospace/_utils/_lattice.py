@@ -9,23 +9,22 @@ alone do not tell bins apart; :func:`bins_evidence` names what does.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from numbers import Real
 
 import numpy as np
 from anndata import AnnData
 
-from histospace._constants import POSITION_KEYS, SPATIAL_UNS_KEY
+from histospace._constants import POSITION_KEYS
+from histospace._spatial._platform import BIN_TECHNOLOGIES, is_visium_hd_barcode
+from histospace._spatial._uns import metadata, scalefactors, uns_libraries
 
 ROW_KEY, COL_KEY = POSITION_KEYS
 
-#: technologies (`uns['spatial'][library]['metadata']['technology']`, lower case) whose spots are square bins
-BIN_TECHNOLOGIES = frozenset({"visium_hd", "visium hd", "visiumhd", "stereo-seq", "stereoseq", "stereo_seq", "bins"})
+__all__ = ["BIN_TECHNOLOGIES", "MAX_SPOT_ARRAY", "bins_evidence", "grid_indices", "lattice_fit", "lattice_pitch"]
+
 #: more grid positions than any spot array has (Visium 6.5 mm: 4,992 spots; legacy ST: 1,007), so these are bins
 MAX_SPOT_ARRAY = 5000
-#: Visium HD barcodes written by Space Ranger: `s_008um_00012_00345-1`
-_VISIUM_HD_BARCODE = re.compile(r"^s_\d{3}um_\d{5}_\d{5}")
 
 
 def grid_indices(adata: AnnData) -> tuple[np.ndarray, np.ndarray] | None:
@@ -61,14 +60,11 @@ def grid_indices(adata: AnnData) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _technologies(adata: AnnData) -> set[str]:
-    spatial = adata.uns.get(SPATIAL_UNS_KEY)
     techs = set()
-    if isinstance(spatial, Mapping):
-        for entry in spatial.values():
-            meta = entry.get("metadata", {}) if isinstance(entry, Mapping) else {}
-            tech = meta.get("technology") if isinstance(meta, Mapping) else None
-            if isinstance(tech, str) and tech:
-                techs.add(tech.lower())
+    for lib in uns_libraries(adata):
+        tech = metadata(adata, lib).get("technology")
+        if isinstance(tech, str) and tech:
+            techs.add(tech.lower())
     return techs
 
 
@@ -117,18 +113,15 @@ def bins_evidence(adata: AnnData, idx: tuple[np.ndarray, np.ndarray] | None = No
             return f"`uns[{key!r}]` of {what}"
     if str(adata.uns.get("bin_type", "")) == "bins":
         return "stereopy's `uns['bin_type'] == 'bins'`"
-    if adata.n_obs and _VISIUM_HD_BARCODE.match(str(adata.obs_names[0])):
+    if adata.n_obs and is_visium_hd_barcode(adata.obs_names[0]):
         return "Visium HD barcodes"
     if adata.n_obs > MAX_SPOT_ARRAY:
         return f"{adata.n_obs} grid positions (more than any spot array)"
-    spatial = adata.uns.get(SPATIAL_UNS_KEY)
     diam = []
-    if isinstance(spatial, Mapping):
-        for entry in spatial.values():
-            sf = entry.get("scalefactors", {}) if isinstance(entry, Mapping) else {}
-            d = sf.get("spot_diameter_fullres") if isinstance(sf, Mapping) else None
-            if isinstance(d, Real) and not isinstance(d, bool) and d > 0:
-                diam.append(float(d))
+    for lib in uns_libraries(adata):
+        d = scalefactors(adata, lib).get("spot_diameter_fullres")
+        if isinstance(d, Real) and not isinstance(d, bool) and d > 0:
+            diam.append(float(d))
     if diam and xy is not None:
         pitch = lattice_pitch(idx[0], idx[1], xy)
         if pitch is not None and all(abs(d / pitch - 1) < 0.1 for d in diam):

@@ -16,7 +16,18 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from histospace._spatial._affine import affine_scale, apply_affine, element_to, shared_coordinate_system
 from histospace._utils._choice import element_key
+
+__all__ = [
+    "TableContext",
+    "affine_scale",
+    "apply_affine",
+    "as_table",
+    "is_spatialdata",
+    "region_labels",
+    "table_output",
+]
 
 
 def is_spatialdata(obj) -> bool:
@@ -136,58 +147,12 @@ class TableContext:
 
     # ---- coordinate systems --------------------------------------------------------------------------------------
     def coordinate_system(self, coordinate_system: str | None, elements: list[str]) -> str:
-        """The coordinate system all `elements` belong to: `coordinate_system` (checked), else the only shared one."""
-        from spatialdata.transformations import get_transformation
-
-        systems = []
-        for name in elements:
-            el = self.sdata[name]
-            systems.append(set(get_transformation(el, get_all=True)))
-        shared = set.intersection(*systems) if systems else set()
-        if coordinate_system is not None:
-            if coordinate_system not in shared:
-                msg = (
-                    f"Coordinate system {coordinate_system!r} does not connect {elements}: they share "
-                    f"{sorted(shared) or 'none'}. Pass `coordinate_system=` one of these, or add a transformation "
-                    "with `spatialdata.transformations.set_transformation`."
-                )
-                raise ValueError(msg)
-            return coordinate_system
-        if not shared:
-            msg = (
-                f"No coordinate system connects {elements}; add transformations to a common coordinate system "
-                "(`spatialdata.transformations.set_transformation`)."
-            )
-            raise ValueError(msg)
-        if len(shared) > 1:
-            if "global" in shared:
-                return "global"
-            # the one the first element (the shapes) lives in as it is, e.g. a Visium HD dataset's full-resolution one
-            own = [c for c in sorted(shared) if np.allclose(self.to_coordinate_system(elements[0], c), np.eye(3))]
-            if own:  # equivalent for these elements (the same coordinates): the first by name
-                return own[0]
-            msg = f"{elements} share several coordinate systems {sorted(shared)}; pass `coordinate_system=`."
-            raise ValueError(msg)
-        return next(iter(shared))
+        """The coordinate system all `elements` belong to (:func:`~histospace._spatial._affine.shared_coordinate_system`)."""
+        return shared_coordinate_system(self.sdata, coordinate_system, elements)
 
     def to_coordinate_system(self, element: str, coordinate_system: str) -> np.ndarray:
         """The `(3, 3)` affine map from `element`'s intrinsic `(x, y)` to `coordinate_system`."""
-        from spatialdata.transformations import get_transformation
-
-        from histospace._image._sdata import _xy_matrix
-
-        return _xy_matrix(get_transformation(self.sdata[element], to_coordinate_system=coordinate_system))
-
-
-def apply_affine(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Apply a `(3, 3)` affine map to `(n, 2)` points."""
-    xy = np.asarray(xy, dtype=np.float64)
-    return xy @ m[:2, :2].T + m[:2, 2]
-
-
-def affine_scale(m: np.ndarray) -> float:
-    """The mean linear scale of an affine map (`sqrt(|det|)` of its linear part)."""
-    return float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
+        return element_to(self.sdata, element, coordinate_system)
 
 
 def as_table(data, table_key: str | None, *, name: str = "adata") -> tuple[AnnData, TableContext | None]:

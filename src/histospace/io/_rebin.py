@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scanpy import logging as logg
 
+from histospace._spatial._platform import GEM_TABLE as _GEM_KEY
+from histospace._spatial._platform import VISIUM_HD_TABLE as _VISIUM_HD_KEY
+from histospace._spatial._platform import is_visium_hd_barcode
 from histospace._utils._choice import only_one
 from histospace._utils._data import named_layers
 
@@ -16,10 +17,6 @@ from ._bins import COL_KEY, ROW_KEY, bin_table, squares
 from ._units import _linear_scale, microns_per_unit, set_microns_per_unit, square_side
 
 __all__ = ["rebin"]
-
-_VISIUM_HD_KEY = re.compile(r"^square_(\d{3})um$")
-_VISIUM_HD_NAME = re.compile(r"^s_\d{3}um_\d+_\d+-1$")
-_GEM_KEY = re.compile(r"^bin(\d+)$")
 
 
 def _only_table(sdata, table_key: str | None) -> str:
@@ -320,7 +317,7 @@ def rebin(
 def _names(table, table_key: str, rows: np.ndarray, cols: np.ndarray, factor: int, side: float, new_um) -> pd.Index:
     """Obs names in the input's style: Space Ranger's `s_016um_00012_00034-1`, stereopy's `x << 32 | y`, or `r_c`."""
     first = str(table.obs_names[0])
-    if _VISIUM_HD_NAME.match(first) and new_um is not None and float(new_um).is_integer():
+    if is_visium_hd_barcode(first) and new_um is not None and float(new_um).is_integer():
         um = int(new_um)
         return pd.Index([f"s_{um:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols, strict=True)])
     gem = table.uns.get("gem")

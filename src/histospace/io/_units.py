@@ -9,9 +9,9 @@ Stereo-seq reader works in DNB units (0.5 µm).
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
+
+from histospace._spatial._platform import VISIUM_HD_TABLE as _VISIUM_HD_TABLE
 
 __all__ = ["DNB_MICRONS", "microns_per_unit", "set_microns_per_unit"]
 
@@ -20,7 +20,6 @@ DNB_MICRONS = 0.5
 
 _ATTRS_KEY = "histospace"
 _MPU_KEY = "microns_per_unit"
-_VISIUM_HD_TABLE = re.compile(r"^square_(\d{3})um$")
 
 
 def _check_sdata(sdata) -> None:

@@ -18,6 +18,8 @@ from histospace._image.features._slot import (
     settings_mismatch,
 )
 from histospace._nn._mclstexp import knn_predict
+from histospace._spatial._slide import anndata_mpp
+from histospace._spatial._uns import has_uns, share_uns, uns_libraries, uns_path
 from histospace._utils import check_no_nan, check_number
 from histospace._utils._data import as_dense, library_labels, smooth_over_neighbors
 from histospace._utils._library import PatchStream
@@ -26,8 +28,8 @@ from histospace._utils._library import PatchStream
 MPP_FIX = (
     "Give the query's µm per full-resolution pixel: `mpp=` of `hs.tl.mclstexp_predict` (or of `model.predict`), "
     "`hs.pp.tile_image(img, mpp=...)` for tiles, `hs.io.add_image(sdata, path, mpp=...)` (or "
-    "`hs.io.set_microns_per_unit`) for a SpatialData, or `uns['spatial'][library_id]['metadata']['spot_diameter_um']` "
-    "with `scalefactors['spot_diameter_fullres']` for spots."
+    f"`hs.io.set_microns_per_unit`) for a SpatialData, or `{uns_path(obj='')}[library_id]['metadata']"
+    "['spot_diameter_um']` with `scalefactors['spot_diameter_fullres']` for spots."
 )
 
 _WEIGHTING = ("inverse_square", "uniform", "softmax")
@@ -45,10 +47,10 @@ class QueryMixin:
             if self.spatial_key not in adata.obsm:
                 msg = f"`adata.obsm[{self.spatial_key!r}]` not found; patches need spot centres in pixels."
                 raise KeyError(msg)
-            if img is None and "spatial" not in adata.uns:
+            if img is None and not has_uns(adata):
                 msg = (
                     "This model fine-tunes its image encoder, so the query needs an image: pass `img=` or store it "
-                    "in `adata.uns['spatial']` (e.g. from `hs.pp.tile_image`)."
+                    f"in `{uns_path()}` (e.g. from `hs.pp.tile_image`)."
                 )
                 raise KeyError(msg)
             return
@@ -196,7 +198,7 @@ class QueryMixin:
         um = s.get("patch_size_um")
         if um is None:
             msg = (
-                "The model's reference had no µm scale (its `uns['spatial'][...]['metadata']['spot_diameter_um']` or "
+                f"The model's reference had no µm scale (its `{uns_path(obj='')}[...]['metadata']['spot_diameter_um']` or "
                 "the SpatialData's µm per unit was unknown), so its patches cannot be matched on a query of another "
                 "magnification. Compute the query's features yourself "
                 "(`hs.pp.image_features(query, **model.image_features_kwargs)`: the same patch in pixels) when both "
@@ -230,8 +232,7 @@ class QueryMixin:
             for col in {kw_query.get("library_key")} - {None}:
                 light.obs[col] = table.obs[col].to_numpy()
             light.obsm[self.spatial_key] = np.asarray(table.obsm[self.spatial_key])
-            if "spatial" in table.uns:
-                light.uns["spatial"] = table.uns["spatial"]
+            share_uns(table, light)
             hs.pp.image_features(light, img=img, spatial_key=self.spatial_key, **kw)
             res = light
         else:  # a copy of the table in a new SpatialData that shares the elements
@@ -245,31 +246,22 @@ class QueryMixin:
         if self.spatial_key not in adata.obsm:
             msg = f"`adata.obsm[{self.spatial_key!r}]` not found; the query's patches need spot centres in pixels."
             raise KeyError(msg)
-        spatial = adata.uns.get("spatial")
-        spatial = spatial if isinstance(spatial, dict) else {}
+        uns_libs = uns_libraries(adata)
         lk = self.library_key
         kw: dict[str, Any] = {}
-        if lk is not None and lk in adata.obs and len(spatial) > 1 and img is None:
+        if lk is not None and lk in adata.obs and len(uns_libs) > 1 and img is None:
             libs = [str(v) for v in pd.unique(adata.obs[lk].astype(str))]
             kw["library_key"] = lk
         else:
-            libs = list(spatial)[:1] if len(spatial) == 1 else []
+            libs = uns_libs[:1] if len(uns_libs) == 1 else []
         if mpp is not None:
             return float(mpp), kw
-        found = {}
-        for lib in libs:
-            entry = spatial.get(lib, {}) or {}
-            meta = entry.get("metadata", {}) or {}
-            sf = entry.get("scalefactors", {}) or {}
-            if meta.get("microns_per_pixel"):
-                found[lib] = float(meta["microns_per_pixel"])
-            elif sf.get("spot_diameter_fullres") and meta.get("spot_diameter_um"):
-                found[lib] = float(meta["spot_diameter_um"]) / float(sf["spot_diameter_fullres"])
+        found = {lib: m for lib in libs if (m := anndata_mpp(adata, lib)) is not None}
         if not libs or len(found) < len(libs):
-            which = [lib for lib in libs if lib not in found] or ["(no library in `adata.uns['spatial']`)"]
+            which = [lib for lib in libs if lib not in found] or [f"(no library in `{uns_path()}`)"]
             msg = (
                 f"The query's resolution is unknown (slides {which[:5]}: no µm per pixel in "
-                "`adata.uns['spatial'][library_id]['metadata']`), so the model's "
+                f"`{uns_path()}[library_id]['metadata']`), so the model's "
                 f"{self.reference.feature_settings['patch_size_um']:g}-µm patches cannot be cut from it without a "
                 f"guess. {MPP_FIX}"
             )
@@ -501,9 +493,9 @@ def _sdata_mpp(ctx, image_key: str | None, mpp: float | None) -> tuple[float, di
     system's µm per unit) and the image option of image_features; raises naming `mpp=` when unknown.
     """  # noqa: D205
     from histospace._image import coordinate_system_to_pixels
-    from histospace._utils._sdata import affine_scale
+    from histospace._spatial._affine import affine_scale
+    from histospace._spatial._images import sdata_image_key
     from histospace.io import microns_per_unit
-    from histospace.pp._feature_sources import sdata_image_key
 
     sdata = ctx.sdata
     image_key = sdata_image_key(sdata, image_key)

@@ -15,7 +15,7 @@ import torch
 from anndata import AnnData
 from scanpy import logging as logg
 
-from histospace._constants import CONNECTIVITIES_KEY, FEATURES_KEY, SPATIAL_KEY
+from histospace._constants import CONNECTIVITIES_KEY, FEATURES_KEY, SPATIAL_KEY, connectivity_key_in
 from histospace._image.features._slot import feature_settings
 from histospace._nn._stereomm import StereoMMModule
 from histospace._utils import (
@@ -105,7 +105,8 @@ class StereoMM(BaseModelClass):
         Key in `adata.obsm` with image features (e.g. from `hs.pp.image_features`); `None` trains on expression
         and the graph only (ablation; the attention is then skipped).
     connectivity_key
-        Key in `adata.obsp` with the spatial graph (squidpy layout). It is symmetrised and binarised, self loops are
+        Key in `adata.obsp` with the spatial graph (squidpy layout), or the graph's base name (`key_added` of
+        `hs.pp.spatial_graph`: `'x'` reads `obsp['x_connectivities']`). It is symmetrised and binarised, self loops are
         added. Spots without a neighbour (e.g. after QC filtering) get their latent from their own features; a
         warning counts them.
     spatial_key
@@ -219,6 +220,7 @@ class StereoMM(BaseModelClass):
             x_img = np.asarray(check_obsm(adata, features_key, hint=IMAGE_HINT), dtype=np.float32)  # no copy
             uns_f = adata.uns.get(features_key)
             self.feature_settings = feature_settings(uns_f.get("params") if isinstance(uns_f, Mapping) else None)
+        connectivity_key = connectivity_key_in(adata.obsp, connectivity_key)  # `key_added` of pp.spatial_graph too
         adj = check_obsp(adata, connectivity_key, hint=GRAPH_HINT)
         if adj.shape != (adata.n_obs, adata.n_obs):
             msg = f"`adata.obsp[{connectivity_key!r}]` has shape {adj.shape}; expected ({adata.n_obs}, {adata.n_obs})."

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
@@ -16,10 +15,12 @@ from matplotlib.axes import Axes
 from matplotlib.patches import Patch
 
 from histospace._constants import DOMAIN_KEY, LIBRARY_KEY
+from histospace._spatial._uns import images as uns_images
+from histospace._spatial._uns import scalefactors, uns_path
 from histospace._utils import check_number
 from histospace._utils._data import library_labels
 from histospace.pl._render import RASTER_THRESHOLD, category_colors, draw_categories, element_geometry
-from histospace.pl._utils import finish, plot_library
+from histospace.pl._utils import finish, plot_library, sdata_plot_slide
 
 #: keyword arguments the histospace renderer understands (squidpy's `spatial_scatter` takes the others, for spots)
 _RENDER_KWARGS = ("palette", "alpha", "na_color")
@@ -102,13 +103,11 @@ def domains(
     The `Axes` when `show=False`, else `None`. Like scanpy, sets `adata.uns[key + '_colors']` when absent.
     """
     if not isinstance(adata, AnnData):
-        view, image, extra = _sdata_view(adata, table_key, image_key, shapes_key, coordinate_system, key, img)
-        out = domains(view, key=key, groundtruth_key=groundtruth_key, img=image, scale_factor=1.0, size=size,
-                      title=title, ax=ax, show=False, **kwargs)  # fmt: skip
-        table = adata.tables[extra]
-        if f"{key}_colors" in view.uns and f"{key}_colors" not in table.uns:
-            table.uns[f"{key}_colors"] = view.uns[f"{key}_colors"]
-        return finish(out, show)
+        return _domains_sdata(
+            adata, table_key=table_key, image_key=image_key, shapes_key=shapes_key,
+            coordinate_system=coordinate_system, key=key, groundtruth_key=groundtruth_key, img=img, size=size,
+            title=title, ax=ax, show=show, **kwargs,
+        )  # fmt: skip
     if key not in adata.obs:
         msg = f"`adata.obs[{key!r}]` not found; run `hs.tl.domains(adata)` first."
         raise KeyError(msg)
@@ -137,21 +136,13 @@ def domains(
     sub = adata[mask] if mask is not None else adata
     use_img = img_array is not None or (bool(img) and lib is not None)
     if use_img and img_array is None:
-        images = adata.uns["spatial"][lib].get("images", {})
+        lib_images = uns_images(adata, lib)
         if img_res_key is None:
-            img_res_key = "hires" if "hires" in images else ("lowres" if "lowres" in images else None)
-        if img_res_key is None or img_res_key not in images:
-            msg = f"no image {img_res_key!r} in `adata.uns['spatial'][{lib!r}]['images']` (has {list(images)})."
+            img_res_key = "hires" if "hires" in lib_images else ("lowres" if "lowres" in lib_images else None)
+        if img_res_key is None or img_res_key not in lib_images:
+            msg = f"no image {img_res_key!r} in `{uns_path(lib, 'images')}` (has {list(lib_images)})."
             raise KeyError(msg)
-    if title is None:
-        title = key
-        if groundtruth_key is not None:
-            from sklearn.metrics import adjusted_rand_score
-
-            gt = sub.obs[groundtruth_key]
-            ok = gt.notna().to_numpy()
-            ari = adjusted_rand_score(gt[ok].astype(str), sub.obs[key][ok].astype(str))
-            title = f"{key} (ARI {ari:.3f} vs {groundtruth_key})"
+    title = _title(sub.obs, key, groundtruth_key, title)
 
     xy = np.asarray(sub.obsm["spatial"], dtype=np.float64)[:, :2]
     own = img_array is not None or sub.n_obs > RASTER_THRESHOLD
@@ -160,13 +151,7 @@ def domains(
         geometry = element_geometry(sub, xy, diameter=_spot_diameter(adata, lib))
         own = geometry[0] == "square"
     if own:
-        unknown = sorted(set(kwargs) - set(_RENDER_KWARGS))
-        if unknown:
-            msg = (
-                f"{unknown} are squidpy options; square bins and plots of more than {RASTER_THRESHOLD} spots are drawn "
-                f"by histospace, which takes {list(_RENDER_KWARGS)}."
-            )
-            raise TypeError(msg)
+        _check_render_kwargs(kwargs)
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 6), layout="constrained") if own else plt.subplots(figsize=(6, 6))
     if own:
@@ -176,8 +161,8 @@ def domains(
         if img_array is not None:
             image, scale = img_array, (1.0 if scale_factor is None else scale_factor)
         elif use_img:
-            image = adata.uns["spatial"][lib]["images"][img_res_key]
-            sf = adata.uns["spatial"][lib].get("scalefactors", {}) or {}
+            image = uns_images(adata, lib)[img_res_key]
+            sf = scalefactors(adata, lib)
             scale = float(sf.get(f"tissue_{img_res_key}_scalef", 1.0)) if scale_factor is None else scale_factor
         _draw_domains(adata, key, mask, xy, geometry, ax=ax, size=size, image=image, scale=scale, **kwargs)
         ax.set_title(title)
@@ -209,11 +194,32 @@ def domains(
 
 
 def _spot_diameter(adata: AnnData, lib: str | None) -> float | None:
-    spatial = adata.uns.get("spatial")
-    if lib is None or not isinstance(spatial, Mapping) or not isinstance(spatial.get(lib), Mapping):
-        return None
-    d = (spatial[lib].get("scalefactors", {}) or {}).get("spot_diameter_fullres")
+    d = scalefactors(adata, lib).get("spot_diameter_fullres")
     return float(d) if d is not None else None
+
+
+def _check_render_kwargs(kwargs: dict) -> None:
+    unknown = sorted(set(kwargs) - set(_RENDER_KWARGS))
+    if unknown:
+        msg = (
+            f"{unknown} are squidpy options; square bins and plots of more than {RASTER_THRESHOLD} spots are drawn "
+            f"by histospace, which takes {list(_RENDER_KWARGS)}."
+        )
+        raise TypeError(msg)
+
+
+def _title(obs: pd.DataFrame, key: str, groundtruth_key: str | None, title: str | None) -> str:
+    """`title`, else `key` (with the ARI against `groundtruth_key`, spots without a label excluded)."""
+    if title is not None:
+        return title
+    if groundtruth_key is None:
+        return key
+    from sklearn.metrics import adjusted_rand_score
+
+    gt = obs[groundtruth_key]
+    ok = gt.notna().to_numpy()
+    ari = adjusted_rand_score(gt[ok].astype(str), obs[key][ok].astype(str))
+    return f"{key} (ARI {ari:.3f} vs {groundtruth_key})"
 
 
 def _draw_domains(
@@ -265,43 +271,58 @@ def _draw_domains(
         ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, title=key)
 
 
-#: longest side of the image level drawn under a SpatialData's spots or bins
-PLOT_IMAGE_SIDE = 2000
-
-
-def _sdata_view(sdata, table_key, image_key, shapes_key, coordinate_system, key, img):
-    """An AnnData to draw (the table's obs, centres in pixels of a small image level) and that level's pixels."""
-    from histospace._image import coordinate_system_to_pixels, open_multiscale
-    from histospace._utils._sdata import apply_affine, as_table
+def _domains_sdata(
+    sdata,
+    *,
+    table_key,
+    image_key,
+    shapes_key,
+    coordinate_system,
+    key,
+    groundtruth_key,
+    img,
+    size,
+    title,
+    ax,
+    show,
+    **kwargs,
+):
+    """`pl.domains` of a SpatialData: the table's domains at the centres of the adapter's slide record, drawn by the
+    histospace renderer over an image level of about 2,000 px (no AnnData built).
+    """  # noqa: D205
+    from histospace._utils._sdata import as_table
 
     table, ctx = as_table(sdata, table_key)
-    if key is not None and key not in table.obs:
+    if key not in table.obs:
         msg = f"`sdata.tables[{ctx.table_key!r}].obs[{key!r}]` not found; run `hs.tl.domains(sdata)` first."
         raise KeyError(msg)
-    shapes_key = ctx.shapes_key(shapes_key)
-    rows = ctx.rows_of(shapes_key)
-    xy, _, _ = ctx.geometry(shapes_key, rows)
-    images = list(sdata.images)
-    if image_key is None and len(images) > 1 and img is not False:
-        msg = f"The SpatialData holds {len(images)} images {images}; pass `image_key=` (or `img=False`)."
-        raise ValueError(msg)
-    image_key = image_key if image_key is not None else (images[0] if images and img is not False else None)
-    if image_key is None:
-        cs = ctx.coordinate_system(coordinate_system, [shapes_key])
-        centres, image = apply_affine(ctx.to_coordinate_system(shapes_key, cs), xy), False
+    if groundtruth_key is not None and groundtruth_key not in table.obs:
+        msg = f"`sdata.tables[{ctx.table_key!r}].obs[{groundtruth_key!r}]` not found."
+        raise KeyError(msg)
+    if size is not None:
+        size = check_number(size, "size", low=0, low_inclusive=False)
+    _check_render_kwargs(kwargs)
+    table, slide, image = sdata_plot_slide(
+        sdata,
+        table_key=ctx.table_key,
+        image_key=image_key,
+        shapes_key=shapes_key,
+        coordinate_system=coordinate_system,
+        img=img,
+    )
+    rows = slide.rows
+    mask = None if rows.size == table.n_obs else rows
+    sub = table if mask is None else table[rows]
+    title = _title(sub.obs, key, groundtruth_key, title)
+    if slide.kind in ("circle", "square") and slide.spot_diameter:
+        geometry = (slide.kind, float(slide.spot_diameter))
     else:
-        if image_key not in sdata.images:
-            msg = f"`sdata.images[{image_key!r}]` not found; images: {images}."
-            raise KeyError(msg)
-        cs = ctx.coordinate_system(coordinate_system, [shapes_key, image_key])
-        ms = open_multiscale(sdata.images[image_key], name=f"sdata.images[{image_key!r}]")
-        level = ms.level_for(downsample=max(1.0, max(ms.shape) / PLOT_IMAGE_SIDE))
-        m = coordinate_system_to_pixels(sdata, image_key=image_key, coordinate_system=cs, level=level)
-        centres = apply_affine(m @ ctx.to_coordinate_system(shapes_key, cs), xy)
-        src = ms.source(level)
-        image = src.read(0, src.height, 0, src.width)
-    view = AnnData(obs=table.obs.iloc[rows].copy())
-    view.obsm["spatial"] = centres
-    if key is not None and f"{key}_colors" in table.uns:
-        view.uns[f"{key}_colors"] = table.uns[f"{key}_colors"]
-    return view, image, ctx.table_key
+        geometry = element_geometry(sub, slide.centres)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 6), layout="constrained")
+    _draw_domains(table, key, mask, slide.centres, geometry, ax=ax, size=size, image=image, scale=1.0, **kwargs)
+    ax.set_title(title)
+    unit = " (pixels)" if image is not None else ""
+    ax.set_xlabel(f"x{unit}")
+    ax.set_ylabel(f"y{unit}")
+    return finish(ax, show)

@@ -14,6 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from histospace._constants import LIBRARY_KEY, MCLSTEXP_KEY, SPATIAL_KEY
+from histospace._spatial._uns import images as uns_images
+from histospace._spatial._uns import scalefactors
 from histospace._utils import get_matrix
 from histospace._utils._data import library_labels, normalize_expression
 from histospace.pl._render import draw_values, element_geometry
@@ -21,7 +23,7 @@ from histospace.pl._utils import finish as _finish
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
-from histospace.pl._utils import plot_library
+from histospace.pl._utils import plot_library, sdata_plot_slide
 
 _UNITS = {"log1p_cp10k": "ln(1 + CP10k)", "log10_cp10k": "log10(1 + CP10k)", "none": "expression"}
 
@@ -101,24 +103,11 @@ def predicted_vs_observed(
     The :class:`~matplotlib.figure.Figure` if `show=False`, else `None`.
     """
     genes = [genes] if isinstance(genes, str) else list(genes)
-    if not isinstance(adata, AnnData):  # a SpatialData: its table over a ~2,000-px level of the image
-        from histospace.pl._domains import _sdata_view
-
-        view, image_arr, tk = _sdata_view(adata, table_key, image_key, None, None, None, True)
-        table = adata.tables[tk]
-        q = AnnData(X=table.X, obs=view.obs, var=table.var, layers=dict(table.layers))
-        q.obsm["spatial"] = view.obsm["spatial"]
-        for slot in ("obsm", "uns"):
-            if key in getattr(table, slot):
-                getattr(q, slot)[key] = getattr(table, slot)[key]
-        if image_arr is not False:
-            q.uns["spatial"] = {"image": {"images": {"hires": image_arr}, "scalefactors": {"tissue_hires_scalef": 1.0}}}
-        return predicted_vs_observed(
-            q, genes=genes, key=key, layer=layer, library_key=None, img_res="hires", cmap=cmap, alpha=alpha,
-            shared_scale=shared_scale, vmin=vmin, vmax=vmax, spot_scale=spot_scale, panel_size=panel_size, ax=ax,
-            show=show,
-        )  # fmt: skip
-    if spatial_key not in adata.obsm:
+    slide = None
+    if not isinstance(adata, AnnData):  # a SpatialData: its table at the adapter's centres over a ~2,000-px level
+        table, slide, sdata_image = sdata_plot_slide(adata, table_key=table_key, image_key=image_key)
+        adata = table
+    elif spatial_key not in adata.obsm:
         msg = f"`adata.obsm[{spatial_key!r}]` not found; spot coordinates are needed to draw the tissue."
         raise KeyError(msg)
     pred_df = adata.obsm.get(key)
@@ -138,19 +127,22 @@ def predicted_vs_observed(
         x = get_matrix(adata, layer)[:, adata.var_names.get_indexer(panel)]
         obs_all = normalize_expression(x, params.get("normalize", "log1p_cp10k"))
 
-    lib = plot_library(adata, library_id, library_key)
-    labels = library_labels(adata, library_key)
-    mask = labels == lib if lib is not None and (labels == lib).any() else np.ones(adata.n_obs, dtype=bool)
     image, scale, diameter = None, 1.0, None
-    if lib is not None:
-        entry = adata.uns["spatial"][lib]
-        sf = entry.get("scalefactors", {})
-        if img_res in entry.get("images", {}):
-            image = entry["images"][img_res]
-            scale = float(sf.get(f"tissue_{img_res}_scalef", 1.0))
-        if "spot_diameter_fullres" in sf:
-            diameter = float(sf["spot_diameter_fullres"])
-    xy = np.asarray(adata.obsm[spatial_key], dtype=float)[mask]  # full-resolution pixels
+    if slide is not None:
+        lib, mask, xy = None, slide.rows, slide.centres  # image pixels of the drawn level
+        image, diameter = sdata_image, slide.spot_diameter
+    else:
+        lib = plot_library(adata, library_id, library_key)
+        labels = library_labels(adata, library_key)
+        mask = labels == lib if lib is not None and (labels == lib).any() else np.ones(adata.n_obs, dtype=bool)
+        if lib is not None:
+            sf, lib_images = scalefactors(adata, lib), uns_images(adata, lib)
+            if img_res in lib_images:
+                image = lib_images[img_res]
+                scale = float(sf.get(f"tissue_{img_res}_scalef", 1.0))
+            if "spot_diameter_fullres" in sf:
+                diameter = float(sf["spot_diameter_fullres"])
+        xy = np.asarray(adata.obsm[spatial_key], dtype=float)[mask]  # full-resolution pixels
     shape, size = element_geometry(adata[mask], xy, diameter=diameter)
     size *= spot_scale
 

@@ -1,7 +1,8 @@
 """Where the spots of `pp.image_features` are and which image holds them: slides, images, patch sizes.
 
-For an AnnData the slides come from `obs[library_key]` / `uns['spatial']` (the Visium layout); for a SpatialData from
-the shapes the table annotates and an image element, joined by spatialdata's transformations. Either way the result
+For an AnnData the slides come from `obs[library_key]` / the Visium layout in `uns` (read through the spatial adapter,
+:mod:`histospace._spatial`); for a SpatialData from the adapter's slide record (the shapes the table annotates and an
+image element, joined by spatialdata's transformations). Either way the result
 is the centres (full-resolution units) and one :class:`_Library` per slide.
 """
 
@@ -12,10 +13,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from anndata import AnnData
 
-from histospace._image import ImageSource
+from histospace._image._sources import ImageSource
+from histospace._spatial._images import library_image
+from histospace._spatial._images import sdata_image_key as _sdata_image_key
+from histospace._spatial._platform import HE_TILES
+from histospace._spatial._slide import sdata_slide
+from histospace._spatial._uns import metadata, scalefactors, uns_libraries, uns_path
 from histospace._utils._data import library_labels
-from histospace._utils._library import library_entry, library_image
-from histospace._utils._sdata import TableContext, affine_scale, apply_affine
+from histospace._utils._sdata import TableContext, affine_scale
 
 #: default patch side, in spot diameters (validated on DLPFC by the domain benchmark: 3 diameters = 165 µm on Visium)
 DEFAULT_PATCH_DIAMETERS = 3.0
@@ -55,13 +60,11 @@ def _patch_size_of_library(
     adata: AnnData, library_id: str | None, patch_size: float | None, patch_size_um: float | None
 ) -> tuple[float, float | None]:
     """Patch size in full-resolution pixels (and in µm when known) for one library."""
-    entry = library_entry(adata, library_id)
-    sf = entry.get("scalefactors", {}) or {}
-    meta = entry.get("metadata", {}) or {}
+    sf, meta = scalefactors(adata, library_id), metadata(adata, library_id)
     diam_px = sf.get("spot_diameter_fullres")
     diam_um = meta.get("spot_diameter_um")
     px_per_um = float(diam_px) / float(diam_um) if diam_px is not None and diam_um else None
-    where = f"adata.uns['spatial'][{library_id!r}]" if library_id is not None else "adata.uns['spatial']"
+    where = uns_path(library_id)
     if patch_size is not None:
         return float(patch_size), (float(patch_size) / px_per_um if px_per_um else None)
     if patch_size_um is not None:
@@ -80,7 +83,7 @@ def _patch_size_of_library(
         )
         raise KeyError(msg)
     # spots: three diameters; tiles of `pp.tile_image`: the tile itself
-    factor = 1.0 if meta.get("technology") == "he_tiles" else DEFAULT_PATCH_DIAMETERS
+    factor = 1.0 if meta.get("technology") == HE_TILES else DEFAULT_PATCH_DIAMETERS
     px = factor * float(diam_px)
     return px, (px / px_per_um if px_per_um else None)
 
@@ -95,8 +98,7 @@ def _resolve_libraries(
     patch_size: float | None,
     patch_size_um: float | None,
 ) -> list[_Library]:
-    spatial_uns = adata.uns.get("spatial", None)
-    libs_uns = list(spatial_uns) if isinstance(spatial_uns, dict) else []
+    libs_uns = uns_libraries(adata)
     n = adata.n_obs
 
     if library_key is not None:
@@ -108,7 +110,7 @@ def _resolve_libraries(
         if img is not None and len(ids) > 1:
             msg = (
                 f"`img=` gives one image but `adata.obs[{library_key!r}]` holds {len(ids)} libraries; "
-                "subset `adata` to one library or drop `img=` to use the images in `adata.uns['spatial']`."
+                f"subset `adata` to one library or drop `img=` to use the images in `{uns_path()}`."
             )
             raise ValueError(msg)
         groups = [(lib, np.flatnonzero(col == lib)) for lib in ids]
@@ -116,8 +118,7 @@ def _resolve_libraries(
         if library_id is not None:
             if library_id not in libs_uns:
                 msg = (
-                    f"library_id={library_id!r} not found in `adata.uns['spatial']` (available: {libs_uns}); "
-                    "pass one of these."
+                    f"library_id={library_id!r} not found in `{uns_path()}` (available: {libs_uns}); pass one of these."
                 )
                 raise KeyError(msg)
             lib = library_id
@@ -137,7 +138,7 @@ def _resolve_libraries(
                 lib = None
             else:
                 msg = (
-                    f"`adata.uns['spatial']` holds {len(libs_uns)} libraries {libs_uns}; pass `library_id=` for one "
+                    f"`{uns_path()}` holds {len(libs_uns)} libraries {libs_uns}; pass `library_id=` for one "
                     "slide or `library_key='library_id'` (the obs column naming each spot's slide) for all."
                 )
                 raise ValueError(msg)
@@ -157,7 +158,7 @@ def _resolve_libraries(
             continue
         if img is not None and patch_size is None and patch_size_um is None and lib is None:
             msg = (
-                "`patch_size` is needed with `img=` when `adata.uns['spatial']` has no library with "
+                f"`patch_size` is needed with `img=` when `{uns_path()}` has no library with "
                 "`scalefactors['spot_diameter_fullres']`; pass `patch_size=` in full-resolution pixels."
             )
             raise KeyError(msg)
@@ -168,13 +169,13 @@ def _resolve_libraries(
         names = [m[0] for m in missing]
         if not libs_uns:
             msg = (
-                "No image found: `adata.uns['spatial']` is missing or empty and no `img=` was given. Pass the H&E "
-                "image as `img=` (path, array or squidpy ImageContainer) or add it to `adata.uns['spatial'][library_id]`"
+                f"No image found: `{uns_path()}` is missing or empty and no `img=` was given. Pass the H&E "
+                f"image as `img=` (path, array or squidpy ImageContainer) or add it to `{uns_path()}[library_id]`"
                 " (`images['hires']` + `scalefactors`, or `metadata['source_image_path']`)."
             )
         else:
             msg = (
-                f"No image for {n_spots} spots of libraries {names}: `adata.uns['spatial'][library_id]` has no "
+                f"No image for {n_spots} spots of libraries {names}: `{uns_path()}[library_id]` has no "
                 "`metadata['source_image_path']` and no `images['hires'|'lowres']` for them (libraries with data: "
                 f"{libs_uns}). Add the image, pass `img=` for one slide, or subset `adata` to slides with images."
             )
@@ -184,16 +185,7 @@ def _resolve_libraries(
 
 def sdata_image_key(sdata, image_key: str | None) -> str:
     """The H&E element of `sdata.images`: `image_key`, checked, or the only image when it is `None`."""
-    from histospace._utils._choice import element_key
-
-    images = list(sdata.images)
-    return element_key(
-        sdata.images,
-        image_key,
-        slot="sdata.images",
-        msg=f"The SpatialData holds {len(images)} images {images}; pass `image_key=` naming the H&E.",
-        empty_msg="The SpatialData holds no image; add the H&E with `hs.io.add_image(sdata, ...)` or pass `img=`.",
-    )
+    return _sdata_image_key(sdata, image_key)
 
 
 def _sdata_libraries(
@@ -210,27 +202,23 @@ def _sdata_libraries(
     The regions' centres are mapped shapes -> `coordinate_system` -> image level 0 with spatialdata's
     transformations; µm come from :func:`histospace.io.microns_per_unit` of the coordinate system.
     """
-    from histospace._image import coordinate_system_to_pixels, open_multiscale
-    from histospace.io import microns_per_unit
-
-    sdata = ctx.sdata
-    image_key = sdata_image_key(sdata, image_key)
-    shapes_key = ctx.shapes_key(shapes_key)
-    cs = ctx.coordinate_system(coordinate_system, [shapes_key, image_key])
-    rows = ctx.rows_of(shapes_key)
-    if rows.size != ctx.table.n_obs:
-        msg = (
+    slide = sdata_slide(
+        ctx,
+        image_key=image_key,
+        shapes_key=shapes_key,
+        coordinate_system=coordinate_system,
+        one_region=(
             f"The table {ctx.table_key!r} annotates several regions; image features of one image are computed for one "
             "region at a time: subset the table to the rows of one region."
-        )
-        raise ValueError(msg)
-    xy, sizes, kind = ctx.geometry(shapes_key, rows)
-    to_image = coordinate_system_to_pixels(sdata, image_key=image_key, coordinate_system=cs, level=0)
-    m = to_image @ ctx.to_coordinate_system(shapes_key, cs)  # shapes -> image level-0 pixels
-    centres = apply_affine(m, xy)
-    units_per_px = 1.0 / affine_scale(to_image)  # coordinate-system units per level-0 pixel
-    um_per_unit = microns_per_unit(sdata, cs, table_key=ctx.table_key)
-    um_per_px = None if um_per_unit is None else um_per_unit * units_per_px
+        ),
+    )
+    centres, rows, m, um_per_px, cs = (
+        slide.centres,
+        slide.rows,
+        slide.extra["to_pixels"],
+        slide.mpp,
+        slide.extra["coordinate_system"],
+    )
     where = (
         f"the coordinate system {cs!r} has no µm scale (set it with `hs.io.set_microns_per_unit(sdata, value, "
         f"coordinate_system={cs!r})`)"
@@ -245,18 +233,17 @@ def _sdata_libraries(
             raise ValueError(msg)
         px = float(patch_size_um) / um_per_px
     elif "tile_image" in ctx.table.uns:  # tiles of `pp.tile_image`: the tile itself
-        px = float(np.median(sizes)) * affine_scale(m)
-    elif kind == "square":
+        px = slide.extra["shape_size"] * affine_scale(m)
+    elif slide.kind == "square":
         if um_per_px is None:
             msg = f"The default patch of square bins is {DEFAULT_PATCH_UM:g} µm, but {where}; or pass `patch_size=`."
             raise ValueError(msg)
         px = DEFAULT_PATCH_UM / um_per_px
     else:  # spots: three diameters
-        px = DEFAULT_PATCH_DIAMETERS * float(np.median(sizes)) * affine_scale(m)
-    ms = open_multiscale(sdata.images[image_key], mpp=um_per_px, name=f"sdata.images[{image_key!r}]")
-    extra = {"image_key": image_key, "shapes_key": shapes_key, "coordinate_system": cs, "table_key": ctx.table_key}
+        px = DEFAULT_PATCH_DIAMETERS * slide.extra["shape_size"] * affine_scale(m)
+    extra = {k: slide.extra[k] for k in ("image_key", "shapes_key", "coordinate_system", "table_key")}
     um = None if um_per_px is None else px * um_per_px
-    return centres, [_Library(shapes_key, rows, ms.source(0), px, um, multiscale=ms, extra=extra)]
+    return centres, [_Library(slide.library_id, rows, slide.image, px, um, multiscale=slide.multiscale, extra=extra)]
 
 
 def _anndata_coords(adata: AnnData, spatial_key: str) -> np.ndarray:

@@ -10,20 +10,18 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from histospace._spatial._platform import DEFAULT_SPOT_DIAMETER_UM as _DEFAULT_SPOT_DIAMETER_UM
+from histospace._spatial._platform import SPOT_DIAMETER_UM as _SPOT_DIAMETER_UM
+from histospace._spatial._platform import technology as _platform_technology
+from histospace._spatial._uns import library_entry, metadata, scalefactors, uns_libraries, uns_path
 from histospace._utils._data import library_labels
-
-# Spot diameter (µm) and first-ring grid neighbours per technology (centre-to-centre: Visium 100 µm, legacy ST 200 µm).
-_SPOT_DIAMETER_UM = {"visium": 55.0, "st": 100.0}
-_GRID_NEIGHS = {"visium": 6, "st": 4}
-_DEFAULT_SPOT_DIAMETER_UM = 55.0  # Visium, when nothing says otherwise
 
 
 def _library_ids(adata: AnnData, lib_of_spot: np.ndarray | None) -> list[str]:
     """Slides present in the data: the slide labels of the spots, else the libraries of `uns['spatial']` in use."""
     if lib_of_spot is not None:
         return [str(x) for x in pd.unique(lib_of_spot)]
-    spatial = adata.uns.get("spatial")
-    keys = [str(k) for k in spatial] if isinstance(spatial, Mapping) else []
+    keys = uns_libraries(adata)
     if len(keys) > 1 and "library_id" in adata.obs:  # e.g. one slide subset from a multi-slide AnnData
         present = [str(x) for x in pd.unique(library_labels(adata, "library_id"))]
         if len(present) == 1 and present[0] in keys:
@@ -31,27 +29,9 @@ def _library_ids(adata: AnnData, lib_of_spot: np.ndarray | None) -> list[str]:
     return keys
 
 
-def _lib_uns(adata: AnnData, lib: str) -> Mapping:
-    spatial = adata.uns.get("spatial")
-    if isinstance(spatial, Mapping) and isinstance(spatial.get(lib), Mapping):
-        return spatial[lib]
-    return {}
-
-
 def _technology(adata: AnnData, lib: str) -> str | None:
     """Technology of a slide from its metadata (`'visium'`, `'st'`, another string, or `None` when unknown)."""
-    meta = _lib_uns(adata, lib).get("metadata", {}) or {}
-    tech = meta.get("technology")
-    if isinstance(tech, str) and tech:
-        return tech.lower()
-    if "chemistry_description" in meta:  # written by scanpy.read_visium / squidpy.read.visium
-        return "visium"
-    um = meta.get("spot_diameter_um")
-    if isinstance(um, Real) and not isinstance(um, bool):
-        for name, d in _SPOT_DIAMETER_UM.items():
-            if np.isclose(float(um), d):
-                return name
-    return None
+    return _platform_technology(metadata(adata, lib))
 
 
 def _is_hex_grid(adata: AnnData) -> bool:
@@ -72,7 +52,7 @@ def _is_hex_grid(adata: AnnData) -> bool:
 
 def _spot_diameter_um(adata: AnnData, lib: str, spot_diameter_um: float | None, inferred: str | None = None) -> float:
     """µm per spot diameter: argument, else metadata, else the technology, else Visium (with a log warning)."""
-    meta = _lib_uns(adata, lib).get("metadata", {}) or {}
+    meta = metadata(adata, lib)
     from_meta = meta.get("spot_diameter_um")
     if from_meta is not None:
         from_meta = float(from_meta)
@@ -80,7 +60,7 @@ def _spot_diameter_um(adata: AnnData, lib: str, spot_diameter_um: float | None, 
         if from_meta is not None and not np.isclose(from_meta, spot_diameter_um):
             msg = (
                 f"`spot_diameter_um={spot_diameter_um}` differs from "
-                f"`adata.uns['spatial'][{lib!r}]['metadata']['spot_diameter_um']` = {from_meta}; using the argument."
+                f"`{uns_path(lib, 'metadata', 'spot_diameter_um')}` = {from_meta}; using the argument."
             )
             warnings.warn(msg, UserWarning, stacklevel=4)
         return float(spot_diameter_um)
@@ -97,7 +77,7 @@ def _spot_diameter_um(adata: AnnData, lib: str, spot_diameter_um: float | None, 
         )
         raise ValueError(msg)
     warnings.warn(
-        f"library {lib!r}: no technology or `spot_diameter_um` in `adata.uns['spatial'][{lib!r}]['metadata']`; "
+        f"library {lib!r}: no technology or `spot_diameter_um` in `{uns_path(lib, 'metadata')}`; "
         f"assuming Visium spots of {_DEFAULT_SPOT_DIAMETER_UM:g} µm. Pass `spot_diameter_um=` otherwise.",
         UserWarning,
         stacklevel=4,
@@ -113,7 +93,7 @@ def _px_per_um(
     Space Ranger's `scalefactors['microns_per_pixel']` (Visium HD) is used when present and no `spot_diameter_um`
     is given; else the spot diameter in pixels and in µm.
     """
-    sf = _lib_uns(adata, lib).get("scalefactors", {}) or {}
+    sf = scalefactors(adata, lib)
     mpp = sf.get("microns_per_pixel")
     if (
         spot_diameter_um is None
@@ -126,14 +106,14 @@ def _px_per_um(
     d_px = sf.get("spot_diameter_fullres")
     if d_px is None:
         msg = (
-            f"`adata.uns['spatial'][{lib!r}]['scalefactors']['spot_diameter_fullres']` not found, so `radius_um` cannot "
+            f"`{uns_path(lib, 'scalefactors', 'spot_diameter_fullres')}` not found, so `radius_um` cannot "
             "be converted to pixels. Add the scale factors (as `scanpy.read_visium` does), pass `microns_per_unit=` "
             "or pass `radius=` in full-resolution pixels."
         )
         raise KeyError(msg)
     d_px = float(d_px)
     if not np.isfinite(d_px) or d_px <= 0:
-        msg = f"`adata.uns['spatial'][{lib!r}]['scalefactors']['spot_diameter_fullres']` is {d_px}; expected > 0."
+        msg = f"`{uns_path(lib, 'scalefactors', 'spot_diameter_fullres')}` is {d_px}; expected > 0."
         raise ValueError(msg)
     d_um = _spot_diameter_um(adata, lib, spot_diameter_um, inferred)
     return d_px / d_um, d_um
@@ -179,16 +159,16 @@ def _radius_units(
         else:
             if not libs:
                 msg = (
-                    "`adata.uns['spatial']` not found, so `radius_um` cannot be converted to pixels. Pass "
+                    f"`{uns_path()}` not found, so `radius_um` cannot be converted to pixels. Pass "
                     "`microns_per_unit=` (µm per coordinate unit), add "
-                    "`uns['spatial'][library_id]['scalefactors']['spot_diameter_fullres']` or pass `radius=` in "
+                    f"`{uns_path(obj='')}[library_id]['scalefactors']['spot_diameter_fullres']` or pass `radius=` in "
                     "coordinate units."
                 )
                 raise KeyError(msg)
-            missing = [lib for lib in libs if not _lib_uns(adata, lib)]
+            missing = [lib for lib in libs if not library_entry(adata, lib)]
             if missing:
                 msg = (
-                    f"`adata.uns['spatial']` has no entry for slide(s) {missing} of `adata.obs[{library_key!r}]`, so "
+                    f"`{uns_path()}` has no entry for slide(s) {missing} of `adata.obs[{library_key!r}]`, so "
                     "`radius_um` cannot be converted to pixels. Add their scale factors, pass `microns_per_unit=` or "
                     "pass `radius=` in pixels."
                 )
@@ -201,7 +181,7 @@ def _radius_units(
             radius_px = float(radius_um * factors[0])
         elif library_key is None:
             msg = (
-                f"The libraries of `adata.uns['spatial']` have different pixel sizes ({px_per_um} px/µm) and no "
+                f"The libraries of `{uns_path()}` have different pixel sizes ({px_per_um} px/µm) and no "
                 "`library_key` says which spot belongs to which; pass `library_key=`."
             )
             raise ValueError(msg)

@@ -24,12 +24,16 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 from scanpy import logging as logg
 
+from histospace._constants import GRAPH_KEY, graph_keys
+from histospace._spatial._platform import GRID_NEIGHS as _GRID_NEIGHS
+from histospace._spatial._slide import sdata_slide
+from histospace._spatial._uns import uns_path
 from histospace._utils import check_number, check_obsm, doc_params, version_string
 from histospace._utils._data import check_key_added, library_labels
 from histospace._utils._lattice import bins_evidence, grid_indices
-from histospace._utils._sdata import TableContext, apply_affine, as_table, table_output
+from histospace._utils._sdata import TableContext, as_table, table_output
 from histospace.pp._bin_graph import _BIN_NEIGHS, _DEFAULT_BIN_NEIGHS, bin_graph
-from histospace.pp._graph_meta import _GRID_NEIGHS, _is_hex_grid, _library_ids, _radius_units, _technology
+from histospace.pp._graph_meta import _is_hex_grid, _library_ids, _radius_units, _technology
 from histospace.pp._spot_graph import squidpy_graph
 
 
@@ -66,7 +70,7 @@ def spatial_graph(
     n_rings: int = 1,
     delaunay: bool = False,
     set_diag: bool = False,
-    key_added: str = "spatial",
+    key_added: str = GRAPH_KEY,
     copy: bool = False,
 ) -> AnnData | SpatialData | None:
     """Build the spatial neighbour graph of spots or square bins, one graph per slide, with a radius in µm.
@@ -154,7 +158,9 @@ def spatial_graph(
         Put 1 on the diagonal of the connectivities (each spot its own neighbour).
     key_added
         Prefix of the keys written: `obsp[key_added + '_connectivities']`, `obsp[key_added + '_distances']`,
-        `uns[key_added + '_neighbors']` (squidpy's naming).
+        `uns[key_added + '_neighbors']` (squidpy's naming). The readers of the graph (`connectivity_key=` of
+        `tl.stereomm`, `tl.domains`, `models.StereoMM`) take this same name: `key_added='x'` is read back with
+        `connectivity_key='x'` (or the full `'x_connectivities'`).
     copy
         {copy}
 
@@ -257,7 +263,7 @@ def spatial_graph(
     libs = _library_ids(adata, lib_of_spot)
     if library_key is None and len(libs) > 1:
         warnings.warn(
-            f"`adata.uns['spatial']` holds {len(libs)} libraries but no `library_key` was given: all spots are treated "
+            f"`{uns_path()}` holds {len(libs)} libraries but no `library_key` was given: all spots are treated "
             "as one slide, so edges may join spots of different slides. Pass `library_key=` (the obs column naming "
             "each spot's slide).",
             UserWarning,
@@ -438,7 +444,7 @@ def spatial_graph(
 
     if ctx is not None:
         params["table_key"] = ctx.table_key
-    conns_key, dists_key, uns_key = f"{key_added}_connectivities", f"{key_added}_distances", f"{key_added}_neighbors"
+    conns_key, dists_key, uns_key = graph_keys(key_added)
     out = adata.copy() if copy else adata
     out.obsp[conns_key] = conn
     out.obsp[dists_key] = dist
@@ -455,15 +461,18 @@ def spatial_graph(
 
 
 def _sdata_centres(ctx: TableContext, shapes_key: str | None, coordinate_system: str | None):
-    """Centres of the shapes the table annotates, in a coordinate system; `((cs, µm per unit), square shapes)`."""
-    from histospace.io import microns_per_unit
+    """Centres of the shapes the table annotates, in a coordinate system; `((cs, µm per unit), square shapes)`.
 
-    shapes_key = ctx.shapes_key(shapes_key)
-    cs = ctx.coordinate_system(coordinate_system, [shapes_key])
-    rows = ctx.rows_of(shapes_key)
-    if rows.size != ctx.table.n_obs:
-        msg = f"The table {ctx.table_key!r} annotates several regions; build one graph per region (subset the table)."
-        raise ValueError(msg)
-    xy, _, kind = ctx.geometry(shapes_key, rows)
-    centres = apply_affine(ctx.to_coordinate_system(shapes_key, cs), xy)
-    return centres, (cs, microns_per_unit(ctx.sdata, cs, table_key=ctx.table_key)), kind == "square"
+    From the spatial adapter's slide record without an image (:func:`histospace._spatial._slide.sdata_slide`).
+    """
+    slide = sdata_slide(
+        ctx,
+        image_key=None,
+        shapes_key=shapes_key,
+        coordinate_system=coordinate_system,
+        image=False,
+        one_region=(
+            f"The table {ctx.table_key!r} annotates several regions; build one graph per region (subset the table)."
+        ),
+    )
+    return slide.centres, (slide.extra["coordinate_system"], slide.mpp), slide.kind == "square"

@@ -10,6 +10,8 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scanpy import logging as logg
 
+from histospace._constants import graph_keys
+
 
 @contextmanager
 def _quiet_squidpy():
@@ -76,11 +78,12 @@ def squidpy_graph(
         else:
             sq.gr.spatial_neighbors_knn(tmp, n_neighs=int(n_neighs), **common)
 
-    conn = sp.csr_matrix(tmp.obsp["spatial_connectivities"], dtype=np.float32)
-    dist = sp.csr_matrix(tmp.obsp["spatial_distances"], dtype=np.float32)
+    conn_key, dist_key, uns_key = graph_keys()  # squidpy's default `key_added='spatial'`
+    conn = sp.csr_matrix(tmp.obsp[conn_key], dtype=np.float32)
+    dist = sp.csr_matrix(tmp.obsp[dist_key], dtype=np.float32)
     if scale_rows is not None and coord_type == "generic":
         dist = sp.csr_matrix(sp.diags(scale_rows.astype(np.float32)) @ dist, dtype=np.float32)
     conn.sort_indices()
     dist.sort_indices()
-    sq_params = {k: v for k, v in tmp.uns["spatial_neighbors"]["params"].items() if v is not None}
+    sq_params = {k: v for k, v in tmp.uns[uns_key]["params"].items() if v is not None}
     return conn, dist, sq_params, start

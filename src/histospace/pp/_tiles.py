@@ -13,8 +13,10 @@ from scanpy import logging as logg
 
 from histospace._image import open_multiscale
 from histospace._image._sources import ImageSource, _is_image_container
+from histospace._spatial._images import sdata_image_key
+from histospace._spatial._platform import HE_TILES
+from histospace._spatial._uns import drop_uns, set_uns
 from histospace._utils import check_number, version_string
-from histospace._utils._choice import element_key
 from histospace._utils._sdata import is_spatialdata
 
 __all__ = ["tile_image"]
@@ -236,19 +238,22 @@ def tile_image(
     tiles = ad.AnnData(X=np.zeros((rows.size, 0), dtype=np.float32), obs=obs)
     tiles.obsm["spatial"] = np.column_stack([x0 + tile_size / 2.0, y0 + tile_size / 2.0]).astype(np.float64)
 
-    metadata = {"technology": "he_tiles"}
+    metadata = {"technology": HE_TILES}
     if isinstance(img, str | os.PathLike):
         metadata["source_image_path"] = str(Path(img).expanduser().resolve())
     if mpp is not None:
         metadata["microns_per_pixel"] = float(mpp)
         metadata["spot_diameter_um"] = float(tile_size * mpp)
-    tiles.uns["spatial"] = {
-        library_id: {
-            "images": {"hires": hires},
-            "scalefactors": {"tissue_hires_scalef": scalef, "spot_diameter_fullres": float(tile_size)},
-            "metadata": metadata,
-        }
-    }
+    set_uns(
+        tiles,
+        {
+            library_id: {
+                "images": {"hires": hires},
+                "scalefactors": {"tissue_hires_scalef": scalef, "spot_diameter_fullres": float(tile_size)},
+                "metadata": metadata,
+            }
+        },
+    )
     params = {
         "tile_size": int(tile_size),
         "stride": int(stride),
@@ -282,12 +287,10 @@ def _sdata_image(sdata, image_key: str | None, key_added: str, mpp: float | None
     from spatialdata.transformations import get_transformation
 
     from histospace._image import coordinate_system_to_pixels
-    from histospace._utils._sdata import affine_scale
+    from histospace._spatial._affine import affine_scale
     from histospace.io import microns_per_unit
 
-    images = list(sdata.images)
-    msg = f"The SpatialData holds {len(images)} images {images}; pass `image_key=` naming the H&E."
-    image_key = element_key(sdata.images, image_key, slot="sdata.images", msg=msg)
+    image_key = sdata_image_key(sdata, image_key)
     if not isinstance(key_added, str) or not key_added:
         msg = f"`key_added` must be a non-empty str, got {key_added!r}."
         raise TypeError(msg)
@@ -316,7 +319,7 @@ def _add_tiles(sdata, tiles: ad.AnnData, *, image_key: str, key_added: str, tile
     transformations = get_transformation(sdata.images[image_key], get_all=True)
     shapes = squares(tiles.obsm["spatial"], float(tile_size), transformations=transformations)
     table = tiles.copy()
-    del table.uns["spatial"]
+    drop_uns(table)
     region = f"{key_added}_squares"
     table.obs["region"] = pd.Categorical([region] * table.n_obs)
     table.obs["instance_id"] = np.arange(table.n_obs)

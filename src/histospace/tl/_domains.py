@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scanpy import logging as logg
 
-from histospace._constants import CONNECTIVITIES_KEY, STEREOMM_KEY
+from histospace._constants import CONNECTIVITIES_KEY, STEREOMM_KEY, connectivity_key_in
 from histospace._utils import check_number, check_obsm, check_obsp, check_random_state, doc_params, version_string
 from histospace._utils._data import binary_adjacency, check_key_added
 from histospace._utils._sdata import as_table, table_output
@@ -312,7 +312,8 @@ def domains(
     refine
         Spatial majority-vote refinement passes (`False`/0: none). Needs `adata.obsp[connectivity_key]`.
     connectivity_key
-        Key in `adata.obsp` with the spatial graph used by `refine`.
+        Key in `adata.obsp` with the spatial graph used by `refine`, or the graph's base name (`key_added` of
+        `hs.pp.spatial_graph`: `'x'` reads `obsp['x_connectivities']`).
     random_state
         {random_state}
     key_added
@@ -400,6 +401,7 @@ def domains(
             raise type(e)(f"{e} Pass True/False or a number of refinement passes (0, 1, 2, ...).") from None
     adj = None
     if n_refine:
+        connectivity_key = connectivity_key_in(adata.obsp, connectivity_key)  # `key_added` of pp.spatial_graph too
         adj = check_obsp(
             adata,
             connectivity_key,

@@ -63,7 +63,9 @@ def stereomm(
     features_key
         Key in `adata.obsm` with image features (`hs.pp.image_features`); `None` for an expression-only model.
     connectivity_key
-        Key in `adata.obsp` with the spatial graph (`hs.pp.spatial_graph`, or squidpy's `spatial_neighbors_grid` and its siblings).
+        Key in `adata.obsp` with the spatial graph (`hs.pp.spatial_graph`, or squidpy's `spatial_neighbors_grid` and its
+        siblings), or the graph's base name: after `hs.pp.spatial_graph(adata, key_added='x')` pass `'x'` (or the full
+        `'x_connectivities'`).
     preset
         `None` (histospace defaults) or `'reference'` (StereoMMv1 settings).
     n_latent
