@@ -22,7 +22,7 @@ from torch import nn
 
 import histospace as hs
 
-from .conftest import assert_same_params, assert_same_table, assert_same_value, xfail_on
+from .conftest import assert_same_params, assert_same_table, assert_same_value
 
 #: the public names each test covers (`namespace.name`, `models.Class.method` for the model classes' methods)
 COVERED: set[str] = set()
@@ -130,23 +130,23 @@ def test_spatial_graph_grid_of_spots(pair):
     assert_same_table(pair.adata, pair.table, uns=("g_neighbors",), form_keys=("spatial_key",))
 
 
-BINS_DETECTION = (
-    "pp.spatial_graph on a SpatialData takes Visium spots for square bins (bins=None): its bin test compares "
-    "uns['spatial'][...]['scalefactors']['spot_diameter_fullres'] (55, full-resolution px) with the grid pitch "
-    "measured in the coordinate system's units (50 hires px in from_legacy_anndata's 'lib_hires'), a ratio of 1.1 "
-    "that float noise puts inside the 10 % tolerance from 10 x 10 spots on ('spot diameter equal to the grid pitch "
-    "(squares that tile)'). Defaults: the 8-neighbour bin grid (mean degree 7.03) instead of the AnnData's squidpy "
-    "6-NN graph; coord_type='grid', n_neighs=4: the same edges but params bins=True and distances 50 (hires px) "
-    "instead of the ring number 1. In full-resolution units ('global' layout) both forms agree"
-)
-
-
 @pytest.mark.parametrize("kw", [{}, {"coord_type": "grid", "n_neighs": 4}], ids=["defaults", "grid"])
-def test_spatial_graph_bins_detection(request, pair, kw):
-    xfail_on(request, pair, ("legacy",), BINS_DETECTION)
+def test_spatial_graph_bins_detection(pair, kw):
+    """Visium spots stay spots in both forms (the SpatialData's bin test uses the circles' diameter in its own units).
+
+    The edges are the same; distances are in the units of the coordinates each form has: full-resolution pixels for
+    the AnnData, the coordinate system's units for the SpatialData (hires pixels, half as many, in the `legacy`
+    layout of spatialdata-io's `from_legacy_anndata`; full-resolution pixels in the `global` layout).
+    """
     for data in pair.forms():
         hs.pp.spatial_graph(data, **kw)
-    assert_same_table(pair.adata, pair.table, uns=("spatial_neighbors",), form_keys=("spatial_key",))
+    a, t = pair.adata, pair.table
+    assert not a.uns["spatial_neighbors"]["params"].get("bins") and not t.uns["spatial_neighbors"]["params"].get("bins")
+    assert_same_value(a.obsp["spatial_connectivities"], t.obsp["spatial_connectivities"], "connectivities")
+    if pair.layout == "global" or kw:  # grid distances are ring numbers, in no unit
+        assert_same_table(a, t, uns=("spatial_neighbors",), form_keys=("spatial_key",))
+    else:
+        np.testing.assert_allclose(t.obsp["spatial_distances"].toarray() * 2, a.obsp["spatial_distances"].toarray())
 
 
 def _check_patch_params(pair, key: str) -> None:

@@ -92,7 +92,13 @@ def lattice_pitch(rows: np.ndarray, cols: np.ndarray, xy: np.ndarray) -> float |
     return pitch if rms <= 0.25 * pitch else None
 
 
-def bins_evidence(adata: AnnData, idx: tuple[np.ndarray, np.ndarray] | None = None, xy: np.ndarray | None = None):
+def bins_evidence(
+    adata: AnnData,
+    idx: tuple[np.ndarray, np.ndarray] | None = None,
+    xy: np.ndarray | None = None,
+    *,
+    diameter: float | None = None,
+):
     """Why the spots of `adata` are square bins (a short phrase), or `None` when they are not.
 
     Square grid indices (:func:`grid_indices`) plus one of: a bin technology in
@@ -100,6 +106,9 @@ def bins_evidence(adata: AnnData, idx: tuple[np.ndarray, np.ndarray] | None = No
     bin readers (`'gem'`, `'rebin'`, stereopy's `'bin_type' == 'bins'`); Space Ranger's Visium HD barcodes; a spot
     diameter (`scalefactors['spot_diameter_fullres']`) equal to the grid pitch (squares that tile the tissue); or
     more than 5,000 grid positions (more than any spot array).
+
+    `diameter`: the spot diameter in the units of `xy` when it is known there (a SpatialData's shapes, whose
+    coordinate system need not be in full-resolution pixels); it replaces `spot_diameter_fullres` in the comparison.
     """
     if idx is None:
         idx = grid_indices(adata)
@@ -117,8 +126,8 @@ def bins_evidence(adata: AnnData, idx: tuple[np.ndarray, np.ndarray] | None = No
         return "Visium HD barcodes"
     if adata.n_obs > MAX_SPOT_ARRAY:
         return f"{adata.n_obs} grid positions (more than any spot array)"
-    diam = []
-    for lib in uns_libraries(adata):
+    diam = [float(diameter)] if diameter is not None and np.isfinite(diameter) and diameter > 0 else []
+    for lib in uns_libraries(adata) if not diam else ():
         d = scalefactors(adata, lib).get("spot_diameter_fullres")
         if isinstance(d, Real) and not isinstance(d, bool) and d > 0:
             diam.append(float(d))

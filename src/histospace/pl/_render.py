@@ -73,7 +73,7 @@ def element_geometry(
     """
     xy = np.asarray(adata.obsm["spatial"] if xy is None else xy, dtype=np.float64)[:, :2]
     idx = grid_indices(adata)
-    is_bins = idx is not None and bins_evidence(adata, idx, xy) is not None
+    is_bins = idx is not None and bins_evidence(adata, idx, xy, diameter=diameter) is not None
     if is_bins:
         pitch = lattice_pitch(idx[0], idx[1], xy)
         if pitch is not None:

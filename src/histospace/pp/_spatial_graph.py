@@ -193,6 +193,7 @@ def spatial_graph(
     # ---- check everything before any work; nothing is written to `adata` until the end ----
     check_key_added(key_added)
     adata, ctx = as_table(adata, table_key)
+    shape_diameter = None  # the shapes' diameter in the units of `coords` (SpatialData); else scalefactors
     if ctx is None:
         coords = check_obsm(
             adata,
@@ -200,7 +201,7 @@ def spatial_graph(
             hint="Store the spot centres (full-resolution pixels, x then y) there, e.g. with `scanpy.read_visium`.",
         ).astype(np.float64)
     else:  # the centres of the annotated shapes in the coordinate system; µm and bins from the elements
-        coords, cs_units, square = _sdata_centres(ctx, shapes_key, coordinate_system)
+        coords, cs_units, square, shape_diameter = _sdata_centres(ctx, shapes_key, coordinate_system)
         spatial_key = f"{ctx.table_key}: centres of the annotated shapes in {cs_units[0]!r}"
         if microns_per_unit is None:
             microns_per_unit = cs_units[1]
@@ -278,7 +279,11 @@ def spatial_graph(
             "(whole numbers on a square lattice, as spatialdata-io's Visium HD and `hs.io` tables have)."
         )
         raise KeyError(msg) if ("array_row" not in adata.obs or "array_col" not in adata.obs) else ValueError(msg)
-    bins_why = ("`bins=True`" if bins else bins_evidence(adata, idx, coords)) if idx is not None else None
+    bins_why = (
+        ("`bins=True`" if bins else bins_evidence(adata, idx, coords, diameter=shape_diameter))
+        if idx is not None
+        else None
+    )
     is_bins = bins_why is not None
 
     # technology and default grid
@@ -461,7 +466,7 @@ def spatial_graph(
 
 
 def _sdata_centres(ctx: TableContext, shapes_key: str | None, coordinate_system: str | None):
-    """Centres of the shapes the table annotates, in a coordinate system; `((cs, µm per unit), square shapes)`.
+    """Centres, `(cs, µm per unit)`, squares or not, and diameter (side, in cs units) of the annotated shapes.
 
     From the spatial adapter's slide record without an image (:func:`histospace._spatial._slide.sdata_slide`).
     """
@@ -475,4 +480,4 @@ def _sdata_centres(ctx: TableContext, shapes_key: str | None, coordinate_system:
             f"The table {ctx.table_key!r} annotates several regions; build one graph per region (subset the table)."
         ),
     )
-    return slide.centres, (slide.extra["coordinate_system"], slide.mpp), slide.kind == "square"
+    return slide.centres, (slide.extra["coordinate_system"], slide.mpp), slide.kind == "square", slide.spot_diameter
