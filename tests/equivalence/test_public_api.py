@@ -325,16 +325,7 @@ def test_mclstexp_model(pair):
     assert_same_table(pair.adata, pair.table)
 
 
-def _anndata_only(method: str) -> str:
-    return (
-        f"MclSTExp.{method} takes an AnnData only: with the SpatialData it raises TypeError '`adata` must be an "
-        "AnnData, got SpatialData' (QueryMixin.check_query/_check_options), although MclSTExp(sdata), "
-        "tl.mclstexp_predict(sdata) and MclSTExp.query_features(sdata) take one"
-    )
-
-
 @covers("models.MclSTExp.predict")
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=_anndata_only("predict"))
 @TABLE_ONLY
 def test_mclstexp_model_predict(pair, mcl_model):
     pa, ps = (mcl_model.predict(d, n_neighbors=5, return_std=True) for d in pair.forms())
@@ -342,7 +333,6 @@ def test_mclstexp_model_predict(pair, mcl_model):
 
 
 @covers("models.MclSTExp.get_image_embedding")
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=_anndata_only("get_image_embedding"))
 @TABLE_ONLY
 def test_mclstexp_model_embedding(pair, mcl_model):
     ea, es = (mcl_model.get_image_embedding(d) for d in pair.forms())
@@ -350,7 +340,6 @@ def test_mclstexp_model_embedding(pair, mcl_model):
 
 
 @covers("models.MclSTExp.check_query")
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=_anndata_only("check_query"))
 @TABLE_ONLY
 def test_mclstexp_model_check_query(pair, mcl_model):
     for data in pair.forms():
@@ -456,13 +445,10 @@ def test_plot_domains_title_and_legend(pair):
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "pl.domains draws a SpatialData differently from the AnnData. Colours: the AnnData gets matplotlib's tab10 "
-        "through squidpy (uns['stereomm_domain_colors'] ['#1f77b4', '#ff7f0e', '#2ca02c']), the SpatialData "
-        "scanpy's palette from histospace's renderer (['#1f77b4', '#ff7f0e', '#279e68']). Spots: the AnnData is "
-        "drawn by squidpy's spatial_scatter (a PatchCollection of discs of spot_diameter_fullres x scale = 27.5 "
-        "hires px, axes over the whole image [-0.5, 649.5]); the SpatialData through a fake AnnData view and "
-        "histospace's renderer (an EllipseCollection of 40 px = 0.8 x the nearest-neighbour distance, as the view "
-        "drops the circles' radius; axes cropped to the spots [10, 640]), in both layouts. Spot centres agree"
+        "pl.domains frames the two forms differently: the AnnData is drawn by squidpy's spatial_scatter over the "
+        "whole image (xlim from -0.5), the SpatialData by histospace's renderer cropped to the spots plus one "
+        "diameter (xlim from 22.5 image px); colours (scanpy's default palette in both), spot centres and diameters "
+        "agree"
     ),
 )
 def test_plot_domains_colours_and_spots(pair):
@@ -504,13 +490,9 @@ def test_predicted_vs_observed_values(pair, mcl_model):
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "pl.predicted_vs_observed draws the AnnData in full-resolution pixels (image extent [-1, 1299, 1299, -1], "
-        "spot centres 100..1200) and the SpatialData in the pixels of its image element ([-0.5, 649.5, 649.5, "
-        "-0.5], centres 50..600) in both layouts (even when its coordinate system is 'global', in full-resolution "
-        "px), and the spot sizes disagree: 55 full-resolution px (spot_diameter_fullres, i.e. "
-        "27.5 image px) for the AnnData, 40 image px (0.8 x the nearest-neighbour distance: the circles' radius is "
-        "not used) for the SpatialData, so the axes (centres +- one diameter) and the figure's pixels differ; "
-        "the spots' places in the image and their colours agree"
+        "pl.predicted_vs_observed draws the AnnData in full-resolution pixels and the SpatialData in the pixels of "
+        "its image element (half as many here: xlim 45 vs 22.5), so the axes and the figure's pixels differ; the "
+        "spots' places in the image, their sizes relative to it and their colours agree"
     ),
 )
 def test_predicted_vs_observed_figure(pair, mcl_model):

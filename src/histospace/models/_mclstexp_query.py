@@ -35,11 +35,22 @@ MPP_FIX = (
 _WEIGHTING = ("inverse_square", "uniform", "softmax")
 
 
+def _query_table(adata, table_key: str | None):
+    """The table of a SpatialData query (`table_key` or its only table); an AnnData (or anything else) as given."""
+    from histospace._utils._sdata import as_table, is_spatialdata
+
+    return as_table(adata, table_key)[0] if is_spatialdata(adata) else adata
+
+
 class QueryMixin:
     """Embedding and prediction of query spots or tiles (mixed into :class:`~histospace.models.MclSTExp`)."""
 
-    def check_query(self, adata: AnnData, *, img=None) -> None:
-        """Raise if `adata` cannot be embedded by this model (missing, mis-sized, NaN or foreign image features)."""
+    def check_query(self, adata: AnnData, *, img=None, table_key: str | None = None) -> None:
+        """Raise if `adata` cannot be embedded by this model (missing, mis-sized, NaN or foreign image features).
+
+        `adata` may be a SpatialData: its table `table_key` (or its only table) is checked.
+        """
+        adata = _query_table(adata, table_key)
         if not isinstance(adata, AnnData):
             msg = f"`adata` must be an AnnData, got {type(adata).__name__}."
             raise TypeError(msg)
@@ -285,12 +296,21 @@ class QueryMixin:
 
     @torch.no_grad()
     def get_image_embedding(
-        self, adata: AnnData | None = None, *, features: np.ndarray | None = None, img=None, batch_size: int = 4096
+        self,
+        adata: AnnData | None = None,
+        *,
+        features: np.ndarray | None = None,
+        img=None,
+        batch_size: int = 4096,
+        table_key: str | None = None,
     ) -> np.ndarray:
         """Joint-space embeddings of the query's image features (or patches when fine-tuned), `(n_obs, dim)`.
 
-        With a seed ensemble, those of the first model (:attr:`module`); :meth:`predict` uses all of them.
+        With a seed ensemble, those of the first model (:attr:`module`); :meth:`predict` uses all of them. `adata` may
+        be a SpatialData: the spots of its table `table_key` (or its only table).
         """
+        if adata is not None:
+            adata = _query_table(adata, table_key)
         module = self.module.eval()
         dev = self.device
         out = []
@@ -397,6 +417,8 @@ class QueryMixin:
         mpp: float | None = None,
         batch_size: int = 4096,
         return_std: bool = False,
+        table_key: str | None = None,
+        image_key: str | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
         """Predicted normalised expression `(adata.n_obs, n_genes)` of the query (columns in `self.genes` order).
 
@@ -407,14 +429,24 @@ class QueryMixin:
 
         When `adata.obsm[features_key]` is absent, the features are computed with the reference's settings at its
         µm (:meth:`query_features`; `mpp=` gives the query's µm per pixel when its metadata lacks it); they are not
-        written to `adata`.
+        written to `adata`. `adata` may be a SpatialData: the spots of its table `table_key` (or its only table), with
+        features from its image `image_key` when they are computed.
         """
+        from histospace._utils._sdata import as_table
+
+        table, ctx = as_table(adata, table_key)
         features = None
-        if self.freeze_encoder and isinstance(adata, AnnData) and self.features_key not in adata.obsm:
-            self._check_options(adata, n_neighbors, weighting, smooth_neighbors, batch_size)
-            features, _ = self.query_features(adata, img=img, mpp=mpp)
+        if self.freeze_encoder and self.features_key not in table.obsm:
+            self._check_options(table, n_neighbors, weighting, smooth_neighbors, batch_size)
+            features, _ = self.query_features(
+                adata if ctx is None else ctx.sdata,
+                table_key=None if ctx is None else ctx.table_key,
+                image_key=image_key,
+                img=img,
+                mpp=mpp,
+            )
         mean, std, _ = self._predict(
-            adata,
+            table,
             n_neighbors=n_neighbors,
             weighting=weighting,
             smooth_neighbors=smooth_neighbors,

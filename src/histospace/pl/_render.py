@@ -266,7 +266,12 @@ def draw_values(
 
 
 def category_colors(categories: Sequence[str], palette=None, *, stored: Sequence | None = None) -> list[str]:
-    """One colour per category: `palette` (list, dict or colormap name), else `stored` colours, else scanpy's."""
+    """One colour per category: `palette` (list, dict or colormap name), else `stored` colours, else scanpy's.
+
+    scanpy's default (what scanpy and squidpy store in `uns[f'{key}_colors']`): matplotlib's colour cycle
+    (`rcParams['axes.prop_cycle']`, tab10 unless changed) when it has enough colours, else `default_20`, `default_28`,
+    `default_102`.
+    """
     import matplotlib as mpl
     from matplotlib.colors import to_hex, to_rgba
 
@@ -279,6 +284,9 @@ def category_colors(categories: Sequence[str], palette=None, *, stored: Sequence
     if palette is None:
         from scanpy.plotting import palettes
 
+        cycle = mpl.rcParams["axes.prop_cycle"].by_key().get("color", [])
+        if 0 < n <= len(cycle):
+            return [to_hex(c) for c in cycle[:n]]
         base = palettes.default_20 if n <= 20 else (palettes.default_28 if n <= 28 else palettes.default_102)
         if n > len(base):
             base = [to_hex(c) for c in mpl.colormaps["turbo"](np.linspace(0, 1, n))]
