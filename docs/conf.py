@@ -181,7 +181,12 @@ TUTORIALS = HERE / "tutorials"
 def _add_tutorials(app, docname: str, source: list[str]) -> None:
     if docname != "tutorials":
         return
-    order = ["stereomm_dlpfc", "mclstexp_her2st", "scanpy_squidpy_chaining"]  # tutorials/build.py ORDER
+    order = [
+        "stereomm_dlpfc",
+        "mclstexp_her2st",
+        "scanpy_squidpy_chaining",
+        "real_platforms",
+    ]  # tutorials/build.py ORDER
     found = sorted(TUTORIALS.glob("*.ipynb"), key=lambda f: (order.index(f.stem) if f.stem in order else 99, f.stem))
     if not found:  # an empty folder is fine (a toctree glob matching nothing would be an error with -W)
         source[0] += "\n\n```{note}\nNo tutorial notebooks yet.\n```\n"

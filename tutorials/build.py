@@ -35,7 +35,7 @@ from nbclient import NotebookClient
 HERE = Path(__file__).resolve().parent
 RUNTIME = "{{ runtime }}"
 # build order: the chaining tutorial reads the AnnData that the StereoMM tutorial saves (and computes it without)
-ORDER = ["stereomm_dlpfc", "mclstexp_her2st", "scanpy_squidpy_chaining"]
+ORDER = ["stereomm_dlpfc", "mclstexp_her2st", "scanpy_squidpy_chaining", "real_platforms"]
 
 
 def parse_percent(text: str) -> list[nbformat.NotebookNode]:
