@@ -316,6 +316,10 @@ def test_tcga_svs_without_resolution_needs_mpp(data_dir, her2st_model):
     with pytest.raises(ValueError, match=r"resolution is unknown.*mpp="):
         hs.tl.mclstexp_predict(s, table_key="tiles", model=her2st_model, n_neighbors=10, progress_bar=False)
     assert (set(t.obsm), set(t.uns)) == keys
+    # features asked in µm: the same clear error, before any work
+    with pytest.raises(ValueError, match=r"no µm scale.*`mpp=`.*hs\.io\.add_image"):
+        hs.pp.image_features(s, table_key="tiles", **her2st_model.image_features_kwargs, **RUN)
+    assert (set(t.obsm), set(t.uns)) == keys
     # features made with the tile in pixels (all that can be done without µm) are refused as well
     hs.pp.image_features(s, table_key="tiles", **(her2st_model.image_features_kwargs | {"patch_size_um": None}), **RUN)
     keys = (set(t.obsm), set(t.uns))

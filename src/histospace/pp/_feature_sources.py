@@ -220,7 +220,8 @@ def _sdata_libraries(
         slide.extra["coordinate_system"],
     )
     where = (
-        f"the coordinate system {cs!r} has no µm scale (set it with `hs.io.set_microns_per_unit(sdata, value, "
+        f"the coordinate system {cs!r} has no µm scale: give the image's resolution with `mpp=` of "
+        f"`hs.io.add_image(sdata, path, mpp=...)` (or `hs.io.set_microns_per_unit(sdata, value, "
         f"coordinate_system={cs!r})`)"
     )
     if patch_size is not None:
