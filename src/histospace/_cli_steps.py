@@ -138,14 +138,12 @@ def _image_features(data, args, *, extra: dict | None = None, image: str | None 
 
 
 def _has_image(data) -> bool:
+    from histospace._spatial._uns import images, metadata, uns_libraries
     from histospace._utils._sdata import is_spatialdata
 
     if is_spatialdata(data):
         return len(data.images) > 0
-    for lib in (data.uns.get("spatial") or {}).values():
-        if lib.get("images") or (lib.get("metadata") or {}).get("source_image_path"):
-            return True
-    return False
+    return any(images(data, lib) or metadata(data, lib).get("source_image_path") for lib in uns_libraries(data))
 
 
 def _spatial_graph(data, args) -> None:
