@@ -14,6 +14,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from histospace import _cli_demo_cache as demo_cache
 from histospace._cli_io import CLIError, _check_outputs, _positive_int, _table, write_output
 from histospace._cli_steps import (
     _add_encoder_args,
@@ -155,7 +156,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """StereoMM domains on DLPFC 151673 and mclSTExp on her2st (train C3-C6, predict C2), on real data.
 
     Image features are cached in `hs.pp.feature_cache_dir()` ($HISTOSPACE_CACHE/features, else
-    ~/.cache/histospace/features), so a second run reuses them; `hs.pp.clear_feature_cache()` empties it.
+    ~/.cache/histospace/features), so a second run reuses them; `hs.pp.clear_feature_cache()` empties it. The trained
+    models are cached beside it (`demo_models`, keyed by the data, the options and histospace's code); `--no-cache`
+    computes everything and stores nothing.
     """
     import anndata as ad
     import numpy as np
@@ -170,7 +173,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     # mean/std: known from the file; features cached (`hs.pp.feature_cache_dir()`), so a second run reuses them
-    feat_kw = {"encoder": "mobilenet_v2", "weights": str(weights), "cache": True}
+    feat_kw = {"encoder": "mobilenet_v2", "weights": str(weights), "cache": not args.no_cache}
+    use_cache, reused = not args.no_cache, []
     t0 = time.perf_counter()
 
     if "domains" in args.parts:
@@ -178,7 +182,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         adata = hs.datasets.dlpfc("151673", data_dir=data_dir)
         hs.pp.image_features(adata, progress_bar=not args.quiet, **feat_kw)
         hs.pp.spatial_graph(adata)
-        hs.tl.stereomm(adata, progress_bar=not args.quiet)
+        reused += ["StereoMM"] * demo_cache.stereomm(adata, use_cache=use_cache, progress_bar=not args.quiet)
         hs.tl.domains(adata)
         ari = hs.metrics.ari(adata.obs["layer_guess_reordered"], adata.obs["stereomm_domain"])
         print(f"[domains] DLPFC 151673: {adata.n_obs} spots, ARI = {ari:.3f} ({time.perf_counter() - t:.0f} s)")
@@ -193,7 +197,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             slides[s] = a
         ref = ad.concat([slides[s] for s in ["C3", "C4", "C5", "C6"]], uns_merge="unique", join="inner")
         genes = [g for g in genes if g in ref.var_names and g in slides["C2"].var_names]
-        model = hs.tl.mclstexp_train(ref, genes=genes, progress_bar=not args.quiet)
+        model, again = demo_cache.mclstexp_train(ref, use_cache=use_cache, genes=genes, progress_bar=not args.quiet)
+        reused += ["mclSTExp"] * again
         query = slides["C2"][:, genes].copy()
         hs.tl.mclstexp_predict(query, model=model)
         observed = np.log1p(1e4 * query.X.toarray() / np.maximum(query.X.toarray().sum(1, keepdims=True), 1))
@@ -206,7 +211,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         show_genes += [g for g in pcc.sort_values(ascending=False).index if g not in show_genes][: 2 - len(show_genes)]
         _save_figure(hs.pl.predicted_vs_observed(query, genes=show_genes, show=False), out / "her2st_C2_predicted.png")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; figures in {out}/")
-    print(f"image features cached in {hs.pp.feature_cache_dir()} (clear: hs.pp.clear_feature_cache())")
+    if use_cache:
+        print(f"image features cached in {hs.pp.feature_cache_dir()} (clear: hs.pp.clear_feature_cache())")
+        print(f"trained models {'reused from' if reused else 'cached in'} {demo_cache.demo_cache_dir()} (--no-cache)")
     return 0
 
 
@@ -292,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", help="data folder (default: $HISTOSPACE_DATA)")
     p.add_argument("--out-dir", default="demo_output", help="where figures go (default: %(default)s)")
+    p.add_argument("--no-cache", action="store_true", help="compute features and train models anew; store nothing")
     p.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default: %(default)s)")
     p.add_argument(
         "--parts", nargs="+", default=["domains", "predict"], choices=["domains", "predict"], help="what to run"
