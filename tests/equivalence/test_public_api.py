@@ -317,6 +317,18 @@ def test_stereomm_model(pair, tmp_path):
     assert_same_table(pair.adata, pair.table)
 
 
+@TABLE_ONLY
+def test_stereomm_tiles_follow_the_shapes(pair):
+    """Mini-batch tiles of a SpatialData are cut from the centres of its shapes (as pp and pl read them), not from
+    whatever the table's `obsm['spatial']` holds: scrambling that slot leaves the model unchanged."""
+    kw = {k: STEREOMM[k] for k in ("max_epochs", "n_models", "device", "progress_bar")} | {"batch_size": 40}
+    za = hs.models.StereoMM(pair.sdata, hidden=[8], n_latent=4).train(**kw).get_latent_representation()
+    rng = np.random.default_rng(0)
+    pair.table.obsm["spatial"] = pair.table.obsm["spatial"][rng.permutation(pair.table.n_obs)]
+    zs = hs.models.StereoMM(pair.sdata, hidden=[8], n_latent=4).train(**kw).get_latent_representation()
+    assert_same_value(za, zs, "latent")
+
+
 @covers("models.MclSTExp")
 @TABLE_ONLY
 def test_mclstexp_model(pair):

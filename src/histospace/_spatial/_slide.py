@@ -159,3 +159,22 @@ def sdata_slide(
         extra={**extra, "to_pixels": m, "shape_size": size},
         **common,
     )
+
+
+def table_centres(ctx) -> np.ndarray | None:
+    """Centres `(n_obs, 2)` of every row of a SpatialData table (`ctx`), in its default coordinate system.
+
+    The centres of the shapes the table annotates, as `pp` and `pl` read them (:func:`sdata_slide` without an image);
+    `None` when they cannot be resolved that way (no annotated shapes, several regions, no shared coordinate system),
+    so that the caller falls back to the table's own `obsm`.
+    """
+    try:
+        slide = sdata_slide(ctx, image_key=None, shapes_key=None, coordinate_system=None, image=False)
+    except (KeyError, ValueError, TypeError):
+        return None
+    rows = np.asarray(slide.rows)
+    if rows.size != ctx.table.n_obs:
+        return None
+    out = np.empty((ctx.table.n_obs, 2), dtype=np.float64)
+    out[rows] = np.asarray(slide.centres, dtype=np.float64)[:, :2]
+    return out

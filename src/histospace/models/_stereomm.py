@@ -18,6 +18,7 @@ from scanpy import logging as logg
 from histospace._constants import CONNECTIVITIES_KEY, FEATURES_KEY, SPATIAL_KEY, connectivity_key_in
 from histospace._image.features._slot import feature_settings
 from histospace._nn._stereomm import StereoMMModule
+from histospace._spatial._slide import table_centres
 from histospace._utils import (
     check_number,
     check_obsm,
@@ -111,7 +112,8 @@ class StereoMM(BaseModelClass):
         warning counts them.
     spatial_key
         Key in `adata.obsm` with spot coordinates, used to cut spatial tiles for mini-batch training (without it,
-        tiles follow the order of the spots).
+        tiles follow the order of the spots). With a SpatialData, the centres of the shapes its table annotates are
+        used (as `hs.pp` and `hs.pl` read them), and this key only when they cannot be resolved.
     preset
         `None` for the histospace defaults, `'reference'` for the StereoMMv1 README settings.
     gene_selection
@@ -206,7 +208,7 @@ class StereoMM(BaseModelClass):
             cfg["n_pcs"] = n_pcs
         check_config(cfg)
         # ---- inputs -------------------------------------------------------------------------------------------
-        adata, _ = as_table(adata, table_key)
+        adata, ctx = as_table(adata, table_key)
         check_unique_obs_names(adata)
         x_expr = get_matrix(adata, layer, counts=True)
         if adata.n_obs < 3:
@@ -287,9 +289,9 @@ class StereoMM(BaseModelClass):
         cfg["graph_weight"] = float(cfg["graph_weight"])
         self._edge_index, self._edge_weight = weighted_gcn_edges(a, cfg["graph_weight"])
         self._adj_t = sparse_adjacency(self._edge_index, self._edge_weight, adata.n_obs)
-        self._coords = (
-            np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2] if spatial_key in adata.obsm else None
-        )
+        self._coords = table_centres(ctx) if ctx is not None else None
+        if self._coords is None and spatial_key in adata.obsm:
+            self._coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
         self._tiles: list[GraphBatch] | None = None
         self._members: list[dict[str, torch.Tensor]] = []  # state_dicts of a seed ensemble
         self.member_histories: list[dict[str, list[float]]] = []
