@@ -85,10 +85,11 @@ def test_uns_readers_and_slot_names(adata):
 
 
 def test_one_affine_helper_and_one_checker():
-    from histospace._utils import _sdata, _wsi_sdata
+    from histospace._image import _sdata as _image_sdata
+    from histospace._utils import _sdata
 
-    assert _wsi_sdata.transform_xy is _affine.apply_affine is _sdata.apply_affine
-    assert _wsi_sdata._check_cs is _affine.check_coordinate_system
+    assert _image_sdata.transform_xy is _affine.apply_affine is _sdata.apply_affine
+    assert _image_sdata._check_cs is _affine.check_coordinate_system
     m = np.array([[2.0, 0, 10], [0, 2.0, 5], [0, 0, 1]])
     np.testing.assert_array_equal(_affine.apply_affine(m, [[1.0, 1.0]]), [[12.0, 7.0]])
     assert _affine.affine_scale(m) == 2.0
