@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from expression import ROOT, SECTIONS, TUNED, _data_dir, load, md_table, read_panel
 
 import histospace as hs
+from histospace._utils._data import as_dense as _dense
+from histospace._utils._data import normalize_expression
 from histospace.metrics import pearson_per_gene
-from histospace.models._mclstexp import _dense, normalize_expression
 
 KEY = "stages224+448"
 METHODS = {"mclSTExp": {}, "BLEEP-style": {"spot_encoder": "none", "use_positions": False}}
