@@ -381,6 +381,26 @@ class QueryMixin:
             device=self.device,
         )
 
+    def _missing_features(
+        self, table: AnnData, ctx, options: tuple, *, image_key, img, mpp, progress_bar: bool = False
+    ) -> tuple[np.ndarray | None, dict | None]:
+        """`(features, params)` made with the reference's settings when the query `table` has none, else `(None, None)`.
+
+        `ctx` is the table's SpatialData context (`None` for an AnnData); `options` are `(n_neighbors, weighting,
+        smooth_neighbors, batch_size)`, checked before the features are computed.
+        """
+        if not self.freeze_encoder or self.features_key in table.obsm:
+            return None, None
+        self._check_options(table, *options)
+        return self.query_features(
+            table if ctx is None else ctx.sdata,
+            table_key=None if ctx is None else ctx.table_key,
+            image_key=image_key,
+            img=img,
+            mpp=mpp,
+            progress_bar=progress_bar,
+        )
+
     def _check_options(
         self, adata: AnnData, n_neighbors: int, weighting: str | None, smooth_neighbors: int, batch_size: int
     ) -> tuple[str, int, int]:
@@ -435,16 +455,9 @@ class QueryMixin:
         from histospace._utils._sdata import as_table
 
         table, ctx = as_table(adata, table_key)
-        features = None
-        if self.freeze_encoder and self.features_key not in table.obsm:
-            self._check_options(table, n_neighbors, weighting, smooth_neighbors, batch_size)
-            features, _ = self.query_features(
-                adata if ctx is None else ctx.sdata,
-                table_key=None if ctx is None else ctx.table_key,
-                image_key=image_key,
-                img=img,
-                mpp=mpp,
-            )
+        features, _ = self._missing_features(
+            table, ctx, (n_neighbors, weighting, smooth_neighbors, batch_size), image_key=image_key, img=img, mpp=mpp
+        )
         mean, std, _ = self._predict(
             table,
             n_neighbors=n_neighbors,

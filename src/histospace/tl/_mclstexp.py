@@ -278,17 +278,15 @@ def mclstexp_predict(
                 stacklevel=2,
             )
     weighting = model.default_weighting if weighting is None else weighting
-    features = features_uns = None
-    if model.freeze_encoder and model.features_key not in adata.obsm:  # made here, as the reference's
-        model._check_options(adata, n_neighbors, weighting, smooth_neighbors, batch_size)
-        features, features_uns = model.query_features(
-            adata if ctx is None else ctx.sdata,
-            table_key=None if ctx is None else ctx.table_key,
-            image_key=image_key,
-            img=img,
-            mpp=mpp,
-            progress_bar=progress_bar,
-        )
+    features, features_uns = model._missing_features(  # made here, as the reference's
+        adata,
+        ctx,
+        (n_neighbors, weighting, smooth_neighbors, batch_size),
+        image_key=image_key,
+        img=img,
+        mpp=mpp,
+        progress_bar=progress_bar,
+    )
     start = logg.info(f"predicting {len(model.genes)} genes for {adata.n_obs} spots with mclSTExp")
     pred, std, emb = model._predict(
         adata,
