@@ -147,11 +147,11 @@ def _worker_generator(kind: str, side: float, tmp: str) -> dict:
     t = time.perf_counter()
     out = Path(tmp) / kind
     if kind == "visium_hd":
-        hsd.write_visium_hd(out, tissue, microns_per_pixel=0.5)
+        hsd.write_visium_hd(out, tissue, mpp=0.5)
     elif kind == "stereoseq":
         hsd.write_stereoseq(out, tissue, bin_sizes=(50,))
     elif kind == "wsi":
-        hsd.write_wsi(out.with_suffix(".svs"), tissue, microns_per_pixel=0.25)
+        hsd.write_wsi(out.with_suffix(".svs"), tissue, mpp=0.25)
     sec = time.perf_counter() - t
     size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
     return {"side_um": side, "seconds": sec, "bytes": size, "base_rss_mb": base, "peak_rss_mb": _peak_mb()}

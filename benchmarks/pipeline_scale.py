@@ -81,7 +81,7 @@ def _data_a(work: Path, scale: float):
     tissue = _tissue(6500 * scale, 500, 0)
     if not (path / "binned_outputs").exists():
         t = time.perf_counter()
-        hs.datasets.write_visium_hd(path, tissue, bin_sizes=(8,), dataset_id="hd", microns_per_pixel=0.5)
+        hs.datasets.write_visium_hd(path, tissue, bin_sizes=(8,), dataset_id="hd", mpp=0.5)
         print(f"  (wrote {path} in {time.perf_counter() - t:.0f} s)", flush=True)
     return path, tissue
 
@@ -95,7 +95,7 @@ def _data_b(work: Path, scale: float):
     if not gem.exists():
         t = time.perf_counter()
         hs.datasets.write_gem(gem, tissue, gzip=True)
-        hs.datasets.write_wsi(img, tissue, microns_per_pixel=0.5, format="ome")
+        hs.datasets.write_wsi(img, tissue, mpp=0.5, format="ome")
         print(f"  (wrote {gem} and {img} in {time.perf_counter() - t:.0f} s)", flush=True)
     return gem, img, tissue
 
@@ -108,7 +108,7 @@ def _data_c(work: Path, scale: float):
     tissue = _tissue(side, 200, 2)
     if not wsi.exists():
         t = time.perf_counter()
-        hs.datasets.write_wsi(wsi, tissue, microns_per_pixel=0.25, format="svs")
+        hs.datasets.write_wsi(wsi, tissue, mpp=0.25, format="svs")
         print(f"  (wrote {wsi} in {time.perf_counter() - t:.0f} s)", flush=True)
     return wsi, tissue
 
@@ -205,7 +205,7 @@ def _reference_model(work: Path, device: str):
     folder = work / "reference_hd"
     if not (folder / "binned_outputs").exists():
         hs.datasets.write_visium_hd(folder, _tissue(1200, 200, 3), bin_sizes=(16,), dataset_id="ref",
-                                    microns_per_pixel=0.25)  # fmt: skip
+                                    mpp=0.25)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = spatialdata_io.visium_hd(folder, bin_size=16, load_segmentations_only=False)

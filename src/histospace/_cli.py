@@ -24,6 +24,7 @@ from histospace._cli_steps import (
     _image_features,
     _spatial_graph,
 )
+from histospace._constants import DOMAIN_KEY, FEATURES_KEY, LIBRARY_KEY, MCLSTEXP_KEY
 from histospace._image.features._recipes import MCLSTEXP_FEATURES
 from histospace._image.features._recipes import mclstexp_features as _mclstexp_features
 from histospace.io._read import input_kind
@@ -44,12 +45,12 @@ def cmd_domains(args: argparse.Namespace) -> int:
         msg = f"--ground-truth {args.ground_truth!r} is not a column of obs; available: {list(table.obs)}"
         raise CLIError(msg)
     tk = {"table_key": args.table_key} if args.table_key else {}
-    if args.image is not None or _has_image(data) or "img_features" in table.obsm:
+    if args.image is not None or _has_image(data) or FEATURES_KEY in table.obsm:
         with _timed("image features"):
             image = args.image if not hasattr(data, "tables") else None
             if _features_needed(data, args, label=args.input, image=image):
                 _image_features(data, args, image=image)
-        features_key = "img_features"
+        features_key = FEATURES_KEY
     else:
         print("no H&E image found: StereoMM runs on expression and the spatial graph only", file=sys.stderr)
         features_key = None
@@ -67,10 +68,10 @@ def cmd_domains(args: argparse.Namespace) -> int:
     with _timed("domains"):
         hs.tl.domains(data, n_clusters=args.n_clusters, method=args.method, **tk)
     table = _table(data, args.table_key)
-    counts = table.obs["stereomm_domain"].value_counts().sort_index()
+    counts = table.obs[DOMAIN_KEY].value_counts().sort_index()
     print("domains: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
     if args.ground_truth:
-        ari = hs.metrics.ari(table.obs[args.ground_truth], table.obs["stereomm_domain"])
+        ari = hs.metrics.ari(table.obs[args.ground_truth], table.obs[DOMAIN_KEY])
         print(f"ARI vs {args.ground_truth}: {ari:.3f}")
     if args.plot:
         _save_domains_plot(data, args.plot, ground_truth=args.ground_truth, table_key=args.table_key)
@@ -92,7 +93,7 @@ def _save_domains_plot(data, path: str, *, ground_truth: str | None = None, tabl
     import histospace as hs
 
     kw = {"table_key": table_key} if table_key else {}
-    _save_figure(hs.pl.domains(data, key="stereomm_domain", groundtruth_key=ground_truth, show=False, **kw), path)
+    _save_figure(hs.pl.domains(data, key=DOMAIN_KEY, groundtruth_key=ground_truth, show=False, **kw), path)
 
 
 def _save_figure(fig, path) -> None:
@@ -121,8 +122,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _check_outputs(args, spatialdata=query_kind != "h5ad")
     refs = [hs.io.read(path) for path in args.reference]
     for path, r in zip(args.reference, refs, strict=True):
-        if "library_id" not in _table(r, args.table_key).obs:
-            _table(r, args.table_key).obs["library_id"] = Path(path).stem
+        if LIBRARY_KEY not in _table(r, args.table_key).obs:
+            _table(r, args.table_key).obs[LIBRARY_KEY] = Path(path).stem
     if args.query is not None:
         query = hs.io.read(args.query)
     else:
@@ -132,7 +133,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _mclstexp_features(_feature_kwargs(args)["weights"]) if args.encoder == "mobilenet_v2" else MCLSTEXP_FEATURES
     )
     inputs = [
-        (r, path, extra | ({} if hasattr(r, "tables") else {"library_key": "library_id"}))
+        (r, path, extra | ({} if hasattr(r, "tables") else {"library_key": LIBRARY_KEY}))
         for path, r in zip(args.reference, refs, strict=True)
     ]
     inputs.append((query, args.query or args.image, extra))
@@ -184,7 +185,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         hs.pp.spatial_graph(adata)
         reused += ["StereoMM"] * demo_cache.stereomm(adata, use_cache=use_cache, progress_bar=not args.quiet)
         hs.tl.domains(adata)
-        ari = hs.metrics.ari(adata.obs["layer_guess_reordered"], adata.obs["stereomm_domain"])
+        ari = hs.metrics.ari(adata.obs["layer_guess_reordered"], adata.obs[DOMAIN_KEY])
         print(f"[domains] DLPFC 151673: {adata.n_obs} spots, ARI = {ari:.3f} ({time.perf_counter() - t:.0f} s)")
         _save_domains_plot(adata, str(out / "dlpfc_151673_domains.png"), ground_truth="layer_guess_reordered")
 
@@ -202,7 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         query = slides["C2"][:, genes].copy()
         hs.tl.mclstexp_predict(query, model=model)
         observed = np.log1p(1e4 * query.X.toarray() / np.maximum(query.X.toarray().sum(1, keepdims=True), 1))
-        pcc = hs.metrics.pearson_per_gene(observed, query.layers["mclstexp"], var_names=query.var_names)
+        pcc = hs.metrics.pearson_per_gene(observed, query.layers[MCLSTEXP_KEY], var_names=query.var_names)
         print(
             f"[predict] her2st C2 from C3-C6: mean per-gene PCC = {np.nanmean(pcc):.3f} over {len(genes)} genes "
             f"({time.perf_counter() - t:.0f} s)"

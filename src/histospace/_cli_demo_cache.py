@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from histospace._constants import CONNECTIVITIES_KEY, FEATURES_KEY, LIBRARY_KEY, SPATIAL_KEY, STEREOMM_KEY
+
 
 def demo_cache_dir() -> Path:
     """`<hs.pp.feature_cache_dir()>/../demo_models`."""
@@ -73,7 +75,7 @@ def _anndata_parts(adata, features_key: str) -> list:
     return [
         adata.X,
         np.asarray(adata.obsm[features_key]),
-        np.asarray(adata.obsm["spatial"], dtype=np.float64),
+        np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64),
         np.asarray(adata.obs_names, dtype=object),
         np.asarray(adata.var_names, dtype=object),
     ]
@@ -86,21 +88,21 @@ def stereomm(adata, *, use_cache: bool, **kwargs) -> bool:
     import histospace as hs
 
     key = training_key(
-        "stereomm", *_anndata_parts(adata, "img_features"), adata.obsp["spatial_connectivities"], _options(kwargs)
+        "stereomm", *_anndata_parts(adata, FEATURES_KEY), adata.obsp[CONNECTIVITIES_KEY], _options(kwargs)
     )
     path = demo_cache_dir() / f"stereomm_{key}.h5ad"
     if use_cache and path.is_file():
         try:
             saved = ad.read_h5ad(path)
             if saved.n_obs == adata.n_obs and (saved.obs_names == adata.obs_names).all():
-                adata.obsm["X_stereomm"] = saved.obsm["X_stereomm"]
+                adata.obsm[STEREOMM_KEY] = saved.obsm[STEREOMM_KEY]
                 adata.uns["stereomm"] = saved.uns["stereomm"]
                 return True
         except Exception:  # noqa: BLE001 - an unreadable entry is retrained and overwritten
             pass
     hs.tl.stereomm(adata, **kwargs)
     if use_cache:
-        out = ad.AnnData(obs=adata.obs[[]], obsm={"X_stereomm": adata.obsm["X_stereomm"]})
+        out = ad.AnnData(obs=adata.obs[[]], obsm={STEREOMM_KEY: adata.obsm[STEREOMM_KEY]})
         out.uns["stereomm"] = adata.uns["stereomm"]
         _atomic(path, lambda tmp: out.write_h5ad(tmp))
     return False
@@ -110,7 +112,7 @@ def mclstexp_train(ref, *, use_cache: bool, **kwargs):
     """`(hs.tl.mclstexp_train(ref, **kwargs), reused)`, the model loaded from an identical earlier run if there is one."""
     import histospace as hs
 
-    parts = [*_anndata_parts(ref, "img_features"), np.asarray(ref.obs.get("library_id", []), dtype=object)]
+    parts = [*_anndata_parts(ref, FEATURES_KEY), np.asarray(ref.obs.get(LIBRARY_KEY, []), dtype=object)]
     path = demo_cache_dir() / f"mclstexp_{training_key('mclstexp', *parts, _options(kwargs))}"
     if use_cache and path.is_dir():
         try:

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from histospace._cli_io import CLIError, _floats, _positive_float, _positive_int, _table
+from histospace._constants import CONNECTIVITIES_KEY, FEATURES_KEY, NEIGHBORS_KEY
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
@@ -60,9 +61,9 @@ def _features_match(table, kw: dict, extra: dict) -> str | None:
     """
     from histospace._image import feature_settings, settings_mismatch
 
-    if "img_features" not in table.obsm:
+    if FEATURES_KEY not in table.obsm:
         return "no obsm['img_features']"
-    params = (table.uns.get("img_features") or {}).get("params", {})
+    params = (table.uns.get(FEATURES_KEY) or {}).get("params", {})
     want = {"encoder": kw["encoder"], "weights": _weights_label(kw["weights"])} | {
         k: v for k, v in extra.items() if k in ("layers", "context", "dihedral", "tf_padding")
     }
@@ -97,10 +98,10 @@ def _features_needed(data, args, *, label: str, extra: dict | None = None, image
     kw = _feature_kwargs(args)
     extra = extra or {}
     table = _table(data, args.table_key)
-    have = table.obsm["img_features"].shape[1] if "img_features" in table.obsm else None
+    have = table.obsm[FEATURES_KEY].shape[1] if FEATURES_KEY in table.obsm else None
     if args.recompute_features:
         why = "--recompute-features was passed"
-    elif have is not None and not (table.uns.get("img_features") or {}).get("params"):
+    elif have is not None and not (table.uns.get(FEATURES_KEY) or {}).get("params"):
         want = _feature_width(kw, extra) if extra else None
         if want in (None, have):
             warnings.warn(
@@ -151,9 +152,9 @@ def _spatial_graph(data, args) -> None:
     import histospace as hs
 
     table = _table(data, args.table_key)
-    g = table.obsp.get("spatial_connectivities")
-    if g is not None and g.shape == (table.n_obs, table.n_obs) and "spatial_neighbors" in table.uns:
-        n = (table.uns["spatial_neighbors"].get("params") or {}).get("n_isolated")
+    g = table.obsp.get(CONNECTIVITIES_KEY)
+    if g is not None and g.shape == (table.n_obs, table.n_obs) and NEIGHBORS_KEY in table.uns:
+        n = (table.uns[NEIGHBORS_KEY].get("params") or {}).get("n_isolated")
         print(
             f"reusing obsp['spatial_connectivities']{f' ({n} spots without a neighbour)' if n else ''}", file=sys.stderr
         )

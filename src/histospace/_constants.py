@@ -10,6 +10,8 @@ SPATIAL_UNS_KEY = "spatial"
 LIBRARY_KEY = "library_id"
 #: `adata.obsm` / `adata.uns`: image features from `pp.image_features` (squidpy's name)
 FEATURES_KEY = "img_features"
+#: Space Ranger's folder of images, scale factors and spot positions (a file layout, not a slot)
+SPACERANGER_SPATIAL_DIR = "spatial"
 #: `adata.obsp`: spatial graph (squidpy's layout)
 CONNECTIVITIES_KEY = "spatial_connectivities"
 #: `adata.obsm`: StereoMM latent (`X_` prefix so that `sc.pp.neighbors(use_rep=...)` works)
@@ -20,6 +22,8 @@ DOMAIN_KEY = "stereomm_domain"
 MCLSTEXP_KEY = "mclstexp"
 #: `adata.obs` columns with integer array coordinates (row, column)
 POSITION_KEYS = ("array_row", "array_col")
+#: the two names of `POSITION_KEYS`
+ROW_KEY, COL_KEY = POSITION_KEYS
 
 
 # ---- spatial graph keys (squidpy's `{key}_connectivities` rule) ------------------------------------------------------
@@ -44,3 +48,7 @@ def connectivity_key_in(obsp, key: str) -> str:
         return key
     long = graph_keys(key)[0]
     return long if long in obsp else key
+
+
+#: `adata.obsp` / `adata.uns` keys of the default spatial graph (`graph_keys()`); `CONNECTIVITIES_KEY` is the first
+_, DISTANCES_KEY, NEIGHBORS_KEY = graph_keys()

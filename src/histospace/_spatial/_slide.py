@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from anndata import AnnData
 
+from histospace._constants import SPATIAL_KEY
 from histospace._image._sources import ImageSource
 from histospace._spatial._affine import affine_scale, apply_affine
 from histospace._spatial._images import library_image, sdata_image_key
@@ -82,7 +83,7 @@ def anndata_mpp(adata: AnnData, library_id: str | None) -> float | None:
 
 
 def anndata_slide(
-    adata: AnnData, library_id: str | None, rows: np.ndarray, *, spatial_key: str = "spatial", img=None
+    adata: AnnData, library_id: str | None, rows: np.ndarray, *, spatial_key: str = SPATIAL_KEY, img=None
 ) -> Slide:
     """The :class:`Slide` of library `library_id` of an AnnData (spots `rows`; `img` as in `pp.image_features`)."""
     xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[rows, :2] if spatial_key in adata.obsm else None

@@ -13,6 +13,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scanpy import logging as logg
 
+from histospace._constants import COL_KEY, LIBRARY_KEY, ROW_KEY, SPACERANGER_SPATIAL_DIR, SPATIAL_KEY, SPATIAL_UNS_KEY
+
 from ._common import log_loaded, spatial_uns
 from ._download import DEFAULT_TIMEOUT, DatasetLocation, ensure_files, join_url, locate_dataset
 
@@ -173,11 +175,11 @@ def dlpfc(
             _raise_missing(loc, sample_dir, sid)
         adata = _from_10x(h5_path, sample_dir, root, sid, loc, image=image)
 
-    images = adata.uns["spatial"][sid]["images"]
+    images = adata.uns[SPATIAL_UNS_KEY][sid]["images"]
     if not image:
         images.clear()
     full = _find_fullres(sample_dir, sid)
-    meta = adata.uns["spatial"][sid]["metadata"]
+    meta = adata.uns[SPATIAL_UNS_KEY][sid]["metadata"]
     meta.update({"technology": "visium", "spot_diameter_um": VISIUM_SPOT_UM})
     if full is not None:
         meta["source_image_path"] = str(full.resolve())
@@ -204,7 +206,7 @@ def _find_10x(sample_dir: Path, sid: str) -> Path | None:
 
 
 def _find_fullres(sample_dir: Path, sid: str) -> Path | None:
-    for p in (sample_dir / f"{sid}_full_image.tif", sample_dir / "spatial" / f"{sid}_full_image.tif"):
+    for p in (sample_dir / f"{sid}_full_image.tif", sample_dir / SPACERANGER_SPATIAL_DIR / f"{sid}_full_image.tif"):
         if p.is_file():
             return p
     return None
@@ -213,7 +215,7 @@ def _find_fullres(sample_dir: Path, sid: str) -> Path | None:
 def _raise_missing(loc: DatasetLocation, sample_dir: Path, sid: str):
     msg = (
         f"DLPFC sample {sid}: expected {sample_dir / f'{sid}_5000genes.h5ad'} (or the 10x files "
-        f"{sample_dir / f'{sid}_filtered_feature_bc_matrix.h5'} and {sample_dir / 'spatial'}/"
+        f"{sample_dir / f'{sid}_filtered_feature_bc_matrix.h5'} and {sample_dir / SPACERANGER_SPATIAL_DIR}/"
         f"{{tissue_positions_list.csv, scalefactors_json.json}}) in {loc.describe()}; not found. {loc.fix()}"
     )
     raise FileNotFoundError(msg)
@@ -238,20 +240,20 @@ def _from_h5ad(path: Path, sid: str) -> ad.AnnData:
     adata.X = _as_int_csr(adata.X, path)
     if not adata.var_names.is_unique:
         adata.var_names_make_unique()
-    spatial = adata.uns.get("spatial", {})
+    spatial = adata.uns.get(SPATIAL_UNS_KEY, {})
     lib = spatial.get(sid) or (next(iter(spatial.values())) if len(spatial) == 1 else None)
-    if lib is None or "spatial" not in adata.obsm:
+    if lib is None or SPATIAL_KEY not in adata.obsm:
         msg = f"{path} lacks `uns['spatial'][{sid!r}]` or `obsm['spatial']`; it is not a Visium AnnData of {sid}."
         raise ValueError(msg)
-    for col in ("array_row", "array_col"):
+    for col in (ROW_KEY, COL_KEY):
         if col in adata.obs:
             adata.obs[col] = adata.obs[col].astype(np.int64)
     if LABEL_KEY in adata.obs and not isinstance(adata.obs[LABEL_KEY].dtype, pd.CategoricalDtype):
         adata.obs[LABEL_KEY] = pd.Categorical(adata.obs[LABEL_KEY])
-    adata.obs["library_id"] = pd.Categorical([sid] * adata.n_obs)
-    adata.obsm["spatial"] = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    adata.obs[LIBRARY_KEY] = pd.Categorical([sid] * adata.n_obs)
+    adata.obsm[SPATIAL_KEY] = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)
     adata.uns = {
-        "spatial": spatial_uns(
+        SPATIAL_UNS_KEY: spatial_uns(
             sid, images=lib.get("images", {}), scalefactors=lib.get("scalefactors", {}), metadata=lib.get("metadata")
         )
     }
@@ -263,7 +265,7 @@ def _from_10x(
 ) -> ad.AnnData:
     import scanpy as sc
 
-    spatial_dir = sample_dir / "spatial"
+    spatial_dir = sample_dir / SPACERANGER_SPATIAL_DIR
     pos_path = next((spatial_dir / n for n in POSITION_FILES if (spatial_dir / n).is_file()), None)
     sf_path = spatial_dir / "scalefactors_json.json"
     for p in (pos_path or spatial_dir / POSITION_FILES[0], sf_path):
@@ -287,8 +289,8 @@ def _from_10x(
         raise ValueError(msg)
     pos = pos.loc[adata.obs_names]
     adata.obs["in_tissue"] = pos["in_tissue"].to_numpy(dtype=np.int64)
-    adata.obs["array_row"] = pos["array_row"].to_numpy(dtype=np.int64)
-    adata.obs["array_col"] = pos["array_col"].to_numpy(dtype=np.int64)
+    adata.obs[ROW_KEY] = pos[ROW_KEY].to_numpy(dtype=np.int64)
+    adata.obs[COL_KEY] = pos[COL_KEY].to_numpy(dtype=np.int64)
     labels = _read_labels(sample_dir, root, sid, adata.obs_names)
     if labels is not None:
         adata.obs[LABEL_KEY] = labels
@@ -298,8 +300,8 @@ def _from_10x(
             UserWarning,
             stacklevel=3,
         )
-    adata.obs["library_id"] = pd.Categorical([sid] * adata.n_obs)
-    adata.obsm["spatial"] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
+    adata.obs[LIBRARY_KEY] = pd.Categorical([sid] * adata.n_obs)
+    adata.obsm[SPATIAL_KEY] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
 
     try:
         scalefactors = {k: float(v) for k, v in json.loads(sf_path.read_text()).items()}
@@ -311,12 +313,12 @@ def _from_10x(
         p = spatial_dir / f"tissue_{res}_image.png"
         if image and p.is_file():
             images[res] = _read_png(p)
-    adata.uns["spatial"] = spatial_uns(sid, images=images, scalefactors=scalefactors)
+    adata.uns[SPATIAL_UNS_KEY] = spatial_uns(sid, images=images, scalefactors=scalefactors)
     return adata
 
 
 def _read_positions(path: Path) -> pd.DataFrame:
-    cols = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+    cols = ["barcode", "in_tissue", ROW_KEY, COL_KEY, "pxl_row_in_fullres", "pxl_col_in_fullres"]
     with open(path) as f:
         first = f.readline()
     has_header = first.startswith("barcode")

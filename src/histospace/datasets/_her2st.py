@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 
+from histospace._constants import COL_KEY, LIBRARY_KEY, ROW_KEY, SPATIAL_KEY, SPATIAL_UNS_KEY
+
 from ._common import check_max_size, log_loaded, read_st_counts, st_pixels_per_step, st_spatial_uns
 from ._download import DEFAULT_TIMEOUT, ensure_files, join_url, locate_dataset
 
@@ -207,9 +209,9 @@ def her2st(
 
     obs = pd.DataFrame(
         {
-            "array_row": coords["y"].to_numpy(dtype=np.int64),
-            "array_col": coords["x"].to_numpy(dtype=np.int64),
-            "library_id": pd.Categorical([section] * len(spot_ids)),
+            ROW_KEY: coords["y"].to_numpy(dtype=np.int64),
+            COL_KEY: coords["x"].to_numpy(dtype=np.int64),
+            LIBRARY_KEY: pd.Categorical([section] * len(spot_ids)),
             "patient": pd.Categorical([section[0]] * len(spot_ids)),
         },
         index=pd.Index([f"{section}_{s}" for s in spot_ids]),
@@ -229,10 +231,10 @@ def her2st(
     if not var_names.is_unique:
         var_names = ad.utils.make_index_unique(var_names)  # same rule as `var_names_make_unique`
     adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=var_names))
-    adata.obsm["spatial"] = coords[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
+    adata.obsm[SPATIAL_KEY] = coords[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
 
     img_path = _find_image(root, section)
-    adata.uns["spatial"] = st_spatial_uns(
+    adata.uns[SPATIAL_UNS_KEY] = st_spatial_uns(
         section,
         pixels_per_um=_pixels_per_um(coords),
         spot_um=ST_SPOT_UM,

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 
+from histospace._constants import COL_KEY, LIBRARY_KEY, ROW_KEY, SPATIAL_KEY, SPATIAL_UNS_KEY
+
 from ._common import check_max_size, log_loaded, read_st_counts, st_pixels_per_step, st_spatial_uns
 from ._download import DEFAULT_TIMEOUT, ensure_files, join_url, locate_dataset
 
@@ -174,9 +176,9 @@ def mob(
     arr = np.array([s.split("x") for s in spot_ids], dtype=np.int64)
     obs = pd.DataFrame(
         {
-            "array_row": arr[:, 1],
-            "array_col": arr[:, 0],
-            "library_id": pd.Categorical([section] * len(spot_ids)),
+            ROW_KEY: arr[:, 1],
+            COL_KEY: arr[:, 0],
+            LIBRARY_KEY: pd.Categorical([section] * len(spot_ids)),
         },
         index=pd.Index([f"{section}_{s}" for s in spot_ids]),
     )
@@ -187,10 +189,10 @@ def mob(
         var_names = ad.utils.make_index_unique(var_names)
     var = pd.DataFrame({"gene_ids": np.asarray(genes, dtype=object)}, index=var_names)
     adata = ad.AnnData(X=counts, obs=obs, var=var)
-    adata.obsm["spatial"] = xy
+    adata.obsm[SPATIAL_KEY] = xy
 
     img_path = root / f"{section}.jpg"
-    adata.uns["spatial"] = st_spatial_uns(
+    adata.uns[SPATIAL_UNS_KEY] = st_spatial_uns(
         section,
         pixels_per_um=px_per_um,
         spot_um=ST_SPOT_UM,

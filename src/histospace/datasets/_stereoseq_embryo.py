@@ -12,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scanpy import logging as logg
 
+from histospace._constants import COL_KEY, LIBRARY_KEY, ROW_KEY, SPATIAL_KEY, SPATIAL_UNS_KEY
 from histospace.io._units import DNB_MICRONS
 
 from ._common import log_loaded, spatial_uns
@@ -171,16 +172,16 @@ def _read(path: Path, sid: str, bin_size: int) -> ad.AnnData:
     obs = src.obs.copy()
     if LABEL_KEY in obs and not isinstance(obs[LABEL_KEY].dtype, pd.CategoricalDtype):
         obs[LABEL_KEY] = pd.Categorical(obs[LABEL_KEY])
-    obs["array_row"] = (corners[:, 1] // bin_size).astype(np.int64)
-    obs["array_col"] = (corners[:, 0] // bin_size).astype(np.int64)
-    obs["library_id"] = pd.Categorical([sid] * src.n_obs)
+    obs[ROW_KEY] = (corners[:, 1] // bin_size).astype(np.int64)
+    obs[COL_KEY] = (corners[:, 0] // bin_size).astype(np.int64)
+    obs[LIBRARY_KEY] = pd.Categorical([sid] * src.n_obs)
     adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=src.var_names.astype(str)))
     if not adata.var_names.is_unique:
         adata.var_names_make_unique()
-    adata.obsm["spatial"] = corners + bin_size / 2
-    if "spatial" in src.obsm and np.asarray(src.obsm["spatial"]).shape[0] == src.n_obs:
-        adata.obsm["spatial_3d"] = np.asarray(src.obsm["spatial"], dtype=np.float64)
-    adata.uns["spatial"] = spatial_uns(
+    adata.obsm[SPATIAL_KEY] = corners + bin_size / 2
+    if SPATIAL_KEY in src.obsm and np.asarray(src.obsm[SPATIAL_KEY]).shape[0] == src.n_obs:
+        adata.obsm["spatial_3d"] = np.asarray(src.obsm[SPATIAL_KEY], dtype=np.float64)
+    adata.uns[SPATIAL_UNS_KEY] = spatial_uns(
         sid,
         images={},
         scalefactors={"microns_per_pixel": DNB_MICRONS, "spot_diameter_fullres": float(bin_size)},

@@ -12,6 +12,8 @@ from typing import Literal
 import numpy as np
 from scanpy import logging as logg
 
+from histospace._utils._deprecate import renamed_argument
+
 from ._synthetic import SimulatedTissue, simulate_tissue
 
 __all__ = ["write_wsi"]
@@ -170,11 +172,12 @@ def write_wsi(
     path: str | os.PathLike,
     tissue: SimulatedTissue | None = None,
     *,
-    microns_per_pixel: float = 0.25,
+    mpp: float | None = None,
     format: Literal["ome", "svs"] | None = None,
     tile: int = 512,
     quality: int = 90,
     levels: int | None = None,
+    microns_per_pixel: float | None = None,
 ) -> Path:
     """Write the simulated H&E of `tissue` as a tiled whole-slide pyramid, tile by tile.
 
@@ -184,8 +187,8 @@ def write_wsi(
         Output file. `format` defaults to `'svs'` for a `.svs` suffix, else `'ome'`.
     tissue
         The section (default: :func:`simulate_tissue` with its defaults). The image covers its whole rectangle.
-    microns_per_pixel
-        Resolution of level 0 (0.25 µm/px: a 40x scan; a 1 cm section is 40,000 px wide).
+    mpp
+        Resolution of level 0 in µm per pixel (default 0.25 µm/px: a 40x scan; a 1 cm section is 40,000 px wide).
     format
         `'ome'`: OME-TIFF (BigTIFF) with the reduced levels as SubIFDs and `PhysicalSizeX/Y` in µm (read by tifffile,
         bioformats, QuPath). `'svs'`: an Aperio-like tiled TIFF (ImageDescription starting with
@@ -197,12 +200,18 @@ def write_wsi(
         JPEG quality of the tiles.
     levels
         Number of pyramid levels (each half the previous). Default: until the smallest is at most 1024 px.
+    microns_per_pixel
+        Deprecated alias of `mpp`.
 
     Returns
     -------
     The path written. Level 0 is rendered in strips of
     `tile` rows, the reduced levels are 2 x 2 means kept in temporary memory-mapped files next to `path`.
     """
+    mpp = renamed_argument(
+        mpp, microns_per_pixel, new_name="mpp", old_name="microns_per_pixel", func="hs.datasets.write_wsi"
+    )
+    um_per_px = 0.25 if mpp is None else float(mpp)
     path = Path(path)
     tissue = simulate_tissue() if tissue is None else tissue
     if format is None:
@@ -214,11 +223,11 @@ def write_wsi(
         msg = f"`tile` must be a positive multiple of 16, got {tile}."
         raise ValueError(msg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    width = int(round(tissue.width_um / microns_per_pixel))
-    height = int(round(tissue.height_um / microns_per_pixel))
+    width = int(round(tissue.width_um / um_per_px))
+    height = int(round(tissue.height_um / um_per_px))
     start = logg.info(f"writing a {width} x {height} px {format} whole-slide image to {str(path)!r}")
     _write_pyramid(
-        path, tissue, um_per_px=microns_per_pixel, origin_um=(0.0, 0.0), width=width, height=height, kind=format,
+        path, tissue, um_per_px=um_per_px, origin_um=(0.0, 0.0), width=width, height=height, kind=format,
         tile=tile, quality=quality, keep_level=0, n_levels=levels,
     )  # fmt: skip
     logg.info("    finished", time=start)

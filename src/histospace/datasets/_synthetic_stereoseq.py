@@ -12,6 +12,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scanpy import logging as logg
 
+from histospace._constants import SPATIAL_KEY
+
 from ._synthetic import DNB_UM, SITE_UM, SimulatedTissue, simulate_tissue
 from ._synthetic_gem import write_gem
 from ._synthetic_pyramid import _tiles_of, _write_pyramid
@@ -266,7 +268,7 @@ def write_stereoseq(
         {"leiden": pd.Categorical(cells["domain"].astype(str))}, index=pd.Index(np.arange(len(cells)).astype(str))
     )
     adata = ad.AnnData(X=X.astype(np.float32), obs=obs, var=pd.DataFrame(index=tissue.gene_names))
-    adata.obsm["spatial"] = np.column_stack([cells["x"], cells["y"]]) / DNB_UM
+    adata.obsm[SPATIAL_KEY] = np.column_stack([cells["x"], cells["y"]]) / DNB_UM
     adata.write_h5ad(dirs["051.cellcluster"] / f"{sn}.cell.cluster.h5ad")
     logg.info(f"    finished: {len(cells)} cells", time=start)
     return path

@@ -12,6 +12,9 @@ import numpy as np
 import scipy.sparse as sp
 from scanpy import logging as logg
 
+from histospace._constants import COL_KEY, ROW_KEY, SPACERANGER_SPATIAL_DIR
+from histospace._utils._deprecate import renamed_argument
+
 from ._synthetic import SimulatedTissue, simulate_tissue
 from ._synthetic_pyramid import _resize, _write_pyramid
 
@@ -75,18 +78,19 @@ def write_visium_hd(
     *,
     bin_sizes: Sequence[int] = (2, 8, 16),
     dataset_id: str = "synthetic_hd",
-    microns_per_pixel: float = 0.5,
+    mpp: float | None = None,
     margin_um: float | None = None,
     image: bool = True,
     hires_size: int = 6000,
     lowres_size: int = 600,
     raw: bool = False,
+    microns_per_pixel: float | None = None,
 ) -> Path:
     """Write a Space Ranger (Visium HD) output folder for `tissue`, as :func:`spatialdata_io.visium_hd` reads it.
 
     The capture area is the tissue's rectangle; bins of `b` µm form the grid `array_row = y // b`,
     `array_col = x // b` (the grid of the smallest bin size, coarser bins nesting on it, as Space Ranger's). The
-    full-resolution H&E covers the capture area plus `margin_um` on every side at `microns_per_pixel`; pixel
+    full-resolution H&E covers the capture area plus `margin_um` on every side at `mpp` µm per pixel; pixel
     `(i, j)` covers `[(j + 0.5) s - margin, ...)` so a bin centre `(x, y)` µm is at
     `pxl_col_in_fullres = (x + margin) / s`.
 
@@ -108,8 +112,8 @@ def write_visium_hd(
         Bin sides in µm to write (integers; each a multiple of the smallest).
     dataset_id
         File name prefix (spatialdata-io names the elements after it).
-    microns_per_pixel
-        Resolution of the full-resolution image.
+    mpp
+        Resolution of the full-resolution image in µm per pixel (default 0.5).
     margin_um
         Glass around the capture area in the image (default: 4 % of the larger side).
     image
@@ -118,6 +122,8 @@ def write_visium_hd(
         Longer side in pixels of the hires and lowres PNGs (Space Ranger: 6000 and 600).
     raw
         Also write `raw_feature_bc_matrix.h5` (all bins).
+    microns_per_pixel
+        Deprecated alias of `mpp`.
 
     Returns
     -------
@@ -132,7 +138,10 @@ def write_visium_hd(
     if not bins or bins[0] < 1 or any(b % bins[0] for b in bins) or bins[-1] > 999:
         msg = f"`bin_sizes` must be integers in µm (1-999), each a multiple of the smallest; got {bin_sizes!r}."
         raise ValueError(msg)
-    s = float(microns_per_pixel)
+    mpp = renamed_argument(
+        mpp, microns_per_pixel, new_name="mpp", old_name="microns_per_pixel", func="hs.datasets.write_visium_hd"
+    )
+    s = 0.5 if mpp is None else float(mpp)
     margin = 0.04 * max(tissue.width_um, tissue.height_um) if margin_um is None else float(margin_um)
     b0 = bins[0]
     n_rows0 = int(tissue.height_um // b0)
@@ -145,7 +154,7 @@ def write_visium_hd(
     start = logg.info(f"writing a Visium HD output ({', '.join(f'{b} µm' for b in bins)}) to {str(path)!r}")
 
     # images: full resolution (pyramid), hires and lowres PNGs
-    (path / "spatial").mkdir(exist_ok=True)
+    (path / SPACERANGER_SPATIAL_DIR).mkdir(exist_ok=True)
     from PIL import Image
 
     hires_wh = (max(1, round(full_w * hires_scalef)), max(1, round(full_h * hires_scalef)))
@@ -163,8 +172,8 @@ def write_visium_hd(
     else:
         hires = tissue.render(-margin, -margin, s / hires_scalef, *hires_wh)
     lowres = _resize(hires, lowres_wh)
-    Image.fromarray(hires).save(path / "spatial" / "tissue_hires_image.png", compress_level=1)
-    Image.fromarray(lowres).save(path / "spatial" / "tissue_lowres_image.png", compress_level=1)
+    Image.fromarray(hires).save(path / SPACERANGER_SPATIAL_DIR / "tissue_hires_image.png", compress_level=1)
+    Image.fromarray(lowres).save(path / SPACERANGER_SPATIAL_DIR / "tissue_lowres_image.png", compress_level=1)
 
     def scalefactors(b: int) -> dict:
         return {
@@ -177,7 +186,7 @@ def write_visium_hd(
             "regist_target_img_scalef": hires_scalef,
         }
 
-    (path / "spatial" / "scalefactors_json.json").write_text(json.dumps(scalefactors(b0), indent=2))
+    (path / SPACERANGER_SPATIAL_DIR / "scalefactors_json.json").write_text(json.dumps(scalefactors(b0), indent=2))
 
     # feature slice metadata: spot (col, row) of the smallest bins <-> microscope (col, row) pixels
     spot_to_px = np.array([[b0 / s, 0.0, (0.5 * b0 + margin) / s], [0.0, b0 / s, (0.5 * b0 + margin) / s], [0, 0, 1]])
@@ -220,21 +229,21 @@ def write_visium_hd(
         cx, cy = (cols + 0.5) * b, (rows + 0.5) * b
         in_t = tissue.in_tissue(cx, cy)
         d = path / "binned_outputs" / f"square_{b:03d}um"
-        (d / "spatial").mkdir(parents=True, exist_ok=True)
+        (d / SPACERANGER_SPATIAL_DIR).mkdir(parents=True, exist_ok=True)
         bc = _barcodes(b, rows, cols)
         pos = pa.table(
             {
                 "barcode": _arrow_strings(bc),
                 "in_tissue": pa.array(in_t.astype(np.int32)),
-                "array_row": pa.array(rows.astype(np.int32)),
-                "array_col": pa.array(cols.astype(np.int32)),
+                ROW_KEY: pa.array(rows.astype(np.int32)),
+                COL_KEY: pa.array(cols.astype(np.int32)),
                 "pxl_row_in_fullres": pa.array((cy + margin) / s),
                 "pxl_col_in_fullres": pa.array((cx + margin) / s),
             }
         )
-        pq.write_table(pos, d / "spatial" / "tissue_positions.parquet")
+        pq.write_table(pos, d / SPACERANGER_SPATIAL_DIR / "tissue_positions.parquet")
         del pos, rows, cols, cx, cy
-        (d / "spatial" / "scalefactors_json.json").write_text(json.dumps(scalefactors(b), indent=2))
+        (d / SPACERANGER_SPATIAL_DIR / "scalefactors_json.json").write_text(json.dumps(scalefactors(b), indent=2))
         X = sp.vstack(blocks.pop(b), format="csr")
         X.sum_duplicates()
         _write_10x_h5(d / "filtered_feature_bc_matrix.h5", X[in_t], bc[in_t], tissue)

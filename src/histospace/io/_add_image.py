@@ -13,6 +13,7 @@ from scanpy import logging as logg
 
 from histospace._utils import check_number
 from histospace._utils._choice import only_one
+from histospace._utils._deprecate import renamed_argument
 
 from ._units import check_attrs, microns_per_unit, set_microns_per_unit
 
@@ -281,18 +282,8 @@ def add_image(
         warnings.warn(
             f"No element of `sdata` maps to {coordinate_system!r} yet (it has {systems}).", UserWarning, stacklevel=2
         )
-    mpp_name = "mpp"
-    if microns_per_pixel is not None:
-        if mpp is not None:
-            msg = "Pass `mpp=` only (`microns_per_pixel=` is its deprecated alias), not both."
-            raise ValueError(msg)
-        warnings.warn(
-            "`microns_per_pixel=` of `hs.io.add_image` is deprecated; pass `mpp=` (µm per pixel, as in "
-            "`hs.pp.tile_image`).",
-            FutureWarning,
-            stacklevel=2,
-        )
-        mpp, mpp_name = microns_per_pixel, "microns_per_pixel"
+    mpp_name = "mpp" if microns_per_pixel is None else "microns_per_pixel"
+    mpp = renamed_argument(mpp, microns_per_pixel, new_name="mpp", old_name="microns_per_pixel", func="hs.io.add_image")
     chunks = check_number(chunks, "chunks", integer=True, low=64)
     # checked by the name the user gave before anything is read (a zero would otherwise surface as a bad `scale`)
     mpp = check_number(mpp, mpp_name, low=0, low_inclusive=False, allow_none=True)

@@ -9,11 +9,13 @@ import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 
+from histospace._constants import COL_KEY, ROW_KEY, SPATIAL_KEY
+
 from ._units import set_microns_per_unit
 
 #: obs columns of a bin table: the bin's column (x) and row (y) index on its grid, as in spatialdata-io's Visium HD
-COL_KEY = "array_col"
-ROW_KEY = "array_row"
+COL_KEY = COL_KEY
+ROW_KEY = ROW_KEY
 REGION_KEY = "region"
 INSTANCE_KEY = "instance_id"
 
@@ -63,7 +65,7 @@ def bin_table(
     obs[region_key] = pd.Categorical([region] * len(obs), categories=[region])
     obs[instance_key] = np.arange(len(obs), dtype=np.int64)
     adata = ad.AnnData(X=X, obs=obs, var=var, layers=dict(layers) if layers else None)
-    adata.obsm["spatial"] = np.asarray(spatial, dtype=np.float64)
+    adata.obsm[SPATIAL_KEY] = np.asarray(spatial, dtype=np.float64)
     if uns:
         adata.uns.update(dict(uns))
     return TableModel.parse(adata, region=region, region_key=region_key, instance_key=instance_key)

@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from histospace._constants import SPACERANGER_SPATIAL_DIR
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
@@ -142,7 +144,9 @@ def _read_platform_folder(p: Path, *, bin_size: int | None) -> SpatialData:
         if (p / "binned_outputs").is_dir() or any(f.endswith("feature_slice.h5") for f in files):
             return sio.visium_hd(p, bin_size=bin_size or 8, load_segmentations_only=False)
         is_saw = any(f.endswith(".gef") for f in files)
-        is_visium = any(f.endswith("filtered_feature_bc_matrix.h5") for f in files) and (p / "spatial").is_dir()
+        is_visium = (
+            any(f.endswith("filtered_feature_bc_matrix.h5") for f in files) and (p / SPACERANGER_SPATIAL_DIR).is_dir()
+        )
         if is_saw or is_visium:
             _unused_bin_size(bin_size, p, stacklevel=4)
             return sio.stereoseq(p) if is_saw else sio.visium(p)

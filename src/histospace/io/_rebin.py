@@ -7,6 +7,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scanpy import logging as logg
 
+from histospace._constants import SPATIAL_KEY
 from histospace._spatial._platform import GEM_TABLE as _GEM_KEY
 from histospace._spatial._platform import VISIUM_HD_TABLE as _VISIUM_HD_KEY
 from histospace._spatial._platform import is_visium_hd_barcode
@@ -196,7 +197,7 @@ def rebin(
                 f"(`row_key`, `col_key`; spatialdata-io's Visium HD and histospace tables have 'array_row'/'array_col')."
             )
             raise KeyError(msg)
-    if "spatial" not in table.obsm:
+    if SPATIAL_KEY not in table.obsm:
         msg = f"`sdata.tables[{table_key!r}].obsm['spatial']` not found; it must hold the bin centres."
         raise KeyError(msg)
     region, region_key, instance_key = _annotated_shapes(sdata, table_key)
@@ -256,7 +257,7 @@ def rebin(
     n_bins = np.bincount(new_id, minlength=n_new)
 
     # centres: member mean + J (full-block index centre - member index mean); J fitted over all input bins
-    spatial = np.asarray(table.obsm["spatial"], dtype=np.float64)[:, :2]
+    spatial = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
     design = np.column_stack([cols, rows, np.ones_like(cols)]).astype(np.float64)
     coef, _, rank, _ = np.linalg.lstsq(design - design.mean(0) * [1, 1, 0], spatial, rcond=None)
     J = coef[:2] if rank == 3 else np.diag([float(side)] * 2)  # one row or column: adjacent squares

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 
+from histospace._constants import SPATIAL_KEY
 from histospace._utils._data import named_layers
 
 from ._bins import COL_KEY, ROW_KEY, bin_table, bins_sdata, element_name
@@ -133,8 +134,8 @@ def read_stereopy(
         msg = f"`bin_size` must be a positive integer number of DNB, got {bin_size!r}."
         raise ValueError(msg)
     b = int(bin_size)
-    if "spatial" in adata.obsm:
-        pos = np.asarray(adata.obsm["spatial"])[:, :2]
+    if SPATIAL_KEY in adata.obsm:
+        pos = np.asarray(adata.obsm[SPATIAL_KEY])[:, :2]
     elif "x" in adata.obs and "y" in adata.obs:
         pos = adata.obs[["x", "y"]].to_numpy()
     else:
@@ -181,7 +182,7 @@ def read_stereopy(
     table = bin_table(adata.X, obs=obs, var=adata.var.copy(), region=shapes_key, spatial=centres, layers=layers)
     table.uns.update({k: v for k, v in adata.uns.items() if k != "spatialdata_attrs"})
     for k, v in adata.obsm.items():
-        if k != "spatial":
+        if k != SPATIAL_KEY:
             table.obsm[k] = v
     for k, v in adata.obsp.items():
         table.obsp[k] = v

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 from matplotlib.axes import Axes
 from matplotlib.patches import Patch
 
-from histospace._constants import DOMAIN_KEY, LIBRARY_KEY
+from histospace._constants import DOMAIN_KEY, LIBRARY_KEY, SPATIAL_KEY
 from histospace._spatial._uns import images as uns_images
 from histospace._spatial._uns import scalefactors, uns_path
 from histospace._utils import check_number
@@ -114,7 +114,7 @@ def domains(
     if groundtruth_key is not None and groundtruth_key not in adata.obs:
         msg = f"`adata.obs[{groundtruth_key!r}]` not found."
         raise KeyError(msg)
-    if "spatial" not in adata.obsm:
+    if SPATIAL_KEY not in adata.obsm:
         msg = "`adata.obsm['spatial']` not found; spot coordinates are needed."
         raise KeyError(msg)
     img_array = None
@@ -144,7 +144,7 @@ def domains(
             raise KeyError(msg)
     title = _title(sub.obs, key, groundtruth_key, title)
 
-    xy = np.asarray(sub.obsm["spatial"], dtype=np.float64)[:, :2]
+    xy = np.asarray(sub.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
     own = img_array is not None or sub.n_obs > RASTER_THRESHOLD
     geometry = None
     if not own:

@@ -19,6 +19,7 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.colors import Normalize, to_rgba_array
 
+from histospace._constants import SPATIAL_KEY
 from histospace._utils._lattice import bins_evidence, grid_indices, lattice_pitch
 
 #: above this many spots or bins, draw one raster image instead of one patch per element
@@ -71,7 +72,7 @@ def element_geometry(
     diameter
         Spot diameter in coordinate units (spots only).
     """
-    xy = np.asarray(adata.obsm["spatial"] if xy is None else xy, dtype=np.float64)[:, :2]
+    xy = np.asarray(adata.obsm[SPATIAL_KEY] if xy is None else xy, dtype=np.float64)[:, :2]
     idx = grid_indices(adata)
     is_bins = idx is not None and bins_evidence(adata, idx, xy, diameter=diameter) is not None
     if is_bins:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from anndata import AnnData
 
+from histospace._constants import LIBRARY_KEY
 from histospace._image._sources import ImageSource
 from histospace._spatial._images import library_image
 from histospace._spatial._images import sdata_image_key as _sdata_image_key
@@ -122,9 +123,9 @@ def _resolve_libraries(
                 )
                 raise KeyError(msg)
             lib = library_id
-            if "library_id" in adata.obs:
-                others = set(adata.obs["library_id"].astype(str)) - {str(library_id)}
-                if others and str(library_id) in set(adata.obs["library_id"].astype(str)):
+            if LIBRARY_KEY in adata.obs:
+                others = set(adata.obs[LIBRARY_KEY].astype(str)) - {str(library_id)}
+                if others and str(library_id) in set(adata.obs[LIBRARY_KEY].astype(str)):
                     msg = (
                         f"`adata.obs['library_id']` also holds spots of {sorted(others)[:5]}, which would be cut from "
                         f"the image of {library_id!r}. Pass `library_key='library_id'` to use each slide's image, or "

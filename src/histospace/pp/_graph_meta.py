@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from histospace._constants import COL_KEY, LIBRARY_KEY, ROW_KEY
 from histospace._spatial._platform import DEFAULT_SPOT_DIAMETER_UM as _DEFAULT_SPOT_DIAMETER_UM
 from histospace._spatial._platform import SPOT_DIAMETER_UM as _SPOT_DIAMETER_UM
 from histospace._spatial._platform import technology as _platform_technology
@@ -22,8 +23,8 @@ def _library_ids(adata: AnnData, lib_of_spot: np.ndarray | None) -> list[str]:
     if lib_of_spot is not None:
         return [str(x) for x in pd.unique(lib_of_spot)]
     keys = uns_libraries(adata)
-    if len(keys) > 1 and "library_id" in adata.obs:  # e.g. one slide subset from a multi-slide AnnData
-        present = [str(x) for x in pd.unique(library_labels(adata, "library_id"))]
+    if len(keys) > 1 and LIBRARY_KEY in adata.obs:  # e.g. one slide subset from a multi-slide AnnData
+        present = [str(x) for x in pd.unique(library_labels(adata, LIBRARY_KEY))]
         if len(present) == 1 and present[0] in keys:
             return present
     return keys
@@ -36,11 +37,11 @@ def _technology(adata: AnnData, lib: str) -> str | None:
 
 def _is_hex_grid(adata: AnnData) -> bool:
     """Visium array coordinates: integer `array_row`/`array_col` whose sum is always even (hexagonal packing)."""
-    if "array_row" not in adata.obs or "array_col" not in adata.obs:
+    if ROW_KEY not in adata.obs or COL_KEY not in adata.obs:
         return False
     try:
-        r = np.asarray(adata.obs["array_row"], dtype=np.float64)
-        c = np.asarray(adata.obs["array_col"], dtype=np.float64)
+        r = np.asarray(adata.obs[ROW_KEY], dtype=np.float64)
+        c = np.asarray(adata.obs[COL_KEY], dtype=np.float64)
     except (TypeError, ValueError):
         return False
     if not (np.isfinite(r).all() and np.isfinite(c).all()) or r.size == 0:

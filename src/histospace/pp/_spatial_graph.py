@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 from scanpy import logging as logg
 
-from histospace._constants import GRAPH_KEY, graph_keys
+from histospace._constants import COL_KEY, GRAPH_KEY, LIBRARY_KEY, ROW_KEY, SPATIAL_KEY, graph_keys
 from histospace._spatial._platform import GRID_NEIGHS as _GRID_NEIGHS
 from histospace._spatial._slide import sdata_slide
 from histospace._spatial._uns import uns_path
@@ -58,7 +58,7 @@ def spatial_graph(
     table_key: str | None = None,
     shapes_key: str | None = None,
     coordinate_system: str | None = None,
-    spatial_key: str = "spatial",
+    spatial_key: str = SPATIAL_KEY,
     library_key: str | None = None,
     coord_type: Literal["grid", "generic"] | None = None,
     n_neighs: int | None = None,
@@ -257,8 +257,8 @@ def spatial_graph(
         msg = "`n_rings` applies to `coord_type='grid'` only."
         raise ValueError(msg)
 
-    if library_key is None and "library_id" in adata.obs and adata.obs["library_id"].nunique(dropna=False) > 1:
-        library_key = "library_id"
+    if library_key is None and LIBRARY_KEY in adata.obs and adata.obs[LIBRARY_KEY].nunique(dropna=False) > 1:
+        library_key = LIBRARY_KEY
         logg.info("    building one graph per slide of `adata.obs['library_id']`")
     lib_of_spot = library_labels(adata, library_key, required=True) if library_key is not None else None
     libs = _library_ids(adata, lib_of_spot)
@@ -278,7 +278,7 @@ def spatial_graph(
             "`bins=True` needs the bins' integer grid indices in `adata.obs['array_row']` and `adata.obs['array_col']` "
             "(whole numbers on a square lattice, as spatialdata-io's Visium HD and `hs.io` tables have)."
         )
-        raise KeyError(msg) if ("array_row" not in adata.obs or "array_col" not in adata.obs) else ValueError(msg)
+        raise KeyError(msg) if (ROW_KEY not in adata.obs or COL_KEY not in adata.obs) else ValueError(msg)
     bins_why = (
         ("`bins=True`" if bins else bins_evidence(adata, idx, coords, diameter=shape_diameter))
         if idx is not None

@@ -10,7 +10,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scanpy import logging as logg
 
-from histospace._constants import graph_keys
+from histospace._constants import SPATIAL_KEY, graph_keys
 
 
 @contextmanager
@@ -60,8 +60,8 @@ def squidpy_graph(
     if lib_of_spot is not None:
         obs["_library"] = pd.Categorical(lib_of_spot)
     tmp = AnnData(obs=obs)
-    tmp.obsm["spatial"] = coords / scale_rows[:, None] if scale_rows is not None else coords
-    common = {"spatial_key": "spatial", "library_key": "_library" if library_key is not None else None}
+    tmp.obsm[SPATIAL_KEY] = coords / scale_rows[:, None] if scale_rows is not None else coords
+    common = {"spatial_key": SPATIAL_KEY, "library_key": "_library" if library_key is not None else None}
     common["set_diag"] = bool(set_diag)
     start = logg.info(f"building the spatial graph ({coord_type}) with squidpy")
     with _quiet_squidpy():

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 
+from histospace._constants import COL_KEY, LIBRARY_KEY, ROW_KEY, SPATIAL_KEY
 from histospace._image import open_multiscale
 from histospace._image._sources import ImageSource, _is_image_container
 from histospace._spatial._images import sdata_image_key
@@ -228,15 +229,15 @@ def tile_image(
     names = [f"{library_id}_tile_{r}_{c}" for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]
     obs = pd.DataFrame(
         {
-            "array_row": rows.astype(np.int64),
-            "array_col": cols.astype(np.int64),
+            ROW_KEY: rows.astype(np.int64),
+            COL_KEY: cols.astype(np.int64),
             "tissue_fraction": tissue.astype(np.float32),
-            "library_id": pd.Categorical([library_id] * rows.size),
+            LIBRARY_KEY: pd.Categorical([library_id] * rows.size),
         },
         index=pd.Index(names),
     )
     tiles = ad.AnnData(X=np.zeros((rows.size, 0), dtype=np.float32), obs=obs)
-    tiles.obsm["spatial"] = np.column_stack([x0 + tile_size / 2.0, y0 + tile_size / 2.0]).astype(np.float64)
+    tiles.obsm[SPATIAL_KEY] = np.column_stack([x0 + tile_size / 2.0, y0 + tile_size / 2.0]).astype(np.float64)
 
     metadata = {"technology": HE_TILES}
     if isinstance(img, str | os.PathLike):
@@ -260,7 +261,7 @@ def tile_image(
         "tissue_only": bool(tissue_only),
         "tissue_threshold": float(thr),
         "tissue_fraction": float(tissue_fraction),
-        "library_id": library_id,
+        LIBRARY_KEY: library_id,
         "hires_max_size": int(hires_max_size),
         "image_shape": np.asarray([h, w], dtype=np.int64),
         "tissue_detection": (
@@ -317,7 +318,7 @@ def _add_tiles(sdata, tiles: ad.AnnData, *, image_key: str, key_added: str, tile
     from histospace.io._bins import squares
 
     transformations = get_transformation(sdata.images[image_key], get_all=True)
-    shapes = squares(tiles.obsm["spatial"], float(tile_size), transformations=transformations)
+    shapes = squares(tiles.obsm[SPATIAL_KEY], float(tile_size), transformations=transformations)
     table = tiles.copy()
     drop_uns(table)
     region = f"{key_added}_squares"

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scanpy import logging as logg
 
-from histospace._constants import CONNECTIVITIES_KEY, STEREOMM_KEY, connectivity_key_in
+from histospace._constants import CONNECTIVITIES_KEY, DOMAIN_KEY, STEREOMM_KEY, connectivity_key_in
 from histospace._utils import check_number, check_obsm, check_obsp, check_random_state, doc_params, version_string
 from histospace._utils._data import binary_adjacency, check_key_added
 from histospace._utils._sdata import as_table, table_output
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 _HINTS = {
-    "X_stereomm": "Run `hs.tl.stereomm(adata)` first.",
+    STEREOMM_KEY: "Run `hs.tl.stereomm(adata)` first.",
 }
 
 
@@ -411,7 +411,7 @@ def domains(
             msg = f"`adata.obsp[{connectivity_key!r}]` has shape {adj.shape}; expected ({adata.n_obs}, {adata.n_obs})."
             raise ValueError(msg)
     if key_added is None:
-        key_added = "stereomm_domain" if use_rep == STEREOMM_KEY else f"{use_rep.removeprefix('X_')}_domain"
+        key_added = DOMAIN_KEY if use_rep == STEREOMM_KEY else f"{use_rep.removeprefix('X_')}_domain"
     check_key_added(key_added)
 
     start = logg.info(f"finding spatial domains ({method}) in {use_rep!r}")

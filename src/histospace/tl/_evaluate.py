@@ -93,7 +93,7 @@ def mclstexp_cross_validate(
     adata: AnnData | SpatialData,
     *,
     table_key: str | None = None,
-    groupby: str = "library_id",
+    groupby: str = LIBRARY_KEY,
     layer: str | None = None,
     genes: Sequence[str] | None = None,
     n_top: int = 50,
