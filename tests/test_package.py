@@ -32,9 +32,9 @@ def test_docstrings_have_no_unfilled_placeholders():
     import inspect
     import re
 
-    from histospace._utils._docs import _PARAMS
+    from histospace._utils._docs import COMMON_PARAMS
 
-    placeholder = re.compile(r"^\s*\{(" + "|".join(map(re.escape, _PARAMS)) + r")\}\s*$", re.MULTILINE)
+    placeholder = re.compile(r"^\s*\{(" + "|".join(map(re.escape, COMMON_PARAMS)) + r")\}\s*$", re.MULTILINE)
     found = []
     for ns in (hs.pp, hs.tl, hs.pl, hs.datasets, hs.metrics, hs.models, hs.io):
         for name in getattr(ns, "__all__", dir(ns)):

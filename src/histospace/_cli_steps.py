@@ -53,7 +53,7 @@ def _weights_label(weights) -> str:
     return str(Path(weights).expanduser().resolve())
 
 
-def _features_match(table, kw: dict, extra: dict) -> str | None:
+def features_mismatch(table, kw: dict, extra: dict) -> str | None:
     """Why the features in `obsm['img_features']` do not match the requested ones (`None` when they do).
 
     The one comparison of the feature slot (:func:`~histospace._image.features._slot.settings_mismatch`, the one the
@@ -112,7 +112,7 @@ def _features_needed(data, args, *, label: str, extra: dict | None = None, image
             )
             return False
         why = f"obsm['img_features'] has {have} columns and no recorded settings, the {kw['encoder']} features {want}"
-    elif (why := _features_match(table, kw, extra)) is None:
+    elif (why := features_mismatch(table, kw, extra)) is None:
         print("reusing obsm['img_features']: computed with the requested encoder and weights", file=sys.stderr)
         return False
     if image is None and not _has_image(data):

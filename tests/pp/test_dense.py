@@ -19,10 +19,10 @@ from histospace._image.features._dense import (
     pick_level,
     trunk_geometry,
 )
-from histospace._image.features._dense_engine import _iter_strips, _pca_sample, _plan
-from histospace._image.features._dense_resample import _Resampler
-from histospace._image.features._dense_trunk import _run_trunk
-from histospace._image.features._dense_windows import _box_means, _sat, _window_means, _window_means_sat
+from histospace._image.features._dense_engine import iter_strips, pca_sample, plan_strips
+from histospace._image.features._dense_resample import Resampler
+from histospace._image.features._dense_trunk import run_trunk
+from histospace._image.features._dense_windows import box_means, summed_area_table, window_means, window_means_sat
 from histospace._utils._preprocess import covariance_pca
 
 CPU = torch.device("cpu")
@@ -86,13 +86,15 @@ def test_window_means_integer_windows_equal_direct_means():
     u, v = torch.as_tensor(u0, dtype=torch.float64), torch.as_tensor(v0, dtype=torch.float64)
     want = np.stack([m[b : b + 4, a : a + 4].mean(axis=(0, 1)) for a, b in zip(u0, v0, strict=True)])
     # the summed-area table, read at the 4 corners
-    np.testing.assert_allclose(_window_means_sat(_sat(torch.from_numpy(m)), u, v, 4.0).numpy(), want, rtol=1e-12)
+    np.testing.assert_allclose(
+        window_means_sat(summed_area_table(torch.from_numpy(m)), u, v, 4.0).numpy(), want, rtol=1e-12
+    )
     # the means of all integer windows at once (float32 output)
-    got = _window_means(torch.from_numpy(m).float(), u, v, 4.0).numpy()
+    got = window_means(torch.from_numpy(m).float(), u, v, 4.0).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # computed in blocks of channels: the same
     buf = torch.from_numpy(m).float()
-    np.testing.assert_array_equal(_box_means(buf, 4, block_bytes=1).numpy(), _box_means(buf, 4).numpy())
+    np.testing.assert_array_equal(box_means(buf, 4, block_bytes=1).numpy(), box_means(buf, 4).numpy())
 
 
 def _area_weighted(m, u0, v0, w):
@@ -114,8 +116,10 @@ def test_window_means_fractional_windows_are_area_weighted(w):
     v0 = np.concatenate([rng.uniform(0, 12 - w, size=30), [12 - w, 0.0]])
     u, v = torch.as_tensor(u0), torch.as_tensor(v0)
     want = _area_weighted(m, u0, v0, w)
-    np.testing.assert_allclose(_window_means_sat(_sat(torch.from_numpy(m)), u, v, w).numpy(), want, rtol=1e-10)
-    got = _window_means(torch.from_numpy(m).float(), u, v, w).numpy()
+    np.testing.assert_allclose(
+        window_means_sat(summed_area_table(torch.from_numpy(m)), u, v, w).numpy(), want, rtol=1e-10
+    )
+    got = window_means(torch.from_numpy(m).float(), u, v, w).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -127,7 +131,7 @@ def test_resampling_matches_torch_antialias_inside_the_image(r):
     img = _smooth_image(90, 110, seed=2)
     src = open_image(img)
     h, w = int(90 * r), int(110 * r)
-    got = _Resampler(src, r, CPU).read(0, h, 0, w)
+    got = Resampler(src, r, CPU).read(0, h, 0, w)
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
     want = torch.nn.functional.interpolate(
         x, scale_factor=r, mode="bilinear", antialias=True, align_corners=False, recompute_scale_factor=False
@@ -135,7 +139,7 @@ def test_resampling_matches_torch_antialias_inside_the_image(r):
     m = int(np.ceil(2 / min(r, 1))) + 1  # torch clips the filter at the border, we read white beyond it
     np.testing.assert_allclose(got[:, m : h - m, m : w - m].numpy(), want[:, m : h - m, m : w - m].numpy(), atol=2e-6)
     # tiles are crops of one resampled image, whatever the bands of source rows
-    tile = _Resampler(src, r, CPU, band_rows=7).read(7, 7 + 20, 11, 11 + 25)
+    tile = Resampler(src, r, CPU, band_rows=7).read(7, 7 + 20, 11, 11 + 25)
     np.testing.assert_array_equal(tile.numpy(), got[:, 7:27, 11:36].numpy())
 
 
@@ -160,7 +164,7 @@ def _assembled_maps(src, plan, enc, geom):
     """Map rows of every strip (core cells only), from the engine's strips."""
     out = {}
     with torch.inference_mode():
-        for sy, _, _, bufs in _iter_strips(
+        for sy, _, _, bufs in iter_strips(
             src, plan, enc, geom, dihedral=False, batch_size=2, device=CPU, project=None, bar=None
         ):
             for t, b in enumerate(bufs):
@@ -174,14 +178,14 @@ def _one_pass_maps(src, plan, enc, geom, r):
     y1 = plan.oy + plan.needed.shape[0] * plan.tile_h + plan.halo
     x1 = plan.ox + plan.needed.shape[1] * plan.tile_w + plan.halo
     with torch.inference_mode():
-        x = _Resampler(src, r, CPU).read(y0, y1, x0, x1)[None]
-        return [m[0].permute(1, 2, 0) for m in _run_trunk(enc, (x - enc.mean) / enc.std, geom.taps)]
+        x = Resampler(src, r, CPU).read(y0, y1, x0, x1)[None]
+        return [m[0].permute(1, 2, 0) for m in run_trunk(enc, (x - enc.mean) / enc.std, geom.taps)]
 
 
 def _max_tile_error(src, centres, enc, r, halo=None):
     geom = trunk_geometry(enc)
     h = geom.exact_halo if halo is None else halo
-    plan = _plan(centres, r, 64, 64, h, geom.max_stride)
+    plan = plan_strips(centres, r, 64, 64, h, geom.max_stride)
     assert plan.needed.shape[0] >= 2 and plan.needed.shape[1] >= 2  # seams in both directions
     tiled, full = _assembled_maps(src, plan, enc, geom), _one_pass_maps(src, plan, enc, geom, r)
     errs = []
@@ -312,7 +316,7 @@ def test_n_components_projects_on_the_fly():
     # two passes: fitted on the centres of evenly spaced strips, the maps projected before their tables
     red = dense_features(img, centres, 32, enc, n_components=5, pca_n_spots=300, **kw)
     geom = trunk_geometry(enc)
-    sel = _pca_sample(_plan(centres, 1.0, 32, 64, geom.exact_halo, geom.max_stride), geom, 300)
+    sel = pca_sample(plan_strips(centres, 1.0, 32, 64, geom.exact_halo, geom.max_stride), geom, 300)
     assert 300 <= sel.size < len(centres) / 2
     mu, comp = covariance_pca(full[sel], 5)
     want = (full - mu) @ comp

@@ -110,28 +110,28 @@ def _stored(params: dict) -> ad.AnnData:
 def test_one_settings_check_for_the_models_and_the_cli():
     """The CLI's "reuse the stored features?" and the models' "were the query's features made like the
     reference's?" are one comparison, `settings_mismatch` of the feature slot (the CLI on the settings it asks for)."""
-    from histospace._cli_steps import _features_match
+    from histospace._cli_steps import features_mismatch
 
     made = {"encoder": "mobilenet_v2", "weights": "random", "layers": "stages", "context": 2.0, "dihedral": True,
             "tf_padding": False, "patch_size_px": 224.0, "patch_size_um": 150.0}  # fmt: skip
     kw = {"encoder": "mobilenet_v2", "weights": None}
     extra = {k: v for k, v in wing.MCLSTEXP_FEATURES.items() if k != "preset"}
-    assert _features_match(_stored(made), kw, extra) is None
+    assert features_mismatch(_stored(made), kw, extra) is None
     # the patch size in µm within 1%, as the models compare it (the CLI compared the strings before)
-    assert _features_match(_stored(made), kw | {"patch_size_um": 150.9}, extra) is None
+    assert features_mismatch(_stored(made), kw | {"patch_size_um": 150.9}, extra) is None
     near = wing.feature_settings(made | {"patch_size_um": 150.9})
     assert wing.settings_mismatch(wing.feature_settings(made), near) is None
-    why = _features_match(_stored(made), kw | {"patch_size_um": 160.0}, extra)
+    why = features_mismatch(_stored(made), kw | {"patch_size_um": 160.0}, extra)
     assert why == "uns['img_features']['params']['patch_size_um'] is 150.0, not 160.0"
-    why = _features_match(_stored(made | {"dihedral": False}), kw, extra)
+    why = features_mismatch(_stored(made | {"dihedral": False}), kw, extra)
     assert why == "uns['img_features']['params']['dihedral'] is False, not True"
-    why = _features_match(_stored({k: v for k, v in made.items() if k != "context"}), kw, extra)
+    why = features_mismatch(_stored({k: v for k, v in made.items() if k != "context"}), kw, extra)
     assert why == "uns['img_features']['params']['context'] is None, not 2.0"
-    assert _features_match(_stored(made), kw | {"encoder": "resnet50"}, extra) == (
+    assert features_mismatch(_stored(made), kw | {"encoder": "resnet50"}, extra) == (
         "uns['img_features']['params']['encoder'] is 'mobilenet_v2', not 'resnet50'"
     )
     # settings the command does not ask for are not compared; the models compare them all
-    assert _features_match(_stored(made | {"input_size": 256}), kw, extra) is None
+    assert features_mismatch(_stored(made | {"input_size": 256}), kw, extra) is None
     bad = wing.settings_mismatch(wing.feature_settings(made), wing.feature_settings(made | {"input_size": 256}))
     assert bad == ("input_size", 256, 224)
 

@@ -38,14 +38,14 @@ def test_one_visium_hd_barcode_rule(name, expected):
 
 def test_visium_hd_barcodes_are_bins_and_rebin_keeps_their_style():
     from histospace._utils._lattice import bins_evidence
-    from histospace.io._rebin import _names
+    from histospace.io._rebin import rebinned_names
 
     rows, cols = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
     names = [f"s_008um_{r:05d}_{c:05d}-1" for r, c in zip(rows.ravel(), cols.ravel(), strict=True)]
     t = ad.AnnData(obs=pd.DataFrame({"array_row": rows.ravel(), "array_col": cols.ravel()}, index=names))
     t.obsm["spatial"] = np.column_stack([cols.ravel(), rows.ravel()]).astype(float) * 10
     assert bins_evidence(t) == "Visium HD barcodes"
-    out = _names(t, "square_008um", np.array([0, 1]), np.array([2, 3]), 2, 10.0, 16.0)
+    out = rebinned_names(t, "square_008um", np.array([0, 1]), np.array([2, 3]), 2, 10.0, 16.0)
     assert list(out) == ["s_016um_00000_00002-1", "s_016um_00001_00003-1"]
 
 

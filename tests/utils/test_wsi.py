@@ -171,10 +171,10 @@ def test_svs_every_reader_gives_the_same_pixels(svs_path, base, reader):
 
 
 def test_openslide_composites_transparent_pixels_on_background():
-    from histospace._image._levels import _composite
+    from histospace._image._levels import composite_rgba
 
     rgba = np.array([[[10, 20, 30, 255], [0, 0, 0, 0], [200, 100, 0, 128]]], dtype=np.uint8)
-    out = _composite(rgba, np.array([255, 255, 255], dtype=np.uint16).reshape(1, 1, 3))
+    out = composite_rgba(rgba, np.array([255, 255, 255], dtype=np.uint16).reshape(1, 1, 3))
     np.testing.assert_array_equal(out[0, 0], [10, 20, 30])
     np.testing.assert_array_equal(out[0, 1], [255, 255, 255])
     np.testing.assert_array_equal(out[0, 2], [227, 177, 127])  # 200 * 128 / 255 + 255 * 127 / 255 = 227.4
@@ -477,7 +477,7 @@ def test_dask_level_reads_through_a_cache_of_chunks(base):
     import dask.array as da
 
     from histospace._image import ImageSource, read_order
-    from histospace._image._levels import _DaskLevel
+    from histospace._image._levels import DaskLevel
 
     computed = []
 
@@ -487,7 +487,7 @@ def test_dask_level_reads_through_a_cache_of_chunks(base):
 
     arr = da.from_array(base, chunks=(64, 64, 3)).map_blocks(count, dtype=base.dtype)
     chunk_bytes = 64 * 64 * 3
-    lvl = _DaskLevel(arr, cache_bytes=6 * chunk_bytes)
+    lvl = DaskLevel(arr, cache_bytes=6 * chunk_bytes)
     rng = np.random.default_rng(1)
     for _ in range(50):  # regions, integer and stepped indices, empty ranges: the numpy result
         y0, x0 = rng.integers(0, H), rng.integers(0, W)
@@ -497,14 +497,14 @@ def test_dask_level_reads_through_a_cache_of_chunks(base):
         assert lvl._cached_bytes <= lvl.cache_bytes
     np.testing.assert_array_equal(lvl[:, :], base)  # more chunks than the cache holds: computed directly
     assert lvl._cached_bytes <= lvl.cache_bytes
-    big = _DaskLevel(arr, cache_bytes=100 * chunk_bytes)  # reads over more than 2 x 2 chunks bypass the cache
+    big = DaskLevel(arr, cache_bytes=100 * chunk_bytes)  # reads over more than 2 x 2 chunks bypass the cache
     np.testing.assert_array_equal(big[0:150, 0:150], base[0:150, 0:150])
     assert not big._cache
     np.testing.assert_array_equal(big[60:70, 60:70], base[60:70, 60:70])
     assert len(big._cache) == 4
 
     # 30-px windows over the image in chunk order decode each chunk at most twice (in row-major order: many times)
-    src = ImageSource(_DaskLevel(arr, cache_bytes=6 * chunk_bytes), "YXC")
+    src = ImageSource(DaskLevel(arr, cache_bytes=6 * chunk_bytes), "YXC")
     ys, xs = np.meshgrid(np.arange(0, H - 30, 10), np.arange(0, W - 30, 10), indexing="ij")
     starts = np.c_[xs.ravel(), ys.ravel()].astype(float)
     order = read_order(src, starts)
@@ -517,7 +517,7 @@ def test_dask_level_reads_through_a_cache_of_chunks(base):
     assert n_chunks <= len(computed) <= 2 * n_chunks
 
     # workers get a copy without the cache, which works on its own
-    plain = _DaskLevel(da.from_array(base, chunks=(64, 64, 3)))
+    plain = DaskLevel(da.from_array(base, chunks=(64, 64, 3)))
     plain[0:10, 0:10]
     copy = pickle.loads(pickle.dumps(plain))  # as DataLoader workers get it
     assert plain._cache and copy._cached_bytes == 0 and not copy._cache

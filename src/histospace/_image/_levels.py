@@ -158,10 +158,10 @@ class _OpenSlideLevel(_RegionLevel):
         # read_region takes the top-left corner in level-0 pixels; OpenSlide divides it by the level downsample
         loc = (int(round(x0 * self.downsample)), int(round(y0 * self.downsample)))
         rgba = np.asarray(self.handle.get().read_region(loc, self.level, (x1 - x0, y1 - y0)))
-        return _composite(rgba, self.background)
+        return composite_rgba(rgba, self.background)
 
 
-def _composite(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
+def composite_rgba(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
     """Composite OpenSlide's un-premultiplied RGBA onto `background` (transparent: not scanned or outside)."""
     alpha = rgba[:, :, 3:4]
     if alpha.min(initial=255) == 255:
@@ -230,11 +230,11 @@ class _TiffLevel:
         return d
 
 
-#: `_DaskLevel` reads touching more chunks than this are computed directly, not through the cache of chunks
+#: `DaskLevel` reads touching more chunks than this are computed directly, not through the cache of chunks
 MAX_CACHED_BLOCKS = 4
 
 
-class _DaskLevel:
+class DaskLevel:
     """A dask array read region by region with the synchronous scheduler (no thread pool per read).
 
     Reads smaller than a chunk (touching at most 2 x 2 chunks) go through a cache of whole chunks (least recently used

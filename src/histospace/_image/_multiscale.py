@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from histospace._image._levels import _DaskLevel
+from histospace._image._levels import DaskLevel
 from histospace._image._sources import ImageSource
 
 __all__ = ["MultiscaleImage", "level_zero"]
@@ -196,7 +196,7 @@ class MultiscaleImage:
 
         src = self.source(level)
         arr = src.arr
-        if isinstance(arr, _DaskLevel):
+        if isinstance(arr, DaskLevel):
             return arr.arr
         if isinstance(chunks, int):
             chunks = tuple(chunks if a in "YX" else -1 for a in src.axes)

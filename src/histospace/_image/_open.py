@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from histospace._image._levels import _DaskLevel
+from histospace._image._levels import DaskLevel
 from histospace._image._multiscale import MultiscaleImage, level_zero
 from histospace._image._readers import is_slide_path, open_slide
 from histospace._image._sdata import _dataarray_source, _tree_levels, is_xarray_image
@@ -118,7 +118,7 @@ def _container_source(obj, *, kind: str, scale: float | None, name: str | None, 
     s = c_scale if scale is None else scale
     data = da.data
     if hasattr(data, "dask"):  # a lazy container: read each region with dask's synchronous scheduler
-        data = _DaskLevel(data)
+        data = DaskLevel(data)
     return ImageSource(data, axes, kind=kind, scale=s, name=label, offset=offset)
 
 

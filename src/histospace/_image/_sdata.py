@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from histospace._image._levels import _DaskLevel
+from histospace._image._levels import DaskLevel
 from histospace._image._sources import ImageSource
 from histospace._spatial._affine import apply_affine as transform_xy
 from histospace._spatial._affine import check_coordinate_system as _check_cs
@@ -28,7 +28,7 @@ def _dataarray_source(da, name: str) -> ImageSource:
         raise ValueError(msg)
     axes = "".join({"c": "C", "y": "Y", "x": "X"}.get(d, "Q") for d in dims)
     data = da.data
-    arr = _DaskLevel(data) if hasattr(data, "dask") else data
+    arr = DaskLevel(data) if hasattr(data, "dask") else data
     return ImageSource(arr, axes, name=name)
 
 

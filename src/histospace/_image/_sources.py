@@ -376,9 +376,9 @@ def read_order(src: ImageSource, starts: np.ndarray) -> np.ndarray | None:
     the chunks row by row, so that a chunk and its right and lower neighbours (which the windows overlap) stay in the
     reader's cache of chunks while they are needed.
     """
-    from histospace._image._levels import _DaskLevel
+    from histospace._image._levels import DaskLevel
 
-    if not isinstance(src.arr, _DaskLevel):
+    if not isinstance(src.arr, DaskLevel):
         return None
     chunks = src.arr.arr.chunks
     ch = max(1, max(chunks[src.axes.index("Y")]))

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 F = TypeVar("F", bound=Callable)
 
-_PARAMS = {
+COMMON_PARAMS = {
     "adata": (
         "Annotated data matrix, or a :class:`spatialdata.SpatialData` whose table `table_key` is used and written to "
         "(results go into the table exactly as into an AnnData)."
@@ -44,7 +44,7 @@ def doc_params(**extra: str) -> Callable[[F], F]:
 
     def decorator(obj: F) -> F:
         if obj.__doc__:
-            params = {**_PARAMS, **extra}
+            params = {**COMMON_PARAMS, **extra}
             lines = []
             for line in obj.__doc__.splitlines():
                 stripped = line.strip()

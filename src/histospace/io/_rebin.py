@@ -279,7 +279,7 @@ def rebin(
         it = np.zeros(n_new, dtype=np.int64)
         np.maximum.at(it, new_id, table.obs["in_tissue"].to_numpy().astype(np.int64))
         obs["in_tissue"] = it.astype(table.obs["in_tissue"].dtype)
-    obs.index = _names(table, table_key, new_rows, new_cols, factor, side, new_um)
+    obs.index = rebinned_names(table, table_key, new_rows, new_cols, factor, side, new_um)
     uns = {
         "rebin": {
             "source": table_key,
@@ -315,7 +315,9 @@ def rebin(
     )
 
 
-def _names(table, table_key: str, rows: np.ndarray, cols: np.ndarray, factor: int, side: float, new_um) -> pd.Index:
+def rebinned_names(
+    table, table_key: str, rows: np.ndarray, cols: np.ndarray, factor: int, side: float, new_um
+) -> pd.Index:
     """Obs names in the input's style: Space Ranger's `s_016um_00012_00034-1`, stereopy's `x << 32 | y`, or `r_c`."""
     first = str(table.obs_names[0])
     if is_visium_hd_barcode(first) and new_um is not None and float(new_um).is_integer():

@@ -53,7 +53,7 @@ from typing import Literal
 import numpy as np
 from scanpy import logging as logg
 
-from histospace._image.features._dense_engine import _STATS, _dense_pass, _pca_sample, _plan
+from histospace._image.features._dense_engine import _STATS, _dense_pass, pca_sample, plan_strips
 from histospace._image.features._dense_trunk import TrunkGeometry, _check_encoder, _is_vit, _round_up, trunk_geometry
 from histospace._utils._preprocess import covariance_pca
 
@@ -260,7 +260,7 @@ def dense_features(
 
     c_src = centres * float(scale)
     sizes = [float(patch_px) * float(scale)] + ([float(context_px) * float(scale)] if context_px is not None else [])
-    plans = [_plan(c_src, input_size / s, int(input_size), tile, h, geom.max_stride) for s in sizes]
+    plans = [plan_strips(c_src, input_size / s, int(input_size), tile, h, geom.max_stride) for s in sizes]
     _STATS.clear()
     _STATS.update(
         {
@@ -286,7 +286,7 @@ def dense_features(
         ps = (
             plans
             if sel is None
-            else [_plan(cs, input_size / s, int(input_size), tile, h, geom.max_stride) for s in sizes]
+            else [plan_strips(cs, input_size / s, int(input_size), tile, h, geom.max_stride) for s in sizes]
         )
         kw = {"dihedral": bool(dihedral), "batch_size": int(batch_size), "device": dev}
         with progress(total=sum(p.n_tiles for p in ps), desc=desc, disable=not progress_bar) as bar:
@@ -309,7 +309,7 @@ def dense_features(
 
     with torch.inference_mode():
         if sample is not None:
-            sel = _pca_sample(plans[0], geom, int(sample)) if n > sample else np.arange(n)
+            sel = pca_sample(plans[0], geom, int(sample)) if n > sample else np.arange(n)
             feats = np.empty((sel.size, d_total), dtype=np.float32)
             run(None if sel.size == n else sel, None, feats, "dense features (PCA sample)")
             logg.info("    finished", time=start)
@@ -326,7 +326,7 @@ def dense_features(
                 mu, comp = covariance_pca(feats, int(n_components))
                 feats = ((feats.astype(np.float64) - mu) @ comp).astype(np.float32)
         else:
-            sel = _pca_sample(plans[0], geom, int(pca_n_spots))
+            sel = pca_sample(plans[0], geom, int(pca_n_spots))
             sample = np.empty((sel.size, d_total), dtype=np.float32)
             run(sel, None, sample, "dense features (PCA fit)")
             mu, comp = covariance_pca(sample, int(n_components))
@@ -405,7 +405,7 @@ def dense_cost_ratio(
     sizes = [patch_px] + ([context_px] if context_px is not None else [])
     dense = 0.0
     for s in sizes:
-        p = _plan(centres * scale, input_size / (s * scale), int(input_size), tile, h, max_stride)
+        p = plan_strips(centres * scale, input_size / (s * scale), int(input_size), tile, h, max_stride)
         dense += p.n_tiles * float(p.tile_px)
     return float(len(centres) * input_size**2 * len(sizes) / dense)
 

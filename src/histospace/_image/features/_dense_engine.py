@@ -1,7 +1,7 @@
 """The dense engine's tile plan and streaming: tiles with a halo over the windows, strip by strip.
 
 A plan fits a grid of equal tiles to the windows' bounding box and keeps only the tiles some window touches;
-:func:`_iter_strips` runs the trunk over them row by row, keeping one strip of maps plus the rows windows reach back
+:func:`iter_strips` runs the trunk over them row by row, keeping one strip of maps plus the rows windows reach back
 to, and :func:`_dense_pass` reads each spot's window mean from the strip that holds the bottom of its window.
 """
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from histospace._image.features._dense_resample import _Resampler
-from histospace._image.features._dense_trunk import TrunkGeometry, _dihedral_maps, _round_up, _run_trunk
-from histospace._image.features._dense_windows import _window_means
+from histospace._image.features._dense_resample import Resampler
+from histospace._image.features._dense_trunk import TrunkGeometry, _dihedral_maps, _round_up, run_trunk
+from histospace._image.features._dense_windows import window_means
 
 #: internal counters of the last :func:`dense_features` call (for tests and benchmarks)
 _STATS: dict = {}
@@ -54,7 +54,7 @@ def _fit(lo: float, hi: float, tile: int, smax: int) -> tuple[int, int, int]:
     return o, side, -(-extent // side)
 
 
-def _plan(centres: np.ndarray, r: float, input_size: int, tile: int, halo: int, smax: int) -> _Plan:
+def plan_strips(centres: np.ndarray, r: float, input_size: int, tile: int, halo: int, smax: int) -> _Plan:
     """Tiles for windows of `input_size` resampled pixels around `centres * r`.
 
     The grid is fitted to the windows' bounding box (origin at a multiple of `smax`, as few tiles per axis as tiles of
@@ -83,7 +83,7 @@ def _plan(centres: np.ndarray, r: float, input_size: int, tile: int, halo: int, 
     return p
 
 
-def _iter_strips(src, plan: _Plan, encoder, geom: TrunkGeometry, *, dihedral, batch_size, device, project, bar):
+def iter_strips(src, plan: _Plan, encoder, geom: TrunkGeometry, *, dihedral, batch_size, device, project, bar):
     """Yield `(strip, row0 per map, col0 per map, buffers per map)` for the strips of a plan, in order.
 
     Each buffer `(rows, cols, c)` holds the map rows `[row0, row0 + rows)` (global cell indices) of the current strip
@@ -92,7 +92,7 @@ def _iter_strips(src, plan: _Plan, encoder, geom: TrunkGeometry, *, dihedral, ba
     """
     import torch
 
-    res = _Resampler(src, plan.r, device)
+    res = Resampler(src, plan.r, device)
     th, tw, halo = plan.tile_h, plan.tile_w, plan.halo
     n_maps = len(geom.strides)
     n_tx = plan.needed.shape[1]
@@ -131,7 +131,7 @@ def _iter_strips(src, plan: _Plan, encoder, geom: TrunkGeometry, *, dihedral, ba
             x = (torch.stack(xs) - mean) / std
             if device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
-            maps = _dihedral_maps(encoder, x, geom.taps) if dihedral else _run_trunk(encoder, x, geom.taps)
+            maps = _dihedral_maps(encoder, x, geom.taps) if dihedral else run_trunk(encoder, x, geom.taps)
             for t, m in enumerate(maps):
                 s = geom.strides[t]
                 h0, nh, nw = halo // s, th // s, tw // s
@@ -159,7 +159,7 @@ def _dense_pass(src, plan: _Plan, encoder, geom: TrunkGeometry, *, dihedral, bat
         bottom = np.ceil((plan.y0 + plan.w) / s - 1e-9).astype(np.int64) - 1
         assign.append((bottom * s - plan.oy) // plan.tile_h)
         offsets.append(offsets[-1] + (geom.channels[t] if project is None else 0))
-    for sy, row0s, col0s, buffers in _iter_strips(
+    for sy, row0s, col0s, buffers in iter_strips(
         src, plan, encoder, geom, dihedral=dihedral, batch_size=batch_size, device=device, project=project, bar=bar
     ):
         for t in range(n_maps):
@@ -172,14 +172,14 @@ def _dense_pass(src, plan: _Plan, encoder, geom: TrunkGeometry, *, dihedral, bat
             if float(v0.min()) < -1e-6:  # pragma: no cover - guarded by `keep`
                 msg = "internal error: a spot window starts above the kept rows of its strip."
                 raise RuntimeError(msg)
-            f = _window_means(buffers[t], u0, v0, plan.w / s).cpu().numpy()
+            f = window_means(buffers[t], u0, v0, plan.w / s).cpu().numpy()
             if project is None:
                 out[idx, offsets[t] : offsets[t + 1]] = f
             else:
                 out[idx] += f
 
 
-def _pca_sample(plan: _Plan, geom: TrunkGeometry, target: int) -> np.ndarray:
+def pca_sample(plan: _Plan, geom: TrunkGeometry, target: int) -> np.ndarray:
     """Centres whose windows end in evenly spaced strips, at least `target` of them (sorted indices)."""
     s = geom.max_stride
     bottom = np.ceil((plan.y0 + plan.w) / s - 1e-9).astype(np.int64) - 1

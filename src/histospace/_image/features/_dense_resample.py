@@ -28,7 +28,7 @@ def _resample_weights(i0: int, n: int, r: float) -> tuple[np.ndarray, np.ndarray
     return idx, w
 
 
-class _Resampler:
+class Resampler:
     """Read resampled regions `[y0, y1) x [x0, x1)` of a source as float `(3, h, w)` in `[0, 1]` on a device.
 
     Separable: the columns of a band of source rows are resampled first (gathered from the `uint8` pixels, so the

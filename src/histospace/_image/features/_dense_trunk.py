@@ -1,7 +1,7 @@
 """Trunk geometry for the dense engine: where an encoder's maps sit on the input grid, and running the trunk.
 
 :func:`trunk_geometry` measures the strides, widths and receptive-field reach of the maps (the exact halo);
-:func:`_run_trunk` and :func:`_dihedral_maps` run the trunk on normalised tiles.
+:func:`run_trunk` and :func:`_dihedral_maps` run the trunk on normalised tiles.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _is_vit(encoder) -> bool:
     return hasattr(encoder.backbone, "feature_map") and hasattr(encoder, "patch_size")
 
 
-def _run_trunk(encoder, x, taps: tuple[int, ...] | None) -> list:
+def run_trunk(encoder, x, taps: tuple[int, ...] | None) -> list:
     """Maps of the trunk for a normalised input `x`: `[map]` or one map per tap (children order)."""
     import torch.nn.functional as F
 
@@ -191,7 +191,7 @@ def trunk_geometry(encoder, *, layers: Literal["last", "stages"] | None = None) 
         try:
             x = torch.zeros(1, 3, size, size, device=dev, dtype=dtype)
             with torch.inference_mode():
-                maps = _run_trunk(encoder, (x - encoder.mean.to(dev, dtype)) / encoder.std.to(dev, dtype), taps)
+                maps = run_trunk(encoder, (x - encoder.mean.to(dev, dtype)) / encoder.std.to(dev, dtype), taps)
         except Exception as e:  # any failure of a user module
             msg = f"The encoder's trunk failed on a (1, 3, {size}, {size}) input ({type(e).__name__}: {e})."
             raise ValueError(msg) from e
@@ -254,7 +254,7 @@ def _dihedral_maps(encoder, x, taps):
             view = r.flip(-1) if flip else r
             if x.device.type == "cpu":
                 view = view.contiguous(memory_format=torch.channels_last)
-            maps = _run_trunk(encoder, view, taps)
+            maps = run_trunk(encoder, view, taps)
             back = []
             for m in maps:
                 m = m.float()

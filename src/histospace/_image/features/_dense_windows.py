@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def _sat(buf):
+def summed_area_table(buf):
     """Summed-area table `(h + 1, w + 1, c)` float64 of a map `(h, w, c)` (leading zero row and column)."""
     import torch
 
@@ -34,7 +34,7 @@ def _integral_at(sat_flat, n_cols1: int, n_rows1: int, u, v):
     return (s00 * (1 - fu) + s01 * fu) * (1 - fv) + (s10 * (1 - fu) + s11 * fu) * fv
 
 
-def _window_means_sat(sat, u0, v0, w: float, chunk: int = 1024):
+def window_means_sat(sat, u0, v0, w: float, chunk: int = 1024):
     """Mean of the map over windows `[u0, u0 + w) x [v0, v0 + w)` (cell units, float64 tensors) from its table."""
     import torch
 
@@ -51,7 +51,7 @@ def _window_means_sat(sat, u0, v0, w: float, chunk: int = 1024):
     return out
 
 
-def _box_means(buf, w: int, *, block_bytes: int = 64 * 2**20):
+def box_means(buf, w: int, *, block_bytes: int = 64 * 2**20):
     """Means `(h - w + 1, w' - w + 1, c)` float32 of a map `(h, w', c)` over all `w x w` windows at integer cells.
 
     Running sums along each axis in float64 (the summed-area table, one axis at a time), then differences; in blocks
@@ -95,14 +95,14 @@ def _bilinear_rows(m, u0, v0, chunk: int = 2048):
     return out
 
 
-def _window_means(buf, u0, v0, w: float):
+def window_means(buf, u0, v0, w: float):
     """Area-weighted means of a map `buf` `(h, w', c)` over windows `[u0, u0 + w) x [v0, v0 + w)` (cell units).
 
     Cells cut by a window edge count with the fraction of their area inside the window. For an integer `w` (the
     usual case: `input_size` a multiple of the stride) a window at a fractional offset is the bilinear interpolation
     of the four integer-offset windows around it, whose means come from the summed-area table for all offsets at once
-    (:func:`_box_means`): 4 gathers per spot. Otherwise the summed-area table is interpolated at the 4 corners.
+    (:func:`box_means`): 4 gathers per spot. Otherwise the summed-area table is interpolated at the 4 corners.
     """
     if abs(w - round(w)) < 1e-9:
-        return _bilinear_rows(_box_means(buf, int(round(w))), u0, v0)
-    return _window_means_sat(_sat(buf), u0, v0, float(w))
+        return _bilinear_rows(box_means(buf, int(round(w))), u0, v0)
+    return window_means_sat(summed_area_table(buf), u0, v0, float(w))
