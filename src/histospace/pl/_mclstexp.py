@@ -129,7 +129,7 @@ def predicted_vs_observed(
 
     image, scale, diameter = None, 1.0, None
     if slide is not None:
-        lib, mask, xy = None, slide.rows, slide.centres  # image pixels of the drawn level
+        lib, mask, xy = slide.library_id, slide.rows, slide.centres  # image pixels of the drawn level
         image, diameter = sdata_image, slide.spot_diameter
     else:
         lib = plot_library(adata, library_id, library_key)
@@ -143,6 +143,9 @@ def predicted_vs_observed(
             if "spot_diameter_fullres" in sf:
                 diameter = float(sf["spot_diameter_fullres"])
         xy = np.asarray(adata.obsm[spatial_key], dtype=float)[mask]  # full-resolution pixels
+        if image is not None:  # drawn in the image's pixels, as squidpy (and `pl.domains`) draw a Visium AnnData
+            xy, diameter, scale = xy * scale, None if diameter is None else diameter * scale, 1.0
+    unit = "image pixels" if image is not None else ("full-resolution pixels" if slide is None else "coordinate units")
     shape, size = element_geometry(adata[mask], xy, diameter=diameter)
     size *= spot_scale
 
@@ -176,8 +179,8 @@ def predicted_vs_observed(
             ax_.xaxis.set_major_locator(MaxNLocator(3))
             ax_.yaxis.set_major_locator(MaxNLocator(3))
             ax_.tick_params(labelsize=7)
-            ax_.set_xlabel("x (full-resolution pixels)", fontsize=8)
-            ax_.set_ylabel("y (full-resolution pixels)", fontsize=8)
+            ax_.set_xlabel(f"x ({unit})", fontsize=8)
+            ax_.set_ylabel(f"y ({unit})", fontsize=8)
             cb = ax_.figure.colorbar(coll, ax=ax_, fraction=0.046, pad=0.02)
             cb.set_label(_UNITS.get(params.get("normalize", ""), "expression"), fontsize=8)
             cb.ax.tick_params(labelsize=7)

@@ -146,11 +146,18 @@ def raster_index(
     return raster, extent
 
 
-def _frame(ax: Axes, xy: np.ndarray, size: float) -> None:
-    """Limits around the elements (y down), equal aspect."""
-    pad = size
-    ax.set_xlim(xy[:, 0].min() - pad, xy[:, 0].max() + pad)
-    ax.set_ylim(xy[:, 1].max() + pad, xy[:, 1].min() - pad)
+def _frame(ax: Axes, xy: np.ndarray, size: float, image_extent=None) -> None:
+    """Limits (y down), equal aspect: the whole image when one is drawn (as squidpy's `spatial_scatter` frames it),
+    else the elements plus one element size.
+    """  # noqa: D205
+    if image_extent is not None:
+        x0, x1, y0, y1 = image_extent
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+    else:
+        pad = size
+        ax.set_xlim(xy[:, 0].min() - pad, xy[:, 0].max() + pad)
+        ax.set_ylim(xy[:, 1].max() + pad, xy[:, 1].min() - pad)
     ax.set_aspect("equal")
 
 
@@ -211,7 +218,7 @@ def draw_values(
     """Draw one value per spot or bin with a continuous colour map, over the image, at the elements' true size.
 
     For the expression maps of mclSTExp (observed vs predicted share `vmin`/`vmax`) and any per-spot value. Missing
-    values (NaN) are not drawn. Sets the limits around the elements, equal aspect and the y axis pointing down.
+    values (NaN) are not drawn. Sets the limits to the whole image when one is drawn (else around the elements), equal aspect and the y axis pointing down.
 
     Parameters
     ----------
@@ -247,8 +254,7 @@ def draw_values(
     lo = float(finite.min()) if vmin is None and finite.size else vmin
     hi = float(finite.max()) if vmax is None and finite.size else vmax
     norm = Normalize(vmin=lo, vmax=hi)
-    if image is not None:
-        draw_image(ax, image, scale=image_scale)
+    image_extent = None if image is None else draw_image(ax, image, scale=image_scale).get_extent()
     if _use_raster(values.size, rasterize):
         raster, extent = raster_index(xy, shape=shape, size=size)
         data = np.full(raster.shape, np.nan, dtype=np.float32)
@@ -262,7 +268,7 @@ def draw_values(
         art = _collection(xy[ok], shape=shape, size=size, ax=ax, cmap=cmap, norm=norm, alpha=alpha, zorder=1)
         art.set_array(values[ok])
         ax.add_collection(art)
-    _frame(ax, xy, size)
+    _frame(ax, xy, size, image_extent)
     return art
 
 
@@ -337,8 +343,7 @@ def draw_categories(
         raise ValueError(msg)
     rgba = lut[np.where(codes < 0, len(colors), codes)]
     rgba[:, 3] *= alpha
-    if image is not None:
-        draw_image(ax, image, scale=image_scale)
+    image_extent = None if image is None else draw_image(ax, image, scale=image_scale).get_extent()
     if _use_raster(codes.size, rasterize):
         raster, extent = raster_index(xy, shape=shape, size=size)
         img = np.zeros((*raster.shape, 4), dtype=np.uint8)
@@ -348,5 +353,5 @@ def draw_categories(
     else:
         art = _collection(xy, shape=shape, size=size, ax=ax, facecolors=rgba, zorder=1)
         ax.add_collection(art)
-    _frame(ax, xy, size)
+    _frame(ax, xy, size, image_extent)
     return art
