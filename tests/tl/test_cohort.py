@@ -152,3 +152,25 @@ def test_worker_killed_mid_run(model, slides, local_run, tmp_path):
     for name in table.index:
         np.testing.assert_allclose(_prediction(out / f"{name}.zarr"), _prediction(local_run[0] / f"{name}.zarr"),
                                    atol=1e-5)  # fmt: skip
+
+
+def test_cli_predict_several_images(make_slide, slides, tmp_path, capsys):
+    from histospace._cli import main
+
+    ref = make_slide()
+    ref.uns["spatial"]["lib"].setdefault("metadata", {})["spot_diameter_um"] = 55.0
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    argv = ["predict", "--reference", str(tmp_path / "ref.h5ad"), "--image", *slides[:2], "-o", str(tmp_path / "o")]
+    argv += ["--max-epochs", "1", "--n-models", "1", "--n-neighbors", "5", "--tile-size", "32", "--quiet"]
+    argv += ["--weights", "none", "--patch-size", "40", "--input-size", "32"]
+    assert main(argv) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
+    assert [ln.split()[1] for ln in lines] == ["s0:", "s1:"] or sorted(ln.split()[1] for ln in lines) == ["s0:", "s1:"]
+    for name in ("s0", "s1"):
+        assert (tmp_path / "o" / f"{name}.zarr" / "histospace_cohort.json").is_file()
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"no")
+    argv[argv.index("--image") + 1 : argv.index("-o")] = [slides[0], str(bad)]
+    assert main(argv) == 1  # the bad slide fails, the done one is skipped
+    assert "bad" in capsys.readouterr().err
+    assert main([*argv, "--genes", "gene1"]) == 2
