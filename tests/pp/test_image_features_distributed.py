@@ -81,3 +81,19 @@ def test_bad_client_raises_before_writing(adata):
     with pytest.raises(TypeError, match="`client` must be a `distributed.Client`"):
         hs.pp.image_features(adata, client="tcp://nowhere:8786", **FAST)
     assert set(adata.uns) == before
+
+
+def test_unpicklable_image_is_computed_here_with_a_warning(tmp_path, client):
+    from spatialdata import SpatialData
+
+    tissue = hs.datasets.simulate_tissue(width_um=128, height_um=128, random_state=0)
+    path = hs.datasets.write_wsi(tmp_path / "s.tif", tissue, mpp=1.0, tile=128)
+    sdata = SpatialData()
+    hs.io.add_image(sdata, path, image_key="he")  # tifffile's zarr store holds a lock: it does not pickle
+    hs.pp.tile_image(sdata, tile_size=16, tissue_only=False)
+    local = hs.pp.image_features(sdata, table_key="tiles", client=False, copy=True, patch_size=16, **FAST)
+    with pytest.warns(UserWarning, match="cannot be sent to the dask workers"):
+        out = hs.pp.image_features(sdata, table_key="tiles", client=client, copy=True, patch_size=16, **FAST)
+    out, local = out.tables["tiles"], local.tables["tiles"]
+    np.testing.assert_allclose(out.obsm["img_features"], local.obsm["img_features"], atol=1e-5, rtol=0)
+    assert out.uns["img_features"]["params"]["distributed"]["local_libraries"] == ["tiles_squares"]

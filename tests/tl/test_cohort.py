@@ -124,6 +124,10 @@ def test_worker_killed_mid_run(model, slides, local_run, tmp_path):
         distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl,
         distributed.Client(cl) as client,
     ):
+        # client=False with an active client: the slide and its features stay in this process
+        one = hs.tl.predict_cohort(slides[:1], model=model, outdir=tmp_path / "here", client=False, progress=False,
+                                   **OPTS)  # fmt: skip
+        assert one.at["s0", "status"] == "done"
         killed = threading.Event()
 
         def killer():

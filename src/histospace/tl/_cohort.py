@@ -66,7 +66,9 @@ def _predict_slide(image: str, out: str, model, options: dict) -> dict:
     """
     import dask
 
-    with dask.config.set(scheduler="synchronous"):
+    from histospace._image.features._distributed import local_only
+
+    with dask.config.set(scheduler="synchronous"), local_only():  # the slide is the task: nothing nested
         return _write_slide(image, out, model, options)
 
 

@@ -209,6 +209,10 @@ def compute_features(libs, coords: np.ndarray, enc, d: int, info: dict, *, n_obs
             enc = enc.to(memory_format=torch.channels_last)
     if cluster is not None and len(hits) == len(libs):
         cluster = None  # everything from the cache: no task
+
+    def ship(lib) -> bool:  # computed on the cluster (else here)
+        return cluster is not None and cluster.can_ship(lib)
+
     if cluster is not None:  # the workers run on their CPUs: a CPU copy of the encoder
         cpu_enc = enc if dev.type == "cpu" else copy.deepcopy(enc).cpu().to(memory_format=torch.channels_last)
         cluster.start(cpu_enc, sum(len(lib.rows) for lib in libs if lib.library_id not in hits))
@@ -228,8 +232,8 @@ def compute_features(libs, coords: np.ndarray, enc, d: int, info: dict, *, n_obs
     if reduce and fitted is None:  # a sample of each dense slide (all its spots when it has few)
         for lib in dense_libs:
             target = max(1, math.ceil(PCA_N_SPOTS * len(lib.rows) / n_obs))
-            pos, x, rec = (_dense_library(lib, coords, enc, None, sample=target, **dense_kw) if cluster is None else
-                           cluster.submit_dense(lib, coords, sample=target, **dense_kw).result())  # fmt: skip
+            pos, x, rec = (cluster.submit_dense(lib, coords, sample=target, **dense_kw).result() if ship(lib) else
+                           _dense_library(lib, coords, enc, None, sample=target, **dense_kw))  # fmt: skip
             fit_rows.append(x)
             if pos.size == len(lib.rows):  # the whole slide: no second pass
                 held[lib.library_id] = x
@@ -239,11 +243,11 @@ def compute_features(libs, coords: np.ndarray, enc, d: int, info: dict, *, n_obs
         patch_kw = {"d": d, "factors": factors, "input_size": input_size, "batch_size": batch_size,
                     "dihedral": dihedral}  # fmt: skip
         for lib in patch_libs:
-            if lib.library_id not in hits:
+            if lib.library_id not in hits and ship(lib):
                 submitted[lib.library_id] = cluster.submit_patch(lib, coords, **patch_kw)
         if not (reduce and fitted is None):  # dense slides need no PCA from the patch slides first
             for lib in dense_libs:
-                if lib.library_id not in held and not (lib.library_id in hits and not reduce):
+                if lib.library_id not in held and not (lib.library_id in hits and not reduce) and ship(lib):
                     submitted[lib.library_id] = cluster.submit_dense(lib, coords, width, pca=fitted, **dense_kw)
     n_batches = len(factors) * sum(-(-len(lib.rows) // batch_size) for lib in patch_libs)
     with (
@@ -266,7 +270,7 @@ def compute_features(libs, coords: np.ndarray, enc, d: int, info: dict, *, n_obs
                         fit_rows.append(target)
                 continue
             before = set(rec)
-            if cluster is not None:
+            if lib.library_id in submitted:
                 cluster.collect_patch(submitted.pop(lib.library_id), target, rows, rec, bar=bar)
             else:
                 patch_library(lib, coords, enc, target, rows, rec, d=d, factors=factors, input_size=input_size,
@@ -290,7 +294,7 @@ def compute_features(libs, coords: np.ndarray, enc, d: int, info: dict, *, n_obs
             feats[lib.rows] = hit[0]
             records[lib.library_id] |= hit[1]
             continue
-        if cluster is None:
+        if not ship(lib):
             rec = _dense_library(lib, coords, enc, feats, pca=fitted, **dense_kw)
         else:
             fut = submitted.pop(lib.library_id, None) or cluster.submit_dense(

@@ -11,10 +11,13 @@ back into spot order by the caller. Nothing here imports :mod:`distributed` unle
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import sys
 import threading
+import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,7 +25,7 @@ import numpy as np
 if TYPE_CHECKING:
     from histospace.pp._feature_sources import _Library
 
-__all__ = ["DEFAULT_TASK_SIZE", "FeatureCluster", "resolve_client"]
+__all__ = ["DEFAULT_TASK_SIZE", "FeatureCluster", "local_only", "resolve_client"]
 
 #: spots per task at most when `task_size=None` (fewer when that leaves a worker idle)
 DEFAULT_TASK_SIZE = 1024
@@ -30,6 +33,19 @@ DEFAULT_TASK_SIZE = 1024
 _WORKER_IMAGES = 2
 _images: OrderedDict = OrderedDict()
 _images_lock = threading.Lock()
+
+
+_local = contextvars.ContextVar("histospace_local_only", default=False)
+
+
+@contextmanager
+def local_only():
+    """Within this block :func:`resolve_client` answers `None`: the work is one task (a cohort's slide) already."""
+    token = _local.set(True)
+    try:
+        yield
+    finally:
+        _local.reset(token)
 
 
 def _on_worker() -> bool:
@@ -48,9 +64,10 @@ def _on_worker() -> bool:
 def resolve_client(client: Any) -> Any:
     """The client to use: `client` itself, else the active one (`distributed.get_client()`), else `None` (local).
 
-    `False` forces the local path. Inside a task on a worker the answer is `None`: the task computes locally.
+    `False` forces the local path. Inside a task on a worker, or in a :func:`local_only` block, the answer is `None`:
+    the task computes locally.
     """
-    if client is False:
+    if client is False or _local.get():
         return None
     if client is not None:
         from distributed import Client
@@ -150,7 +167,7 @@ class FeatureCluster:
         info = client.scheduler_info(n_workers=-1) if _takes_n_workers(client) else client.scheduler_info()
         self.n_workers = max(1, len(info.get("workers", {})))
         self.task_size = None if task_size is None else int(task_size)
-        self._enc, self._enc_future, self._libs = None, None, {}
+        self._enc, self._enc_future, self._libs, self._shippable = None, None, {}, {}
 
     def start(self, enc, n_spots: int) -> None:
         """Take the (CPU) encoder the tasks run and the number of spots to compute (for the default task size)."""
@@ -158,6 +175,30 @@ class FeatureCluster:
         if self.task_size is None:  # enough tasks to keep every worker busy, whole batches, at most DEFAULT_TASK_SIZE
             per = -(-max(n_spots, 1) // (4 * self.n_workers))
             self.task_size = min(DEFAULT_TASK_SIZE, max(self.batch_size, -(-per // self.batch_size) * self.batch_size))
+
+    def can_ship(self, lib) -> bool:
+        """Whether slide `lib` can be sent to the workers (its image reader pickles); else it is computed here, with
+        a warning (e.g. a SpatialData image read from a TIFF through tifffile's zarr store, which holds a lock: write
+        the SpatialData to zarr and read it back to have it computed on the cluster).
+        """  # noqa: D205
+        key = lib.library_id
+        if key not in self._shippable:
+            import cloudpickle
+
+            try:
+                cloudpickle.dumps(lib)
+            except Exception as e:  # noqa: BLE001 - any pickling failure: the slide stays here
+                self._shippable[key] = False
+                warnings.warn(
+                    f"library {key!r}: its image cannot be sent to the dask workers ({type(e).__name__}: {e}); its "
+                    "features are computed in this process. Write the SpatialData to zarr and read it back "
+                    "(`sdata.write(...)`, `spatialdata.read_zarr(...)`) to have the workers read it.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            else:
+                self._shippable[key] = True
+        return self._shippable[key]
 
     def _scattered(self, lib):
         if self._enc_future is None:
@@ -221,6 +262,11 @@ class FeatureCluster:
             "n_workers": int(self.n_workers),
             "task_size": int(self.task_size),
             "n_tasks": int(self.n_tasks),
+            **(
+                {"local_libraries": [k for k, v in self._shippable.items() if not v]}
+                if not all(self._shippable.values())
+                else {}
+            ),
         }
 
     def close(self) -> None:
