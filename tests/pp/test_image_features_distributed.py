@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -30,7 +31,7 @@ def client():
         yield c
 
 
-def test_cluster_features_equal_local(adata_two_slides, client):
+def test_cluster_features_equal_local(adata_two_slides, client, tmp_path):
     local = hs.pp.image_features(adata_two_slides, library_key="library_id", client=False, copy=True, **FAST)
     assert "distributed" not in local.uns["img_features"]["params"]
     out = hs.pp.image_features(
@@ -44,6 +45,8 @@ def test_cluster_features_equal_local(adata_two_slides, client):
     assert rec["task_size"] == 10
     n_per_slide = [int((adata_two_slides.obs["library_id"] == s).sum()) for s in ("s1", "s2")]
     assert rec["n_tasks"] == sum(-(-n // 10) for n in n_per_slide)
+    out.write_h5ad(tmp_path / "x.h5ad")  # the record survives a round trip
+    assert ad.read_h5ad(tmp_path / "x.h5ad").uns["img_features"]["params"]["distributed"]["n_workers"] == 2
     # the per-slide records are the local run's (image, scale)
     for k in ("image", "scale", "patch_size_px"):
         assert out.uns["img_features"]["params"][k] == local.uns["img_features"]["params"][k]

@@ -233,7 +233,8 @@ def image_features(
         of `task_size` spots for the patch method, one task per slide for the dense method), gathered back in spot
         order. The encoder goes to each worker once (`client.scatter(..., broadcast=True)`) and the workers open the
         image from its file or zarr store themselves (an in-memory array is scattered once per worker); tasks run on
-        the workers' CPUs whatever `device` is. `None` (default): the active client
+        the workers' CPUs whatever `device` is. A slide whose image cannot be pickled (a SpatialData image read from a
+        TIFF by `hs.io.add_image`) is computed here, with a warning. `None` (default): the active client
         (:func:`distributed.get_client`) when there is one, else everything runs here, as without dask; inside a task
         already running on a dask worker, locally. `False`: always locally. The features equal the local ones to
         float rounding.
