@@ -158,6 +158,7 @@ def test_worker_killed_mid_run(model, slides, local_run, tmp_path):
                                    atol=1e-5)  # fmt: skip
 
 
+@pytest.mark.slow  # the command's validated feature recipe (8 views, context) on the reference and 3 slides
 def test_cli_predict_several_images(make_slide, slides, tmp_path, capsys):
     from histospace._cli import main
 
