@@ -81,6 +81,7 @@ def main() -> None:
     p.add_argument("--kill-after", type=int, default=5, help="slides done before a worker is killed")
     p.add_argument("--workdir", help="where slides and outputs go (default: a temporary folder)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--features-only", help="run part 1 only and write it as this section of the page")
     args = p.parse_args()
 
     import torch
@@ -115,6 +116,23 @@ def main() -> None:
                        "distributed": {k: (str(v) if k == "scheduler" else v) for k, v in rec.items()},
                        "width": int(local.obsm["img_features"].shape[1])}  # fmt: skip
 
+    if args.features_only:
+        client.close()
+        cluster.close()
+        md = [
+            f"# Image features only (`--features-only {args.features_only}`)",
+            "",
+            f"her2st C2-C5 ({res['her2st_spots']} spots), settings of the main table. Load at start {res['load_start']}.",
+            "",
+            "| run | wall time (s) | load before -> after |",
+            "|---|---|---|",
+            f"| local, 2 threads | {t_local:.1f} | {l_local} |",
+            f"| LocalCluster 2 x 1 thread | {t_dist:.1f} | {l_dist} |",
+            "",
+            f"Cluster / local: **{t_dist / t_local:.2f}x**; max abs difference **{diff:.1e}**; tasks {rec}.",
+        ]
+        write_page("distributed", "\n".join(md) + "\n", res, section=args.features_only, out=Path(args.out))
+        return
     # ---- 2. cohort ------------------------------------------------------------------------------------------------
     ref = local[local.obs["library_id"] != "C2"].copy()
     model, t_train, _ = timed(hs.tl.mclstexp_train, ref, n_top_genes=200, max_epochs=10, n_models=1, progress_bar=False)

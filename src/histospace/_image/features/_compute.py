@@ -215,7 +215,8 @@ def compute_features(libs, coords: np.ndarray, enc, d: int, info: dict, *, n_obs
 
     if cluster is not None:  # the workers run on their CPUs: a CPU copy of the encoder
         cpu_enc = enc if dev.type == "cpu" else copy.deepcopy(enc).cpu().to(memory_format=torch.channels_last)
-        cluster.start(cpu_enc, sum(len(lib.rows) for lib in libs if lib.library_id not in hits))
+        todo = [lib for lib in libs if lib.library_id not in hits]
+        cluster.start(cpu_enc, sum(len(lib.rows) for lib in todo), len(todo))
     methods = {lib.library_id: hits[lib.library_id][1]["method"] if lib.library_id in hits else
                _choose(method, lib, coords, enc, input_size, context) for lib in libs}  # fmt: skip
     dense_kw = {"input_size": input_size, "context": context, "dihedral": dihedral, "device": dev,

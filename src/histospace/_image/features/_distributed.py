@@ -166,12 +166,18 @@ class FeatureCluster:
         self.client, self.batch_size, self.n_tasks = client, int(batch_size), 0
         info = client.scheduler_info(n_workers=-1) if _takes_n_workers(client) else client.scheduler_info()
         self.n_workers = max(1, len(info.get("workers", {})))
+        self._addresses, self._pin, self._next = sorted(info.get("workers", {})), False, 0
         self.task_size = None if task_size is None else int(task_size)
         self._enc, self._enc_future, self._libs, self._shippable = None, None, {}, {}
 
-    def start(self, enc, n_spots: int) -> None:
-        """Take the (CPU) encoder the tasks run and the number of spots to compute (for the default task size)."""
+    def start(self, enc, n_spots: int, n_libs: int = 1) -> None:
+        """Take the (CPU) encoder the tasks run, the number of spots and of slides to compute.
+
+        With at least as many slides as workers, each slide's blocks prefer one worker (round robin;
+        `allow_other_workers`, so dask may still move them): a JPEG/PNG slide is then decoded by one worker only.
+        """
         self._enc, self._enc_future, self._libs = enc, None, {}
+        self._pin, self._next = len(self._addresses) > 1 and n_libs >= len(self._addresses), 0
         if self.task_size is None:  # enough tasks to keep every worker busy, whole batches, at most DEFAULT_TASK_SIZE
             per = -(-max(n_spots, 1) // (4 * self.n_workers))
             self.task_size = min(DEFAULT_TASK_SIZE, max(self.batch_size, -(-per // self.batch_size) * self.batch_size))
@@ -214,8 +220,12 @@ class FeatureCluster:
         """  # noqa: D205
         enc, flib = self._scattered(lib)
         centres = coords[lib.rows]
+        where = {}
+        if self._pin:
+            where = {"workers": [self._addresses[self._next % len(self._addresses)]], "allow_other_workers": True}
+            self._next += 1
         futures = [
-            (self.client.submit(_patch_task, flib, centres[s : s + self.task_size], enc, kw, pure=False), s)
+            (self.client.submit(_patch_task, flib, centres[s : s + self.task_size], enc, kw, pure=False, **where), s)
             for s in range(0, len(centres), self.task_size)
         ]
         self.n_tasks += len(futures)
