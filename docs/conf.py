@@ -51,6 +51,7 @@ intersphinx_mapping = {
     "sklearn": ("https://scikit-learn.org/stable/", None),
     "torch": ("https://docs.pytorch.org/docs/stable/", None),
     "matplotlib": ("https://matplotlib.org/stable/", None),
+    "distributed": ("https://distributed.dask.org/en/stable/", None),
 }
 if INTERSPHINX:  # fetches the inventories: only on a connected machine
     extensions.append("sphinx.ext.intersphinx")

@@ -11,11 +11,10 @@ import argparse
 import sys
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 from histospace import _cli_demo_cache as demo_cache
-from histospace._cli_io import CLIError, _check_outputs, _positive_int, _table, write_output
+from histospace._cli_io import CLIError, _check_outputs, _positive_int, _save_figure, _table, _timed, write_output
 from histospace._cli_steps import (
     _add_encoder_args,
     _feature_kwargs,
@@ -81,30 +80,11 @@ def cmd_domains(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextmanager
-def _timed(step: str):
-    """Print the wall time of a step (`step: 12.3 s`) when it ends."""
-    t = time.perf_counter()
-    yield
-    print(f"{step}: {time.perf_counter() - t:.1f} s", flush=True)
-
-
 def _save_domains_plot(data, path: str, *, ground_truth: str | None = None, table_key: str | None = None) -> None:
     import histospace as hs
 
     kw = {"table_key": table_key} if table_key else {}
     _save_figure(hs.pl.domains(data, key=DOMAIN_KEY, groundtruth_key=ground_truth, show=False, **kw), path)
-
-
-def _save_figure(fig, path) -> None:
-    """Write a figure (or the figure of an `Axes`) at 150 dpi and close it."""
-    import matplotlib.pyplot as plt
-
-    fig = getattr(fig, "figure", fig)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    print(f"wrote {path}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -113,22 +93,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     import histospace as hs
 
-    if (args.query is None) == (args.image is None):
-        msg = "pass exactly one of --query FILE or --image HE_IMAGE"
+    cohort = args.image is not None and (len(args.image) > 1 or args.scheduler is not None)  # -o: a folder
+    if (args.query is None) == (args.image is None) or (args.scheduler and not cohort):
+        msg = "pass exactly one of --query FILE or --image HE_IMAGE [...] (--scheduler goes with --image)"
+        raise CLIError(msg)
+    if cohort and (args.genes or args.plot):
+        msg = "--genes/--plot draw one query; with several --image slides, plot each output zarr afterwards"
         raise CLIError(msg)
     query_kind = input_kind(args.query)[1] if args.query else "h5ad"  # --image: tiles in an AnnData
     for path in args.reference:
         input_kind(path)  # a missing or unknown input is named before any work
-    _check_outputs(args, spatialdata=query_kind != "h5ad")
+    if not cohort:
+        _check_outputs(args, spatialdata=query_kind != "h5ad")
     refs = [hs.io.read(path) for path in args.reference]
     for path, r in zip(args.reference, refs, strict=True):
         if LIBRARY_KEY not in _table(r, args.table_key).obs:
             _table(r, args.table_key).obs[LIBRARY_KEY] = Path(path).stem
     if args.query is not None:
         query = hs.io.read(args.query)
-    else:
-        query = hs.pp.tile_image(args.image, tile_size=args.tile_size)
-        print(f"tiled {args.image}: {query.n_obs} tiles over the tissue")
+    elif not cohort:
+        query = hs.pp.tile_image(args.image[0], tile_size=args.tile_size)
+        print(f"tiled {args.image[0]}: {query.n_obs} tiles over the tissue")
     extra = (
         _mclstexp_features(_feature_kwargs(args)["weights"]) if args.encoder == "mobilenet_v2" else MCLSTEXP_FEATURES
     )
@@ -136,7 +121,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         (r, path, extra | ({} if hasattr(r, "tables") else {"library_key": LIBRARY_KEY}))
         for path, r in zip(args.reference, refs, strict=True)
     ]
-    inputs.append((query, args.query or args.image, extra))
+    inputs += [] if cohort else [(query, args.query or args.image[0], extra)]
     # every input checked before any is computed; a SpatialData keeps its H&E: features from its image element
     for data, kw in [(d, kw) for d, label, kw in inputs if _features_needed(d, args, label=label, extra=kw)]:
         _image_features(data, args, extra=kw)
@@ -145,6 +130,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     tk = {"table_key": args.table_key} if args.table_key else {}
     fit = {"max_epochs": args.max_epochs, "n_models": args.n_models, "progress_bar": not args.quiet}
     model = hs.tl.mclstexp_train(ref, **fit, **(tk if hasattr(ref, "tables") else {}))
+    if cohort:  # one SpatialData zarr per slide in -o, resumable (hs.tl.predict_cohort)
+        out = hs.tl.predict_cohort(args.image, model=model, outdir=args.output, scheduler=args.scheduler,
+                                   tile_size=args.tile_size, n_neighbors=args.n_neighbors, on_error="warn")  # fmt: skip
+        return 1 if (out["status"] == "failed").any() else 0
     hs.tl.mclstexp_predict(query, model=model, n_neighbors=args.n_neighbors, **(tk if hasattr(query, "tables") else {}))
     if args.genes:
         fig = hs.pl.predicted_vs_observed(_table(query, args.table_key), genes=args.genes, show=False)
@@ -280,11 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", nargs="+", required=True, help="reference .h5ad/.zarr file(s) with counts and an image"
     )
     p.add_argument("--query", help="query .h5ad/.zarr (spots with an image)")
-    p.add_argument("--image", help="a bare H&E image file (JPEG, TIFF, whole-slide): predict over tiles of the tissue")
+    p.add_argument("--image", nargs="+", help="bare H&E image file(s) (JPEG, TIFF, WSI): predict over tissue tiles")
+    p.add_argument("--scheduler", help="dask scheduler address or local:N: one task per --image slide (-o a folder)")
     p.add_argument(
         "--tile-size", type=_positive_int, default=224, help="tile side in pixels for --image (default: %(default)s)"
     )
-    p.add_argument("-o", "--output", required=True, help="output .h5ad (or .zarr) with the predictions")
+    p.add_argument("-o", "--output", required=True, help="output .h5ad/.zarr; with several --image, a folder")
     p.add_argument("--genes", nargs="+", help="write maps of these genes")
     p.add_argument("--plot", help="PNG path for the gene maps (default: next to the output)")
     p.add_argument(

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -38,6 +40,25 @@ def write_output(data, path: str) -> None:
     else:
         data.write_h5ad(out)
     print(f"wrote {out} ({data.n_obs} obs x {data.n_vars} vars)")
+
+
+@contextmanager
+def _timed(step: str):
+    """Print the wall time of a step (`step: 12.3 s`) when it ends."""
+    t = time.perf_counter()
+    yield
+    print(f"{step}: {time.perf_counter() - t:.1f} s", flush=True)
+
+
+def _save_figure(fig, path) -> None:
+    """Write a figure (or the figure of an `Axes`) at 150 dpi and close it."""
+    import matplotlib.pyplot as plt
+
+    fig = getattr(fig, "figure", fig)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def _check_outputs(args: argparse.Namespace, *, spatialdata: bool) -> None:

@@ -51,6 +51,7 @@ SKIP = {
     "io.microns_per_unit": "SpatialData only: reads a coordinate system's µm per unit (sdata.attrs); tests/io",
     "io.set_microns_per_unit": "SpatialData only: writes a coordinate system's µm per unit (sdata.attrs); tests/io",
     "io.rebin": "SpatialData only: adds a new table and shapes element of larger bins; tests/io/test_rebin.py",
+    "tl.predict_cohort": "slide files in, one SpatialData zarr per slide out; no data input (tests/tl/test_cohort.py)",
 }
 
 NAMESPACES = ("pp", "tl", "pl", "io", "models")

@@ -25,6 +25,7 @@ from histospace._image.encoders._registry import get_pathology_model, is_patholo
 from histospace._image.encoders._torchvision import check_encoder_options
 from histospace._image.features._cache import resolve_cache
 from histospace._image.features._compute import compute_features
+from histospace._image.features._distributed import FeatureCluster, resolve_client
 from histospace._image.features._recipes import preset_options, with_preset
 from histospace._image.features._slot import feature_params, write_features
 from histospace._utils import check_number, check_random_state, doc_params, resolve_device
@@ -80,6 +81,8 @@ def image_features(
     batch_size: int = 32,
     device: str | torch.device | None = None,
     num_workers: int = 0,
+    client=None,
+    task_size: int | None = None,
     random_state: int | None = 0,
     progress_bar: bool = True,
     key_added: str = FEATURES_KEY,
@@ -225,6 +228,19 @@ def image_features(
         {device}
     num_workers
         DataLoader workers that crop patches while the encoder runs (`0`: crop in the main process).
+    client
+        A :class:`distributed.Client`: the slides not found in the cache are computed as tasks on its workers (blocks
+        of `task_size` spots for the patch method, one task per slide for the dense method), gathered back in spot
+        order. The encoder goes to each worker once (`client.scatter(..., broadcast=True)`) and the workers open the
+        image from its file or zarr store themselves (an in-memory array is scattered once per worker); tasks run on
+        the workers' CPUs whatever `device` is. A slide whose image cannot be pickled (a SpatialData image read from a
+        TIFF by `hs.io.add_image`) is computed here, with a warning. `None` (default): the active client
+        (:func:`distributed.get_client`) when there is one, else everything runs here, as without dask; inside a task
+        already running on a dask worker, locally. `False`: always locally. The features equal the local ones to
+        float rounding.
+    task_size
+        With a client: spots per task of the patch method (`None`: enough tasks to give each worker about four, in
+        whole batches, at most 1,024 spots).
     random_state
         Seed of the random initialisation when `weights=None`.
     progress_bar
@@ -248,7 +264,8 @@ def image_features(
         `patch_size_um` (when known), `input_size`, `image` (`'fullres'`, `'hires'`, `'lowres'` or `'img'`), `scale`,
         `mean`, `std`, `padding` (of patches at the image border), `preset`, `tf_padding`, `layers` and `dihedral`
         (when set), `library_ids` and, per library, `libraries[library_id]` with its own `image`, `scale`,
-        `patch_size_px`; `'version'`. Read from the cache (`cache=`), the features and these records are those of
+        `patch_size_px`; with a client, `distributed`: `scheduler` (address), `n_workers`, `task_size` and
+        `n_tasks`; `'version'`. Read from the cache (`cache=`), the features and these records are those of
         the run that stored them.
 
     Examples
@@ -288,6 +305,8 @@ def image_features(
         raise TypeError(msg)
     tile_size = check_number(tile_size, "tile_size", integer=True, low=1, allow_none=True)
     halo = check_number(halo, "halo", integer=True, low=0, allow_none=True)
+    task_size = check_number(task_size, "task_size", integer=True, low=1, allow_none=True)
+    client = resolve_client(client)
     if preset is not None:
         preset_options(preset)  # a bad name raises here also when the function is called past its wrapper
     cache_root = resolve_cache(cache)
@@ -344,6 +363,7 @@ def image_features(
         tf_padding=tf_padding, context=context, method=method, tile_size=tile_size, halo=halo,
         n_components=n_components, pca=pca, random_state=random_state, dev=dev, cache_root=cache_root,
         progress_bar=progress_bar,
+        cluster=None if client is None else FeatureCluster(client, task_size=task_size, batch_size=batch_size),
     )  # fmt: skip
     feats = res.features
     if not np.isfinite(feats).all():
@@ -360,6 +380,8 @@ def image_features(
         library_key=library_key, preset=preset, tf_padding=tf_padding, layers=layers, dihedral=dihedral,
         context=context, weights=weights, encoder=encoder, random_state=random_state, sdata_keys=_SDATA_KEYS,
     )  # fmt: skip
+    if res.distributed is not None:
+        params["distributed"] = res.distributed
     out = adata.copy() if copy else adata
     write_features(out, key_added, feats, params, pca=res.pca if res.reduced else None, n_fit=res.n_fit)
     logg.info(

@@ -11,6 +11,7 @@ slide (a :class:`~histospace.pp._feature_sources._Library`) is looked up in the 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -157,17 +158,21 @@ class FeatureRun:
     reduced: bool
     pca: tuple[np.ndarray, np.ndarray] | None
     n_fit: int
+    distributed: dict | None = None
 
 
 def compute_features(libs, coords: np.ndarray, enc, d: int, info: dict, *, n_obs: int, encoder, weights,
                      factors: tuple[float, ...], input_size: int, batch_size: int, num_workers: int, dihedral: bool,
                      layers: str, tf_padding: bool, context: float | None, method: str, tile_size: int | None,
                      halo: int | None, n_components: int | None, pca: Mapping | None, random_state: int | None,
-                     dev: torch.device, cache_root, progress_bar: bool) -> FeatureRun:  # fmt: skip
+                     dev: torch.device, cache_root, progress_bar: bool, cluster=None) -> FeatureRun:  # fmt: skip
     """Features of every slide of `libs` (spots `coords`, full resolution) with the built encoder `enc` of width `d`.
 
     The options are those of :func:`histospace.pp.image_features` (checked there); `info` is the encoder's record
-    (:func:`~histospace._image.encoders._build.build_encoder`), `cache_root` the cache folder or `None`.
+    (:func:`~histospace._image.encoders._build.build_encoder`), `cache_root` the cache folder or `None`. With a
+    `cluster` (:class:`~histospace._image.features._distributed.FeatureCluster`) the slides not in the cache run as
+    tasks on its workers' CPUs (blocks of spots, a dense slide per task), gathered back in spot order; the run's
+    scheduler, workers and task size are in `FeatureRun.distributed`.
     """
     d_full = d * len(factors)
     if n_components is not None and pca is None and n_components > min(d_full, n_obs):
@@ -202,6 +207,16 @@ def compute_features(libs, coords: np.ndarray, enc, d: int, info: dict, *, n_obs
         enc = enc.to(dev)
         if dev.type == "cpu":
             enc = enc.to(memory_format=torch.channels_last)
+    if cluster is not None and len(hits) == len(libs):
+        cluster = None  # everything from the cache: no task
+
+    def ship(lib) -> bool:  # computed on the cluster (else here)
+        return cluster is not None and cluster.can_ship(lib)
+
+    if cluster is not None:  # the workers run on their CPUs: a CPU copy of the encoder
+        cpu_enc = enc if dev.type == "cpu" else copy.deepcopy(enc).cpu().to(memory_format=torch.channels_last)
+        todo = [lib for lib in libs if lib.library_id not in hits]
+        cluster.start(cpu_enc, sum(len(lib.rows) for lib in todo), len(todo))
     methods = {lib.library_id: hits[lib.library_id][1]["method"] if lib.library_id in hits else
                _choose(method, lib, coords, enc, input_size, context) for lib in libs}  # fmt: skip
     dense_kw = {"input_size": input_size, "context": context, "dihedral": dihedral, "device": dev,
@@ -218,11 +233,23 @@ def compute_features(libs, coords: np.ndarray, enc, d: int, info: dict, *, n_obs
     if reduce and fitted is None:  # a sample of each dense slide (all its spots when it has few)
         for lib in dense_libs:
             target = max(1, math.ceil(PCA_N_SPOTS * len(lib.rows) / n_obs))
-            pos, x, rec = _dense_library(lib, coords, enc, None, sample=target, **dense_kw)
+            pos, x, rec = (cluster.submit_dense(lib, coords, sample=target, **dense_kw).result() if ship(lib) else
+                           _dense_library(lib, coords, enc, None, sample=target, **dense_kw))  # fmt: skip
             fit_rows.append(x)
             if pos.size == len(lib.rows):  # the whole slide: no second pass
                 held[lib.library_id] = x
                 records[lib.library_id] |= rec
+    submitted: dict = {}  # with a cluster: every slide's tasks go in before any result is waited for
+    if cluster is not None:
+        patch_kw = {"d": d, "factors": factors, "input_size": input_size, "batch_size": batch_size,
+                    "dihedral": dihedral}  # fmt: skip
+        for lib in patch_libs:
+            if lib.library_id not in hits and ship(lib):
+                submitted[lib.library_id] = cluster.submit_patch(lib, coords, **patch_kw)
+        if not (reduce and fitted is None):  # dense slides need no PCA from the patch slides first
+            for lib in dense_libs:
+                if lib.library_id not in held and not (lib.library_id in hits and not reduce) and ship(lib):
+                    submitted[lib.library_id] = cluster.submit_dense(lib, coords, width, pca=fitted, **dense_kw)
     n_batches = len(factors) * sum(-(-len(lib.rows) // batch_size) for lib in patch_libs)
     with (
         progress(total=n_batches, desc="image features", disable=not progress_bar or not n_batches) as bar,
@@ -244,8 +271,11 @@ def compute_features(libs, coords: np.ndarray, enc, d: int, info: dict, *, n_obs
                         fit_rows.append(target)
                 continue
             before = set(rec)
-            patch_library(lib, coords, enc, target, rows, rec, d=d, factors=factors, input_size=input_size,
-                          batch_size=batch_size, num_workers=num_workers, dihedral=dihedral, dev=dev, bar=bar)  # fmt: skip
+            if lib.library_id in submitted:
+                cluster.collect_patch(submitted.pop(lib.library_id), target, rows, rec, bar=bar)
+            else:
+                patch_library(lib, coords, enc, target, rows, rec, d=d, factors=factors, input_size=input_size,
+                              batch_size=batch_size, num_workers=num_workers, dihedral=dihedral, dev=dev, bar=bar)  # fmt: skip
             if key is not None:
                 stored = {"method": "patch"} | {k: v for k, v in rec.items() if k not in before}
                 _feature_cache.save(cache_root, key, target[rows], stored, settings[lib.library_id])
@@ -265,7 +295,13 @@ def compute_features(libs, coords: np.ndarray, enc, d: int, info: dict, *, n_obs
             feats[lib.rows] = hit[0]
             records[lib.library_id] |= hit[1]
             continue
-        rec = _dense_library(lib, coords, enc, feats, pca=fitted, **dense_kw)
+        if not ship(lib):
+            rec = _dense_library(lib, coords, enc, feats, pca=fitted, **dense_kw)
+        else:
+            fut = submitted.pop(lib.library_id, None) or cluster.submit_dense(
+                lib, coords, width, pca=fitted, **dense_kw
+            )
+            rec = cluster.collect_dense(fut, lib, feats)
         records[lib.library_id] |= rec
         if key is not None and not reduce:
             _feature_cache.save(cache_root, key, feats[lib.rows], {"method": "dense"} | rec, settings[lib.library_id])
@@ -275,4 +311,7 @@ def compute_features(libs, coords: np.ndarray, enc, d: int, info: dict, *, n_obs
                 x = held.pop(lib.library_id)
                 feats[lib.rows] = ((x.astype(np.float64) - fitted[0]) @ fitted[1]).astype(np.float32)
 
-    return FeatureRun(feats, records, reduce, fitted, n_fit)
+    record = None if cluster is None else cluster.record()
+    if cluster is not None:
+        cluster.close()
+    return FeatureRun(feats, records, reduce, fitted, n_fit, record)
