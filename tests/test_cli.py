@@ -282,3 +282,31 @@ def test_cli_demo_without_data_names_the_file_and_writes_nothing(tmp_path, capsy
     assert main(["demo", "--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(out), "-q"]) == 2
     assert "nowhere' is not a directory" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_domains_several_inputs_resumable(adata_graph, tmp_path, capsys):
+    """`histospace domains A B BAD -o FOLDER`: one output per input written whole, the damaged input named (exit 1),
+    and a rerun skips what is done; the output equals a one-input run's.
+    """
+    import histospace as hs
+
+    hs.pp.image_features(adata_graph, encoder="mobilenet_v2", weights=None, input_size=32, progress_bar=False)
+    hs.pp.spatial_graph(adata_graph)
+    for name in ("a", "b"):
+        adata_graph.write_h5ad(tmp_path / f"{name}.h5ad")
+    (tmp_path / "bad.h5ad").write_bytes(b"not an h5ad")
+    opts = ["--n-clusters", "3", "--weights", "none", "--input-size", "32", "--max-epochs", "2", "--n-models", "1"]
+    inputs = [str(tmp_path / f"{n}.h5ad") for n in ("a", "b", "bad")]
+    out = tmp_path / "out"
+    assert main(["domains", *inputs, "-o", str(out), *opts, "-q"]) == 1
+    text = capsys.readouterr().out
+    assert re.search(r"bad: FAILED \(", text) and "1 of 3 inputs failed" not in text  # the warning goes to stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.h5ad", "b.h5ad"]  # nothing of the failed input, no .tmp
+    one = tmp_path / "one.h5ad"
+    assert main(["domains", inputs[0], "-o", str(one), *opts, "-q"]) == 0
+    np.testing.assert_array_equal(ad.read_h5ad(out / "a.h5ad").obsm["X_stereomm"], ad.read_h5ad(one).obsm["X_stereomm"])
+    capsys.readouterr()
+    assert main(["domains", *inputs[:2], "-o", str(out), *opts, "-q"]) == 0  # resumed: both skipped
+    assert text.count("done before") == 0 and capsys.readouterr().out.count("done before, skipped") == 2
+    assert main(["domains", *inputs[:2], "-o", str(tmp_path / "x.h5ad"), *opts]) == 2  # -o must be a folder
+    assert "-o" in capsys.readouterr().err

@@ -14,16 +14,15 @@ import warnings
 from pathlib import Path
 
 from histospace import _cli_demo_cache as demo_cache
-from histospace._cli_io import CLIError, _check_outputs, _positive_int, _save_figure, _table, _timed, write_output
+from histospace._cli_domains import domains_cohort, run_domains, save_domains_plot
+from histospace._cli_io import CLIError, _check_outputs, _positive_int, _save_figure, _table, write_output
 from histospace._cli_steps import (
     _add_encoder_args,
     _feature_kwargs,
     _features_needed,
-    _has_image,
     _image_features,
-    _spatial_graph,
 )
-from histospace._constants import DOMAIN_KEY, FEATURES_KEY, LIBRARY_KEY, MCLSTEXP_KEY
+from histospace._constants import DOMAIN_KEY, LIBRARY_KEY, MCLSTEXP_KEY
 from histospace._image.features._recipes import MCLSTEXP_FEATURES
 from histospace._image.features._recipes import mclstexp_features as _mclstexp_features
 from histospace.io._read import input_kind
@@ -31,60 +30,19 @@ from histospace.io._read import input_kind
 
 # ---- commands -------------------------------------------------------------------------------------------------------
 def cmd_domains(args: argparse.Namespace) -> int:
-    """Spatial domains with StereoMM: image features (if there is an image), spatial graph, StereoMM, domains."""
-    import histospace as hs
+    """Spatial domains with StereoMM: image features (if there is an image), spatial graph, StereoMM, domains.
 
+    Several inputs (or --scheduler): one output per input in the folder -o, each input a task (dask when --scheduler
+    is given), written whole or not at all; a rerun skips the inputs done, a failed input is named (exit code 1).
+    """
+    if len(args.input) > 1 or args.scheduler:
+        return domains_cohort(args)
+    args.input = args.input[0]
+    _check_outputs(args, spatialdata=input_kind(args.input)[1] != "h5ad")
     t0 = time.perf_counter()
-    kind = input_kind(args.input)[1]
-    _check_outputs(args, spatialdata=kind != "h5ad")
-    data = hs.io.read(args.input, bin_size=args.bin_size, image=args.image if kind == "gem" else None)
-    table = _table(data, args.table_key)
-    print(f"read {args.input}: {table.n_obs} spots/bins x {table.n_vars} genes ({time.perf_counter() - t0:.0f} s)")
-    if args.ground_truth and args.ground_truth not in table.obs:
-        msg = f"--ground-truth {args.ground_truth!r} is not a column of obs; available: {list(table.obs)}"
-        raise CLIError(msg)
-    tk = {"table_key": args.table_key} if args.table_key else {}
-    if args.image is not None or _has_image(data) or FEATURES_KEY in table.obsm:
-        with _timed("image features"):
-            image = args.image if not hasattr(data, "tables") else None
-            if _features_needed(data, args, label=args.input, image=image):
-                _image_features(data, args, image=image)
-        features_key = FEATURES_KEY
-    else:
-        print("no H&E image found: StereoMM runs on expression and the spatial graph only", file=sys.stderr)
-        features_key = None
-    with _timed("spatial graph"):
-        _spatial_graph(data, args)
-    with _timed("StereoMM"):
-        hs.tl.stereomm(
-            data,
-            features_key=features_key,
-            max_epochs=args.max_epochs,
-            n_models=args.n_models,
-            progress_bar=not args.quiet,
-            **tk,
-        )
-    with _timed("domains"):
-        hs.tl.domains(data, n_clusters=args.n_clusters, method=args.method, **tk)
-    table = _table(data, args.table_key)
-    counts = table.obs[DOMAIN_KEY].value_counts().sort_index()
-    print("domains: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
-    if args.ground_truth:
-        ari = hs.metrics.ari(table.obs[args.ground_truth], table.obs[DOMAIN_KEY])
-        print(f"ARI vs {args.ground_truth}: {ari:.3f}")
-    if args.plot:
-        _save_domains_plot(data, args.plot, ground_truth=args.ground_truth, table_key=args.table_key)
-    with _timed("write"):
-        write_output(data, args.output)
+    run_domains(args, args.input, args.output)
     print(f"finished in {time.perf_counter() - t0:.0f} s")
     return 0
-
-
-def _save_domains_plot(data, path: str, *, ground_truth: str | None = None, table_key: str | None = None) -> None:
-    import histospace as hs
-
-    kw = {"table_key": table_key} if table_key else {}
-    _save_figure(hs.pl.domains(data, key=DOMAIN_KEY, groundtruth_key=ground_truth, show=False, **kw), path)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -176,7 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         hs.tl.domains(adata)
         ari = hs.metrics.ari(adata.obs["layer_guess_reordered"], adata.obs[DOMAIN_KEY])
         print(f"[domains] DLPFC 151673: {adata.n_obs} spots, ARI = {ari:.3f} ({time.perf_counter() - t:.0f} s)")
-        _save_domains_plot(adata, str(out / "dlpfc_151673_domains.png"), ground_truth="layer_guess_reordered")
+        save_domains_plot(adata, str(out / "dlpfc_151673_domains.png"), ground_truth="layer_guess_reordered")
 
     if "predict" in args.parts:
         t = time.perf_counter()
@@ -242,9 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "input",
-        help="an .h5ad, a SpatialData .zarr, a Visium HD / SAW (Stereo-seq) / Visium output folder, or a GEM file",
+        nargs="+",
+        help=".h5ad, SpatialData .zarr, Visium HD / SAW (Stereo-seq) / Visium output folder(s) or GEM file(s)",
     )
-    p.add_argument("-o", "--output", required=True, help="output .h5ad (AnnData input) or .zarr (SpatialData)")
+    p.add_argument(
+        "-o", "--output", required=True, help="output .h5ad (AnnData input) or .zarr; with several inputs, a folder"
+    )
+    p.add_argument("--scheduler", help="dask scheduler address or local:N: one task per input (-o a folder)")
     p.add_argument("--n-clusters", type=_positive_int, required=True, help="number of domains")
     p.add_argument(
         "--method", default="gmm", choices=["gmm", "leiden", "kmeans"], help="clustering (default: %(default)s)"

@@ -41,8 +41,34 @@ _models_lock = threading.Lock()
 
 
 def is_done(out: Path) -> bool:
-    """Whether `out` (a slide's `NAME.zarr`) was written whole by :func:`predict_cohort`."""
-    return (Path(out) / DONE_MARKER).is_file()
+    """Whether `out` was written whole: a folder (`NAME.zarr`) with its done-marker, or a file (`NAME.h5ad`), which
+    only ever appears by renaming a whole `NAME.h5ad.tmp`.
+    """  # noqa: D205
+    out = Path(out)
+    return (out / DONE_MARKER).is_file() if out.suffix == ".zarr" else out.is_file()
+
+
+def write_whole(out: str | os.PathLike, write, record: dict) -> None:
+    """Write `out` through `out + '.tmp'` (`write(tmp)`), add the done-marker (`record`, to a folder) and rename it.
+
+    Whatever fails leaves no `out` behind that :func:`is_done` would take for finished.
+    """
+    final, tmp = Path(out), Path(f"{out}.tmp")
+    if tmp.exists():  # left by an attempt that died
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    try:
+        write(tmp)
+        if tmp.is_dir():
+            (tmp / DONE_MARKER).write_text(json.dumps(record))
+        if final.exists():  # a folder without the marker: not ours or not whole
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        os.replace(tmp, final)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def _model_of(model):
@@ -78,27 +104,17 @@ def _write_slide(image: str, out: str, model, options: dict) -> dict:
     import histospace as hs
 
     t0 = time.perf_counter()
-    final, tmp = Path(out), Path(f"{out}.tmp")
-    if tmp.exists():  # left by an attempt that died
-        shutil.rmtree(tmp)
-    try:
-        sdata = SpatialData()
-        hs.io.add_image(sdata, image, image_key=IMAGE_KEY, mpp=options["mpp"])
-        hs.pp.tile_image(sdata, image_key=IMAGE_KEY, key_added=TILES_KEY, tile_size=options["tile_size"])
-        n_tiles = int(sdata.tables[TILES_KEY].n_obs)
-        hs.tl.mclstexp_predict(
-            sdata, model=_model_of(model), table_key=TILES_KEY, n_neighbors=options["n_neighbors"], progress_bar=False
-        )
-        sdata.write(tmp, overwrite=True)
-        record = {"image": str(image), "n_tiles": n_tiles, "seconds": round(time.perf_counter() - t0, 3),
-                  "histospace": hs.__version__}  # fmt: skip
-        (tmp / DONE_MARKER).write_text(json.dumps(record))
-        if final.exists():  # a folder without the marker: not ours or not whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    sdata = SpatialData()
+    hs.io.add_image(sdata, image, image_key=IMAGE_KEY, mpp=options["mpp"])
+    hs.pp.tile_image(sdata, image_key=IMAGE_KEY, key_added=TILES_KEY, tile_size=options["tile_size"])
+    n_tiles = int(sdata.tables[TILES_KEY].n_obs)
+    hs.tl.mclstexp_predict(
+        sdata, model=_model_of(model), table_key=TILES_KEY, n_neighbors=options["n_neighbors"], progress_bar=False
+    )
+    record = {"image": str(image), "n_tiles": n_tiles, "seconds": round(time.perf_counter() - t0, 3),
+              "histospace": hs.__version__}  # fmt: skip
+    write_whole(out, lambda tmp: sdata.write(tmp, overwrite=True), record)
+    record["summary"] = f"{n_tiles} tiles"
     return record
 
 
@@ -219,6 +235,9 @@ def predict_cohort(
     if on_error not in ("raise", "warn"):
         msg = f"`on_error` must be 'raise' or 'warn', got {on_error!r}."
         raise ValueError(msg)
+    if client is not None and scheduler is not None:
+        msg = "Pass `client=` or `scheduler=`, not both."
+        raise ValueError(msg)
     if isinstance(images, str | os.PathLike):
         images = [images]
     images = [str(Path(p).expanduser().resolve()) for p in images]
@@ -240,10 +259,54 @@ def predict_cohort(
     outdir.mkdir(parents=True, exist_ok=True)
     options = {"tile_size": tile_size, "mpp": mpp, "n_neighbors": n_neighbors}
     table = pd.DataFrame(
-        {"image": images, "output": [str(outdir / f"{n}.zarr") for n in names], "status": "pending",
+        {"input": images, "output": [str(outdir / f"{n}.zarr") for n in names], "status": "pending",
          "n_tiles": pd.array([pd.NA] * len(names), dtype="Int64"), "seconds": float("nan"), "error": ""},
         index=pd.Index(names, name="slide"),
     )  # fmt: skip
+    shared = model
+    saved = None
+    if not isinstance(model, str) and (scheduler is not None or _cluster_client(client) is not None):
+        # on a cluster the model is saved once and each worker loads it once (a scattered copy dies with its workers)
+        import uuid
+
+        saved = outdir / f".histospace-model-{uuid.uuid4().hex}"
+        model.save(saved)
+        shared = str(saved)
+    try:
+        table = run_each(table, _predict_slide, (shared, options), client=client, scheduler=scheduler,
+                         progress=progress, on_error=on_error, what="slides")  # fmt: skip
+        return table.rename(columns={"input": "image"})
+    finally:
+        if saved is not None:
+            shutil.rmtree(saved, ignore_errors=True)
+
+
+def _cluster_client(client):
+    from histospace._image.features._distributed import resolve_client
+
+    return resolve_client(client)
+
+
+def run_each(
+    table: pd.DataFrame,
+    task,
+    shared: tuple,
+    *,
+    client: Any = None,
+    scheduler: str | None = None,
+    progress: bool = True,
+    on_error: Literal["raise", "warn"] = "raise",
+    what: str = "inputs",
+) -> pd.DataFrame:
+    """Run `task(input, output, *shared)` for every row of `table` whose `output` is not done, resumably.
+
+    `table` is indexed by name with columns `input`, `output`, `status`, `seconds`, `error` (and any column a
+    task's record fills). Done outputs (:func:`is_done`) are skipped; each input is a dask task on `client` /
+    `scheduler` (see :func:`predict_cohort`), else they run one after the other here. `task` writes its output with
+    :func:`write_whole` and returns a record (`seconds`, `summary` for the progress line, and table columns). A
+    failed input is reported once the others have finished: `RuntimeError` (`on_error='raise'`) or a warning.
+    """
+    names = list(table.index)
     todo = [n for n in names if not is_done(Path(table.at[n, "output"]))]
     for i, n in enumerate(n for n in names if n not in todo):
         table.at[n, "status"] = "skipped"
@@ -254,8 +317,12 @@ def predict_cohort(
         counter[0] += 1
         head = f"[{counter[0]}/{len(names)}] {name}:"
         if err is None:
-            table.loc[name, ["status", "n_tiles", "seconds"]] = ["done", rec["n_tiles"], rec["seconds"]]
-            _line(progress, f"{head} {rec['n_tiles']} tiles, {rec['seconds']:.1f} s -> {table.at[name, 'output']}")
+            table.at[name, "status"] = "done"
+            for k, v in rec.items():
+                if k in table.columns and k not in ("input", "output", "status", "error"):
+                    table.at[name, k] = v
+            summary = f"{rec['summary']}, " if rec.get("summary") else ""
+            _line(progress, f"{head} {summary}{rec['seconds']:.1f} s -> {table.at[name, 'output']}")
         else:
             text = " ".join(f"{type(err).__name__}: {err}".split())
             table.loc[name, ["status", "error"]] = ["failed", text]
@@ -266,13 +333,13 @@ def predict_cohort(
         if client is None:
             for n in todo:
                 try:
-                    rec = _predict_slide(table.at[n, "image"], table.at[n, "output"], model, options)
-                except Exception as e:  # noqa: BLE001 - reported per slide; the others go on
+                    rec = task(table.at[n, "input"], table.at[n, "output"], *shared)
+                except Exception as e:  # noqa: BLE001 - reported per input; the others go on
                     finish(n, None, e)
                 else:
                     finish(n, rec, None)
         else:
-            _run_on(client, table, todo, model, options, finish)
+            _submit_all(client, table, todo, task, shared, finish)
     finally:
         if owned is not None:
             owned.close()
@@ -281,45 +348,29 @@ def predict_cohort(
     failed = list(table.index[table["status"] == "failed"])
     if failed:
         msg = (
-            f"{len(failed)} of {len(names)} slides failed and were not written: "
+            f"{len(failed)} of {len(names)} {what} failed and were not written: "
             + "; ".join(f"{n} ({table.at[n, 'error']})" for n in failed)
             + ". The others are done; run again to retry only these."
         )
         if on_error == "raise":
             raise RuntimeError(msg)
-        warnings.warn(msg, UserWarning, stacklevel=2)
+        warnings.warn(msg, UserWarning, stacklevel=3)
     return table
 
 
-def _run_on(client, table: pd.DataFrame, todo: list[str], model, options: dict, finish) -> None:
-    """Submit every slide of `todo` to `client` and report each as it finishes."""
-    import uuid
-
-    saved = None
-    if not isinstance(model, str):  # saved once; each worker loads it once (a scattered copy dies with its workers)
-        saved = Path(table["output"].iloc[0]).parent / f".histospace-model-{uuid.uuid4().hex}"
-        model.save(saved)
-    shared = model if saved is None else str(saved)
-    try:
-        _submit_all(client, table, todo, shared, options, finish)
-    finally:
-        if saved is not None:
-            shutil.rmtree(saved, ignore_errors=True)
-
-
-def _submit_all(client, table: pd.DataFrame, todo: list[str], shared: str, options: dict, finish) -> None:
+def _submit_all(client, table: pd.DataFrame, todo: list[str], task, shared: tuple, finish) -> None:
     from distributed import as_completed
 
     futures = {
-        client.submit(_predict_slide, table.at[n, "image"], table.at[n, "output"], shared, options,
-                      key=f"histospace-slide-{n}-{time.time_ns()}", pure=False): n
+        client.submit(task, table.at[n, "input"], table.at[n, "output"], *shared,
+                      key=f"histospace-{n}-{time.time_ns()}", pure=False): n
         for n in todo
     }  # fmt: skip
     for fut in as_completed(futures):
         name = futures[fut]
         try:
             rec = fut.result()
-        except Exception as e:  # noqa: BLE001 - a failed slide (also `KilledWorker`): reported, the others go on
+        except Exception as e:  # noqa: BLE001 - a failed input (also `KilledWorker`): reported, the others go on
             finish(name, None, e)
         else:
             finish(name, rec, None)
