@@ -35,7 +35,7 @@ RANK_SEED_STRIDE = 7919
 
 @dataclass(frozen=True)
 class Group:
-    """This process's place in the training group."""
+    """The place of this process in the training group."""
 
     rank: int
     world_size: int
@@ -131,7 +131,7 @@ def wrap(module: torch.nn.Module, method: str, device: torch.device) -> torch.nn
 
 
 def shard(batches: Sequence[Any], group: Group) -> list[Any]:
-    """This rank's batches of an epoch: every `world_size`-th from `rank`, padded so that all ranks step alike."""
+    """The batches of this rank in an epoch: every `world_size`-th from `rank`, padded so that all ranks step alike."""
     batches = list(batches)
     if not batches:
         return []
