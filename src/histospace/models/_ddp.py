@@ -192,6 +192,10 @@ def _worker(
     threads: int,
 ) -> None:
     torch.set_num_threads(threads)
+    # the inputs stay in the shared memory torch pickled them into (read only); the weights become this rank's own,
+    # or every rank's optimiser would step the same shared parameters
+    for t in (*model.module.parameters(), *model.module.buffers()):
+        t.data = t.data.clone()
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
     try:
         device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
