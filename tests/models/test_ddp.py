@@ -82,6 +82,7 @@ def test_shard_pads_like_distributed_sampler():
     assert ddp.shard([], ddp.Group(0, 2, "gloo")) == []
 
 
+@pytest.mark.slow
 def test_two_processes_same_seed_same_model(slide, tmp_path):
     """In a process group (torchrun's case) and spawned by histospace: the same seed and N give the same model."""
     out = tmp_path / "rank0.pt"
