@@ -159,7 +159,8 @@ class BaseModelClass:
             self._loss_fn = ddp.wrap(self.module, self._loss_method, self.device)
         history: dict[str, list[float]] = {}
         self.module.train()
-        bar = progress(range(max_epochs), desc=type(self).__name__, disable=not progress_bar)
+        quiet = not progress_bar or (group is not None and group.rank != 0)  # one bar per training, rank 0's
+        bar = progress(range(max_epochs), desc=type(self).__name__, disable=quiet)
         try:
             for epoch in bar:
                 sums: dict[str, float] = {}
