@@ -14,8 +14,9 @@ belongs to that run alone:
   mean per-gene PCC over the panel (mean over the held-out sections) for `devices=1` and `devices=2`.
 - `memory`: a simulated tissue (`benchmarks/_simulate.py`: counts, image features, hex graph) of `--n-bins` bins,
   StereoMM defaults with one model and `--epochs` epochs, `devices=2`: peak RSS of the parent process (which holds
-  the data) and of the largest rank (`RUSAGE_CHILDREN`). The ranks receive the input tensors through torch's shared
-  memory, so the parent's and the ranks' figures share those pages (their sum over-counts).
+  the data; `ru_maxrss`) and of the largest rank (its `VmHWM`, sampled every 0.2 s). The ranks receive the input
+  tensors through torch's shared memory, so the parent's and the ranks' figures share those pages (their sum
+  over-counts).
 
 Each process is given `max(1, cores // devices)` torch threads (`devices=1`: `--threads`). The machine has 2 cores
 shared with other jobs: two processes are not faster here than one with two threads; the load average is recorded
@@ -50,10 +51,44 @@ HER2ST = ["C2", "C3", "C4", "C5", "C6"]
 PANEL = DATA / "her2st" / "gene_lists" / "her2st_785genes_hist2st.txt"
 
 
-def _rss() -> dict:
+class _RankMemory:
+    """Peak RSS of this process's child processes (the DDP ranks), sampled from their `VmHWM` every 0.2 s.
+
+    `RUSAGE_CHILDREN` cannot be used: Linux keeps a child's peak from before its `exec`, so a spawned rank would
+    report at least the parent's size at the time of the fork.
+    """
+
+    def __init__(self):
+        import threading
+
+        self.peak_kb, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(0.2):
+            for child in me.children(recursive=True):
+                try:
+                    status = Path(f"/proc/{child.pid}/status").read_text()
+                except OSError:
+                    continue
+                for line in status.splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        return round(self.peak_kb / 1024, 1) or None
+
+
+def _rss(rank_mb: float | None) -> dict:
+    """Peak RSS of this process (`ru_maxrss`) and of its largest rank."""
     self_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"peak_rss_parent_mb": round(self_mb, 1), "peak_rss_rank_mb": round(child_mb, 1) or None}
+    return {"peak_rss_parent_mb": round(self_mb, 1), "peak_rss_rank_hwm_mb": rank_mb}
 
 
 def _dlpfc(devices: int, threads: int) -> dict:
@@ -166,13 +201,19 @@ def _worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    ranks = _RankMemory()
     if args.worker == "dlpfc":
         out = _dlpfc(args.devices, args.threads)
     elif args.worker == "her2st":
         out = _her2st(args.devices, args.threads)
     else:
         out = _memory(args.devices, args.threads, args.n_bins, args.epochs)
-    out |= {"part": args.worker, "devices": args.devices, **_rss(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
+    out |= {
+        "part": args.worker,
+        "devices": args.devices,
+        **_rss(ranks.stop() if args.devices > 1 else None),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+    }
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -215,7 +256,7 @@ def _md(rows: list[dict], machine: dict) -> str:
         lines.append(
             f"| {r['devices']} | {get(r, 'ari', '{:.3f}')} | {get(r, 'nmi', '{:.3f}')} | {get(r, 'fit_s')} | "
             f"{get(r, 'batch_size')} | {get(r, 'max_epochs')} | {get(r, 'backend')} | {get(r, 'threads_per_process')} "
-            f"| {get(r, 'peak_rss_parent_mb')} / {get(r, 'peak_rss_rank_mb')} | {get(r, 'load_avg')} |"
+            f"| {get(r, 'peak_rss_parent_mb')} / {get(r, 'peak_rss_rank_hwm_mb')} | {get(r, 'load_avg')} |"
         )
     lines += [
         "",
@@ -228,7 +269,7 @@ def _md(rows: list[dict], machine: dict) -> str:
         per = ", ".join(f"{k} {v:.3f}" for k, v in (r.get("pcc_per_section") or {}).items()) or "—"
         lines.append(
             f"| {r['devices']} | {get(r, 'pcc_mean', '{:.4f}')} | {per} | {get(r, 'train_s')} | "
-            f"{get(r, 'peak_rss_parent_mb')} / {get(r, 'peak_rss_rank_mb')} | {get(r, 'load_avg')} |"
+            f"{get(r, 'peak_rss_parent_mb')} / {get(r, 'peak_rss_rank_hwm_mb')} | {get(r, 'load_avg')} |"
         )
     lines += [
         "",
@@ -241,7 +282,7 @@ def _md(rows: list[dict], machine: dict) -> str:
     for r in (r for r in rows if r["part"] == "memory"):
         lines.append(
             f"| {get(r, 'n_bins')} | {get(r, 'epochs')} | {get(r, 'n_tiles')} | {get(r, 'attention')} | "
-            f"{get(r, 'rss_after_data_mb')} | {get(r, 'peak_rss_parent_mb')} | {get(r, 'peak_rss_rank_mb')} | "
+            f"{get(r, 'rss_after_data_mb')} | {get(r, 'peak_rss_parent_mb')} | {get(r, 'peak_rss_rank_hwm_mb')} | "
             f"{get(r, 'stereomm_s')} | {get(r, 'load_avg')} |"
         )
     errors = [r for r in rows if r.get("error")]
@@ -266,7 +307,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from _results import load, write_page
 
-    parts = args.parts.split(",")
+    parts = [p for p in args.parts.split(",") if p]  # --parts "": rewrite the page from the stored rows
     old = (load("training_ddp") or {}).get("rows", [])
     rows = [r for r in old if r["part"] not in parts]
     for part in parts:
@@ -274,6 +315,7 @@ def main() -> None:
             rows.append(_run(part, devices, args))
             md = _md(rows, _machine(args))
             write_page("training_ddp", md, {"rows": rows, "machine": _machine(args)})
+    write_page("training_ddp", _md(rows, _machine(args)), {"rows": rows, "machine": _machine(args)})
 
 
 def _machine(args) -> dict:
