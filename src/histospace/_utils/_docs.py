@@ -22,6 +22,12 @@ COMMON_PARAMS = {
     ),
     "table_key": "With a SpatialData: the table to use and write to; `None` takes the only table.",
     "device": ("Torch device, e.g. `'cpu'` or `'cuda'`. `None` picks CUDA when it is available and the CPU otherwise."),
+    "devices": (
+        "Train in this many processes with torch.distributed DDP (gloo on the CPU, NCCL on CUDA with one GPU per "
+        "process): the ranks of a `torchrun` job, or processes spawned here. The mini-batches of an epoch are shared "
+        "among them and the gradients averaged; the same seed and `devices` give the same model. 1 (default): one "
+        "process, no torch.distributed. See `docs/scaling_training.md`."
+    ),
     "random_state": (
         "Seed for `random`, `numpy` and `torch` (and every data loader). The same seed, device and package versions "
         "give identical results on the CPU; GPU kernels may differ slightly. `None` leaves the generators unseeded."

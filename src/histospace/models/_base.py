@@ -21,6 +21,7 @@ from scanpy import logging as logg
 
 from histospace._utils import make_generator, resolve_device, seed_everything, version_string
 from histospace._utils._progress import progress
+from histospace.models import _ddp as ddp
 
 #: files of a saved model folder
 PARAMS_FILE = "params.json"
@@ -146,35 +147,112 @@ class BaseModelClass:
         params = [p for p in self.module.parameters() if p.requires_grad]
         opt = adam(params, lr=lr, weight_decay=weight_decay)
         self._generator = make_generator(random_state)
+        group = self._group
+        order = self._generator  # one generator for the batch order and the steps' draws (one process)
+        self._loss_fn = getattr(self.module, self._loss_method)
+        if group is not None:  # same batch order on every rank; own draws (augmentation, sampling noise) per rank
+            order = make_generator(random_state)
+            rank_seed = None if random_state is None else random_state + ddp.RANK_SEED_STRIDE * (group.rank + 1)
+            self._generator = make_generator(rank_seed)
+            if rank_seed is not None:
+                torch.manual_seed(rank_seed)
+            self._loss_fn = ddp.wrap(self.module, self._loss_method, self.device)
         history: dict[str, list[float]] = {}
         self.module.train()
-        bar = progress(range(max_epochs), desc=type(self).__name__, disable=not progress_bar)
-        for epoch in bar:
-            sums: dict[str, float] = {}
-            total = 0.0
-            for batch in self._batches(self._generator):
-                loss, weight, terms = self._step(batch)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    msg = (
-                        f"{type(self).__name__} loss became {value} at epoch {epoch}; training stopped. Try a lower "
-                        f"learning rate (lr={lr:g} now, e.g. lr={lr / 10:g}) or check the inputs."
-                    )
-                    raise FloatingPointError(msg)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, clip_norm)
-                opt.step()
-                for k, v in {"loss": value, **{k: float(t.detach()) for k, t in terms.items()}}.items():
-                    sums[k] = sums.get(k, 0.0) + v * weight
-                total += weight
-            for k, v in sums.items():
-                history.setdefault(k, []).append(v / max(total, 1e-12))
-            if "loss" in history:
-                bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", refresh=False)
-        del self._generator
+        quiet = not progress_bar or (group is not None and group.rank != 0)  # one bar per training, rank 0's
+        bar = progress(range(max_epochs), desc=type(self).__name__, disable=quiet)
+        try:
+            for epoch in bar:
+                sums: dict[str, float] = {}
+                total = 0.0
+                batches = self._batches(order) if group is None else ddp.shard(self._batches(order), group)
+                for batch in batches:
+                    loss, weight, terms = self._step(batch)
+                    value = float(loss.detach())
+                    if not (math.isfinite(value) if group is None else ddp.all_finite(value)):
+                        msg = (
+                            f"{type(self).__name__} loss became {value} at epoch {epoch}; training stopped. Try a "
+                            f"lower learning rate (lr={lr:g} now, e.g. lr={lr / 10:g}) or check the inputs."
+                        )
+                        raise FloatingPointError(msg)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if clip_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+                    opt.step()
+                    for k, v in {"loss": value, **{k: float(t.detach()) for k, t in terms.items()}}.items():
+                        sums[k] = sums.get(k, 0.0) + v * weight
+                    total += weight
+                if group is not None and sums:  # the epoch's mean over all ranks' batches
+                    keys = sorted(sums)
+                    reduced = ddp.sum_over_ranks([total, *(sums[k] for k in keys)])
+                    total, sums = reduced[0], dict(zip(keys, reduced[1:], strict=True))
+                for k, v in sums.items():
+                    history.setdefault(k, []).append(v / max(total, 1e-12))
+                if "loss" in history:
+                    bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", refresh=False)
+        finally:
+            del self._generator, self._loss_fn
         return history
+
+    # ---- several processes (DDP) ---------------------------------------------------------------------------------
+    #: the module's method that computes the loss of a batch (called through DDP with `devices > 1`)
+    _loss_method: ClassVar[str] = "forward"
+    #: attributes set by `train` that rank 0 of spawned processes hands back to the parent (besides the weights)
+    _trained_attrs: ClassVar[tuple[str, ...]] = ("history", "is_trained", "train_params")
+    #: this process's place in a DDP group while `train(devices > 1)` runs; `None` otherwise
+    _group: ddp.Group | None = None
+
+    def _trained_state(self) -> dict[str, Any]:
+        """What `train` produced: the module's weights and :attr:`_trained_attrs` (CPU tensors)."""
+        return {
+            "module": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
+            **{k: getattr(self, k) for k in self._trained_attrs},
+        }
+
+    def _set_trained_state(self, state: Mapping[str, Any], device: torch.device) -> None:
+        """Take the state of :meth:`_trained_state` (from rank 0 of spawned processes) on `device`."""
+        state = dict(state)
+        self.module.load_state_dict(state.pop("module"))
+        for k, v in state.items():
+            setattr(self, k, v)
+        self.device = device
+        self.module.to(device)
+        self.train_params["device"] = str(device)
+
+    def _start_devices(
+        self, devices: int, device: torch.device, train_kwargs: dict[str, Any]
+    ) -> tuple[bool, torch.device]:
+        """Prepare `train(devices=...)`: `(done, device)`.
+
+        `devices=1`: nothing to do. Not in a process group: spawn `devices` processes that train, take rank 0's
+        result (`done=True`). In a process group (torchrun): join it as this rank (`done=False`, :attr:`_group` set;
+        :meth:`_stop_devices` leaves it).
+        """
+        self._group = None
+        if devices == 1:
+            return False, device
+        if not ddp.launched():
+            start = logg.info(f"training {type(self).__name__} in {devices} processes ({ddp.backend_for(device)})")
+            self._set_trained_state(ddp.spawn(self, devices, device, train_kwargs), device)
+            logg.info("    finished", time=start)
+            return True, device
+        group, device = ddp.join(devices, device)
+        self._group = group
+        return False, device
+
+    def _stop_devices(self) -> None:
+        """Leave the process group of :meth:`_start_devices` (:attr:`_group` stays for :meth:`_devices_params`)."""
+        ddp.leave(self._group)
+
+    def _devices_params(self, devices: int) -> dict[str, Any]:
+        """`devices`, `backend` and threads per process, for :attr:`train_params`."""
+        g = self._group
+        return {
+            "devices": int(devices),
+            "backend": "none" if g is None else g.backend,
+            "threads_per_process": int(torch.get_num_threads()),
+        }
 
     @staticmethod
     def _seed(random_state: int | None) -> None:

@@ -19,9 +19,10 @@ from scanpy import logging as logg
 
 from histospace._constants import FEATURES_KEY, LIBRARY_KEY, POSITION_KEYS, SPATIAL_KEY
 from histospace._nn._mclstexp import MclSTExpModule, augment
-from histospace._utils import check_number, check_random_state
+from histospace._utils import check_number, check_random_state, resolve_device
 from histospace._utils._data import PANEL_NORMALIZATIONS
 from histospace._utils._sdata import as_table
+from histospace.models import _ddp as ddp
 from histospace.models._base import BaseModelClass
 from histospace.models._mclstexp_query import QueryMixin
 from histospace.models._reference import ReferenceData
@@ -335,6 +336,11 @@ class MclSTExp(QueryMixin, BaseModelClass):
         return augment(x, self._generator) if augmented else x
 
     # ---- one epoch, one step (the loop is the base class's) ---------------------------------------------------
+    _trained_attrs = (
+        *("history", "is_trained", "train_params", "train_time_", "_members", "n_models_", "batch_size_"),
+        *("random_state_", "reference_embeddings"),
+    )
+
     def _batches(self, generator: torch.Generator):
         n = self.reference.expression.shape[0]
         perm = torch.randperm(n, generator=generator).numpy()
@@ -347,7 +353,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
         dev = self.device
         image = self._image_input(idx, augmented=True)
         t = torch.from_numpy(idx).to(dev)
-        loss = self.module(image, self._train_expr[t], self._train_pos[t])
+        loss = self._loss_fn(image, self._train_expr[t], self._train_pos[t])  # the module, or DDP's wrapper
         return loss, float(idx.size), {}
 
     def train(
@@ -359,6 +365,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
         weight_decay: float = 1e-3,
         n_models: int | None = None,
         device: str | torch.device | None = None,
+        devices: int = 1,
         random_state: int | None = 0,
         progress_bar: bool = True,
     ) -> MclSTExp:
@@ -379,9 +386,12 @@ class MclSTExp(QueryMixin, BaseModelClass):
             reference). Default 5 (1 with `preset='reference'`). Training and prediction time grow linearly.
         device
             Torch device; `None` picks CUDA when available.
+        devices
+            Processes for DDP training (gloo on the CPU, NCCL on CUDA with one GPU each): torchrun's ranks, or
+            spawned here; the spot batches of an epoch are shared among them (see `docs/scaling_training.md`).
         random_state
             Seed for the weights, the batch order, augmentation and the reference batching; `None` leaves them
-            unseeded. Same seed and device give identical results on the CPU.
+            unseeded. Same seed, device and `devices` give identical results on the CPU.
         progress_bar
             Show one progress bar per model.
 
@@ -391,6 +401,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
         ensemble). After training, :attr:`module` and :attr:`reference_embeddings` are those of the first model;
         :meth:`predict` averages over all of them.
         """
+        kwargs = {k: v for k, v in locals().items() if k not in ("self", "devices")}  # as given, for spawned ranks
         if not self.reference.trainable:
             msg = "This model was loaded from a folder: it predicts, but has no reference data to train on."
             raise RuntimeError(msg)
@@ -403,8 +414,11 @@ class MclSTExp(QueryMixin, BaseModelClass):
         n_models = check_number(n_models, "n_models", integer=True, low=1)
         lr = check_number(lr, "lr", low=0, low_inclusive=False)
         weight_decay = check_number(weight_decay, "weight_decay", low=0)
-        self.to_device(device)
-        dev = self.device
+        devices = ddp.check_devices(devices)
+        done, dev = self._start_devices(devices, resolve_device(device), kwargs)
+        if done:  # trained by spawned processes
+            return self
+        self.to_device(dev)
         start = logg.info(
             f"training mclSTExp on {self.reference.expression.shape[0]} spots, {len(self.genes)} genes"
             + (f", {n_models} models" if n_models > 1 else "")
@@ -442,6 +456,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
                     self.reference_embeddings = emb
         finally:
             del self._train_expr, self._train_pos, self._train_feats
+            self._stop_devices()
         self.history = {"loss": np.mean(np.asarray(losses, dtype=np.float64), axis=0).tolist() if max_epochs else []}
         self._members = members
         if members:
@@ -458,6 +473,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
             "device": str(dev),
             "random_state": random_state,
             "fit_seconds": float(time.perf_counter() - t0),
+            **self._devices_params(devices),
         }
         self.train_time_ = self.train_params["fit_seconds"]
         logg.info("    finished", time=start)

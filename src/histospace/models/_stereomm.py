@@ -26,11 +26,13 @@ from histospace._utils import (
     check_random_state,
     check_unique_obs_names,
     get_matrix,
+    resolve_device,
 )
 from histospace._utils._data import binary_adjacency, check_genes
 from histospace._utils._graph import GraphBatch, make_tiles, sparse_adjacency
 from histospace._utils._preprocess import Preprocessor
 from histospace._utils._sdata import as_table
+from histospace.models import _ddp as ddp
 from histospace.models._base import BaseModelClass
 from histospace.models._stereomm_config import (
     AUTO_GLOBAL_MAX,
@@ -43,7 +45,9 @@ from histospace.models._stereomm_config import (
     REFERENCE_TRAIN,
     auto_batch_size,
     check_config,
+    resolve_batch_size,
     resolve_graph_weight,
+    warn_isolated,
     weighted_gcn_edges,
 )
 
@@ -245,17 +249,7 @@ class StereoMM(BaseModelClass):
                     f"{len(_preprocessor.arrays['img_mean'])}."
                 )
                 raise ValueError(msg)
-        from histospace.pp._spatial_graph import isolated_already_warned
-
-        n_isolated = int((np.diff(a.indptr) == 0).sum())
-        if n_isolated and not isolated_already_warned(adata, connectivity_key, n_isolated):  # warned by the builder
-            warnings.warn(
-                f"{n_isolated} of {adata.n_obs} spots ({100 * n_isolated / adata.n_obs:.2g}%) have no neighbour in "
-                f"`adata.obsp[{connectivity_key!r}]`; their latent comes from their own features only. Rebuild the "
-                "graph with a larger radius or more neighbours if that is not intended.",
-                UserWarning,
-                stacklevel=2,
-            )
+        warn_isolated(adata, a, connectivity_key)
         if cfg["attention"] == "auto":
             cfg["attention"] = "global" if adata.n_obs <= AUTO_GLOBAL_MAX else "local"
         self.layer, self.features_key, self.connectivity_key, self.preset = (
@@ -312,7 +306,9 @@ class StereoMM(BaseModelClass):
             f"({'expression + image' if x_img is not None else 'expression only'}), attention={cfg['attention']!r}"
         )
 
-    # ---------------------------------------------------------------------------------------------------------
+    _loss_method = "loss"
+    _trained_attrs = ("history", "is_trained", "train_params", "_members", "member_histories")
+
     @property
     def n_obs(self) -> int:
         """Number of spots."""
@@ -355,10 +351,10 @@ class StereoMM(BaseModelClass):
     def _step(self, batch: GraphBatch | None):
         x_t, x_m = self._train_inputs
         if batch is None:
-            loss, rec, kl = self.module.loss(x_t, x_m, self._train_adj, self._train_ei, kl_weight=self._kl_weight)
+            loss, rec, kl = self._loss_fn(x_t, x_m, self._train_adj, self._train_ei, kl_weight=self._kl_weight)
             return loss, 1.0, {"reconstruction": rec, "kl": kl}
         dev = self.device
-        loss, rec, kl = self.module.loss(
+        loss, rec, kl = self._loss_fn(
             x_t,
             x_m,
             batch.adj.to(dev),
@@ -380,6 +376,7 @@ class StereoMM(BaseModelClass):
         kl_weight: float | None = None,
         n_models: int | None = None,
         device: str | torch.device | None = None,
+        devices: int = 1,
         random_state: int | None = 0,
         progress_bar: bool = True,
     ) -> StereoMM:
@@ -409,12 +406,16 @@ class StereoMM(BaseModelClass):
             `preset='reference'`); `n_models=1` is 3 times faster, with domains that depend more on the seed.
         device
             Torch device; `None` picks CUDA when available.
+        devices
+            Processes for DDP training (gloo on CPU, NCCL on CUDA; torchrun's ranks or spawned; the tiles of an epoch
+            shared among them, the full batch split in one tile each; `docs/scaling_training.md`). 1: one process.
         random_state
             Seed for `random`, `numpy`, `torch` and the tile order (of the first model); `None` leaves them unseeded.
-            The same seed gives the same latent on the CPU.
+            The same seed (and `devices`) gives the same latent on the CPU.
         progress_bar
             Show one progress bar per model.
         """
+        kwargs = {k: v for k, v in locals().items() if k not in ("self", "devices")}  # as given, for spawned ranks
         defaults = REFERENCE_TRAIN if self.preset == "reference" else DEFAULT_TRAIN
         auto_epochs = max_epochs is None and self.preset != "reference"
         max_epochs = defaults["max_epochs"] if max_epochs is None else max_epochs
@@ -428,22 +429,19 @@ class StereoMM(BaseModelClass):
         weight_decay = check_number(weight_decay, "weight_decay", low=0)
         clip_norm = check_number(clip_norm, "clip_norm", low=0, low_inclusive=False)
         kl_weight = check_number(kl_weight, "kl_weight", low=0, allow_none=True)
-        if batch_size == "auto":
-            bs = self._auto_batch_size()
-        elif batch_size == "full":
-            bs = None
-        elif isinstance(batch_size, str):
-            msg = f"`batch_size` must be 'auto', 'full' or a positive int, got {batch_size!r}."
-            raise ValueError(msg)
-        else:
-            batch_size = check_number(batch_size, "batch_size", integer=True, low=1)
-            bs = batch_size if batch_size < self.n_obs else None
-        self.to_device(device)
-        dev = self.device
+        devices = ddp.check_devices(devices)
+        bs = resolve_batch_size(batch_size, self._auto_batch_size(), self.n_obs)
         t0 = time.perf_counter()
+        done, dev = self._start_devices(devices, resolve_device(device), kwargs)
+        if done:  # trained by spawned processes
+            self._tiles = self._make_tiles(int(self.train_params["batch_size"]))
+            return self
+        self.to_device(dev)
+        if devices > 1 and bs is None:  # one tile per process
+            bs = math.ceil(self.n_obs / devices)
         self._tiles = self._make_tiles(bs)
-        if auto_epochs and self._tiles is not None:
-            max_epochs = max(math.ceil(max_epochs / len(self._tiles)), MIN_TILE_EPOCHS)
+        if auto_epochs and self._tiles is not None:  # about 300 optimiser steps (one step takes `devices` tiles)
+            max_epochs = max(math.ceil(max_epochs / math.ceil(len(self._tiles) / devices)), MIN_TILE_EPOCHS)
         start = logg.info(
             f"training StereoMM on {dev}: {max_epochs} epochs, "
             + ("full batch" if bs is None else f"{len(self._tiles)} tiles of {bs} spots + halo per epoch")
@@ -477,6 +475,7 @@ class StereoMM(BaseModelClass):
                     members.append(self._snapshot())
         finally:
             del self._train_inputs, self._train_adj, self._train_ei
+            self._stop_devices()
         self._members = members
         self.member_histories = histories
         self.history = {
@@ -495,6 +494,7 @@ class StereoMM(BaseModelClass):
             "random_state": random_state,
             "fit_seconds": float(time.perf_counter() - t0),
             "attention_cache_seconds": float(t_cache),
+            **self._devices_params(devices),
         }
         logg.info("    finished training", time=start)
         return self

@@ -7,6 +7,7 @@ measures :func:`neighbour_dissimilarity` and propagates with :func:`weighted_gcn
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -160,3 +161,31 @@ def auto_batch_size(cfg: dict, in_dim: int, n_obs: int) -> int | None:
     if n_obs <= FULL_BATCH_MAX_SPOTS and n_obs * per_spot <= FULL_BATCH_BYTES:
         return None
     return AUTO_BATCH_SIZE
+
+
+def warn_isolated(adata, a: sp.csr_matrix, connectivity_key: str) -> None:
+    """Warn about spots without a neighbour in the binary graph `a` (unless the graph's builder warned already)."""
+    from histospace.pp._spatial_graph import isolated_already_warned
+
+    n_isolated = int((np.diff(a.indptr) == 0).sum())
+    if n_isolated and not isolated_already_warned(adata, connectivity_key, n_isolated):  # warned by the builder
+        warnings.warn(
+            f"{n_isolated} of {adata.n_obs} spots ({100 * n_isolated / adata.n_obs:.2g}%) have no neighbour in "
+            f"`adata.obsp[{connectivity_key!r}]`; their latent comes from their own features only. Rebuild the "
+            "graph with a larger radius or more neighbours if that is not intended.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def resolve_batch_size(batch_size: int | str, auto: int | None, n_obs: int) -> int | None:
+    """Spots per tile from `train`'s `batch_size` (`'auto'` -> `auto`); `None` for full batch."""
+    if batch_size == "auto":
+        return auto
+    if batch_size == "full":
+        return None
+    if isinstance(batch_size, str):
+        msg = f"`batch_size` must be 'auto', 'full' or a positive int, got {batch_size!r}."
+        raise ValueError(msg)
+    batch_size = check_number(batch_size, "batch_size", integer=True, low=1)
+    return batch_size if batch_size < n_obs else None

@@ -41,6 +41,7 @@ def mclstexp_train(
     model_kwargs: dict[str, Any] | None = None,
     train_kwargs: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
+    devices: int = 1,
     random_state: int | None = 0,
     progress_bar: bool = True,
 ) -> MclSTExp:
@@ -83,6 +84,8 @@ def mclstexp_train(
         Other arguments of :meth:`~histospace.models.MclSTExp.train` (e.g. `weight_decay`).
     device
         {device}
+    devices
+        {devices}
     random_state
         {random_state}
     progress_bar
@@ -111,6 +114,7 @@ def mclstexp_train(
         batch_size=batch_size,
         lr=lr,
         device=device,
+        devices=devices,
         random_state=random_state,
         progress_bar=progress_bar,
         **(train_kwargs or {}),

@@ -40,6 +40,7 @@ def stereomm(
     model_kwargs: dict[str, Any] | None = None,
     train_kwargs: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
+    devices: int = 1,
     random_state: int | None = 0,
     progress_bar: bool = True,
     key_added: str = STEREOMM_KEY,
@@ -94,6 +95,8 @@ def stereomm(
         Other arguments of :meth:`~histospace.models.StereoMM.train` (e.g. `weight_decay`, `clip_norm`).
     device
         {device}
+    devices
+        {devices}
     random_state
         {random_state}
     progress_bar
@@ -144,6 +147,7 @@ def stereomm(
         batch_size=batch_size,
         n_models=n_models,
         device=device,
+        devices=devices,
         random_state=random_state,
         progress_bar=progress_bar,
         **(train_kwargs or {}),
