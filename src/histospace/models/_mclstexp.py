@@ -17,7 +17,7 @@ import torch
 from anndata import AnnData
 from scanpy import logging as logg
 
-from histospace._constants import FEATURES_KEY, LIBRARY_KEY, POSITION_KEYS, SPATIAL_KEY
+from histospace._constants import CONNECTIVITIES_KEY, FEATURES_KEY, LIBRARY_KEY, POSITION_KEYS, SPATIAL_KEY
 from histospace._nn._mclstexp import MclSTExpModule, augment
 from histospace._utils import check_number, check_random_state
 from histospace._utils._data import PANEL_NORMALIZATIONS
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 DEFAULTS: dict[str, Any] = {"temperature": 0.1, "l2_normalize": True, "learn_temperature": True}
 DEFAULT_TRAIN: dict[str, Any] = {"max_epochs": 30, "n_models": 5}
 DEFAULT_WEIGHTING = "softmax"
+#: rings of the spatial graph whose mean image features sit beside each spot's own (0: none; see `context=`)
+DEFAULT_CONTEXT = 2
 #: the published settings (mclSTExp code): T = 1 on unnormalised embeddings, 90 epochs, one model, 1/d^2 weights
 REFERENCE: dict[str, Any] = {"temperature": 1.0, "l2_normalize": False, "learn_temperature": False}
 REFERENCE_TRAIN: dict[str, Any] = {"max_epochs": 90, "n_models": 1}
@@ -124,6 +126,17 @@ class MclSTExp(QueryMixin, BaseModelClass):
         Learn the temperature (default), starting at `temperature`.
     reference_batch_size
         Spots per sequence when embedding the reference after training (default: the training batch size).
+    context
+        Spatial context of the image side (frozen path): each spot's image features are joined by the means of the
+        features over rings `1..context` of its slide's spatial graph (ring `k`: the spots `k` hops away), in the
+        reference during training and in every query at prediction, so a spot is seen with its neighbourhood.
+        `None`: 2 rings (validated by the expression benchmark), 0 with `preset='reference'` or
+        `freeze_encoder=False`; `0` switches it off (each spot from its own patch, as the paper).
+    connectivity_key
+        The spatial graph of the reference and of each query (`adata.obsp`; the base name of
+        :func:`histospace.pp.spatial_graph`'s `key_added` or the full key). When absent it is built with
+        :func:`histospace.pp.spatial_graph`'s defaults for the platform, per slide of `library_key`, from
+        `adata.obsm[spatial_key]` (nothing is written to `adata`).
 
     Notes
     -----
@@ -178,6 +191,8 @@ class MclSTExp(QueryMixin, BaseModelClass):
         l2_normalize: bool | None = None,
         learn_temperature: bool | None = None,
         reference_batch_size: int | None = None,
+        context: int | None = None,
+        connectivity_key: str = CONNECTIVITIES_KEY,
         _reference: ReferenceData | None = None,
     ):
         init = self._init_params_of(locals())
@@ -202,6 +217,15 @@ class MclSTExp(QueryMixin, BaseModelClass):
         check_number(n_top_genes, "n_top_genes", integer=True, low=1)
         check_number(dropout, "dropout", low=0, high=1)
         check_number(reference_batch_size, "reference_batch_size", integer=True, low=2, allow_none=True)
+        check_number(context, "context", integer=True, low=0, allow_none=True)
+        if context is None:
+            context = 0 if preset == "reference" or not freeze_encoder else DEFAULT_CONTEXT
+        elif context > 0 and not freeze_encoder:
+            msg = (
+                f"context={context} needs image features (`freeze_encoder=True`); the fine-tuned encoder sees one patch "
+                "per spot. Pass `context=0`."
+            )
+            raise ValueError(msg)
         if not freeze_encoder:
             check_number(patch_size, "patch_size", low=0, low_inclusive=False)
             check_number(input_size, "input_size", integer=True, low=1)
@@ -223,6 +247,10 @@ class MclSTExp(QueryMixin, BaseModelClass):
         self.library_key = library_key
         self.freeze_encoder = bool(freeze_encoder)
         self.reference_batch_size = reference_batch_size
+        #: rings of the spatial graph beside each spot's image features (0: none)
+        self.context = int(context)
+        self.init_params_["context"] = self.context  # resolved: a saved model rebuilds the same input width
+        self.connectivity_key = connectivity_key
         self._encoder_spec = (encoder, None if encoder_weights is None else str(encoder_weights))
         self._fine_tune = {
             "patch_size": float(patch_size),
@@ -236,8 +264,10 @@ class MclSTExp(QueryMixin, BaseModelClass):
                 raise TypeError(msg)
             self.reference = _reference
         else:
+            table = as_table(adata, table_key)[0]
+            ops = self._context_ops(table) if self.context else ()
             self.reference = ReferenceData.from_anndata(
-                as_table(adata, table_key)[0],
+                table,
                 layer=layer,
                 genes=genes,
                 n_top_genes=n_top_genes,
@@ -251,6 +281,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
                 augment_keys=augment_keys,
                 scale_features=bool(scale_features),
                 patch_stream={"img": img, "patch_size": patch_size, "input_size": input_size},
+                context_ops=ops,
             )
         self._build()
         self.reference_embeddings: np.ndarray | None = None
@@ -300,7 +331,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
             self.reference.img_dim = int(d)
         self.module = MclSTExpModule(
             n_genes=len(self.genes),
-            img_dim=self.img_dim,
+            img_dim=self.img_dim * (1 + self.context) if self.freeze_encoder else self.img_dim,
             n_x=self.n_x,
             n_y=self.n_y,
             n_heads=c["n_heads"],
