@@ -41,9 +41,9 @@ def graph_adata(adata):
 
 
 def test_context_model_trains_and_predicts(graph_adata):
-    m = hs.models.MclSTExp(graph_adata, **KW, context=2).train(**TRAIN)
+    m = hs.models.MclSTExp(graph_adata, **KW, spatial_context=2).train(**TRAIN)
     d = graph_adata.obsm["img_features"].shape[1]
-    assert m.context == 2
+    assert m.spatial_context == 2
     assert m.module.image_projection.projection.in_features == 3 * d
     assert m.img_dim == d  # the query gives the plain features
     pred = m.predict(graph_adata, n_neighbors=10)
@@ -54,12 +54,12 @@ def test_context_model_trains_and_predicts(graph_adata):
     alone = graph_adata.copy()
     alone.obsp["spatial_connectivities"] = sp.csr_matrix((alone.n_obs, alone.n_obs), dtype=np.float32)
     assert not np.allclose(m.predict(alone, n_neighbors=10), pred)
-    off = hs.models.MclSTExp(graph_adata, **KW, context=0).train(**TRAIN)
+    off = hs.models.MclSTExp(graph_adata, **KW, spatial_context=0).train(**TRAIN)
     assert off.module.image_projection.projection.in_features == d
 
 
 def test_context_follows_the_graph_not_the_order(graph_adata):
-    m = hs.models.MclSTExp(graph_adata, **KW, context=1).train(**TRAIN)
+    m = hs.models.MclSTExp(graph_adata, **KW, spatial_context=1).train(**TRAIN)
     pred = m.predict(graph_adata, n_neighbors=10)
     perm = np.random.default_rng(0).permutation(graph_adata.n_obs)
     q = graph_adata[perm].copy()
@@ -69,7 +69,7 @@ def test_context_follows_the_graph_not_the_order(graph_adata):
 def test_context_graph_built_when_absent(adata, graph_adata):
     bare = adata.copy()
     del bare.obsp["spatial_connectivities"]
-    m = hs.models.MclSTExp(bare, **KW, context=1).train(**TRAIN)
+    m = hs.models.MclSTExp(bare, **KW, spatial_context=1).train(**TRAIN)
     assert "spatial_connectivities" not in bare.obsp  # nothing written
     np.testing.assert_allclose(
         m.predict(bare, n_neighbors=10), m.predict(graph_adata, n_neighbors=10), rtol=1e-5, atol=1e-6
@@ -81,22 +81,43 @@ def test_context_graph_built_when_absent(adata, graph_adata):
 
 
 def test_context_saved_and_loaded(graph_adata, tmp_path):
-    m = hs.models.MclSTExp(graph_adata, **KW, context=2).train(**TRAIN)
+    m = hs.models.MclSTExp(graph_adata, **KW, spatial_context=2).train(**TRAIN)
     m.save(tmp_path / "m")
     m2 = hs.models.MclSTExp.load(tmp_path / "m")
-    assert m2.context == 2
+    assert m2.spatial_context == 2
     np.testing.assert_allclose(
         m2.predict(graph_adata, n_neighbors=10), m.predict(graph_adata, n_neighbors=10), rtol=1e-5, atol=1e-6
     )
 
 
+def test_smoothed_predictions(graph_adata):
+    m = hs.models.MclSTExp(graph_adata, **KW, smooth_predictions=0.0).train(**TRAIN)
+    raw = m.predict(graph_adata, n_neighbors=10)
+    m.smooth_predictions = 0.4
+    got = m.predict(graph_adata, n_neighbors=10)
+    # by hand: ring-1 neighbours on the graph, taken undirected
+    g = graph_adata.obsp["spatial_connectivities"].toarray() > 0
+    g = g | g.T
+    np.fill_diagonal(g, False)
+    want = 0.6 * raw + 0.4 * (g @ raw) / g.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # the ensemble spread is that of the smoothed members
+    mean, sd = m.predict(graph_adata, n_neighbors=10, return_std=True)
+    np.testing.assert_allclose(mean, got, rtol=1e-6)
+    assert sd is None  # one model
+
+
 def test_context_defaults_and_bad_input(graph_adata):
-    assert hs.models.MclSTExp(graph_adata, **KW).context == 2
-    assert hs.models.MclSTExp(graph_adata, **KW, preset="reference").context == 0
-    with pytest.raises(ValueError, match="context=0"):
-        hs.models.MclSTExp(graph_adata, **KW, context=1, freeze_encoder=False)
-    with pytest.raises(ValueError, match="context"):
-        hs.models.MclSTExp(graph_adata, **KW, context=-1)
-    m = hs.models.MclSTExp(graph_adata, **KW, context=1).train(**TRAIN)
+    m0 = hs.models.MclSTExp(graph_adata, **KW)
+    assert (m0.spatial_context, m0.smooth_predictions) == (0, 0.25)
+    ref = hs.models.MclSTExp(graph_adata, **KW, preset="reference")
+    assert (ref.spatial_context, ref.smooth_predictions) == (0, 0.0)
+    with pytest.raises(ValueError, match="smooth_predictions"):
+        hs.models.MclSTExp(graph_adata, **KW, smooth_predictions=1.5)
+    with pytest.raises(ValueError, match="spatial_context=0"):
+        hs.models.MclSTExp(graph_adata, **KW, spatial_context=1, freeze_encoder=False)
+    with pytest.raises(ValueError, match="spatial_context"):
+        hs.models.MclSTExp(graph_adata, **KW, spatial_context=-1)
+    m = hs.models.MclSTExp(graph_adata, **KW, spatial_context=1).train(**TRAIN)
     with pytest.raises(ValueError, match="pass `adata`"):
         m.get_image_embedding(features=graph_adata.obsm["img_features"])

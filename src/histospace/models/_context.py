@@ -76,7 +76,7 @@ def slide_graph(
         msg = (
             f"The spatial context needs the slide's spatial graph: neither `adata.obsp[{connectivity_key!r}]` nor "
             f"`adata.obsm[{spatial_key!r}]` (spot centres) was found. Build it with `hs.pp.spatial_graph(adata)` "
-            "(or `squidpy.gr.spatial_neighbors`), or pass `context=0`."
+            "(or `squidpy.gr.spatial_neighbors`), or pass `spatial_context=0` to the model."
         )
         raise KeyError(msg)
     import histospace as hs
@@ -106,8 +106,13 @@ def check_context_input(adata: AnnData, context: int, connectivity_key: str, spa
     if connectivity_key_in(adata.obsp, connectivity_key) in adata.obsp or spatial_key in adata.obsm:
         return
     msg = (
-        f"The model uses the spatial context (context={context}), so the query needs its spatial graph: neither "
+        f"The model uses the query's spatial graph (spatial_context={context}, or smooth_predictions > 0): neither "
         f"`adata.obsp[{connectivity_key!r}]` nor `adata.obsm[{spatial_key!r}]` was found. Build it with "
         "`hs.pp.spatial_graph(adata)`."
     )
     raise KeyError(msg)
+
+
+def smooth_rows(p: np.ndarray, ring1: sp.csr_matrix, weight: float) -> np.ndarray:
+    """`(1 - weight) * p + weight * (ring-1 mean of p)`, float32 (a spot without neighbours keeps its own row)."""
+    return ((1.0 - weight) * p + weight * np.asarray(ring1 @ p)).astype(np.float32, copy=False)

@@ -23,7 +23,7 @@ from histospace._spatial._uns import has_uns, share_uns, uns_libraries, uns_path
 from histospace._utils import check_no_nan, check_number
 from histospace._utils._data import as_dense, library_labels, smooth_over_neighbors
 from histospace._utils._library import PatchStream
-from histospace.models._context import check_context_input, context_ops, context_rows
+from histospace.models._context import check_context_input, context_ops, context_rows, smooth_rows
 
 #: how to give a query image its resolution (named in the errors)
 MPP_FIX = (
@@ -102,9 +102,13 @@ class QueryMixin:
             msg = f"`{where}[{k!r}]` is {got!r} but the model's image features were made with {k}={want!r}. {fix}"
         raise ValueError(msg)
 
-    def _context_ops(self, adata: AnnData) -> list:
-        """Ring operators of `adata`'s spatial graph for the model's `context` (`[]` when it has none)."""
-        return context_ops(adata, self.context, self.connectivity_key, self.spatial_key, self.library_key)
+    def _context_ops(self, adata: AnnData, *, prediction: bool = False) -> list:
+        """Ring operators of `adata`'s graph for the spatial context (`[]`: none); at least ring 1 when `prediction`
+        and the predictions are smoothed.
+        """  # noqa: D205
+        rings = self.spatial_context if self.freeze_encoder else 0
+        rings = max(rings, int(prediction and self.smooth_predictions > 0))
+        return context_ops(adata, rings, self.connectivity_key, self.spatial_key, self.library_key)
 
     # ---- the query's image features, made as the reference's -----------------------------------------------------
     @property
@@ -319,8 +323,8 @@ class QueryMixin:
         """
         if adata is not None:
             adata = _query_table(adata, table_key)
-        if self.context and self.freeze_encoder and adata is None:
-            msg = f"This model uses the spatial context (context={self.context}): pass `adata` for its spatial graph."
+        if self.spatial_context and self.freeze_encoder and adata is None:
+            msg = f"This model uses the spatial context (spatial_context={self.spatial_context}): pass `adata` for its spatial graph."
             raise ValueError(msg)
         module = self.module.eval()
         dev = self.device
@@ -335,7 +339,8 @@ class QueryMixin:
             if adata is not None and features.shape[0] != adata.n_obs:
                 msg = f"`features` has {features.shape[0]} rows for {adata.n_obs} query spots."
                 raise ValueError(msg)
-            ops = (self._context_ops(adata) if _context_ops is None else _context_ops) if self.context else []
+            ops = (self._context_ops(adata) if _context_ops is None else _context_ops) if self.spatial_context else []
+            ops = ops[: self.spatial_context]
             for lo in range(0, features.shape[0], batch_size):
                 rows = slice(lo, lo + batch_size)
                 x = self.reference.scale(context_rows(features, ops, rows) if ops else features[rows])
@@ -432,8 +437,8 @@ class QueryMixin:
         if smooth_neighbors > 0 and self.spatial_key not in adata.obsm:
             msg = f"`adata.obsm[{self.spatial_key!r}]` not found; `smooth_neighbors > 0` needs spot coordinates."
             raise KeyError(msg)
-        if self.context and self.freeze_encoder:
-            check_context_input(adata, self.context, self.connectivity_key, self.spatial_key)
+        if (self.spatial_context and self.freeze_encoder) or self.smooth_predictions > 0:
+            check_context_input(adata, self.spatial_context, self.connectivity_key, self.spatial_key)
         return weighting, smooth_neighbors, batch_size
 
     def _weighting(self, weighting: str | None) -> str:
@@ -519,7 +524,7 @@ class QueryMixin:
             if features.shape[0] != adata.n_obs:
                 msg = f"`features` has {features.shape[0]} rows for {adata.n_obs} query spots."
                 raise ValueError(msg)
-        ops = self._context_ops(adata) if self.context and self.freeze_encoder else []
+        ops = self._context_ops(adata, prediction=True)
         out = m2 = first_emb = None
         n = max(len(self._members), 1)
         try:
@@ -539,6 +544,8 @@ class QueryMixin:
                 p = self.predict_from_embedding(
                     emb, n_neighbors=n_neighbors, weighting=weighting, batch_size=batch_size
                 )
+                if self.smooth_predictions > 0:
+                    p = smooth_rows(p, ops[0], self.smooth_predictions)
                 if with_std and n > 1:  # Welford's sum of squared deviations, the running mean taken from the sum
                     if m2 is None:
                         m2 = np.zeros_like(p)

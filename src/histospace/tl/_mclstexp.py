@@ -158,7 +158,7 @@ def mclstexp_predict(
         from `img=` or `adata.uns['spatial']`. Expression is not needed (H&E-only slides and tiles from
         :func:`histospace.pp.tile_image` work). Features that were made with other settings (encoder, weights,
         layers, patch size in µm, ...) or at an unknown scale raise a `ValueError`: delete them to have them
-        recomputed here, or recompute them. A model with a spatial context (`model.context > 0`, the default) reads
+        recomputed here, or recompute them. A model with a spatial context (`model.spatial_context > 0`, the default) reads
         the query's spatial graph `adata.obsp[model.connectivity_key]` (from :func:`histospace.pp.spatial_graph`),
         or builds one from `adata.obsm['spatial']` with that function's defaults (nothing written).
     table_key
@@ -312,7 +312,7 @@ def mclstexp_predict(
                 "normalize": model.normalize,
                 "preset": model.preset,
                 "spot_encoder": model.config["spot_encoder"],
-                "context": int(model.context),
+                "spatial_context": int(model.spatial_context),
                 "n_reference_spots": int(model.reference_expression.shape[0]),
                 "n_models": int(model.n_models_),
                 "genes": list(model.genes),
