@@ -156,8 +156,8 @@ RUN_NOTES = {
     "encoder runs through features, training and the baselines; random weights say nothing about the accuracy of "
     "the trained h0-mini.",
     "defaults (issue 26: smoothed predictions), 5 models": "the defaults of `hs.models.MclSTExp` since issue 26: "
-    "as 'tuned, 5 models, softmax weights' plus `smooth_predictions=0.25` (each held-out spot's prediction mixed "
-    "with the mean prediction of its ring-1 neighbours on the section's `hs.pp.spatial_graph`, weight 0.25; chosen "
+    "as 'tuned, 5 models, softmax weights' plus `smooth_predictions=0.5` (each held-out spot's prediction mixed "
+    "with the mean prediction of its ring-1 neighbours on the section's `hs.pp.spatial_graph`, weight 0.5; chosen "
     "by nested validation, `expression_context.py`) and `spatial_context=0`. Every baseline's predictions get the "
     "same smoothing (`hs.tl.mclstexp_cross_validate` applies the model's), so the gain is not credited to mclSTExp.",
     "spatial context (2 rings) and smoothing, 1 model": "as the defaults with `spatial_context=2` (each spot's "
@@ -221,7 +221,7 @@ RUNS = {
     ),
     "context features, ridge and kNN": (
         CONTEXT_KEY,
-        {**TUNED, "smooth_predictions": 0.25},
+        {**TUNED, "smooth_predictions": 0.5},
         SOFTMAX,
         ("ridge_pca256", "knn"),
         {"max_epochs": 30, "n_models": 1},

@@ -109,7 +109,7 @@ def test_smoothed_predictions(graph_adata):
 
 def test_context_defaults_and_bad_input(graph_adata):
     m0 = hs.models.MclSTExp(graph_adata, **KW)
-    assert (m0.spatial_context, m0.smooth_predictions) == (0, 0.25)
+    assert (m0.spatial_context, m0.smooth_predictions) == (0, 0.5)
     ref = hs.models.MclSTExp(graph_adata, **KW, preset="reference")
     assert (ref.spatial_context, ref.smooth_predictions) == (0, 0.0)
     with pytest.raises(ValueError, match="smooth_predictions"):
