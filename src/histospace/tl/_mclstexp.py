@@ -158,9 +158,11 @@ def mclstexp_predict(
         from `img=` or `adata.uns['spatial']`. Expression is not needed (H&E-only slides and tiles from
         :func:`histospace.pp.tile_image` work). Features that were made with other settings (encoder, weights,
         layers, patch size in µm, ...) or at an unknown scale raise a `ValueError`: delete them to have them
-        recomputed here, or recompute them. A model with a spatial context (`model.spatial_context > 0`, the default) reads
-        the query's spatial graph `adata.obsp[model.connectivity_key]` (from :func:`histospace.pp.spatial_graph`),
-        or builds one from `adata.obsm['spatial']` with that function's defaults (nothing written).
+        recomputed here, or recompute them. A model that reads the query's neighbourhood (`model.smooth_predictions
+        > 0`, the default: each prediction mixed with the mean of its ring-1 neighbours; or `model.spatial_context
+        > 0`) reads the query's spatial graph `adata.obsp[model.connectivity_key]` (from
+        :func:`histospace.pp.spatial_graph`), or builds one from `adata.obsm['spatial']` with that function's
+        defaults (nothing written).
     table_key
         {table_key}
     model
