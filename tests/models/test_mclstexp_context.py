@@ -121,3 +121,13 @@ def test_context_defaults_and_bad_input(graph_adata):
     m = hs.models.MclSTExp(graph_adata, **KW, spatial_context=1).train(**TRAIN)
     with pytest.raises(ValueError, match="pass `adata`"):
         m.get_image_embedding(features=graph_adata.obsm["img_features"])
+
+
+def test_smoothing_skipped_with_a_warning_without_coordinates(graph_adata):
+    m = hs.models.MclSTExp(graph_adata, **KW).train(**TRAIN)  # default smoothing 0.5
+    bare = graph_adata.copy()
+    del bare.obsp["spatial_connectivities"], bare.obsm["spatial"]
+    with pytest.warns(UserWarning, match="not smoothed"):
+        got = m.predict(bare, n_neighbors=10)
+    m.smooth_predictions = 0.0
+    np.testing.assert_allclose(got, m.predict(graph_adata, n_neighbors=10), rtol=1e-6)

@@ -116,3 +116,20 @@ def check_context_input(adata: AnnData, context: int, connectivity_key: str, spa
 def smooth_rows(p: np.ndarray, ring1: sp.csr_matrix, weight: float) -> np.ndarray:
     """`(1 - weight) * p + weight * (ring-1 mean of p)`, float32 (a spot without neighbours keeps its own row)."""
     return ((1.0 - weight) * p + weight * np.asarray(ring1 @ p)).astype(np.float32, copy=False)
+
+
+def can_smooth(adata: AnnData, weight: float, connectivity_key: str, spatial_key: str, *, warn: bool = False) -> bool:
+    """Whether predictions for `adata` can be smoothed with `weight > 0` (it has a graph or centres); warns if not."""
+    if weight <= 0:
+        return False
+    ok = connectivity_key_in(adata.obsp, connectivity_key) in adata.obsp or spatial_key in adata.obsm
+    if not ok and warn:
+        import warnings
+
+        msg = (
+            f"The query has no spatial graph (`adata.obsp[{connectivity_key!r}]`) and no centres "
+            f"(`adata.obsm[{spatial_key!r}]`): its predictions are not smoothed (`smooth_predictions={weight:g}`). "
+            "Add its coordinates, or pass `smooth_predictions=0` to the model."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=5)
+    return ok

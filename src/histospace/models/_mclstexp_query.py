@@ -23,7 +23,13 @@ from histospace._spatial._uns import has_uns, share_uns, uns_libraries, uns_path
 from histospace._utils import check_no_nan, check_number
 from histospace._utils._data import as_dense, library_labels, smooth_over_neighbors
 from histospace._utils._library import PatchStream
-from histospace.models._context import check_context_input, context_ops, context_rows, smooth_rows
+from histospace.models._context import (
+    can_smooth,
+    check_context_input,
+    context_ops,
+    context_rows,
+    smooth_rows,
+)
 
 #: how to give a query image its resolution (named in the errors)
 MPP_FIX = (
@@ -102,12 +108,16 @@ class QueryMixin:
             msg = f"`{where}[{k!r}]` is {got!r} but the model's image features were made with {k}={want!r}. {fix}"
         raise ValueError(msg)
 
+    def _smooths(self, adata: AnnData, *, warn: bool = False) -> bool:
+        """Whether predictions for `adata` are smoothed (`smooth_predictions > 0` and a graph or centres)."""
+        return can_smooth(adata, self.smooth_predictions, self.connectivity_key, self.spatial_key, warn=warn)
+
     def _context_ops(self, adata: AnnData, *, prediction: bool = False) -> list:
         """Ring operators of `adata`'s graph for the spatial context (`[]`: none); at least ring 1 when `prediction`
         and the predictions are smoothed.
         """  # noqa: D205
         rings = self.spatial_context if self.freeze_encoder else 0
-        rings = max(rings, int(prediction and self.smooth_predictions > 0))
+        rings = max(rings, int(prediction and self._smooths(adata)))
         return context_ops(adata, rings, self.connectivity_key, self.spatial_key, self.library_key)
 
     # ---- the query's image features, made as the reference's -----------------------------------------------------
@@ -437,7 +447,7 @@ class QueryMixin:
         if smooth_neighbors > 0 and self.spatial_key not in adata.obsm:
             msg = f"`adata.obsm[{self.spatial_key!r}]` not found; `smooth_neighbors > 0` needs spot coordinates."
             raise KeyError(msg)
-        if (self.spatial_context and self.freeze_encoder) or self.smooth_predictions > 0:
+        if self.spatial_context and self.freeze_encoder:
             check_context_input(adata, self.spatial_context, self.connectivity_key, self.spatial_key)
         return weighting, smooth_neighbors, batch_size
 
@@ -524,6 +534,7 @@ class QueryMixin:
             if features.shape[0] != adata.n_obs:
                 msg = f"`features` has {features.shape[0]} rows for {adata.n_obs} query spots."
                 raise ValueError(msg)
+        self._smooths(adata, warn=True)
         ops = self._context_ops(adata, prediction=True)
         out = m2 = first_emb = None
         n = max(len(self._members), 1)
@@ -544,7 +555,7 @@ class QueryMixin:
                 p = self.predict_from_embedding(
                     emb, n_neighbors=n_neighbors, weighting=weighting, batch_size=batch_size
                 )
-                if self.smooth_predictions > 0:
+                if self._smooths(adata):
                     p = smooth_rows(p, ops[0], self.smooth_predictions)
                 if with_std and n > 1:  # Welford's sum of squared deviations, the running mean taken from the sum
                     if m2 is None:
