@@ -17,7 +17,7 @@ import torch
 from anndata import AnnData
 from scanpy import logging as logg
 
-from histospace._constants import FEATURES_KEY, LIBRARY_KEY, POSITION_KEYS, SPATIAL_KEY
+from histospace._constants import CONNECTIVITIES_KEY, FEATURES_KEY, LIBRARY_KEY, POSITION_KEYS, SPATIAL_KEY
 from histospace._nn._mclstexp import MclSTExpModule, augment
 from histospace._utils import check_number, check_random_state, resolve_device
 from histospace._utils._data import PANEL_NORMALIZATIONS
@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 DEFAULTS: dict[str, Any] = {"temperature": 0.1, "l2_normalize": True, "learn_temperature": True}
 DEFAULT_TRAIN: dict[str, Any] = {"max_epochs": 30, "n_models": 5}
 DEFAULT_WEIGHTING = "softmax"
+#: rings of the spatial graph whose mean image features sit beside each spot's own (0: none; see `spatial_context=`)
+DEFAULT_CONTEXT = 0
+#: weight of the ring-1 mean of the predictions over the query's spatial graph (0: none; see `smooth_predictions=`)
+DEFAULT_SMOOTHING = 0.5
 #: the published settings (mclSTExp code): T = 1 on unnormalised embeddings, 90 epochs, one model, 1/d^2 weights
 REFERENCE: dict[str, Any] = {"temperature": 1.0, "l2_normalize": False, "learn_temperature": False}
 REFERENCE_TRAIN: dict[str, Any] = {"max_epochs": 90, "n_models": 1}
@@ -125,6 +129,22 @@ class MclSTExp(QueryMixin, BaseModelClass):
         Learn the temperature (default), starting at `temperature`.
     reference_batch_size
         Spots per sequence when embedding the reference after training (default: the training batch size).
+    spatial_context
+        Spatial context of the image side (frozen path): each spot's image features are joined by the means of the
+        features over rings `1..spatial_context` of its slide's spatial graph (ring `k`: the spots `k` hops away), in the
+        reference during training and in every query at prediction, so a spot is seen with its neighbourhood.
+        `None`: 0 (off: nested validation on her2st preferred no context, see the expression benchmark); it needs
+        `freeze_encoder=True`.
+    smooth_predictions
+        Mix each query spot's predicted expression with the mean prediction of its ring-1 neighbours on the query's
+        spatial graph: `(1 - w) * p + w * mean(p over ring 1)` (a spot without neighbours keeps its own). `None`:
+        0.5 (chosen for mclSTExp by nested validation on her2st, `benchmarks/expression_context.py`), 0 with
+        `preset='reference'`; `0` switches it off.
+    connectivity_key
+        The spatial graph of the reference and of each query (`adata.obsp`; the base name of
+        :func:`histospace.pp.spatial_graph`'s `key_added` or the full key). When absent it is built with
+        :func:`histospace.pp.spatial_graph`'s defaults for the platform, per slide of `library_key`, from
+        `adata.obsm[spatial_key]` (nothing is written to `adata`).
 
     Notes
     -----
@@ -179,6 +199,9 @@ class MclSTExp(QueryMixin, BaseModelClass):
         l2_normalize: bool | None = None,
         learn_temperature: bool | None = None,
         reference_batch_size: int | None = None,
+        spatial_context: int | None = None,
+        smooth_predictions: float | None = None,
+        connectivity_key: str = CONNECTIVITIES_KEY,
         _reference: ReferenceData | None = None,
     ):
         init = self._init_params_of(locals())
@@ -203,6 +226,15 @@ class MclSTExp(QueryMixin, BaseModelClass):
         check_number(n_top_genes, "n_top_genes", integer=True, low=1)
         check_number(dropout, "dropout", low=0, high=1)
         check_number(reference_batch_size, "reference_batch_size", integer=True, low=2, allow_none=True)
+        check_number(spatial_context, "spatial_context", integer=True, low=0, allow_none=True)
+        if spatial_context is None:
+            spatial_context = 0 if preset == "reference" or not freeze_encoder else DEFAULT_CONTEXT
+        elif spatial_context > 0 and not freeze_encoder:
+            msg = (
+                f"spatial_context={spatial_context} needs image features (`freeze_encoder=True`); the fine-tuned "
+                "encoder sees one patch per spot. Pass `spatial_context=0`."
+            )
+            raise ValueError(msg)
         if not freeze_encoder:
             check_number(patch_size, "patch_size", low=0, low_inclusive=False)
             check_number(input_size, "input_size", integer=True, low=1)
@@ -224,6 +256,15 @@ class MclSTExp(QueryMixin, BaseModelClass):
         self.library_key = library_key
         self.freeze_encoder = bool(freeze_encoder)
         self.reference_batch_size = reference_batch_size
+        #: rings of the spatial graph beside each spot's image features (0: none)
+        self.spatial_context = int(spatial_context)
+        self.init_params_["spatial_context"] = self.spatial_context  # resolved: a saved model rebuilds the width
+        if smooth_predictions is None:
+            smooth_predictions = 0.0 if preset == "reference" else DEFAULT_SMOOTHING
+        #: weight of the ring-1 mean of the predictions over the query's graph (0: none)
+        self.smooth_predictions = float(check_number(smooth_predictions, "smooth_predictions", low=0, high=1))
+        self.init_params_["smooth_predictions"] = self.smooth_predictions
+        self.connectivity_key = connectivity_key
         self._encoder_spec = (encoder, None if encoder_weights is None else str(encoder_weights))
         self._fine_tune = {
             "patch_size": float(patch_size),
@@ -237,8 +278,10 @@ class MclSTExp(QueryMixin, BaseModelClass):
                 raise TypeError(msg)
             self.reference = _reference
         else:
+            table = as_table(adata, table_key)[0]
+            ops = self._context_ops(table) if self.spatial_context else ()
             self.reference = ReferenceData.from_anndata(
-                as_table(adata, table_key)[0],
+                table,
                 layer=layer,
                 genes=genes,
                 n_top_genes=n_top_genes,
@@ -252,6 +295,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
                 augment_keys=augment_keys,
                 scale_features=bool(scale_features),
                 patch_stream={"img": img, "patch_size": patch_size, "input_size": input_size},
+                context_ops=ops,
             )
         self._build()
         self.reference_embeddings: np.ndarray | None = None
@@ -301,7 +345,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
             self.reference.img_dim = int(d)
         self.module = MclSTExpModule(
             n_genes=len(self.genes),
-            img_dim=self.img_dim,
+            img_dim=self.img_dim * (1 + self.spatial_context) if self.freeze_encoder else self.img_dim,
             n_x=self.n_x,
             n_y=self.n_y,
             n_heads=c["n_heads"],

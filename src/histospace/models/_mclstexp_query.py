@@ -23,6 +23,13 @@ from histospace._spatial._uns import has_uns, share_uns, uns_libraries, uns_path
 from histospace._utils import check_no_nan, check_number
 from histospace._utils._data import as_dense, library_labels, smooth_over_neighbors
 from histospace._utils._library import PatchStream
+from histospace.models._context import (
+    can_smooth,
+    check_context_input,
+    context_ops,
+    context_rows,
+    smooth_rows,
+)
 
 #: how to give a query image its resolution (named in the errors)
 MPP_FIX = (
@@ -100,6 +107,18 @@ class QueryMixin:
         else:
             msg = f"`{where}[{k!r}]` is {got!r} but the model's image features were made with {k}={want!r}. {fix}"
         raise ValueError(msg)
+
+    def _smooths(self, adata: AnnData, *, warn: bool = False) -> bool:
+        """Whether predictions for `adata` are smoothed (`smooth_predictions > 0` and a graph or centres)."""
+        return can_smooth(adata, self.smooth_predictions, self.connectivity_key, self.spatial_key, warn=warn)
+
+    def _context_ops(self, adata: AnnData, *, prediction: bool = False) -> list:
+        """Ring operators of `adata`'s graph for the spatial context (`[]`: none); at least ring 1 when `prediction`
+        and the predictions are smoothed.
+        """  # noqa: D205
+        rings = self.spatial_context if self.freeze_encoder else 0
+        rings = max(rings, int(prediction and self._smooths(adata)))
+        return context_ops(adata, rings, self.connectivity_key, self.spatial_key, self.library_key)
 
     # ---- the query's image features, made as the reference's -----------------------------------------------------
     @property
@@ -303,14 +322,20 @@ class QueryMixin:
         img=None,
         batch_size: int = 4096,
         table_key: str | None = None,
+        _context_ops: list | None = None,
     ) -> np.ndarray:
         """Joint-space embeddings of the query's image features (or patches when fine-tuned), `(n_obs, dim)`.
 
         With a seed ensemble, those of the first model (:attr:`module`); :meth:`predict` uses all of them. `adata` may
-        be a SpatialData: the spots of its table `table_key` (or its only table).
+        be a SpatialData: the spots of its table `table_key` (or its only table). With a spatial context
+        (`context > 0`), `adata` is needed for its spatial graph (also when `features` are given); the widened
+        features are made batch by batch.
         """
         if adata is not None:
             adata = _query_table(adata, table_key)
+        if self.spatial_context and self.freeze_encoder and adata is None:
+            msg = f"This model uses the spatial context (spatial_context={self.spatial_context}): pass `adata` for its spatial graph."
+            raise ValueError(msg)
         module = self.module.eval()
         dev = self.device
         out = []
@@ -321,9 +346,15 @@ class QueryMixin:
             features = np.asarray(features, dtype=np.float32)
             self._check_width(features.shape, "features")
             check_no_nan(features, "features")
-            x = self.reference.scale(features)
-            for lo in range(0, x.shape[0], batch_size):
-                out.append(module.embed_image(torch.from_numpy(x[lo : lo + batch_size]).to(dev)).float().cpu())
+            if adata is not None and features.shape[0] != adata.n_obs:
+                msg = f"`features` has {features.shape[0]} rows for {adata.n_obs} query spots."
+                raise ValueError(msg)
+            ops = (self._context_ops(adata) if _context_ops is None else _context_ops) if self.spatial_context else []
+            ops = ops[: self.spatial_context]
+            for lo in range(0, features.shape[0], batch_size):
+                rows = slice(lo, lo + batch_size)
+                x = self.reference.scale(context_rows(features, ops, rows) if ops else features[rows])
+                out.append(module.embed_image(torch.from_numpy(x).to(dev)).float().cpu())
         else:
             ft = self._fine_tune
             stream = PatchStream(
@@ -416,6 +447,8 @@ class QueryMixin:
         if smooth_neighbors > 0 and self.spatial_key not in adata.obsm:
             msg = f"`adata.obsm[{self.spatial_key!r}]` not found; `smooth_neighbors > 0` needs spot coordinates."
             raise KeyError(msg)
+        if self.spatial_context and self.freeze_encoder:
+            check_context_input(adata, self.spatial_context, self.connectivity_key, self.spatial_key)
         return weighting, smooth_neighbors, batch_size
 
     def _weighting(self, weighting: str | None) -> str:
@@ -501,13 +534,17 @@ class QueryMixin:
             if features.shape[0] != adata.n_obs:
                 msg = f"`features` has {features.shape[0]} rows for {adata.n_obs} query spots."
                 raise ValueError(msg)
+        self._smooths(adata, warn=True)
+        ops = self._context_ops(adata, prediction=True)
         out = m2 = first_emb = None
         n = max(len(self._members), 1)
         try:
             for i in range(n):
                 if self._members:
                     self._use_member(i)
-                emb = self.get_image_embedding(adata, features=features, img=img, batch_size=batch_size)
+                emb = self.get_image_embedding(
+                    adata, features=features, img=img, batch_size=batch_size, _context_ops=ops
+                )
                 if with_embedding and i == 0:
                     norm = np.linalg.norm(emb, axis=1, keepdims=True)
                     first_emb = np.ascontiguousarray(emb / np.maximum(norm, 1e-12), dtype=np.float32)
@@ -518,6 +555,8 @@ class QueryMixin:
                 p = self.predict_from_embedding(
                     emb, n_neighbors=n_neighbors, weighting=weighting, batch_size=batch_size
                 )
+                if self._smooths(adata):
+                    p = smooth_rows(p, ops[0], self.smooth_predictions)
                 if with_std and n > 1:  # Welford's sum of squared deviations, the running mean taken from the sum
                     if m2 is None:
                         m2 = np.zeros_like(p)

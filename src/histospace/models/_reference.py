@@ -89,8 +89,13 @@ class ReferenceData:
         augment_keys: Sequence[str],
         scale_features: bool,
         patch_stream: dict[str, Any],
+        context_ops: Sequence[Any] = (),
     ) -> ReferenceData:
-        """Check and prepare the reference slides of `adata` (see :class:`~histospace.models.MclSTExp`)."""
+        """Check and prepare the reference slides of `adata` (see :class:`~histospace.models.MclSTExp`).
+
+        `context_ops`: the ring operators of the reference's spatial graph (:mod:`histospace.models._context`); the
+        features (and views) are then the spots' features beside their ring means, and the scaling is theirs.
+        """
         if not isinstance(adata, AnnData):
             msg = f"`adata` must be an AnnData, got {type(adata).__name__}."
             raise TypeError(msg)
@@ -152,6 +157,11 @@ class ReferenceData:
             ref.feature_settings = feature_settings(uns_f["params"])
             ref.feature_pca = feature_pca(uns_f) if ref.feature_settings else None
         ref.img_dim = int(ref.features.shape[1])
+        if context_ops:
+            from histospace.models._context import context_rows
+
+            ref.features = context_rows(ref.features, list(context_ops))
+            ref.views = [context_rows(v, list(context_ops)) for v in ref.views]
         if scale_features:
             ref.feature_mean = ref.features.mean(axis=0).astype(np.float32)
             ref.feature_std = np.maximum(ref.features.std(axis=0), 1e-6).astype(np.float32)

@@ -21,6 +21,7 @@ from histospace._utils._data import check_genes, library_labels, normalize_expre
 from histospace._utils._progress import progress
 from histospace._utils._sdata import as_table
 from histospace.metrics import pearson_per_gene
+from histospace.models._context import smooth_rows
 from histospace.tl._gene_scores import (
     FDR_LEVEL,
     SpatialPairs,
@@ -147,7 +148,8 @@ def mclstexp_cross_validate(
         `min(256, n_train - 1, n_features)` principal components, fitted on the training spots) and `'knn'`
         (:class:`~sklearn.neighbors.KNeighborsRegressor`, `knn_k` neighbours, uniform weights). The regression
         baselines use the image features standardised with the training mean and standard deviation; with
-        `smooth_neighbors > 0` in `predict_kwargs` they are smoothed over the same spatial neighbours. `()`: none.
+        `smooth_neighbors > 0` in `predict_kwargs` they are smoothed over the same spatial neighbours, and with the
+        model's `smooth_predictions > 0` their predictions are smoothed as the model's are. `()`: none.
     knn_k, ridge_alphas
         Baseline settings.
     groups
@@ -329,10 +331,13 @@ def mclstexp_cross_validate(
                     for x, part in ((xtr, train), (xte, test))
                 )
             t_prep = time.perf_counter() - t0
+            ring1 = model._context_ops(test, prediction=True)[0] if model.smooth_predictions > 0 else None
             for b in regressions:
                 p, tt, tp = _regression_baseline(
                     b, xtr, y_train, xte, ridge_alphas=ridge_alphas, knn_k=knn_k, random_state=random_state
                 )
+                if ring1 is not None:  # the model's smoothing of the predictions, so that it is not credited to it
+                    p = smooth_rows(p, ring1, model.smooth_predictions)
                 preds[b] = (p, tt + t_prep, tp, None)
 
         pairs = rho_obs = None

@@ -162,7 +162,11 @@ def mclstexp_predict(
         from `img=` or `adata.uns['spatial']`. Expression is not needed (H&E-only slides and tiles from
         :func:`histospace.pp.tile_image` work). Features that were made with other settings (encoder, weights,
         layers, patch size in µm, ...) or at an unknown scale raise a `ValueError`: delete them to have them
-        recomputed here, or recompute them.
+        recomputed here, or recompute them. A model that reads the query's neighbourhood (`model.smooth_predictions
+        > 0`, the default: each prediction mixed with the mean of its ring-1 neighbours; or `model.spatial_context
+        > 0`) reads the query's spatial graph `adata.obsp[model.connectivity_key]` (from
+        :func:`histospace.pp.spatial_graph`), or builds one from `adata.obsm['spatial']` with that function's
+        defaults (nothing written).
     table_key
         {table_key}
     model
@@ -228,7 +232,7 @@ def mclstexp_predict(
         Only when the query had no image features: those computed here (as by :func:`histospace.pp.image_features`
         with :attr:`~histospace.models.MclSTExp.image_features_kwargs`, its `uns` entry with them).
     `adata.uns['mclstexp' | key_added]` : :class:`dict`
-        `params` (n_neighbors, weighting, model parameters, genes, the embedding key, `features_computed`, and the
+        `params` (n_neighbors, weighting, model parameters including `context`, genes, the embedding key, `features_computed`, and the
         query's `mpp` when given) and `version`; with
         `gene_scores`, also `gene_scores`: `'gene'` (the panel, `model.genes` order) and one float64 array per
         numeric column of the scores (`pcc`, `fdr`, ...), for every query, genes or not.
@@ -314,6 +318,7 @@ def mclstexp_predict(
                 "normalize": model.normalize,
                 "preset": model.preset,
                 "spot_encoder": model.config["spot_encoder"],
+                "spatial_context": int(model.spatial_context),
                 "n_reference_spots": int(model.reference_expression.shape[0]),
                 "n_models": int(model.n_models_),
                 "genes": list(model.genes),
