@@ -93,10 +93,9 @@ def test_model_seed_ensemble(adata, tmp_path):
     np.testing.assert_allclose(ens.history["loss"], np.mean([m.history["loss"] for m in singles], axis=0), rtol=1e-6)
     # after training and after predicting, the model exposes its first member
     np.testing.assert_array_equal(ens.reference_embeddings, singles[0].reference_embeddings)
-    ens.smooth_predictions = singles[0].smooth_predictions = 0.0  # predict_from_embedding does not smooth
+    assert ens.smooth_predictions == 0.0  # the default; predict_from_embedding does not smooth
     first = ens.predict_from_embedding(ens.get_image_embedding(adata), n_neighbors=5)
     np.testing.assert_array_equal(first, singles[0].predict(adata, n_neighbors=5))
-    ens.smooth_predictions = singles[0].smooth_predictions = 0.5
     # same seed -> same ensemble; save/load keeps every member
     again = hs.models.MclSTExp(adata, genes=genes, **TINY).train(random_state=3, **{**FIT, "n_models": 3})
     np.testing.assert_array_equal(again.predict(adata, n_neighbors=5), ens.predict(adata, n_neighbors=5))

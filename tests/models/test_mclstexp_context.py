@@ -109,7 +109,7 @@ def test_smoothed_predictions(graph_adata):
 
 def test_context_defaults_and_bad_input(graph_adata):
     m0 = hs.models.MclSTExp(graph_adata, **KW)
-    assert (m0.spatial_context, m0.smooth_predictions) == (0, 0.5)
+    assert (m0.spatial_context, m0.smooth_predictions) == (0, 0.0)  # both opt-in
     ref = hs.models.MclSTExp(graph_adata, **KW, preset="reference")
     assert (ref.spatial_context, ref.smooth_predictions) == (0, 0.0)
     with pytest.raises(ValueError, match="smooth_predictions"):
@@ -124,7 +124,7 @@ def test_context_defaults_and_bad_input(graph_adata):
 
 
 def test_smoothing_skipped_with_a_warning_without_coordinates(graph_adata):
-    m = hs.models.MclSTExp(graph_adata, **KW).train(**TRAIN)  # default smoothing 0.5
+    m = hs.models.MclSTExp(graph_adata, **KW, smooth_predictions=0.5).train(**TRAIN)
     bare = graph_adata.copy()
     del bare.obsp["spatial_connectivities"], bare.obsm["spatial"]
     with pytest.warns(UserWarning, match="not smoothed"):

@@ -243,8 +243,9 @@ def two_slides_module(adata_module):
 
 @pytest.fixture(scope="module")
 def cv(two_slides_module):
+    kw = {**CV_KW, "model_kwargs": {**CV_KW["model_kwargs"], "smooth_predictions": 0.5}}  # baselines smoothed too
     return hs.tl.mclstexp_cross_validate(
-        two_slides_module, baselines=("bleep", "ridge", "ridge_pca256", "knn"), return_predictions=True, **CV_KW
+        two_slides_module, baselines=("bleep", "ridge", "ridge_pca256", "knn"), return_predictions=True, **kw
     )
 
 
@@ -351,7 +352,7 @@ def test_ridge_pca256_and_knn_match_sklearn(cv, two_slides_module):
     k = min(256, xtr.shape[0] - 1, xtr.shape[1])  # 16 features here: all components
     pca = PCA(n_components=k).fit(xtr)
     ridge = RidgeCV(alphas=np.logspace(-2, 6, 17)).fit(pca.transform(xtr), ytr)
-    # the model's smoothing of the predictions (default 0.5) over ring 1 of the held-out slide's graph, by hand
+    # the model's smoothing of the predictions (0.5 here) over ring 1 of the held-out slide's graph, by hand
     q = a[test].copy()
     hs.pp.spatial_graph(q)
     g = q.obsp["spatial_connectivities"].toarray() > 0
