@@ -279,7 +279,8 @@ def held_out(rows, min_seeds: int = 2) -> list[dict]:
         secs = [
             s
             for s in MAIN
-            if all((st := _stats(rows, s, _resolve(c, s))) is not None and st[2] >= min_seeds for c in cands)
+            if (fam != "image" or s in IMAGE)  # with or without image: only where there is one
+            and all((st := _stats(rows, s, _resolve(c, s))) is not None and st[2] >= min_seeds for c in cands)
         ]
         if len(secs) < 2:
             continue
@@ -309,10 +310,10 @@ def report(rows: list[dict], meta: dict) -> str:
         "",
         "ARI against each section's labels, k = its number of labels; mean ± sd over seeds (n), model and "
         "clustering seed together. The protocol and the settings are described in `benchmarks/domain_protocol.py` "
-        "and in docs/benchmarks.md, 'Domain validation protocol'. Robustness sections (right of the bar) are never "
-        "used for a choice. `no_image` on a section without image is `default` (the same run). Empty: not run.",
+        "and in docs/benchmarks.md, 'Domain validation protocol'. Robustness sections are never used for a "
+        "choice. `no_image` on a section without image is `default` (the same run). Empty: not run.",
         "",
-        "| setting | " + " | ".join(sections) + " |",
+        "| setting | " + " | ".join(f"{s} (robustness)" if s in ROBUST else s for s in sections) + " |",
         "|---|" + "---|" * len(sections),
     ]
     for st in settings:
@@ -350,6 +351,18 @@ def report(rows: list[dict], meta: dict) -> str:
                 f"| {h['family']} | {h['held_out']} | {h['best_on_others']} | {h['chosen']} | "
                 f"{h['held_out_mean']:.3f} ± {h['held_out_sd']:.3f} ({h['n']}) | {h['held_out_default']:.3f} | "
                 f"{h['held_out_pca_kmeans']:.3f} |"
+            )
+    method = [h for h in ho if h["family"] == "method"]
+    if method:
+        lines += [
+            "",
+            "Issue #23's figures on the held-out sections (family `method`, the setting chosen without them):",
+        ]
+        for h in method:
+            gain = h["held_out_mean"] - h["held_out_pca_kmeans"]
+            lines.append(
+                f"- {h['held_out']}: {h['chosen']} {h['held_out_mean']:.3f} (sd {h['held_out_sd']:.3f}; "
+                f"PCA + k-means {h['held_out_pca_kmeans']:.3f}, gain {gain:+.3f})"
             )
     secs = [r for r in rows if r["setting"] == "default"]
     if secs:
