@@ -40,8 +40,11 @@ def test_choose_n_clusters(adata_rep):
     hs.tl.domains(adata_rep, n_clusters=None, method="gmm", cluster_range=(2, 6), n_init=2)
     assert adata_rep.uns["stereomm_domain"]["params"]["criterion"] == "bic"
     assert adata_rep.uns["stereomm_domain"]["params"]["n_clusters"] == 3
+    assert adata_rep.uns["stereomm_domain"]["params"]["n_clusters_chosen"] == 3
     hs.tl.domains(adata_rep, n_clusters=None, method="kmeans", cluster_range=(2, 6), key_added="km")
     assert adata_rep.uns["km"]["params"]["n_clusters"] == 3
+    assert adata_rep.uns["km"]["params"]["n_clusters_chosen"] == 3
+    assert adata_rep.uns["km"]["params"]["criterion"] == "silhouette"
 
 
 def test_leiden_not_exact_warns(adata_rep):

@@ -330,7 +330,9 @@ def domains(
     `adata.obs['stereomm_domain' | key_added]` : :class:`pandas.Categorical`
         Domain labels `'0'`, `'1'`, ... numbered by decreasing size.
     `adata.uns['stereomm_domain' | key_added]` : :class:`dict`
-        `'params'` (method, number of clusters found, the Leiden resolution, ...) and `'version'`.
+        `'params'` (method, number of clusters found after the refinement, the Leiden resolution, ...) and
+        `'version'`; with `n_clusters=None` also `'n_clusters_chosen'` (the number the criterion picked, before the
+        refinement, which can empty a small domain) and `'criterion'`.
 
     Notes
     -----
@@ -442,6 +444,7 @@ def domains(
                 raise ValueError(msg)
             labels, res = best[1], best[2]
             params["criterion"] = "silhouette"
+            params["n_clusters_chosen"] = int(len(np.unique(labels)))
         else:
             labels, res, exact = _leiden_bisect(leiden, int(n_clusters), *resolution_range)
             if not exact:
@@ -475,6 +478,7 @@ def domains(
                 scanned, k, params["criterion"] = _choose_k(
                     xr, method, cluster_range, covariance_type, min(n_init, SCAN_N_INIT), random_state
                 )
+                params["n_clusters_chosen"] = k
             if method == "gmm" and consensus:
                 lab, agreement = _gmm_consensus(xr, k, covariance_type, random_state, n_init)
                 agreements.append(agreement)
