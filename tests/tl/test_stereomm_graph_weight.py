@@ -6,6 +6,7 @@ import pytest
 import scipy.sparse as sp
 
 import histospace as hs
+from histospace.models._stereomm_config import AUTO_GRAPH_MAX_DISSIMILARITY
 
 KW = {"hidden": [8], "n_latent": 4, "max_epochs": 2, "n_models": 1, "device": "cpu", "progress_bar": False}
 
@@ -32,7 +33,7 @@ def test_auto_drops_neighbours_that_are_as_different_as_random_spots(adata_graph
     adata_graph.obsp["shuffled"] = _shuffled_graph(adata_graph)
     hs.tl.stereomm(adata_graph, features_key=None, connectivity_key="shuffled", **KW)
     params = adata_graph.uns["stereomm"]["params"]
-    assert params["neighbour_dissimilarity"] > 0.5
+    assert params["neighbour_dissimilarity"] > AUTO_GRAPH_MAX_DISSIMILARITY
     assert params["graph_weight"] == 0.0
     # with weight 0 the latent does not depend on the graph: another random graph gives the same latent
     adata_graph.obsp["shuffled2"] = _shuffled_graph(adata_graph, seed=1)

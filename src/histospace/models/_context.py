@@ -76,7 +76,7 @@ def slide_graph(
         msg = (
             f"The spatial context needs the slide's spatial graph: neither `adata.obsp[{connectivity_key!r}]` nor "
             f"`adata.obsm[{spatial_key!r}]` (spot centres) was found. Build it with `hs.pp.spatial_graph(adata)` "
-            "(or `squidpy.gr.spatial_neighbors`), or pass `spatial_context=0` to the model."
+            "(or `squidpy.gr.spatial_neighbors_grid(adata)`), or pass `spatial_context=0` to the model."
         )
         raise KeyError(msg)
     import histospace as hs

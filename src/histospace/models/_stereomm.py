@@ -159,7 +159,8 @@ class StereoMM(BaseModelClass):
         refinement and, beyond 100,000 spots, nothing else). `'auto'` (default): 1 when graph neighbours are alike,
         0 when they are nearly as different as random spots: Geary's ratio of the first 10 expression PCs over the
         graph (mean squared distance of neighbours over that of random pairs; all z-scored genes with `n_pcs=None`)
-        below 0.5 or not. The ratio is kept in `config['neighbour_dissimilarity']`.
+        below 0.65 or not (chosen by the domain validation protocol, `benchmarks/domain_protocol.py`). The ratio is
+        kept in `config['neighbour_dissimilarity']`.
     """
 
     def __init__(
