@@ -187,3 +187,9 @@ def test_mpp_is_the_one_name(tmp_path, func, kwargs):
     with pytest.raises(ValueError, match=r"Pass `mpp=` only"):
         write(tmp_path / "both", tissue, mpp=4.0, microns_per_pixel=4.0, **kwargs)
     assert not (tmp_path / "both").exists()
+
+
+def test_no_module_over_600_lines():
+    """A module that grows past 600 lines is split by what it does (issue 21's bound)."""
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
+    assert not long, long

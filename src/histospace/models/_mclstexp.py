@@ -23,25 +23,13 @@ from histospace._utils import check_number, check_random_state, resolve_device
 from histospace._utils._data import PANEL_NORMALIZATIONS
 from histospace._utils._sdata import as_table
 from histospace.models import _ddp as ddp
+from histospace.models import _mclstexp_config as settings
 from histospace.models._base import BaseModelClass
 from histospace.models._mclstexp_query import QueryMixin
 from histospace.models._reference import ReferenceData
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
-
-#: the settings validated by the expression benchmark (her2st C2-C6 leave-one-slide-out; see the docs)
-DEFAULTS: dict[str, Any] = {"temperature": 0.1, "l2_normalize": True, "learn_temperature": True}
-DEFAULT_TRAIN: dict[str, Any] = {"max_epochs": 30, "n_models": 5}
-DEFAULT_WEIGHTING = "softmax"
-#: rings of the spatial graph whose mean image features sit beside each spot's own (0: none; see `spatial_context=`)
-DEFAULT_CONTEXT = 0
-#: weight of the ring-1 mean of the predictions over the query's spatial graph (0: none; see `smooth_predictions=`)
-DEFAULT_SMOOTHING = 0.0
-#: the published settings (mclSTExp code): T = 1 on unnormalised embeddings, 90 epochs, one model, 1/d^2 weights
-REFERENCE: dict[str, Any] = {"temperature": 1.0, "l2_normalize": False, "learn_temperature": False}
-REFERENCE_TRAIN: dict[str, Any] = {"max_epochs": 90, "n_models": 1}
-REFERENCE_WEIGHTING = "inverse_square"
 
 
 class MclSTExp(QueryMixin, BaseModelClass):
@@ -211,7 +199,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
         if preset not in (None, "reference"):
             msg = f"preset={preset!r} is not one of None, 'reference'."
             raise ValueError(msg)
-        cfg = dict(REFERENCE if preset == "reference" else DEFAULTS)
+        cfg = dict(settings.REFERENCE if preset == "reference" else settings.DEFAULTS)
         given = {"temperature": temperature, "l2_normalize": l2_normalize, "learn_temperature": learn_temperature}
         cfg.update({k: v for k, v in given.items() if v is not None})
         if normalize not in PANEL_NORMALIZATIONS:
@@ -229,7 +217,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
         check_number(reference_batch_size, "reference_batch_size", integer=True, low=2, allow_none=True)
         check_number(spatial_context, "spatial_context", integer=True, low=0, allow_none=True)
         if spatial_context is None:
-            spatial_context = 0 if preset == "reference" or not freeze_encoder else DEFAULT_CONTEXT
+            spatial_context = 0 if preset == "reference" or not freeze_encoder else settings.DEFAULT_CONTEXT
         elif spatial_context > 0 and not freeze_encoder:
             msg = (
                 f"spatial_context={spatial_context} needs image features (`freeze_encoder=True`); the fine-tuned "
@@ -241,7 +229,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
             check_number(input_size, "input_size", integer=True, low=1)
         self.preset = preset
         #: the neighbour weighting :meth:`predict` uses when none is given
-        self.default_weighting = REFERENCE_WEIGHTING if preset == "reference" else DEFAULT_WEIGHTING
+        self.default_weighting = settings.REFERENCE_WEIGHTING if preset == "reference" else settings.DEFAULT_WEIGHTING
         self.config = {
             **cfg,
             "spot_encoder": spot_encoder,
@@ -261,7 +249,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
         self.spatial_context = int(spatial_context)
         self.init_params_["spatial_context"] = self.spatial_context  # resolved: a saved model rebuilds the width
         if smooth_predictions is None:
-            smooth_predictions = 0.0 if preset == "reference" else DEFAULT_SMOOTHING
+            smooth_predictions = 0.0 if preset == "reference" else settings.DEFAULT_SMOOTHING
         #: weight of the ring-1 mean of the predictions over the query's graph (0: none)
         self.smooth_predictions = float(check_number(smooth_predictions, "smooth_predictions", low=0, high=1))
         self.init_params_["smooth_predictions"] = self.smooth_predictions
@@ -450,7 +438,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
         if not self.reference.trainable:
             msg = "This model was loaded from a folder: it predicts, but has no reference data to train on."
             raise RuntimeError(msg)
-        defaults = REFERENCE_TRAIN if self.preset == "reference" else DEFAULT_TRAIN
+        defaults = settings.REFERENCE_TRAIN if self.preset == "reference" else settings.DEFAULT_TRAIN
         max_epochs = defaults["max_epochs"] if max_epochs is None else max_epochs
         n_models = defaults["n_models"] if n_models is None else n_models
         random_state = check_random_state(random_state)

@@ -55,9 +55,6 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 
-# --------------------------------------------------------------------------------------------------------------
-# model
-# --------------------------------------------------------------------------------------------------------------
 class StereoMM(BaseModelClass):
     """StereoMM: cross-modal attention between expression and H&E features, then a VGAE over the spatial graph.
 
