@@ -68,16 +68,12 @@ def save_domains_plot(data, path: str, *, ground_truth: str | None = None, table
 
 def _domains_task(path: str, output: str, args: argparse.Namespace) -> dict:
     """One input of `histospace domains IN1 IN2 ... -o FOLDER`: written whole (`.tmp`, marker, rename) or not at all."""
-    import dask
-
-    from histospace._image.features._distributed import local_only
     from histospace.tl._cohort import write_whole
 
     def write(data, out):
         write_whole(out, lambda tmp: write_output(data, str(tmp)), {"input": path})
 
-    with dask.config.set(scheduler="synchronous"), local_only():  # the input is the task: nothing nested
-        record = run_domains(args, path, output, write=write)
+    record = run_domains(args, path, output, write=write)
     ari = record["ari"]
     record["summary"] = f"{record['n_obs']} spots/bins" + ("" if ari != ari else f", ARI {ari:.3f}")
     return record

@@ -534,7 +534,7 @@ class QueryMixin:
             if features.shape[0] != adata.n_obs:
                 msg = f"`features` has {features.shape[0]} rows for {adata.n_obs} query spots."
                 raise ValueError(msg)
-        self._smooths(adata, warn=True)
+        smooth = self._smooths(adata, warn=True)
         ops = self._context_ops(adata, prediction=True)
         out = m2 = first_emb = None
         n = max(len(self._members), 1)
@@ -555,7 +555,7 @@ class QueryMixin:
                 p = self.predict_from_embedding(
                     emb, n_neighbors=n_neighbors, weighting=weighting, batch_size=batch_size
                 )
-                if self._smooths(adata):
+                if smooth:
                     p = smooth_rows(p, ops[0], self.smooth_predictions)
                 if with_std and n > 1:  # Welford's sum of squared deviations, the running mean taken from the sum
                     if m2 is None:

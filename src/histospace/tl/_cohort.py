@@ -84,21 +84,20 @@ def _model_of(model):
         return _models[key]
 
 
-def _predict_slide(image: str, out: str, model, options: dict) -> dict:
-    """Task: tile, predict and write one slide as `out` (through `out + '.tmp'` and a done-marker); its record.
-
-    The slide's own dask arrays (the image read lazily, the zarr writes) are computed in this thread, not sent back
-    to the cluster the task runs on.
-    """
+def _as_task(task, *args) -> dict:
+    """Run one input's `task(*args)` as a unit of work: its own dask arrays (an image read lazily, zarr writes) are
+    computed in this thread, and nothing in it submits tasks to a cluster (not even from a worker).
+    """  # noqa: D205
     import dask
 
     from histospace._image.features._distributed import local_only
 
-    with dask.config.set(scheduler="synchronous"), local_only():  # the slide is the task: nothing nested
-        return _write_slide(image, out, model, options)
+    with dask.config.set(scheduler="synchronous"), local_only():  # the input is the task: nothing nested
+        return task(*args)
 
 
-def _write_slide(image: str, out: str, model, options: dict) -> dict:
+def _predict_slide(image: str, out: str, model, options: dict) -> dict:
+    """Task: tile, predict and write one slide as `out` (through `out + '.tmp'` and a done-marker); its record."""
     from spatialdata import SpatialData
 
     import histospace as hs
@@ -265,7 +264,9 @@ def predict_cohort(
     )  # fmt: skip
     shared = model
     saved = None
-    if not isinstance(model, str) and (scheduler is not None or _cluster_client(client) is not None):
+    from histospace._image.features._distributed import resolve_client
+
+    if not isinstance(model, str) and (scheduler is not None or resolve_client(client) is not None):
         # on a cluster the model is saved once and each worker loads it once (a scattered copy dies with its workers)
         import uuid
 
@@ -279,12 +280,6 @@ def predict_cohort(
     finally:
         if saved is not None:
             shutil.rmtree(saved, ignore_errors=True)
-
-
-def _cluster_client(client):
-    from histospace._image.features._distributed import resolve_client
-
-    return resolve_client(client)
 
 
 def run_each(
@@ -303,7 +298,8 @@ def run_each(
     `table` is indexed by name with columns `input`, `output`, `status`, `seconds`, `error` (and any column a
     task's record fills). Done outputs (:func:`is_done`) are skipped; each input is a dask task on `client` /
     `scheduler` (see :func:`predict_cohort`), else they run one after the other here. `task` writes its output with
-    :func:`write_whole` and returns a record (`seconds`, `summary` for the progress line, and table columns). A
+    :func:`write_whole` and returns a record (`seconds`, `summary` for the progress line, and table columns); each
+    call is one unit of work (no nested tasks, its own dask arrays computed in its thread). A
     failed input is reported once the others have finished: `RuntimeError` (`on_error='raise'`) or a warning.
     """
     names = list(table.index)
@@ -333,7 +329,7 @@ def run_each(
         if client is None:
             for n in todo:
                 try:
-                    rec = task(table.at[n, "input"], table.at[n, "output"], *shared)
+                    rec = _as_task(task, table.at[n, "input"], table.at[n, "output"], *shared)
                 except Exception as e:  # noqa: BLE001 - reported per input; the others go on
                     finish(n, None, e)
                 else:
@@ -362,7 +358,7 @@ def _submit_all(client, table: pd.DataFrame, todo: list[str], task, shared: tupl
     from distributed import as_completed
 
     futures = {
-        client.submit(task, table.at[n, "input"], table.at[n, "output"], *shared,
+        client.submit(_as_task, task, table.at[n, "input"], table.at[n, "output"], *shared,
                       key=f"histospace-{n}-{time.time_ns()}", pure=False): n
         for n in todo
     }  # fmt: skip

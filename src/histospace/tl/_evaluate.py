@@ -331,7 +331,7 @@ def mclstexp_cross_validate(
                     for x, part in ((xtr, train), (xte, test))
                 )
             t_prep = time.perf_counter() - t0
-            ring1 = model._context_ops(test, prediction=True)[0] if model.smooth_predictions > 0 else None
+            ring1 = model._context_ops(test, prediction=True)[0] if model._smooths(test) else None
             for b in regressions:
                 p, tt, tp = _regression_baseline(
                     b, xtr, y_train, xte, ridge_alphas=ridge_alphas, knn_k=knn_k, random_state=random_state
