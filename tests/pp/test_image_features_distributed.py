@@ -100,3 +100,26 @@ def test_unpicklable_image_is_computed_here_with_a_warning(tmp_path, client):
     out, local = out.tables["tiles"], local.tables["tiles"]
     np.testing.assert_allclose(out.obsm["img_features"], local.obsm["img_features"], atol=1e-5, rtol=0)
     assert out.uns["img_features"]["params"]["distributed"]["local_libraries"] == ["tiles_squares"]
+
+
+def test_failed_run_releases_the_cluster(adata, client, monkeypatch):
+    """A run that fails mid-way forgets its scattered encoder and slides (the workers release them), writes nothing."""
+    import importlib
+
+    from histospace._image.features import _distributed
+
+    module = importlib.import_module("histospace.pp._image_features")
+
+    closed = []
+    monkeypatch.setattr(_distributed.FeatureCluster, "close", lambda self: closed.append(self))
+
+    def fail(*args, cluster=None, **kw):
+        cluster.start(nn.Identity(), adata.n_obs)
+        raise RuntimeError("a worker died")
+
+    monkeypatch.setattr(module, "compute_features", fail)
+    before = set(adata.obsm)
+    with pytest.raises(RuntimeError, match="a worker died"):
+        hs.pp.image_features(adata, client=client, **FAST)
+    assert len(closed) == 1
+    assert set(adata.obsm) == before

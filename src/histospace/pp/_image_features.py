@@ -357,14 +357,18 @@ def image_features(
     start = logg.info(
         f"computing image features ({info['encoder']}, weights {info['weights']}) for {adata.n_obs} spots"
     )
-    res = compute_features(
-        libs, coords, enc, d, info, n_obs=adata.n_obs, encoder=encoder, weights=weights, factors=factors,
-        input_size=input_size, batch_size=batch_size, num_workers=num_workers, dihedral=dihedral, layers=layers,
-        tf_padding=tf_padding, context=context, method=method, tile_size=tile_size, halo=halo,
-        n_components=n_components, pca=pca, random_state=random_state, dev=dev, cache_root=cache_root,
-        progress_bar=progress_bar,
-        cluster=None if client is None else FeatureCluster(client, task_size=task_size, batch_size=batch_size),
-    )  # fmt: skip
+    cluster = None if client is None else FeatureCluster(client, task_size=task_size, batch_size=batch_size)
+    try:
+        res = compute_features(
+            libs, coords, enc, d, info, n_obs=adata.n_obs, encoder=encoder, weights=weights, factors=factors,
+            input_size=input_size, batch_size=batch_size, num_workers=num_workers, dihedral=dihedral, layers=layers,
+            tf_padding=tf_padding, context=context, method=method, tile_size=tile_size, halo=halo,
+            n_components=n_components, pca=pca, random_state=random_state, dev=dev, cache_root=cache_root,
+            progress_bar=progress_bar, cluster=cluster,
+        )  # fmt: skip
+    finally:  # the workers release the scattered encoder and slides, also when a task failed
+        if cluster is not None:
+            cluster.close()
     feats = res.features
     if not np.isfinite(feats).all():
         warnings.warn(

@@ -311,7 +311,5 @@ def compute_features(libs, coords: np.ndarray, enc, d: int, info: dict, *, n_obs
                 x = held.pop(lib.library_id)
                 feats[lib.rows] = ((x.astype(np.float64) - fitted[0]) @ fitted[1]).astype(np.float32)
 
-    record = None if cluster is None else cluster.record()
-    if cluster is not None:
-        cluster.close()
+    record = None if cluster is None else cluster.record()  # (the caller closes the cluster)
     return FeatureRun(feats, records, reduce, fitted, n_fit, record)
