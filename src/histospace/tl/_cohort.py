@@ -117,26 +117,36 @@ def _predict_slide(image: str, out: str, model, options: dict) -> dict:
     return record
 
 
-def _client_for(client, scheduler: str | None):
-    """`(client, cluster to close, client to close)` from `client=` / `scheduler=` (or the active client)."""
-    from histospace._image.features._distributed import resolve_client
-
+def _check_target(client, scheduler: str | None) -> int | None:
+    """Raise on `client=` with `scheduler=`, or a malformed `scheduler`; the workers of `'local:N'` (else `None`)."""
     if client is not None and scheduler is not None:
         msg = "Pass `client=` or `scheduler=`, not both."
         raise ValueError(msg)
     if scheduler is None:
-        return resolve_client(client), None, None
+        return None
     if not isinstance(scheduler, str) or not scheduler:
         msg = f"`scheduler` must be a scheduler address ('tcp://host:8786') or 'local:N', got {scheduler!r}."
         raise ValueError(msg)
+    if not scheduler.startswith("local"):
+        return None
+    n = scheduler.partition(":")[2] or "2"
+    if not n.isdigit() or int(n) < 1:
+        msg = f"`scheduler={scheduler!r}`: 'local:N' needs a positive number of workers N, e.g. 'local:2'."
+        raise ValueError(msg)
+    return int(n)
+
+
+def _client_for(client, scheduler: str | None):
+    """`(client, cluster to close, client to close)` from `client=` / `scheduler=` (or the active client)."""
+    from histospace._image.features._distributed import resolve_client
+
+    n_local = _check_target(client, scheduler)
+    if scheduler is None:
+        return resolve_client(client), None, None
     from distributed import Client, LocalCluster
 
-    if scheduler.startswith("local"):
-        n = scheduler.partition(":")[2] or "2"
-        if not n.isdigit() or int(n) < 1:
-            msg = f"`scheduler={scheduler!r}`: 'local:N' needs a positive number of workers N, e.g. 'local:2'."
-            raise ValueError(msg)
-        cluster = LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True, dashboard_address=None)
+    if n_local is not None:
+        cluster = LocalCluster(n_workers=n_local, threads_per_worker=1, processes=True, dashboard_address=None)
         c = Client(cluster)
         return c, cluster, c
     c = Client(scheduler)
@@ -234,9 +244,7 @@ def predict_cohort(
     if on_error not in ("raise", "warn"):
         msg = f"`on_error` must be 'raise' or 'warn', got {on_error!r}."
         raise ValueError(msg)
-    if client is not None and scheduler is not None:
-        msg = "Pass `client=` or `scheduler=`, not both."
-        raise ValueError(msg)
+    _check_target(client, scheduler)  # before any work (the model is saved for the workers below)
     if isinstance(images, str | os.PathLike):
         images = [images]
     images = [str(Path(p).expanduser().resolve()) for p in images]
