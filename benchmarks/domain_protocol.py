@@ -16,9 +16,11 @@ Settings: `pca_kmeans` (scanpy log-CP10k, Seurat HVG 2000, z-score, 20 PCs, KMea
 `banksy_gmm` (the same z-scored HVG concatenated with their mean over the spatial neighbours, BANKSY-style with
 lambda = 0.8, PCA 20, `hs.tl.domains` defaults); `default` (`hs.pp.spatial_graph`, `hs.tl.stereomm` defaults with the
 image where the section has one, `hs.tl.domains` defaults: what `histospace domains` runs). Ablations that retrain
-(`no_image`, `hvg1000`, `pcs20`, `pcs100`, `graph_weight_1`: the usual GCN instead of `graph_weight='auto'`) change
-one `hs.tl.stereomm` argument; ablations of the clustering
-(`one_model`, `vote`, `best_of_10`, `kmeans`, `no_refine`, `bic`) reuse the latent of `default` at the same seed
+(`no_image`, `hvg1000`, `pcs20`, `pcs100`, `graph_weight_1`: the usual GCN instead of `graph_weight='auto'`;
+`models_10`: a seed ensemble of 10; `epochs_100`: 100 epochs instead of 300; `latent_8`: 8 latent dimensions
+instead of 32; `kl_0.1`: KL weight 0.1 instead of 1 / n_spots) change one `hs.tl.stereomm` argument; ablations of
+the clustering (`one_model`, `vote`, `best_of_10`, `kmeans`, `no_refine`, `refine2`: two refinement passes, `bic`,
+`cluster_pcs20`: the mixture on 20 PCs of the latents instead of 10) reuse the latent of `default` at the same seed
 (`one_model` clusters its first block: the model trained from seed `s`, which is what `n_models=1` trains).
 Seed `s` goes to every random step (PCA, KMeans, `hs.tl.stereomm`, `hs.tl.domains`) together.
 
@@ -61,6 +63,10 @@ TRAIN = {
     "pcs20": {"n_pcs": 20},
     "pcs100": {"n_pcs": 100},
     "graph_weight_1": {"model_kwargs": {"graph_weight": 1}},
+    "models_10": {"n_models": 10},
+    "epochs_100": {"max_epochs": 100},
+    "latent_8": {"n_latent": 8},
+    "kl_0.1": {"train_kwargs": {"kl_weight": 0.1}},
 }
 #: clustering variants on the latent of `default` (`hs.tl.domains` arguments)
 CLUSTER = {
@@ -69,6 +75,8 @@ CLUSTER = {
     "best_of_10": {"consensus": False, "n_init": 10},
     "kmeans": {"method": "kmeans"},
     "no_refine": {"refine": False},
+    "refine2": {"refine": 2},
+    "cluster_pcs20": {"n_pcs": 20},
     "bic": {"n_clusters": None},
 }
 BASELINES = ["pca_kmeans", "banksy_gmm"]
@@ -79,10 +87,12 @@ FAMILIES = {
     "image": ["no_image", "default"],
     "ensemble": ["one_model", "default"],
     "clustering": ["kmeans", "best_of_10", "default", "vote"],
-    "refine": ["no_refine", "default"],
+    "refine": ["no_refine", "default", "refine2"],
+    "cluster_width": ["default", "cluster_pcs20"],
     "hvg": ["hvg1000", "default"],
     "pca_width": ["pcs20", "default", "pcs100"],
     "graph_weight": ["graph_weight_1", "default"],
+    "training": ["epochs_100", "latent_8", "default", "models_10", "kl_0.1"],
 }
 
 
