@@ -16,6 +16,10 @@ Evaluations (`hs.tl.mclstexp_cross_validate`, same folds, genes, targets and fea
 - across animals: train on animal 1 (MOB1 + MOB2), predict MOB3 (animal 2). This is the fold MOB3 of the
   leave-one-section-out (the same training spots, genes and seeds), so it is reported from that fold rather than
   trained a second time.
+- with smoothed predictions (`--evaluations smoothed`, issue 26): leave-one-section-out with
+  `smooth_predictions=0.5` (the weight the her2st nested validation chose), the baselines smoothed the same way;
+- the cross-animal fold again at seeds 1 and 2 (`--evaluations animal_seed1 animal_seed2`), for its seed spread.
+`--merge` keeps the evaluations already on the page, so they can be computed by separate runs.
 Methods: mclSTExp with the defaults of `hs.models.MclSTExp` / `hs.tl.mclstexp_train` (30 epochs, 5 seeds, softmax
 weights over 200 neighbours), ridge-PCA256 (the HEST-Benchmark protocol) and kNN (k = 50) on the same standardised
 features. Targets: `ln(1 + 1e4 x / s)` per spot over the genes. Scores: mean per-gene Pearson r over the held-out
@@ -55,8 +59,28 @@ KEY = "mclstexp_features"
 N_TOP = 300
 HER2ST_PATCH_PX = 224  # the patch of mclSTExp on her2st (full-resolution pixels of patient C's H&E)
 METHOD_NAMES = {"mclstexp": "mclSTExp (defaults)", "ridge_pca256": "ridge-PCA256", "knn": "kNN (k=50)"}
-EVALUATIONS = {"leave-one-section-out": {"groupby": "library_id", "groups": None}}
 CROSS_ANIMAL_FOLD = "MOB3"  # held out with MOB1 + MOB2 (animal 1) as the training sections: animal 1 -> animal 2
+#: smoothing weight of the `smoothed` evaluation (the value the her2st nested validation chose for mclSTExp)
+SMOOTH = 0.5
+#: the evaluations (`--evaluations`): name on the page, held-out groups, model options, seed
+EVALUATIONS = {
+    "loso": {"name": "leave-one-section-out", "groups": None, "model_kwargs": {}, "random_state": 0},
+    "smoothed": {
+        "name": f"leave-one-section-out, predictions smoothed (w = {SMOOTH})",
+        "groups": None,
+        "model_kwargs": {"smooth_predictions": SMOOTH},
+        "random_state": 0,
+    },
+    **{
+        f"animal_seed{s}": {
+            "name": f"animal 1 -> animal 2, seed {s}",
+            "groups": [CROSS_ANIMAL_FOLD],
+            "model_kwargs": {},
+            "random_state": s,
+        }
+        for s in (1, 2)
+    },
+}
 
 
 def her2st_patch_um(data_dir: Path) -> float:
@@ -105,23 +129,60 @@ def load(data_dir: Path, cache: Path | None, patch_um: float, args) -> tuple[ad.
 
 
 def verdict(over: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
-    """Whether mclSTExp (defaults) >= ridge-PCA256 on all genes and on the top 300: mean over the held-out sections,
-    and the cross-animal fold (MOB1 + MOB2 -> MOB3).
+    """Whether mclSTExp >= ridge-PCA256 on all genes and on the top 300, for each leave-one-section-out evaluation:
+    mean over the held-out sections, and its cross-animal fold (MOB1 + MOB2 -> MOB3).
     """
     out = []
-    fold = summary[summary["fold"] == CROSS_ANIMAL_FOLD].assign(evaluation="animal 1 -> animal 2 (MOB1+MOB2 -> MOB3)")
-    for ev, df in pd.concat([over, fold], ignore_index=True).groupby("evaluation", sort=False):
-        m = df.set_index("method")
-        a, b = m.loc[METHOD_NAMES["mclstexp"]], m.loc[METHOD_NAMES["ridge_pca256"]]
-        res = []
-        for col, name in (("pcc_all", "all genes"), ("pcc_top", f"top {N_TOP}")):
-            holds = a[col] >= b[col]
-            res.append(f"{name}: {a[col]:.3f} vs {b[col]:.3f} ({'holds' if holds else 'does not hold'})")
-        out.append(f"- {ev}: " + "; ".join(res) + ".")
+    loso = [ev for ev in over["evaluation"].unique() if ev.startswith("leave-one-section-out")]
+    for ev in loso:
+        fold = summary[(summary["evaluation"] == ev) & (summary["fold"] == CROSS_ANIMAL_FOLD)]
+        for label, df in (
+            (ev, over[over["evaluation"] == ev]),
+            (f"{ev}: animal 1 -> animal 2 (MOB1+MOB2 -> MOB3)", fold),
+        ):
+            m = df.set_index("method")
+            a, b = m.loc[METHOD_NAMES["mclstexp"]], m.loc[METHOD_NAMES["ridge_pca256"]]
+            res = []
+            for col, name in (("pcc_all", "all genes"), ("pcc_top", f"top {N_TOP}")):
+                holds = a[col] >= b[col]
+                res.append(f"{name}: {a[col]:.3f} vs {b[col]:.3f} ({'holds' if holds else 'does not hold'})")
+            out.append(f"- {label}: " + "; ".join(res) + ".")
     return out
 
 
-def write(args, adata, genes, feat, summaries, overall, pearson) -> None:
+def previous(out: Path, recomputed: list[str]) -> tuple[list, list, dict, dict]:
+    """The page's evaluations (from its JSON) except `recomputed`: `(summaries, overall, pearson, runs)`."""
+    f = out / "expression_mob.json"
+    if not f.exists():
+        return [], [], {}, {}
+    old = json.loads(f.read_text())
+    summary, over = (
+        pd.DataFrame([r for r in old[k] if r["evaluation"] not in recomputed]) for k in ("per_fold", "overall")
+    )
+    pearson = {k: v for k, v in old["per_gene_pearson_mean_over_folds"].items() if k not in recomputed}
+    runs = {k: v for k, v in old.get("runs", {}).items() if k not in recomputed}
+    return ([summary] if len(summary) else []), ([over] if len(over) else []), pearson, runs
+
+
+def seed_spread(summary: pd.DataFrame) -> list[str]:
+    """The cross-animal fold over the seeds run (seed 0: the MOB3 fold of leave-one-section-out): mean ± sd of each
+    method and of mclSTExp's difference to ridge-PCA256.
+    """
+    fold = summary[(summary["fold"] == CROSS_ANIMAL_FOLD) & ~summary["evaluation"].str.contains("smoothed")]
+    if fold["evaluation"].nunique() < 2:
+        return []
+    out = [f"Cross-animal fold (MOB1 + MOB2 -> MOB3) over {fold['evaluation'].nunique()} seeds (models and baselines):"]
+    wide = fold.pivot_table(index="evaluation", columns="method", values=["pcc_all", "pcc_top"])
+    for col, name in (("pcc_all", "all genes"), ("pcc_top", f"top {N_TOP}")):
+        parts = [f"{m} {wide[col][m].mean():.3f} ± {wide[col][m].std(ddof=1):.3f}" for m in wide[col].columns]
+        diff = wide[col][METHOD_NAMES["mclstexp"]] - wide[col][METHOD_NAMES["ridge_pca256"]]
+        parts.append(f"mclSTExp - ridge-PCA256 {diff.mean():+.3f} ± {diff.std(ddof=1):.3f} (per seed: "
+                     + ", ".join(f"{d:+.3f}" for d in diff) + ")")  # fmt: skip
+        out.append(f"- {name}: " + "; ".join(parts) + ".")
+    return out
+
+
+def write(args, adata, genes, feat, summaries, overall, pearson, runs) -> None:
     summary = pd.concat(summaries, ignore_index=True)
     over = pd.concat(overall, ignore_index=True)
     out = Path(args.out)
@@ -143,9 +204,15 @@ def write(args, adata, genes, feat, summaries, overall, pearson) -> None:
     md = [
         "# Expression prediction on the mouse olfactory bulb (legacy ST '2k', MOB1-MOB3)",
         "",
-        f"Command: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/expression_mob.py{''.join(' ' + shlex.quote(a) for a in sys.argv[1:])}` "
-        "(seed 0). Timings are from a shared 2-core machine under load (load averages below), not quiet figures.",
-        f"Environment: {json.dumps(env)}.",
+        "Commands (each evaluation: the command that computed it, torch threads, load averages at its start and "
+        "end; `--merge` keeps the evaluations of earlier runs): "
+        + "; ".join(
+            f"{ev}: `{r['command']}` ({r['threads']} threads, load {r['load_average_at_start'][0]} -> "
+            f"{r['load_average_at_end'][0]}, {r['utc']} UTC)"
+            for ev, r in runs.items()
+        )  # fmt: skip
+        + ". Timings are from a shared 2-core machine under load, not quiet figures.",
+        f"Environment of the last run: {json.dumps(env)}.",
         *([f"Note: {args.note}"] if args.note else []),
         "",
         f"Data: `hs.datasets.mob` {', '.join(f'{s} ({n} spots)' for s, n in n_spots.items())}; animal 1 = MOB1, MOB2; "
@@ -184,11 +251,16 @@ def write(args, adata, genes, feat, summaries, overall, pearson) -> None:
         "Methods: mclSTExp with the defaults of `hs.models.MclSTExp` / `hs.tl.mclstexp_train` (L2-normalised "
         "embeddings with a learned temperature, 30 epochs, 5 seeds averaged, softmax weights over 200 neighbours); "
         "ridge-PCA256 (RidgeCV on the first 256 principal components of the standardised training features, the "
-        "HEST-Benchmark protocol) and kNN (k = 50) on the same features.",
+        "HEST-Benchmark protocol) and kNN (k = 50) on the same features. In the evaluation with smoothed "
+        f"predictions, mclSTExp is trained with `smooth_predictions={SMOOTH}` and every method's predictions (the "
+        "baselines' too, by `hs.tl.mclstexp_cross_validate`) are mixed with their mean over ring 1 of the held-out "
+        f"section's spatial graph: `(1 - {SMOOTH}) p + {SMOOTH} mean(p over ring 1)`.",
         "",
         "## Target: mclSTExp defaults >= ridge-PCA256 (all genes and top 300)",
         "",
         *verdict(over, summary),
+        "",
+        *seed_spread(summary),
         "",
         "## Overall (mean over the held-out sections of each evaluation)",
         "",
@@ -207,7 +279,8 @@ def write(args, adata, genes, feat, summaries, overall, pearson) -> None:
                 "genes": len(genes),
                 "n_top": N_TOP,
                 "features": feat,
-                "evaluations": EVALUATIONS,
+                "evaluations": {v["name"]: v for v in EVALUATIONS.values() if v["name"] in runs},
+                "runs": runs,
                 "overall": over.to_dict(orient="records"),
                 "per_fold": summary.to_dict(orient="records"),
                 "per_gene_pearson_mean_over_folds": pearson,
@@ -230,6 +303,18 @@ def main() -> None:
     p.add_argument("--no-dihedral", action="store_true", help="no mean over the 8 flips/rotations (8x cheaper)")
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--note", default="", help="text added to the report")
+    p.add_argument(
+        "--evaluations",
+        nargs="+",
+        default=["loso"],
+        choices=list(EVALUATIONS),
+        help="loso: leave-one-section-out (its MOB3 fold is animal 1 -> animal 2); smoothed: the same with "
+        f"smooth_predictions={SMOOTH} (baselines smoothed the same way); animal_seed1/2: the cross-animal fold again "
+        "at seeds 1 and 2 (models and baselines)",
+    )
+    p.add_argument(
+        "--merge", action="store_true", help="keep the evaluations already on the page that this run does not compute"
+    )
     args = p.parse_args()
     args.load_start = [round(x, 2) for x in os.getloadavg()]
     torch.set_num_threads(args.threads)
@@ -246,20 +331,24 @@ def main() -> None:
         train_kwargs["max_epochs"] = args.max_epochs
     if args.n_models is not None:
         train_kwargs["n_models"] = args.n_models
-    summaries, overall, pearson = [], [], {}
-    for ev, spec in EVALUATIONS.items():
+    summaries, overall, pearson, runs = [], [], {}, {}  # this run's evaluations
+    mine = [EVALUATIONS[e]["name"] for e in args.evaluations]
+    for key in args.evaluations:
+        spec = EVALUATIONS[key]
+        ev = spec["name"]
         print(f"== {ev}", flush=True)
+        load_start = [round(x, 2) for x in os.getloadavg()]
         res = hs.tl.mclstexp_cross_validate(
             adata,
-            groupby=spec["groupby"],
+            groupby="library_id",
             groups=spec["groups"],
             genes=genes,
             n_top=N_TOP,
-            model_kwargs={"features_key": KEY},
+            model_kwargs={"features_key": KEY} | spec["model_kwargs"],
             train_kwargs=train_kwargs,
             baselines=("ridge_pca256", "knn"),
             knn_k=50,
-            random_state=0,
+            random_state=spec["random_state"],
         )
         s = res["summary"].copy()
         s["method"] = s["method"].replace(METHOD_NAMES)
@@ -270,8 +359,20 @@ def main() -> None:
         o.insert(0, "evaluation", ev)
         overall.append(o)
         pearson[ev] = {METHOD_NAMES.get(m, m): df.mean(axis=1).round(4).to_dict() for m, df in res["pearson"].items()}
+        runs[ev] = {
+            "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python "
+            f"benchmarks/expression_mob.py{''.join(' ' + shlex.quote(a) for a in sys.argv[1:])}",
+            "threads": torch.get_num_threads(),
+            "load_average_at_start": load_start,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        }
         print(o[["method", "pcc_all", "pcc_top", "mse", "train_time_s"]].to_string(), flush=True)
-        write(args, adata, genes, feat, summaries, overall, pearson)
+        if args.merge:  # the page's other evaluations (read again: another run may have added some meanwhile)
+            s0, o0, p0, r0 = previous(Path(args.out), mine)
+            write(args, adata, genes, feat, s0 + summaries, o0 + overall, p0 | pearson, r0 | runs)
+        else:
+            write(args, adata, genes, feat, summaries, overall, pearson, runs)
     print(f"written {Path(args.out) / 'expression_mob'}.md and .json")
 
 
