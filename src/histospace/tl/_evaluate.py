@@ -207,7 +207,7 @@ def mclstexp_cross_validate(
     most genes significant. The modified t-test (Clifford, Richardson & Hemon 1989; Dutilleul 1993, as R's
     `SpatialPack::modified.ttest`) estimates, per gene, `var(r) = sum_ij rho_obs(ij) rho_pred(ij) / n^2` from the
     spatial autocorrelation of the observed and the predicted map in 13 equal-width distance classes (pairs within
-    one slide; a seeded subset of 1000 spots estimates them in larger groups), and tests r with
+    one slide; every pair up to 2,000 held-out spots, a seeded subset of 2,000 spots in larger groups), and tests r with
     `n_eff - 2 = 1 / var(r) - 1` degrees of freedom (`n_eff` kept within `[3, n]`).
 
     Combining folds: each fold gives `z_i = atanh(r_i) sqrt(n_i - 3)` with `n_i` its effective spots, standard

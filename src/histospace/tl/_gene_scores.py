@@ -167,8 +167,12 @@ def scores_from(gene_scores, *, method: str = "mclstexp", where: str = "gene_sco
 
 #: distance classes of the modified t-test (Dutilleul 1993; the default of R's SpatialPack::modified.ttest)
 N_DISTANCE_CLASSES = 13
-#: spots used to estimate the spatial autocorrelation of one held-out group (a seeded random subset beyond it)
-MAX_SPOTS_AUTOCORRELATION = 1000
+#: spots used to estimate the spatial autocorrelation of one held-out group: all of them (every pair) up to this
+#: many, a seeded random subset of this many beyond. Exact up to 2,000 spots (about 2 s per 1,000 genes), because the
+#: subset's estimate moves the FDR counts of a fold: on the mouse olfactory bulb's MOB3 (1,933 spots, the same
+#: ridge-PCA256 predictions) a 1,000-spot subset at seeds 0-3 gave 683 / 753 / 373 / 630 genes at FDR < 0.05, all
+#: spots 802 at any seed (docs/benchmarks.md).
+MAX_SPOTS_AUTOCORRELATION = 2000
 
 
 class SpatialPairs:
