@@ -198,8 +198,8 @@ def predict_cohort(
     finishes.
 
     On a cluster each slide is a task: the workers open the slide files themselves (the paths must be readable
-    there), the model goes to every worker once (`client.scatter(..., broadcast=True)`, or a saved model folder that
-    each worker loads once), and a worker that dies mid-slide has its slide rescheduled by dask (up to
+    there), the model goes to them as a saved folder (the one given, or a temporary one in `outdir` removed at the
+    end) that each worker loads once, and a worker that dies mid-slide has its slide rescheduled by dask (up to
     `distributed.scheduler.allowed-failures` times, 3 by default). A slide that fails is reported and the others
     finish.
 
@@ -274,7 +274,8 @@ def predict_cohort(
     saved = None
     from histospace._image.features._distributed import resolve_client
 
-    if not isinstance(model, str) and (scheduler is not None or resolve_client(client) is not None):
+    pending = not all(is_done(Path(out)) for out in table["output"])  # (all done: nothing to save the model for)
+    if pending and not isinstance(model, str) and (scheduler is not None or resolve_client(client) is not None):
         # on a cluster the model is saved once and each worker loads it once (a scattered copy dies with its workers)
         import uuid
 
