@@ -16,7 +16,9 @@ Settings: `pca_kmeans` (scanpy log-CP10k, Seurat HVG 2000, z-score, 20 PCs, KMea
 `banksy_gmm` (the same z-scored HVG concatenated with their mean over the spatial neighbours, BANKSY-style with
 lambda = 0.8, PCA 20, `hs.tl.domains` defaults); `default` (`hs.pp.spatial_graph`, `hs.tl.stereomm` defaults with the
 image where the section has one, `hs.tl.domains` defaults: what `histospace domains` runs). Ablations that retrain
-(`no_image`, `hvg1000`, `pcs20`, `pcs100`, `graph_weight_1`: the usual GCN instead of `graph_weight='auto'`;
+(`no_image`; `img_patch`: the image features of the 3-diameter patch by the patch method, where the default's
+`method='auto'` takes the dense method on Visium; `img_1diam`: a patch of one spot diameter; `hvg1000`, `pcs20`,
+`pcs100`, `graph_weight_1`: the usual GCN instead of `graph_weight='auto'`;
 `models_10`: a seed ensemble of 10; `epochs_100`: 100 epochs instead of 300; `latent_8`: 8 latent dimensions
 instead of 32; `kl_0.1`: KL weight 0.1 instead of 1 / n_spots) change one `hs.tl.stereomm` argument; ablations of
 the clustering (`one_model`, `vote`, `best_of_10`, `kmeans`, `no_refine`, `refine2`: two refinement passes, `bic`,
@@ -30,7 +32,8 @@ mean seed sd on those sections) of the best is admissible and the simplest admis
 section is then scored with it.
 
 Resumable: each run is appended to `results/domain_protocol.json` as it ends and runs already there are skipped;
-the page is rewritten after every run, so an interrupted run keeps what it did.
+the page is rewritten after every run, so an interrupted run keeps what it did. Several processes (e.g. one per
+section) can run at once: each write re-reads the JSON under a file lock and keeps the runs the others added.
 
 Usage: `OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/domain_protocol.py --settings default pca_kmeans
 --sections 151673 S01 --seeds 5` (`--report` only rewrites the page).
@@ -55,6 +58,9 @@ DATA = Path(os.environ.get("HISTOSPACE_DATA", HERE.parent.parent / "shared" / "d
 MAIN = ["151673", "151674", "S01", "S02", "sim_visium", "sim_visium_hd", "sim_stereoseq"]
 ROBUST = ["151673_500genes", "151673_crop500", "sim_unbalanced"]
 IMAGE = {"151673", "151674", "151673_500genes", "151673_crop500"}
+#: image-feature variants (`hs.pp.image_features` arguments beside the default's; spot diameters of the patch side).
+#: The default is 3 diameters with `method='auto'`, which takes the dense method on Visium (the patches overlap)
+IMAGE_VARIANTS = {"img_1diam": {"diameters": 1, "method": "patch"}, "img_patch": {"diameters": 3, "method": "patch"}}
 #: settings that train their own models (`hs.tl.stereomm` arguments)
 TRAIN = {
     "default": {},
@@ -63,6 +69,8 @@ TRAIN = {
     "pcs20": {"n_pcs": 20},
     "pcs100": {"n_pcs": 100},
     "graph_weight_1": {"model_kwargs": {"graph_weight": 1}},
+    "img_1diam": {},
+    "img_patch": {},
     "models_10": {"n_models": 10},
     "epochs_100": {"max_epochs": 100},
     "latent_8": {"n_latent": 8},
@@ -84,7 +92,7 @@ SETTINGS = BASELINES + list(TRAIN) + list(CLUSTER)
 #: families of the held-out choice, simplest first
 FAMILIES = {
     "method": ["pca_kmeans", "banksy_gmm", "default"],
-    "image": ["no_image", "default"],
+    "image": ["no_image", "default", "img_patch", "img_1diam"],
     "ensemble": ["one_model", "default"],
     "clustering": ["kmeans", "best_of_10", "default", "vote"],
     "refine": ["no_refine", "default", "refine2"],
@@ -156,16 +164,23 @@ def _simulated(name: str, cache: Path):
     return adata
 
 
-def _image_features(adata, section: str, cache: Path) -> None:
-    """`hs.pp.image_features` with its defaults, as benchmarks/domains.py, cached per section."""
+def _image_features(adata, section: str, cache: Path, variant: str | None = None) -> None:
+    """`hs.pp.image_features` with its defaults (as benchmarks/domains.py) or a variant's, cached per section."""
     import histospace as hs
 
-    f = cache / f"img_features_{section}.npy"
+    f = cache / (f"img_features_{section}.npy" if variant is None else f"img_features_{section}_{variant}.npy")
     if not f.exists():
         weights = DATA / "weights" / "mobilenet_v2_imagenet_coral" / "mobilenet_v2_imagenet_fp32_torchvision_keys.pt"
-        hs.pp.image_features(adata, weights=str(weights), device="cpu", progress_bar=False)
+        kw: dict = {}
+        if variant is not None:
+            kw = dict(IMAGE_VARIANTS[variant])
+            lib = next(iter(adata.uns["spatial"]))
+            kw["patch_size"] = kw.pop("diameters") * adata.uns["spatial"][lib]["scalefactors"]["spot_diameter_fullres"]
+        t0 = time.perf_counter()
+        b = hs.pp.image_features(adata, weights=str(weights), device="cpu", progress_bar=False, copy=True, **kw)
+        print(f"image features {section} {variant or 'default'}: {time.perf_counter() - t0:.1f} s", flush=True)
         cache.mkdir(parents=True, exist_ok=True)
-        np.save(f, adata.obsm["img_features"])
+        np.save(f, b.obsm["img_features"])
     adata.obsm["img_features"] = np.load(f)
 
 
@@ -176,6 +191,9 @@ def load_section(section: str, cache: Path):
     if section.startswith("15"):
         sid = section[:6]
         adata = hs.datasets.dlpfc(sid, data_dir=DATA)
+        for v in IMAGE_VARIANTS:  # kept beside the default's, for the image ablations
+            _image_features(adata, sid, cache, v)
+            adata.obsm[f"img_features_{v}"] = adata.obsm.pop("img_features")
         _image_features(adata, sid, cache)
         gt = "layer_guess_reordered"
         if section.endswith("_500genes"):
@@ -261,6 +279,8 @@ def run_one(setting: str, adata, gt: str, k: int, seed: int, section: str, cache
             info["k_chosen"] = int(adata.uns["_pred"]["params"]["n_clusters_chosen"])
         return info
     kw = {"random_state": seed, "progress_bar": False} | TRAIN[setting]
+    if setting in IMAGE_VARIANTS:
+        adata.obsm["img_features"] = adata.obsm[f"img_features_{setting}"]
     if section not in IMAGE:
         kw["features_key"] = None
     hs.tl.stereomm(adata, **kw)
@@ -391,8 +411,29 @@ def report(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _merged(rows) -> list[dict]:
+    """`rows` and the runs another process appended to the JSON meanwhile (keyed by section, setting, seed)."""
+    f = RESULTS / "domain_protocol.json"
+    seen = {(r["section"], r["setting"], r["seed"]) for r in rows}
+    extra = [
+        r
+        for r in (json.loads(f.read_text())["rows"] if f.exists() else [])
+        if (r["section"], r["setting"], r["seed"]) not in seen
+    ]
+    return extra + rows
+
+
 def _write(rows, meta) -> str:
+    import fcntl
+
     RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "domain_protocol.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows[:] = _merged(rows)
+        return _write_locked(rows, meta)
+
+
+def _write_locked(rows, meta) -> str:
     md = report(rows, meta)
     tmp = RESULTS / "domain_protocol.json.tmp"
     tmp.write_text(json.dumps({"meta": meta, "held_out": held_out(rows), "rows": rows}, indent=1))
