@@ -93,14 +93,14 @@ SETTINGS = BASELINES + list(TRAIN) + list(CLUSTER)
 FAMILIES = {
     "method": ["pca_kmeans", "banksy_gmm", "default"],
     "image": ["no_image", "default", "img_patch", "img_1diam"],
-    "ensemble": ["one_model", "default"],
+    "ensemble": ["one_model", "default", "models_10"],
     "clustering": ["kmeans", "best_of_10", "default", "vote"],
     "refine": ["no_refine", "default", "refine2"],
     "cluster_width": ["default", "cluster_pcs20"],
     "hvg": ["hvg1000", "default"],
     "pca_width": ["pcs20", "default", "pcs100"],
     "graph_weight": ["graph_weight_1", "default"],
-    "training": ["epochs_100", "latent_8", "default", "models_10", "kl_0.1"],
+    "training": ["epochs_100", "latent_8", "default", "kl_0.1"],
 }
 
 
