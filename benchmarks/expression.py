@@ -356,7 +356,8 @@ def write(summaries, overall, pearson, args, adata, genes, feat_times, timing) -
         "pcc_top: over the 50 genes with the highest mean expression in the held-out section; MSE/MAE over all "
         "held-out spots x genes of `ln(1 + CP10k)` (per spot over the panel); n_genes_fdr05: genes with a positive "
         "r at Benjamini-Hochberg FDR < 0.05 in the held-out section (p-values of the modified t-test with "
-        "Dutilleul's effective number of spots, `pvalues='spatial'`, the default). Times in seconds per fold (training includes embedding the reference; prediction covers the held-out section).",
+        "Dutilleul's effective number of spots, `pvalues='spatial'`, the default). Times in seconds per fold "
+        "(training includes embedding the reference; prediction covers the held-out section).",
         f"Feature extraction (MobileNetV2, {args.threads} torch thread(s), all 910 spots): {json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in feat_times.items()})} s.",
         "",
         f"**Leave-one-patient-out**: {lopo}",
