@@ -121,6 +121,23 @@ def _choose_k(xr, method, cluster_range, covariance_type, n_init, random_state) 
     return scores[kbest][1], int(kbest), criterion
 
 
+def _warn_if_at_top(k: int, cluster_range: tuple[int, int], n_obs: int, criterion: str) -> None:
+    """Warn when the scan chose the largest number it tried: the criterion may still improve beyond the range.
+
+    On the domain protocol's larger sections BIC takes the top of `(2, 15)` (DLPFC, simulated tissues with 7
+    domains; docs/benchmarks.md), so such a choice says little about the number of domains.
+    """
+    top = min(cluster_range[1], n_obs - 1)
+    if k == top and top > cluster_range[0]:
+        warnings.warn(
+            f"n_clusters=None: the {criterion} chose {k}, the largest number tried "
+            f"(cluster_range={tuple(cluster_range)}); it may keep improving beyond it and is then no estimate of the "
+            "number of domains. Pass n_clusters= (e.g. the number of annotated regions) or a wider cluster_range.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _n_models(adata: AnnData, use_rep: str, width: int, n_models: int | None) -> int:
     """The number of side-by-side latents in `obsm[use_rep]`: given, else what `hs.tl.stereomm` recorded.
 
@@ -353,7 +370,9 @@ def domains(
 
     `n_clusters=None` picks the number in `cluster_range`: the lowest BIC for `'gmm'` (best likelihood of at most 10
     restarts per number; with `consensus` the vote then runs at the number chosen), the highest silhouette score for
-    `'kmeans'` and `'leiden'` (Leiden scans resolutions over `resolution_range`).
+    `'kmeans'` and `'leiden'` (Leiden scans resolutions over `resolution_range`). When the scan of `'gmm'` or
+    `'kmeans'` ends at the top of `cluster_range` a `UserWarning` says so: on larger sections BIC tends to keep
+    falling (15 of (2, 15) on DLPFC, 7 layers), and such a number is no estimate of the number of domains.
 
     With `ensemble='vote'` and a seed ensemble (`n_models > 1`), `n_clusters=None` picks the number on the first
     model's latent and uses it for all of them; `uns[key_added]['params']['model_agreement']` is the mean fraction
@@ -479,6 +498,7 @@ def domains(
                     xr, method, cluster_range, covariance_type, min(n_init, SCAN_N_INIT), random_state
                 )
                 params["n_clusters_chosen"] = k
+                _warn_if_at_top(k, cluster_range, xr.shape[0], params["criterion"])
             if method == "gmm" and consensus:
                 lab, agreement = _gmm_consensus(xr, k, covariance_type, random_state, n_init)
                 agreements.append(agreement)
