@@ -50,8 +50,9 @@ def test_choose_n_clusters(adata_rep):
 def test_choose_n_clusters_warns_at_the_top_of_the_range(adata_rep, recwarn):
     hs.tl.domains(adata_rep, n_clusters=None, method="gmm", cluster_range=(2, 6), n_init=2)
     assert not [w for w in recwarn if "largest number tried" in str(w.message)]  # 3 of (2, 6): no warning
-    for method in ("gmm", "kmeans"):
-        with pytest.warns(UserWarning, match=r"chose 3, the largest number tried \(cluster_range=\(2, 3\)\)"):
+    for method, name in [("gmm", "BIC"), ("kmeans", "silhouette score")]:
+        msg = rf"the {name} chose 3, the largest number tried \(cluster_range=\(2, 3\)\)"
+        with pytest.warns(UserWarning, match=msg):
             hs.tl.domains(adata_rep, n_clusters=None, method=method, cluster_range=(2, 3), n_init=2, key_added="top")
         assert adata_rep.uns["top"]["params"]["n_clusters_chosen"] == 3
 

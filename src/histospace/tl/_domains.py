@@ -121,6 +121,10 @@ def _choose_k(xr, method, cluster_range, covariance_type, n_init, random_state) 
     return scores[kbest][1], int(kbest), criterion
 
 
+#: how the criteria recorded in `uns[key]['params']['criterion']` read in messages
+CRITERION_NAMES = {"bic": "BIC", "silhouette": "silhouette score"}
+
+
 def _warn_if_at_top(k: int, cluster_range: tuple[int, int], n_obs: int, criterion: str) -> None:
     """Warn when the scan chose the largest number it tried: the criterion may still improve beyond the range.
 
@@ -130,7 +134,7 @@ def _warn_if_at_top(k: int, cluster_range: tuple[int, int], n_obs: int, criterio
     top = min(cluster_range[1], n_obs - 1)
     if k == top and top > cluster_range[0]:
         warnings.warn(
-            f"n_clusters=None: the {criterion} chose {k}, the largest number tried "
+            f"n_clusters=None: the {CRITERION_NAMES.get(criterion, criterion)} chose {k}, the largest number tried "
             f"(cluster_range={tuple(cluster_range)}); it may keep improving beyond it and is then no estimate of the "
             "number of domains. Pass n_clusters= (e.g. the number of annotated regions) or a wider cluster_range.",
             UserWarning,
