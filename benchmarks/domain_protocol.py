@@ -411,16 +411,16 @@ def report(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _stored_rows() -> list[dict]:
+    """The runs in `results/domain_protocol.json` (none when it does not exist)."""
+    f = RESULTS / "domain_protocol.json"
+    return json.loads(f.read_text())["rows"] if f.exists() else []
+
+
 def _merged(rows) -> list[dict]:
     """`rows` and the runs another process appended to the JSON meanwhile (keyed by section, setting, seed)."""
-    f = RESULTS / "domain_protocol.json"
     seen = {(r["section"], r["setting"], r["seed"]) for r in rows}
-    extra = [
-        r
-        for r in (json.loads(f.read_text())["rows"] if f.exists() else [])
-        if (r["section"], r["setting"], r["seed"]) not in seen
-    ]
-    return extra + rows
+    return [r for r in _stored_rows() if (r["section"], r["setting"], r["seed"]) not in seen] + rows
 
 
 def _write(rows, meta) -> str:
@@ -453,8 +453,7 @@ def main() -> None:
     for st in args.settings:
         if st not in SETTINGS:
             p.error(f"unknown setting {st!r}; one of {SETTINGS}")
-    f = RESULTS / "domain_protocol.json"
-    rows = json.loads(f.read_text())["rows"] if f.exists() else []
+    rows = _stored_rows()
     import torch
 
     torch.set_num_threads(N_THREADS)

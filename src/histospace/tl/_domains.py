@@ -99,7 +99,10 @@ SCAN_N_INIT = 10
 
 
 def _choose_k(xr, method, cluster_range, covariance_type, n_init, random_state) -> tuple[np.ndarray, int, str]:
-    """`(labels, k, criterion)`: the number of clusters in `cluster_range` of lowest BIC (GMM) or best silhouette."""
+    """`(labels, k, criterion)`: the number of clusters in `cluster_range` of lowest BIC (GMM) or best silhouette.
+
+    Warns when that number is the largest tried: the criterion may still improve beyond the range.
+    """
     ks = range(cluster_range[0], min(cluster_range[1], xr.shape[0] - 1) + 1)
     scores = {}
     if method == "gmm":
@@ -118,28 +121,16 @@ def _choose_k(xr, method, cluster_range, covariance_type, n_init, random_state) 
             scores[k] = (-s, lab)
         criterion = "silhouette"
     kbest = min(scores, key=lambda k: scores[k][0])
-    return scores[kbest][1], int(kbest), criterion
-
-
-#: how the criteria recorded in `uns[key]['params']['criterion']` read in messages
-CRITERION_NAMES = {"bic": "BIC", "silhouette": "silhouette score"}
-
-
-def _warn_if_at_top(k: int, cluster_range: tuple[int, int], n_obs: int, criterion: str) -> None:
-    """Warn when the scan chose the largest number it tried: the criterion may still improve beyond the range.
-
-    On the domain protocol's larger sections BIC takes the top of `(2, 15)` (DLPFC, simulated tissues with 7
-    domains; docs/benchmarks.md), so such a choice says little about the number of domains.
-    """
-    top = min(cluster_range[1], n_obs - 1)
-    if k == top and top > cluster_range[0]:
+    if len(ks) > 1 and kbest == ks[-1]:  # on larger sections BIC takes 15 of (2, 15) (docs/benchmarks.md)
         warnings.warn(
-            f"n_clusters=None: the {CRITERION_NAMES.get(criterion, criterion)} chose {k}, the largest number tried "
-            f"(cluster_range={tuple(cluster_range)}); it may keep improving beyond it and is then no estimate of the "
-            "number of domains. Pass n_clusters= (e.g. the number of annotated regions) or a wider cluster_range.",
+            f"n_clusters=None: the {'BIC' if criterion == 'bic' else 'silhouette score'} chose {kbest}, the largest "
+            f"number tried (cluster_range={tuple(cluster_range)}); it may keep improving beyond it and is then no "
+            "estimate of the number of domains. Pass n_clusters= (e.g. the number of annotated regions) or a wider "
+            "cluster_range.",
             UserWarning,
             stacklevel=3,
         )
+    return scores[kbest][1], int(kbest), criterion
 
 
 def _n_models(adata: AnnData, use_rep: str, width: int, n_models: int | None) -> int:
@@ -502,7 +493,6 @@ def domains(
                     xr, method, cluster_range, covariance_type, min(n_init, SCAN_N_INIT), random_state
                 )
                 params["n_clusters_chosen"] = k
-                _warn_if_at_top(k, cluster_range, xr.shape[0], params["criterion"])
             if method == "gmm" and consensus:
                 lab, agreement = _gmm_consensus(xr, k, covariance_type, random_state, n_init)
                 agreements.append(agreement)
