@@ -20,7 +20,10 @@ image where the section has one, `hs.tl.domains` defaults: what `histospace doma
 `method='auto'` takes the dense method on Visium; `img_1diam`: a patch of one spot diameter; `hvg1000`, `pcs20`,
 `pcs100`, `graph_weight_1`: the usual GCN instead of `graph_weight='auto'`;
 `models_10`: a seed ensemble of 10; `epochs_100`: 100 epochs instead of 300; `latent_8`: 8 latent dimensions
-instead of 32; `kl_0.1`: KL weight 0.1 instead of 1 / n_spots) change one `hs.tl.stereomm` argument; ablations of
+instead of 32; `kl_0.1`: KL weight 0.1 instead of 1 / n_spots; `contrastive_0.1`, `contrastive_1`: GraphST's
+contrastive term (Deep Graph Infomax) added to the loss with that weight, `StereoMM(contrastive_weight=)`;
+`graph_weight_0.5`: neighbours at half weight in the graph convolutions, run where `'auto'` chooses 1)
+change one `hs.tl.stereomm` argument; ablations of
 the clustering (`one_model`, `vote`, `best_of_10`, `kmeans`, `no_refine`, `refine2`: two refinement passes, `bic`,
 `cluster_pcs20`: the mixture on 20 PCs of the latents instead of 10) reuse the latent of `default` at the same seed
 (`one_model` clusters its first block: the model trained from seed `s`, which is what `n_models=1` trains).
@@ -69,12 +72,15 @@ TRAIN = {
     "pcs20": {"n_pcs": 20},
     "pcs100": {"n_pcs": 100},
     "graph_weight_1": {"model_kwargs": {"graph_weight": 1}},
+    "graph_weight_0.5": {"model_kwargs": {"graph_weight": 0.5}},
     "img_1diam": {},
     "img_patch": {},
     "models_10": {"n_models": 10},
     "epochs_100": {"max_epochs": 100},
     "latent_8": {"n_latent": 8},
     "kl_0.1": {"train_kwargs": {"kl_weight": 0.1}},
+    "contrastive_0.1": {"model_kwargs": {"contrastive_weight": 0.1}},
+    "contrastive_1": {"model_kwargs": {"contrastive_weight": 1.0}},
 }
 #: clustering variants on the latent of `default` (`hs.tl.domains` arguments)
 CLUSTER = {
@@ -101,6 +107,7 @@ FAMILIES = {
     "pca_width": ["pcs20", "default", "pcs100"],
     "graph_weight": ["graph_weight_1", "default"],
     "training": ["epochs_100", "latent_8", "default", "kl_0.1"],
+    "objective": ["default", "contrastive_0.1", "contrastive_1"],
 }
 
 

@@ -41,6 +41,7 @@ def _group_worker(rank: int, world: int, port: int, a, out: str) -> None:
         runs = [hs.models.StereoMM(a, **STEREOMM).train(**STEREOMM_FIT, devices=world) for _ in range(2)]
         z = [m.get_latent_representation() for m in runs]
         no_image = hs.models.StereoMM(a, features_key=None, **STEREOMM).train(**STEREOMM_FIT, devices=world)
+        contrastive = hs.models.StereoMM(a, contrastive_weight=0.5, **STEREOMM).train(**STEREOMM_FIT, devices=world)
         mcl = hs.models.MclSTExp(a, **MCLSTEXP).train(**MCLSTEXP_FIT, devices=world)
         assert dist.is_initialized()  # the caller's group is left alone
         if rank == 0:
@@ -49,6 +50,8 @@ def _group_worker(rank: int, world: int, port: int, a, out: str) -> None:
                     "z": z,
                     "params": runs[0].train_params,
                     "no_image": no_image.get_latent_representation(),
+                    "contrastive": contrastive.get_latent_representation(),
+                    "contrastive_loss": contrastive.history["loss"],
                     "mcl": mcl.predict(a, n_neighbors=5),
                     "mcl_loss": mcl.history["loss"],
                 },
@@ -92,6 +95,8 @@ def test_two_processes_same_seed_same_model(slide, tmp_path):
     assert res["params"]["devices"] == 2 and res["params"]["backend"] == "gloo"
     assert res["params"]["batch_size"] == 50  # the full batch split into one tile per process
     assert np.isfinite(res["no_image"]).all() and np.isfinite(res["mcl"]).all()
+    assert np.isfinite(res["contrastive"]).all() and np.isfinite(res["contrastive_loss"]).all()
+    assert not np.allclose(res["contrastive"], res["z"][0])  # the term changed the training of the same seed
     assert len(res["mcl_loss"]) == 2 and np.isfinite(res["mcl_loss"]).all()
     # histospace spawns the two processes itself: the same model as inside the caller's group
     a = slide

@@ -297,6 +297,7 @@ class StereoMMModule(nn.Module):
         chunk_size: int | None = None,
         decoder_last_relu: bool = False,
         zero_init_attention: bool = False,
+        contrastive: bool = False,
     ):
         super().__init__()
         self.use_image = use_image
@@ -306,6 +307,8 @@ class StereoMMModule(nn.Module):
             else CrossModalAttention(dim, proj_dim, n_heads, "none")
         )
         self.vgae = GraphVAE(dim * (2 if use_image else 1), list(hidden), n_latent, decoder_last_relu=decoder_last_relu)
+        #: the local-global discriminator of the contrastive term (Deep Graph Infomax, as GraphST uses), when asked
+        self.discriminator = nn.Bilinear(n_latent, n_latent, 1) if contrastive else None
 
     @property
     def n_hops(self) -> int:
@@ -316,6 +319,8 @@ class StereoMMModule(nn.Module):
         """Re-initialise the attention (zero-init and cache included) and the graph VAE."""
         self.attention.reset_parameters()
         self.vgae.reset_parameters()
+        if self.discriminator is not None:
+            self.discriminator.reset_parameters()
 
     @torch.no_grad()
     def prepare(self, x_t: torch.Tensor, x_m: torch.Tensor | None, edge_index: torch.Tensor | None = None) -> None:
@@ -327,27 +332,60 @@ class StereoMMModule(nn.Module):
         """The reconstruction target: the pre-attention features ``[x_m, x_t]`` (or ``x_t``)."""
         return torch.cat([x_m, x_t], 1) if self.use_image else x_t
 
-    def forward(self, x_t, x_m, adj, edge_index=None, *, idx=None, sample=True):
+    def fused(self, x_t, x_m, edge_index=None, *, idx=None):
+        """The VAE's input: ``[X_ma, X_ta]`` after the attention (or ``X_t``), of all spots or of the batch ``idx``."""
+        if self.use_image:
+            x_ma, x_ta = self.attention(x_t, x_m, edge_index, idx=idx)
+            return torch.cat([x_ma, x_ta], 1)
+        return x_t if idx is None else x_t[idx]
+
+    def forward(self, x_t, x_m, adj, edge_index=None, *, idx=None, sample=True, _x=None):
         """Return ``(x_hat, mu, logvar, z)`` of all spots or of the batch ``idx``.
 
         ``x_t``, ``x_m``: features of all spots; ``adj``: normalised sparse adjacency of the spots (of the batch when
         ``idx`` is given), ``edge_index``: its edges, for local attention.
         """
-        if self.use_image:
-            x_ma, x_ta = self.attention(x_t, x_m, edge_index, idx=idx)
-            x = torch.cat([x_ma, x_ta], 1)
-        else:
-            x = x_t if idx is None else x_t[idx]
+        x = self.fused(x_t, x_m, edge_index, idx=idx) if _x is None else _x
         mu, logvar = self.vgae.encode(x, adj)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
         return self.vgae.decode(z, adj), mu, logvar, z
 
-    def loss(self, x_t, x_m, adj, edge_index=None, *, idx=None, n_seeds=None, kl_weight: float):
-        """Return ``(loss, reconstruction, kl)``: MSE to the pre-attention features plus ``kl_weight`` x KL.
+    def contrastive_loss(self, x, mu, adj, readout, n_seeds=None):
+        """Deep Graph Infomax term of GraphST: tell each spot's latent from that of shuffled features, both against
+        the summary of its neighbours' latents (``readout``: row-normalised neighbours, no self loops), and back.
+        """  # noqa: D205
+        mu_c, _ = self.vgae.encode(x[torch.randperm(x.shape[0], device=x.device)], adj)
+        s = torch.nn.functional.normalize(torch.sigmoid(readout @ mu), dim=1)
+        s_c = torch.nn.functional.normalize(torch.sigmoid(readout @ mu_c), dim=1)
+        n = mu.shape[0] if n_seeds is None else n_seeds
+        d = self.discriminator
+        logits = torch.cat([d(mu[:n], s[:n]), d(mu_c[:n], s[:n]), d(mu_c[:n], s_c[:n]), d(mu[:n], s_c[:n])]).ravel()
+        labels = torch.cat([torch.ones(n), torch.zeros(n), torch.ones(n), torch.zeros(n)]).to(logits)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+
+    def loss(
+        self,
+        x_t,
+        x_m,
+        adj,
+        edge_index=None,
+        *,
+        idx=None,
+        n_seeds=None,
+        kl_weight: float,
+        readout=None,
+        contrastive_weight: float = 0.0,
+    ):
+        """Return ``(loss, reconstruction, kl)``: MSE to the pre-attention features plus ``kl_weight`` x KL (plus
+        ``contrastive_weight`` x the contrastive term when the module has a discriminator and ``readout`` is given).
 
         With a batch ``idx`` the terms are taken over its first ``n_seeds`` nodes (the tile; the rest is its halo).
-        """
-        x_hat, mu, logvar, _ = self.forward(x_t, x_m, adj, edge_index, idx=idx)
+        """  # noqa: D205
+        x = self.fused(x_t, x_m, edge_index, idx=idx)
+        x_hat, mu, logvar, _ = self.forward(x_t, x_m, adj, edge_index, idx=idx, _x=x)
+        cl = None
+        if self.discriminator is not None and readout is not None and contrastive_weight > 0:
+            cl = self.contrastive_loss(x, mu, adj, readout, n_seeds)
         if idx is None:
             target = self.inputs(x_t, x_m)
         else:
@@ -356,4 +394,5 @@ class StereoMMModule(nn.Module):
             x_hat, mu, logvar = x_hat[:n_seeds], mu[:n_seeds], logvar[:n_seeds]
         rec = torch.nn.functional.mse_loss(x_hat, target)
         kl = kl_divergence(mu, logvar)
-        return rec + kl_weight * kl, rec, kl
+        total = rec + kl_weight * kl
+        return (total if cl is None else total + contrastive_weight * cl), rec, kl

@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "image_weight": 0.1,
     "zero_init_attention": True,
     "graph_weight": "auto",
+    "contrastive_weight": 0.0,
 }
 #: StereoMMv1 README settings ("real data" command)
 REFERENCE: dict[str, Any] = {
@@ -58,6 +59,7 @@ REFERENCE: dict[str, Any] = {
     "image_weight": 1.0,
     "zero_init_attention": False,
     "graph_weight": 1.0,
+    "contrastive_weight": 0.0,
 }
 DEFAULT_TRAIN = {"max_epochs": 300, "lr": 1e-3, "weight_decay": 1e-4, "n_models": 3}
 REFERENCE_TRAIN = {"max_epochs": 100, "lr": 1e-4, "weight_decay": 1e-4, "n_models": 1}
@@ -126,6 +128,7 @@ def check_config(cfg: dict) -> None:
         check_number(cfg[key], key, integer=True, low=1)
     check_number(cfg["n_pcs"], "n_pcs", integer=True, low=1, allow_none=True)
     check_number(cfg["image_weight"], "image_weight", low=0, low_inclusive=False)
+    check_number(cfg["contrastive_weight"], "contrastive_weight", low=0)
     if cfg["graph_weight"] != "auto":
         if isinstance(cfg["graph_weight"], str):
             msg = f"graph_weight={cfg['graph_weight']!r} is not 'auto' or a number >= 0."
@@ -192,3 +195,36 @@ def resolve_batch_size(batch_size: int | str, auto: int | None, n_obs: int) -> i
         raise ValueError(msg)
     batch_size = check_number(batch_size, "batch_size", integer=True, low=1)
     return batch_size if batch_size < n_obs else None
+
+
+def readout_adjacency(a: sp.csr_matrix, nodes: np.ndarray | None = None) -> torch.Tensor:
+    """Row-normalised neighbours (no self loops) of all spots or of the sub-graph `nodes`, as a torch CSR tensor:
+    the neighbourhood summary of the contrastive term. A spot without neighbours summarises to zero.
+    """  # noqa: D205
+    if nodes is not None:
+        a = a[nodes][:, nodes]
+    a = sp.csr_matrix(a, dtype=np.float32)
+    a.setdiag(0)
+    a.eliminate_zeros()
+    deg = np.asarray(a.sum(axis=1)).ravel()
+    a = (sp.diags((1.0 / np.maximum(deg, 1)).astype(np.float32)) @ a).tocsr()
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(a.indptr.astype(np.int64)),
+        torch.from_numpy(a.indices.astype(np.int64)),
+        torch.from_numpy(a.data.astype(np.float32)),
+        a.shape,
+    )
+
+
+def contrastive_kwargs(weight: float, graph: sp.csr_matrix | None, tiles: list | None, device) -> dict:
+    """The contrastive term's arguments of the loss per batch (`None`: the full graph; else `id(tile)`): the
+    neighbour summary of :func:`readout_adjacency` and the weight; empty without the term (`graph` is `None`).
+    """  # noqa: D205
+    if graph is None or weight <= 0:
+        return {}
+    if tiles is None:
+        return {None: {"readout": readout_adjacency(graph).to(device), "contrastive_weight": weight}}
+    return {
+        id(t): {"readout": readout_adjacency(graph, t.nodes.numpy()).to(device), "contrastive_weight": weight}
+        for t in tiles
+    }

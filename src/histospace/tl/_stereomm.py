@@ -90,7 +90,7 @@ def stereomm(
         which depends less on the seed than one model does. `n_models=1` is 3 times faster.
     model_kwargs
         Other arguments of :class:`~histospace.models.StereoMM` (e.g. `gene_selection`, `n_top_genes`, `proj_dim`,
-        `graph_weight`).
+        `graph_weight`, `contrastive_weight`).
     train_kwargs
         Other arguments of :meth:`~histospace.models.StereoMM.train` (e.g. `weight_decay`, `clip_norm`).
     device
