@@ -106,6 +106,7 @@ FAMILIES = {
     "hvg": ["hvg1000", "default"],
     "pca_width": ["pcs20", "default", "pcs100"],
     "graph_weight": ["graph_weight_1", "default"],
+    "graph_weight_half": ["default", "graph_weight_0.5"],
     "training": ["epochs_100", "latent_8", "default", "kl_0.1"],
     "objective": ["default", "contrastive_0.1", "contrastive_1"],
 }
