@@ -1,0 +1,169 @@
+"""Cross-slide retrieval and query context as ablations of mclSTExp (issue 26) on her2st C2-C6, leave-one-slide-out.
+
+Run from the repository root (after `benchmarks/expression.py --cache F` has written the features to `F`):
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/expression_retrieval.py --cache F --threads 1
+
+For each held-out section, one seed ensemble of mclSTExp with the defaults of `hs.models.MclSTExp` (5 models, 30
+epochs, features `stages224+448` of `benchmarks/expression.py`) is trained on the four others, and four predictions
+are made from the same trained models, so that the table isolates two components:
+
+- cross-slide retrieval on (the model's prediction: the softmax-weighted mean expression of the 200 reference spots
+  whose expression embeddings are nearest to the query spot's image embedding, averaged over the 5 models) or off
+  (a regression head instead: `RidgeCV` from the 5 models' image embeddings, side by side, of the training spots to
+  their expression; no reference spot is searched at prediction);
+- query context off or on (the prediction mixed with its mean over ring 1 of the held-out section's
+  `hs.pp.spatial_graph`, weight 0.5: `smooth_predictions=0.5`).
+
+ridge-PCA256 on the image features (the HEST-Benchmark protocol) is scored beside them, with and without the same
+smoothing. Scores: mean per-gene Pearson r over the 785 panel genes (pcc_all) and over the 50 most expressed genes of
+the held-out section (pcc_top), targets `ln(1 + CP10k)` over the panel, as in `benchmarks/expression.py`; per-gene
+wins of retrieval over the head are counted over the genes of all folds.
+
+Writes `benchmarks/results/expression_retrieval.md` and `.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import anndata as ad
+import numpy as np
+import torch
+from _results import write_page
+from expression import SECTIONS, _data_dir, read_panel
+
+import histospace as hs
+from histospace._utils._data import normalize_expression
+from histospace.models._context import ring_operators, smooth_rows
+from histospace.tl._evaluate import _pearson_columns, _regression_baseline
+
+KEY = "stages224+448"
+N_TOP = 50
+SMOOTH = 0.5
+ALPHAS = np.logspace(-2, 6, 17)
+ROWS = [
+    ("retrieval (the default)", "off"),
+    ("retrieval (the default)", "on"),
+    ("regression head (cross-slide off)", "off"),
+    ("regression head (cross-slide off)", "on"),
+    ("ridge-PCA256", "off"),
+    ("ridge-PCA256", "on"),
+]
+
+
+def fold(adata: ad.AnnData, genes: list[str], held_out: str, ring1) -> tuple[dict, dict, float]:
+    """Scores `{(method, context): (pcc_all, pcc_top)}`, per-gene r and training seconds of one held-out section."""
+    lib = adata.obs["library_id"].astype(str).to_numpy()
+    tr, te = adata[lib != held_out].copy(), adata[lib == held_out].copy()
+    ytr = normalize_expression(tr[:, genes].X, "log1p_cp10k")
+    y = normalize_expression(te[:, genes].X, "log1p_cp10k")
+    top = np.argsort(-y.mean(0), kind="stable")[:N_TOP]
+    r1 = ring1[lib == held_out][:, lib == held_out]
+    t0 = time.perf_counter()
+    model = hs.models.MclSTExp(tr, features_key=KEY, genes=genes)
+    model.train(random_state=0, progress_bar=False, device="cpu")
+    train_s = time.perf_counter() - t0
+    retrieval, emb_tr, emb_te, n = 0.0, [], [], model.n_models_
+    for i in range(n):
+        if n > 1:
+            model._use_member(i)
+        e = model.get_image_embedding(te)
+        emb_te.append(e)
+        emb_tr.append(model.get_image_embedding(tr))
+        retrieval = retrieval + model.predict_from_embedding(e) / n
+    if n > 1:
+        model._use_member(0)
+    from sklearn.linear_model import RidgeCV
+
+    head = RidgeCV(alphas=ALPHAS).fit(np.hstack(emb_tr), ytr).predict(np.hstack(emb_te))
+    f, g = tr.obsm[KEY], te.obsm[KEY]
+    mu, sd = f.mean(0), np.maximum(f.std(0), 1e-6)
+    ridge, _, _ = _regression_baseline(
+        "ridge_pca256", (f - mu) / sd, ytr, (g - mu) / sd, ridge_alphas=ALPHAS, knn_k=50, random_state=0
+    )
+    preds = {ROWS[0][0]: retrieval, ROWS[2][0]: head, ROWS[4][0]: ridge}
+    scores, per_gene = {}, {}
+    for method, context in ROWS:
+        p = np.asarray(preds[method], dtype=np.float32)
+        if context == "on":
+            p = smooth_rows(p, r1, SMOOTH)
+        r, _ = _pearson_columns(y, p)
+        scores[(method, context)] = (float(np.nanmean(r)), float(np.nanmean(r[top])))
+        per_gene[(method, context)] = r
+    return scores, per_gene, train_s
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cache", required=True, help="the features of benchmarks/expression.py (.h5ad)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    adata = ad.read_h5ad(args.cache)
+    genes = [g for g in read_panel(_data_dir(args.data_dir)) if g in adata.var_names]
+    hs.pp.spatial_graph(adata, library_key="library_id")
+    ring1 = ring_operators(adata.obsp["spatial_connectivities"], 1)[0]
+    folds, genes_r, train_s = {}, {}, []
+    for s in SECTIONS:
+        sc, pg, t = fold(adata, genes, s, ring1)
+        folds[s] = sc
+        train_s.append(t)
+        for k, r in pg.items():
+            genes_r.setdefault(k, []).append(r)
+        print(s, {f"{m} / context {c}": f"{v[0]:.3f} / {v[1]:.3f}" for (m, c), v in sc.items()}, flush=True)
+    mean = {k: tuple(np.mean([folds[s][k] for s in SECTIONS], axis=0)) for k in ROWS}
+    md = [
+        "# Cross-slide retrieval and query context: ablations of mclSTExp on her2st C2-C6",
+        "",
+        f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} .venv/bin/python "
+        f"benchmarks/expression_retrieval.py{''.join(' ' + shlex.quote(a) for a in sys.argv[1:])}`; "
+        f"{args.threads} torch thread(s), load average {load_start[0]:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end; python {platform.python_version()}, torch {torch.__version__}.",
+        "",
+        "Leave-one-slide-out over C2-C6, 785 panel genes; one trained seed ensemble per fold (the defaults of "
+        "`hs.models.MclSTExp`, features `stages224+448`) gives both the retrieval and the regression-head rows. "
+        "Context on: predictions mixed with their mean over ring 1 of the held-out section's spatial graph "
+        f"(weight {SMOOTH}). See the script's docstring for the definitions.",
+        "",
+        "| prediction | query context | pcc_all | pcc_top50 | " + " | ".join(f"{s} pcc_all" for s in SECTIONS) + " |",
+        "|---|---|---|---|" + "---|" * len(SECTIONS),
+    ]
+    for k in ROWS:
+        cells = " | ".join(f"{folds[s][k][0]:.3f}" for s in SECTIONS)
+        md.append(f"| {k[0]} | {k[1]} | {mean[k][0]:.3f} | {mean[k][1]:.3f} | {cells} |")
+    wins = {}
+    for c in ("off", "on"):
+        a = np.concatenate(genes_r[(ROWS[0][0], c)])
+        b = np.concatenate(genes_r[(ROWS[2][0], c)])
+        ok = np.isfinite(a) & np.isfinite(b)
+        wins[c] = float(np.mean(a[ok] > b[ok]))
+    md += [
+        "",
+        f"Retrieval above the regression head on {100 * wins['off']:.0f} % of the gene x fold pairs (context off), "
+        f"{100 * wins['on']:.0f} % (context on). Training per fold (5 models): {np.mean(train_s):.0f} s on average "
+        "(shared 2-core machine; not a quiet figure).",
+    ]
+    data = {
+        "folds": {s: {f"{m} | {c}": v for (m, c), v in folds[s].items()} for s in SECTIONS},
+        "mean": {f"{m} | {c}": v for (m, c), v in mean.items()},
+        "retrieval_wins_fraction": wins,
+        "train_seconds": train_s,
+    }
+    print(write_page("expression_retrieval", "\n".join(md) + "\n", json.loads(json.dumps(data)), out=Path(args.out)))
+
+
+if __name__ == "__main__":
+    main()
