@@ -3,6 +3,11 @@
 Run from the repository root (after `benchmarks/expression.py --cache F` has written the features to `F`):
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/expression_retrieval.py --cache F --threads 1
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/expression_retrieval.py --dataset mob --cache M --threads 1
+
+(`--dataset mob`: the mouse olfactory bulb MOB1-MOB3 with the features `benchmarks/expression_mob.py --cache M` wrote,
+all 1,000 genes, the 300 most expressed as the top set; its fold MOB3 is the cross-animal one, animal 1 -> animal 2.
+Written as the section `mob` of the page.)
 
 For each held-out section, one seed ensemble of mclSTExp with the defaults of `hs.models.MclSTExp` (5 models, 30
 epochs, features `stages224+448` of `benchmarks/expression.py`) is trained on the four others, and four predictions
@@ -26,7 +31,6 @@ Writes `benchmarks/results/expression_retrieval.md` and `.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -47,8 +51,8 @@ from histospace._utils._data import normalize_expression
 from histospace.models._context import ring_operators, smooth_rows
 from histospace.tl._evaluate import _pearson_columns, _regression_baseline
 
-KEY = "stages224+448"
-N_TOP = 50
+#: dataset: (sections, feature key, number of top genes)
+DATASETS = {"her2st": (SECTIONS, "stages224+448", 50), "mob": (["MOB1", "MOB2", "MOB3"], "mclstexp_features", 300)}
 SMOOTH = 0.5
 ALPHAS = np.logspace(-2, 6, 17)
 ROWS = [
@@ -61,16 +65,16 @@ ROWS = [
 ]
 
 
-def fold(adata: ad.AnnData, genes: list[str], held_out: str, ring1) -> tuple[dict, dict, float]:
+def fold(adata: ad.AnnData, genes: list[str], held_out: str, ring1, key: str, n_top: int) -> tuple[dict, dict, float]:
     """Scores `{(method, context): (pcc_all, pcc_top)}`, per-gene r and training seconds of one held-out section."""
     lib = adata.obs["library_id"].astype(str).to_numpy()
     tr, te = adata[lib != held_out].copy(), adata[lib == held_out].copy()
     ytr = normalize_expression(tr[:, genes].X, "log1p_cp10k")
     y = normalize_expression(te[:, genes].X, "log1p_cp10k")
-    top = np.argsort(-y.mean(0), kind="stable")[:N_TOP]
+    top = np.argsort(-y.mean(0), kind="stable")[:n_top]
     r1 = ring1[lib == held_out][:, lib == held_out]
     t0 = time.perf_counter()
-    model = hs.models.MclSTExp(tr, features_key=KEY, genes=genes)
+    model = hs.models.MclSTExp(tr, features_key=key, genes=genes)
     model.train(random_state=0, progress_bar=False, device="cpu")
     train_s = time.perf_counter() - t0
     retrieval, emb_tr, emb_te, n = 0.0, [], [], model.n_models_
@@ -86,7 +90,7 @@ def fold(adata: ad.AnnData, genes: list[str], held_out: str, ring1) -> tuple[dic
     from sklearn.linear_model import RidgeCV
 
     head = RidgeCV(alphas=ALPHAS).fit(np.hstack(emb_tr), ytr).predict(np.hstack(emb_te))
-    f, g = tr.obsm[KEY], te.obsm[KEY]
+    f, g = tr.obsm[key], te.obsm[key]
     mu, sd = f.mean(0), np.maximum(f.std(0), 1e-6)
     ridge, _, _ = _regression_baseline(
         "ridge_pca256", (f - mu) / sd, ytr, (g - mu) / sd, ridge_alphas=ALPHAS, knn_k=50, random_state=0
@@ -108,41 +112,49 @@ def main() -> None:
     p.add_argument("--cache", required=True, help="the features of benchmarks/expression.py (.h5ad)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dataset", choices=list(DATASETS), default="her2st")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     adata = ad.read_h5ad(args.cache)
-    genes = [g for g in read_panel(_data_dir(args.data_dir)) if g in adata.var_names]
+    sections, key, n_top = DATASETS[args.dataset]
+    if args.dataset == "her2st":
+        genes = [g for g in read_panel(_data_dir(args.data_dir)) if g in adata.var_names]
+    else:
+        genes = list(adata.var_names)
     hs.pp.spatial_graph(adata, library_key="library_id")
     ring1 = ring_operators(adata.obsp["spatial_connectivities"], 1)[0]
     folds, genes_r, train_s = {}, {}, []
-    for s in SECTIONS:
-        sc, pg, t = fold(adata, genes, s, ring1)
+    for s in sections:
+        sc, pg, t = fold(adata, genes, s, ring1, key, n_top)
         folds[s] = sc
         train_s.append(t)
         for k, r in pg.items():
             genes_r.setdefault(k, []).append(r)
         print(s, {f"{m} / context {c}": f"{v[0]:.3f} / {v[1]:.3f}" for (m, c), v in sc.items()}, flush=True)
-    mean = {k: tuple(np.mean([folds[s][k] for s in SECTIONS], axis=0)) for k in ROWS}
+    mean = {k: tuple(np.mean([folds[s][k] for s in sections], axis=0)) for k in ROWS}
     md = [
-        "# Cross-slide retrieval and query context: ablations of mclSTExp on her2st C2-C6",
+        "# Cross-slide retrieval and query context: ablations of mclSTExp on her2st C2-C6"
+        if args.dataset == "her2st"
+        else "# Mouse olfactory bulb MOB1-MOB3 (leave-one-section-out; MOB3 is the cross-animal fold)",
         "",
         f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} .venv/bin/python "
         f"benchmarks/expression_retrieval.py{''.join(' ' + shlex.quote(a) for a in sys.argv[1:])}`; "
         f"{args.threads} torch thread(s), load average {load_start[0]:.2f} at the start, "
         f"{os.getloadavg()[0]:.2f} at the end; python {platform.python_version()}, torch {torch.__version__}.",
         "",
-        "Leave-one-slide-out over C2-C6, 785 panel genes; one trained seed ensemble per fold (the defaults of "
-        "`hs.models.MclSTExp`, features `stages224+448`) gives both the retrieval and the regression-head rows. "
+        f"Leave-one-slide-out over {', '.join(sections)}, {len(genes)} genes, top set the {n_top} most expressed of "
+        "the held-out section; one trained seed ensemble per fold (the defaults of `hs.models.MclSTExp`, features "
+        f"`{key}`) gives both the retrieval and the regression-head rows. "
         "Context on: predictions mixed with their mean over ring 1 of the held-out section's spatial graph "
         f"(weight {SMOOTH}). See the script's docstring for the definitions.",
         "",
-        "| prediction | query context | pcc_all | pcc_top50 | " + " | ".join(f"{s} pcc_all" for s in SECTIONS) + " |",
-        "|---|---|---|---|" + "---|" * len(SECTIONS),
+        "| prediction | query context | pcc_all | pcc_top | " + " | ".join(f"{s} pcc_all" for s in sections) + " |",
+        "|---|---|---|---|" + "---|" * len(sections),
     ]
     for k in ROWS:
-        cells = " | ".join(f"{folds[s][k][0]:.3f}" for s in SECTIONS)
+        cells = " | ".join(f"{folds[s][k][0]:.3f}" for s in sections)
         md.append(f"| {k[0]} | {k[1]} | {mean[k][0]:.3f} | {mean[k][1]:.3f} | {cells} |")
     wins = {}
     for c in ("off", "on"):
@@ -157,12 +169,17 @@ def main() -> None:
         "(shared 2-core machine; not a quiet figure).",
     ]
     data = {
-        "folds": {s: {f"{m} | {c}": v for (m, c), v in folds[s].items()} for s in SECTIONS},
+        "folds": {s: {f"{m} | {c}": v for (m, c), v in folds[s].items()} for s in sections},
         "mean": {f"{m} | {c}": v for (m, c), v in mean.items()},
         "retrieval_wins_fraction": wins,
         "train_seconds": train_s,
     }
-    print(write_page("expression_retrieval", "\n".join(md) + "\n", json.loads(json.dumps(data)), out=Path(args.out)))
+    section = None if args.dataset == "her2st" else args.dataset
+    heading = None if section is None else md[0][2:] + " (`--dataset mob`)"
+    page = write_page(
+        "expression_retrieval", "\n".join(md) + "\n", data, section=section, heading=heading, out=Path(args.out)
+    )
+    print(page)
 
 
 if __name__ == "__main__":
