@@ -3,15 +3,15 @@
 Run from the repository root (after `benchmarks/expression.py --cache F` has written the features to `F`):
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/expression_retrieval.py --cache F --threads 1
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/expression_retrieval.py --dataset mob --cache M --threads 1
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/expression_retrieval.py --dataset mob --cache M --threads 2
 
 (`--dataset mob`: the mouse olfactory bulb MOB1-MOB3 with the features `benchmarks/expression_mob.py --cache M` wrote,
 all 1,000 genes, the 300 most expressed as the top set; its fold MOB3 is the cross-animal one, animal 1 -> animal 2.
 Written as the section `mob` of the page.)
 
 For each held-out section, one seed ensemble of mclSTExp with the defaults of `hs.models.MclSTExp` (5 models, 30
-epochs, features `stages224+448` of `benchmarks/expression.py`) is trained on the four others, and four predictions
-are made from the same trained models, so that the table isolates two components:
+epochs, features `stages224+448` of `benchmarks/expression.py`) is trained on the other sections, and four
+predictions are made from the same trained models, so that the table isolates two components:
 
 - cross-slide retrieval on (the model's prediction: the softmax-weighted mean expression of the 200 reference spots
   whose expression embeddings are nearest to the query spot's image embedding, averaged over the 5 models) or off
@@ -22,8 +22,8 @@ are made from the same trained models, so that the table isolates two components
 
 ridge-PCA256 on the image features (the HEST-Benchmark protocol) is scored beside them, with and without the same
 smoothing. Scores: mean per-gene Pearson r over the 785 panel genes (pcc_all) and over the 50 most expressed genes of
-the held-out section (pcc_top), targets `ln(1 + CP10k)` over the panel, as in `benchmarks/expression.py`; per-gene
-wins of retrieval over the head are counted over the genes of all folds.
+the held-out section (pcc_top; MOB: all 1,000 genes and the top 300), targets `ln(1 + CP10k)` over the genes, as in
+`benchmarks/expression.py`; per-gene wins of retrieval over the head are counted over the genes of all folds.
 
 Writes `benchmarks/results/expression_retrieval.md` and `.json`.
 """
