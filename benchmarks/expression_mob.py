@@ -25,6 +25,9 @@ weights over 200 neighbours), ridge-PCA256 (the HEST-Benchmark protocol) and kNN
 features. Targets: `ln(1 + 1e4 x / s)` per spot over the genes. Scores: mean per-gene Pearson r over the held-out
 spots, over all genes (constant genes left out) and over the 300 genes with the highest mean expression in the
 held-out section; MSE/MAE; genes with a positive r at FDR < 0.05 (Dutilleul's spatial test).
+Spread over spots: for every held-out section, a paired spatial block bootstrap of the difference mclSTExp -
+ridge-PCA256 (`block_bootstrap`: square blocks of 300 / 500 / 800 µm drawn with replacement, 1,000 draws, both
+methods' r recomputed on the same drawn spots), stored with the evaluation's run in the JSON.
 
 Writes `benchmarks/results/expression_mob.md` and `benchmarks/results/expression_mob.json`.
 """
@@ -38,6 +41,7 @@ import platform
 import shlex
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -62,6 +66,9 @@ METHOD_NAMES = {"mclstexp": "mclSTExp (defaults)", "ridge_pca256": "ridge-PCA256
 CROSS_ANIMAL_FOLD = "MOB3"  # held out with MOB1 + MOB2 (animal 1) as the training sections: animal 1 -> animal 2
 #: smoothing weight of the `smoothed` evaluation (the value the her2st nested validation chose for mclSTExp)
 SMOOTH = 0.5
+#: sides (µm) of the square spatial blocks of the paired bootstrap; one array step of MOB's '2k' array is 100 µm
+BLOCKS_UM = (300, 500, 800)
+N_BOOT = 1000
 #: the evaluations (`--evaluations`): name on the page, held-out groups, model options, seed
 EVALUATIONS = {
     "loso": {"name": "leave-one-section-out", "groups": None, "model_kwargs": {}, "random_state": 0},
@@ -148,6 +155,80 @@ def verdict(over: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
                 res.append(f"{name}: {a[col]:.3f} vs {b[col]:.3f} ({'holds' if holds else 'does not hold'})")
             out.append(f"- {label}: " + "; ".join(res) + ".")
     return out
+
+
+def _pearson(t: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Per-column Pearson r (NaN for a constant column); `hs.metrics.pearson_per_gene` without its checks, for speed."""
+    t, p = t - t.mean(axis=0), p - p.mean(axis=0)
+    den = np.sqrt((t * t).sum(axis=0) * (p * p).sum(axis=0))
+    return np.divide((t * p).sum(axis=0), den, out=np.full(den.shape, np.nan), where=den > 0)
+
+
+def _paired_difference(t, pa, pb, top, idx) -> tuple[float, float]:
+    """Mean over genes (all, `top`) of r(pa) - r(pb) against `t` on the spots `idx` (NaN genes left out)."""
+    d = _pearson(t[idx], pa[idx]) - _pearson(t[idx], pb[idx])
+    return float(np.nanmean(d)), float(np.nanmean(d[top]))
+
+
+def block_bootstrap(res: dict, adata: ad.AnnData) -> dict:
+    """Paired spatial block bootstrap of mclSTExp - ridge-PCA256 on each held-out section.
+
+    Held-out spots are grouped into square blocks of side `BLOCKS_UM` (array steps of 100 µm), blocks are drawn with
+    replacement `N_BOOT` times (seed 0), and each draw recomputes every gene's Pearson r of both methods on the drawn
+    spots; the statistic is the mean over genes of the difference (all genes, and the top genes of the full section).
+    Blocks keep the spatial autocorrelation of neighbouring spots, which a spot-level bootstrap would ignore.
+    `{fold: {block_um: {...}}}` with the observed difference, its 2.5 / 97.5 percentiles and the share of draws below 0.
+    """
+    out = {}
+    for fold, obs in res["observed"].items():
+        t = obs.to_numpy(np.float64)
+        pa, pb = (res["predictions"][m][fold].loc[obs.index, obs.columns].to_numpy(np.float64)
+                  for m in ("mclstexp", "ridge_pca256"))  # fmt: skip
+        top = np.argsort(-t.mean(axis=0), kind="stable")[:N_TOP]
+        steps = adata.obs.loc[obs.index, ["array_row", "array_col"]].to_numpy(np.float64)
+
+        diff = partial(_paired_difference, t, pa, pb, top)
+        out[fold] = {}
+        for side in BLOCKS_UM:
+            blk = np.unique(np.floor(steps * 100.0 / side).astype(np.int64), axis=0, return_inverse=True)[1].ravel()
+            members = [np.flatnonzero(blk == b) for b in range(blk.max() + 1)]
+            rng = np.random.default_rng(0)
+            draws = np.array([diff(np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))]))
+                              for _ in range(N_BOOT)])  # fmt: skip
+            obs_d = diff(np.arange(len(t)))
+            out[fold][str(side)] = {
+                "n_blocks": len(members),
+                **{f"diff_{k}": round(obs_d[j], 4) for j, k in enumerate(("all", "top"))},
+                **{f"ci95_{k}": np.percentile(draws[:, j], [2.5, 97.5]).round(4).tolist() for j, k in enumerate(("all", "top"))},
+                "share_below_0_all": round(float(np.mean(draws[:, 0] < 0)), 3),
+            }  # fmt: skip
+    return out
+
+
+def bootstrap_lines(runs: dict) -> list[str]:
+    """The page's lines for the paired block bootstrap of each evaluation that has one."""
+    out = []
+    for ev, r in runs.items():
+        boot = r.get("block_bootstrap")
+        if not boot:
+            continue
+        if not out:
+            out += [
+                f"Spread over spots: paired spatial block bootstrap of mclSTExp - ridge-PCA256 (mean per-gene r) on "
+                f"each held-out section; square blocks of the side given, {N_BOOT} draws of blocks with replacement "
+                "(seed 0), both methods' r recomputed on the same drawn spots; 95 % percentile interval.",
+                "",
+                "| evaluation | held-out section | block | blocks | difference all genes [95 % interval] | "
+                f"difference top {N_TOP} [95 % interval] | draws below 0 (all) |",
+                "|---|---|---|---|---|---|---|",
+            ]
+        for fold, sides in boot.items():
+            for side, b in sides.items():
+                lo, hi = b["ci95_all"]
+                lo2, hi2 = b["ci95_top"]
+                out.append(f"| {ev} | {fold} | {side} µm | {b['n_blocks']} | {b['diff_all']:+.4f} [{lo:+.4f}, "
+                           f"{hi:+.4f}] | {b['diff_top']:+.4f} [{lo2:+.4f}, {hi2:+.4f}] | {b['share_below_0_all']:.1%} |")  # fmt: skip
+    return out + [""] if out else []
 
 
 def previous(out: Path, recomputed: list[str]) -> tuple[list, list, dict, dict]:
@@ -262,6 +343,7 @@ def write(args, adata, genes, feat, summaries, overall, pearson, runs) -> None:
         "",
         *seed_spread(summary),
         "",
+        *bootstrap_lines(runs),
         "## Overall (mean over the held-out sections of each evaluation)",
         "",
         md_table(over, ocols),
@@ -349,6 +431,7 @@ def main() -> None:
             baselines=("ridge_pca256", "knn"),
             knn_k=50,
             random_state=spec["random_state"],
+            return_predictions=True,
         )
         s = res["summary"].copy()
         s["method"] = s["method"].replace(METHOD_NAMES)
@@ -366,6 +449,7 @@ def main() -> None:
             "load_average_at_start": load_start,
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
             "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "block_bootstrap": block_bootstrap(res, adata),
         }
         print(o[["method", "pcc_all", "pcc_top", "mse", "train_time_s"]].to_string(), flush=True)
         if args.merge:  # the page's other evaluations (read again: another run may have added some meanwhile)
