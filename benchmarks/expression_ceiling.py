@@ -134,7 +134,7 @@ def main() -> None:
         cells = " | ".join(f"{np.mean(scores[s][k], axis=0)[0]:.3f}" for s in sections)
         md.append(f"| {name} | {mean[k][0]:.3f} | {mean[k][1]:.3f} | {cells} |")
     data = {
-        "sections": {s: {k: v for k, v in scores[s].items()} for s in sections},
+        "sections": scores,
         "mean": mean,
         "genes": len(genes),
         "n_top": n_top,
