@@ -41,7 +41,6 @@ import platform
 import shlex
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -55,6 +54,7 @@ import histospace as hs
 from histospace._image import mclstexp_features as _mclstexp_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _spread
 from expression import _data_dir, md_table  # the her2st benchmark's data root and table format
 
 SECTIONS = ["MOB1", "MOB2", "MOB3"]
@@ -66,9 +66,8 @@ METHOD_NAMES = {"mclstexp": "mclSTExp (defaults)", "ridge_pca256": "ridge-PCA256
 CROSS_ANIMAL_FOLD = "MOB3"  # held out with MOB1 + MOB2 (animal 1) as the training sections: animal 1 -> animal 2
 #: smoothing weight of the `smoothed` evaluation (the value the her2st nested validation chose for mclSTExp)
 SMOOTH = 0.5
-#: sides (µm) of the square spatial blocks of the paired bootstrap; one array step of MOB's '2k' array is 100 µm
-BLOCKS_UM = (300, 500, 800)
-N_BOOT = 1000
+#: µm per step of MOB's '2k' array coordinates (the blocks of the paired bootstrap are in µm)
+ARRAY_STEP_UM = 100.0
 #: the evaluations (`--evaluations`): name on the page, held-out groups, model options, seed
 EVALUATIONS = {
     "loso": {"name": "leave-one-section-out", "groups": None, "model_kwargs": {}, "random_state": 0},
@@ -157,27 +156,12 @@ def verdict(over: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
     return out
 
 
-def _pearson(t: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Per-column Pearson r (NaN for a constant column); `hs.metrics.pearson_per_gene` without its checks, for speed."""
-    t, p = t - t.mean(axis=0), p - p.mean(axis=0)
-    den = np.sqrt((t * t).sum(axis=0) * (p * p).sum(axis=0))
-    return np.divide((t * p).sum(axis=0), den, out=np.full(den.shape, np.nan), where=den > 0)
-
-
-def _paired_difference(t, pa, pb, top, idx) -> tuple[float, float]:
-    """Mean over genes (all, `top`) of r(pa) - r(pb) against `t` on the spots `idx` (NaN genes left out)."""
-    d = _pearson(t[idx], pa[idx]) - _pearson(t[idx], pb[idx])
-    return float(np.nanmean(d)), float(np.nanmean(d[top]))
-
-
 def block_bootstrap(res: dict, adata: ad.AnnData) -> dict:
-    """Paired spatial block bootstrap of mclSTExp - ridge-PCA256 on each held-out section.
+    """Paired spatial block bootstrap (`_spread`) of mclSTExp - ridge-PCA256 on each held-out section.
 
-    Held-out spots are grouped into square blocks of side `BLOCKS_UM` (array steps of 100 µm), blocks are drawn with
-    replacement `N_BOOT` times (seed 0), and each draw recomputes every gene's Pearson r of both methods on the drawn
-    spots; the statistic is the mean over genes of the difference (all genes, and the top genes of the full section).
-    Blocks keep the spatial autocorrelation of neighbouring spots, which a spot-level bootstrap would ignore.
-    `{fold: {block_um: {...}}}` with the observed difference, its 2.5 / 97.5 percentiles and the share of draws below 0.
+    Positions in µm from the array coordinates (one step of MOB's '2k' array = 100 µm); the top genes are those of the
+    whole held-out section. `{fold: {block side in µm: {...}}}` with the observed difference, its 95 % percentile
+    interval and the share of draws below 0.
     """
     out = {}
     for fold, obs in res["observed"].items():
@@ -185,23 +169,11 @@ def block_bootstrap(res: dict, adata: ad.AnnData) -> dict:
         pa, pb = (res["predictions"][m][fold].loc[obs.index, obs.columns].to_numpy(np.float64)
                   for m in ("mclstexp", "ridge_pca256"))  # fmt: skip
         top = np.argsort(-t.mean(axis=0), kind="stable")[:N_TOP]
-        steps = adata.obs.loc[obs.index, ["array_row", "array_col"]].to_numpy(np.float64)
-
-        diff = partial(_paired_difference, t, pa, pb, top)
-        out[fold] = {}
-        for side in BLOCKS_UM:
-            blk = np.unique(np.floor(steps * 100.0 / side).astype(np.int64), axis=0, return_inverse=True)[1].ravel()
-            members = [np.flatnonzero(blk == b) for b in range(blk.max() + 1)]
-            rng = np.random.default_rng(0)
-            draws = np.array([diff(np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))]))
-                              for _ in range(N_BOOT)])  # fmt: skip
-            obs_d = diff(np.arange(len(t)))
-            out[fold][str(side)] = {
-                "n_blocks": len(members),
-                **{f"diff_{k}": round(obs_d[j], 4) for j, k in enumerate(("all", "top"))},
-                **{f"ci95_{k}": np.percentile(draws[:, j], [2.5, 97.5]).round(4).tolist() for j, k in enumerate(("all", "top"))},
-                "share_below_0_all": round(float(np.mean(draws[:, 0] < 0)), 3),
-            }  # fmt: skip
+        xy_um = adata.obs.loc[obs.index, ["array_row", "array_col"]].to_numpy(np.float64) * ARRAY_STEP_UM
+        out[fold] = {
+            str(side): _spread.summary(*_spread.block_draws(t, pa, pb, xy_um, top=top, side_um=side))
+            for side in _spread.BLOCKS_UM
+        }
     return out
 
 
@@ -215,7 +187,7 @@ def bootstrap_lines(runs: dict) -> list[str]:
         if not out:
             out += [
                 f"Spread over spots: paired spatial block bootstrap of mclSTExp - ridge-PCA256 (mean per-gene r) on "
-                f"each held-out section; square blocks of the side given, {N_BOOT} draws of blocks with replacement "
+                f"each held-out section; square blocks of the side given, {_spread.N_BOOT} draws of blocks with replacement "
                 "(seed 0), both methods' r recomputed on the same drawn spots; 95 % percentile interval.",
                 "",
                 "| evaluation | held-out section | block | blocks | difference all genes [95 % interval] | "
@@ -223,11 +195,7 @@ def bootstrap_lines(runs: dict) -> list[str]:
                 "|---|---|---|---|---|---|---|",
             ]
         for fold, sides in boot.items():
-            for side, b in sides.items():
-                lo, hi = b["ci95_all"]
-                lo2, hi2 = b["ci95_top"]
-                out.append(f"| {ev} | {fold} | {side} µm | {b['n_blocks']} | {b['diff_all']:+.4f} [{lo:+.4f}, "
-                           f"{hi:+.4f}] | {b['diff_top']:+.4f} [{lo2:+.4f}, {hi2:+.4f}] | {b['share_below_0_all']:.1%} |")  # fmt: skip
+            out += [_spread.table_row(f"{ev} | {fold}", side, b) for side, b in sides.items()]
     return out + [""] if out else []
 
 
