@@ -24,6 +24,9 @@ ridge-PCA256 on the image features (the HEST-Benchmark protocol) is scored besid
 smoothing. Scores: mean per-gene Pearson r over the 785 panel genes (pcc_all) and over the 50 most expressed genes of
 the held-out section (pcc_top; MOB: all 1,000 genes and the top 300), targets `ln(1 + CP10k)` over the genes, as in
 `benchmarks/expression.py`; per-gene wins of retrieval over the head are counted over the genes of all folds.
+Spread over spots: retrieval - ridge-PCA256 (context off) by the paired spatial block bootstrap of `_spread.py`,
+per section and for the mean over sections (positions in µm from the array coordinates: 200 µm per step on her2st's
+ST array, 100 µm on MOB's '2k' array).
 
 Writes `benchmarks/results/expression_retrieval.md` and `.json`.
 """
