@@ -76,14 +76,20 @@ def section_scores(feats, y, lib, xy, section: str, n_top: int) -> dict[str, lis
     """`{training set: [(pcc_all, pcc_top) per test half]}` of one section."""
     own = lib == section
     idx = np.flatnonzero(own)
+    other = ridge_pca256(feats, y, ~own, own)  # the same fit for every half: made once, its rows taken per half
     out = {k: [] for k in TRAIN}
     for half in halves(xy[own]):
         test = np.zeros(len(lib), bool)
         test[idx[half]] = True
         rest = own & ~test
         top = np.argsort(-y[test].mean(axis=0), kind="stable")[:n_top]
-        for k, train in (("other", ~own), ("other+half", ~own | rest), ("half", rest)):
-            r, _ = _pearson_columns(y[test], ridge_pca256(feats, y, train, test))
+        preds = {
+            "other": other[half],
+            "other+half": ridge_pca256(feats, y, ~own | rest, test),
+            "half": ridge_pca256(feats, y, rest, test),
+        }
+        for k, pred in preds.items():
+            r, _ = _pearson_columns(y[test], pred)
             out[k].append((float(np.nanmean(r)), float(np.nanmean(r[top]))))
     return out
 
