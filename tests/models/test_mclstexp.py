@@ -82,6 +82,50 @@ def test_model_save_load(adata, tmp_path):
         hs.models.MclSTExp.load(tmp_path / "nothing")
 
 
+def test_model_expression_rank(adata, tmp_path):
+    """Predictions from the reference expression on its first principal axes: the default 16, off with the preset."""
+    import json
+
+    genes = list(adata.var_names)  # 30 genes: rank 16 is a real reduction
+    assert hs.models.MclSTExp(adata, genes=genes, **TINY).expression_rank == 16
+    assert hs.models.MclSTExp(adata, genes=genes, preset="reference", **TINY).expression_rank == 0
+    for bad in (-1, 1.5, "16"):
+        with pytest.raises((ValueError, TypeError), match="expression_rank"):
+            hs.models.MclSTExp(adata, genes=genes, expression_rank=bad, **TINY)
+    model = hs.models.MclSTExp(adata, genes=genes, expression_rank=4, **TINY).train(random_state=0, **FIT)
+    y = model.reference_expression.astype(np.float64)
+    low = model.reference.expression_at_rank(4)
+    # by hand: the centred reference on its first 4 right singular vectors, clipped to each gene's range
+    v = np.linalg.svd(y - y.mean(0), full_matrices=False)[2][:4]
+    by_hand = np.clip((y - y.mean(0)) @ v.T @ v + y.mean(0), y.min(0), y.max(0))
+    np.testing.assert_allclose(low, by_hand, atol=1e-4)
+    assert low.dtype == np.float32 and not np.allclose(low, y, atol=1e-3)
+    # the prediction is the weighted mean of the low-rank reference rows: rank 0 on those rows gives it back
+    emb = model.get_image_embedding(adata)
+    pred = model.predict_from_embedding(emb, n_neighbors=7)
+    model.expression_rank = 0
+    raw = model.predict_from_embedding(emb, n_neighbors=7)
+    assert not np.allclose(pred, raw, atol=1e-4)
+    model.reference.expression, y32 = low, model.reference.expression
+    np.testing.assert_allclose(model.predict_from_embedding(emb, n_neighbors=7), pred, atol=1e-5)
+    model.reference.expression, model.expression_rank = y32, 4
+    # a rank that spans every axis leaves the expression as measured
+    np.testing.assert_array_equal(model.reference.expression_at_rank(len(genes)), model.reference_expression)
+    # saved and loaded: the same rank, the same axes, the same predictions; a model saved before the option had
+    # none and keeps predicting from the expression as measured
+    model.save(tmp_path / "m")
+    loaded = hs.models.MclSTExp.load(tmp_path / "m")
+    assert loaded.expression_rank == 4
+    np.testing.assert_array_equal(loaded.predict(adata, n_neighbors=7), model.predict(adata, n_neighbors=7))
+    params = json.loads((tmp_path / "m" / "params.json").read_text())
+    del params["init"]["expression_rank"]
+    (tmp_path / "m" / "params.json").write_text(json.dumps(params))
+    old = hs.models.MclSTExp.load(tmp_path / "m")
+    assert old.expression_rank == 0
+    model.expression_rank = 0
+    np.testing.assert_array_equal(old.predict(adata, n_neighbors=7), model.predict(adata, n_neighbors=7))
+
+
 def test_model_seed_ensemble(adata, tmp_path):
     genes = list(adata.var_names)
     ens = hs.models.MclSTExp(adata, genes=genes, **TINY).train(random_state=3, **{**FIT, "n_models": 3})

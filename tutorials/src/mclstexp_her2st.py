@@ -193,7 +193,9 @@ print("same prediction after reloading:", np.allclose(again.layers["mclstexp"], 
 # `hs.tl.mclstexp_cross_validate` holds out each section in turn, trains on the others with the same default
 # settings and predicts the held-out one (the panel and the normalisation are fixed from the training part). Two
 # baselines are fitted on the same folds, genes and image features: a ridge regression on the first 256 principal
-# components of the features (the HEST-Benchmark protocol) and a k-nearest-neighbour regression. The summary has one
+# components of the features (the HEST-Benchmark protocol) and a k-nearest-neighbour regression. The model predicts
+# from the reference expression on its first 16 principal axes (`expression_rank=16`, the default), so the
+# baselines' predictions are put on the same axes, and that step is not credited to mclSTExp. The summary has one
 # row per method and fold: the mean per-gene Pearson r over the panel (`pcc_all`) and over the 50 genes with the
 # highest mean expression in the held-out section (`pcc_top`).
 

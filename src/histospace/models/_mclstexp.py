@@ -126,9 +126,12 @@ class MclSTExp(QueryMixin, BaseModelClass):
     smooth_predictions
         Mix each query spot's predicted expression with the mean prediction of its ring-1 neighbours on the query's
         spatial graph: `(1 - w) * p + w * mean(p over ring 1)` (a spot without neighbours keeps its own). `None`:
-        0 (off). Nested validation on her2st chose w = 0.5 for mclSTExp in every outer fold, for +0.006 mean PCC on
-        all genes and -0.002 on the top 50 (`benchmarks/expression_context.py`); it stays opt-in until a second
-        tissue confirms it. Needs the query's spatial graph or spot centres.
+        0 (off; nested validation on her2st chose w = 0.5, +0.006 mean PCC on all genes, -0.002 on the top 50, not
+        confirmed on a second tissue: `benchmarks/expression_context.py`). Needs the query's graph or spot centres.
+    expression_rank
+        Predict from the reference expression on its first `expression_rank` principal axes (a centred PCA over the
+        reference spots, clipped to each gene's reference range), so a gene borrows the programme it belongs to.
+        `None`: 16 (0 with `preset='reference'`); 0: the expression as measured. See the expression benchmark.
     connectivity_key
         The spatial graph of the reference and of each query (`adata.obsp`; the base name of
         :func:`histospace.pp.spatial_graph`'s `key_added` or the full key). When absent it is built with
@@ -190,6 +193,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
         reference_batch_size: int | None = None,
         spatial_context: int | None = None,
         smooth_predictions: float | None = None,
+        expression_rank: int | None = None,
         connectivity_key: str = CONNECTIVITIES_KEY,
         _reference: ReferenceData | None = None,
     ):
@@ -253,6 +257,9 @@ class MclSTExp(QueryMixin, BaseModelClass):
         #: weight of the ring-1 mean of the predictions over the query's graph (0: none)
         self.smooth_predictions = float(check_number(smooth_predictions, "smooth_predictions", low=0, high=1))
         self.init_params_["smooth_predictions"] = self.smooth_predictions
+        rank = settings.DEFAULT_RANK if expression_rank is None and preset is None else expression_rank or 0
+        self.expression_rank = int(check_number(rank, "expression_rank", integer=True, low=0))  # 0: as measured
+        self.init_params_["expression_rank"] = self.expression_rank
         self.connectivity_key = connectivity_key
         self._encoder_spec = (encoder, None if encoder_weights is None else str(encoder_weights))
         self._fine_tune = {
@@ -568,7 +575,7 @@ class MclSTExp(QueryMixin, BaseModelClass):
         Pass `encoder=` (the same architecture) for a model fine-tuned with a custom `torch.nn.Module` encoder.
         """
         folder, meta, arrays = cls._read_folder(dir_path)
-        init = dict(meta["init"])
+        init = {"expression_rank": 0, **meta["init"]}  # saved before `expression_rank`: predictions as they were
         custom = isinstance(init.get("encoder"), dict)
         if custom and not init.get("freeze_encoder", True) and encoder is None:
             msg = "This model was fine-tuned with a custom encoder module; pass the same architecture as `encoder=`."

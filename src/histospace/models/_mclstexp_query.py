@@ -404,7 +404,7 @@ class QueryMixin:
         return knn_predict(
             emb,
             self.reference_embeddings,
-            self.reference_expression,
+            self.reference.expression_at_rank(self.expression_rank),
             n_neighbors=n_neighbors,
             weighting=weighting,
             logit_scale=float(self.module.logit_scale),

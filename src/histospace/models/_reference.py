@@ -65,6 +65,9 @@ class ReferenceData:
     features: np.ndarray | None = None
     views: list[np.ndarray] = field(default_factory=list)
     patches: PatchStream | None = None
+    #: principal axes of :attr:`expression` (`'mean'`, `'components'`), computed once by :meth:`expression_at_rank`
+    expression_pca: dict | None = None
+    _at_rank: tuple[int, int, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def trainable(self) -> bool:
@@ -186,6 +189,11 @@ class ReferenceData:
             ),
             feature_mean=arrays.get("feature_mean"),
             feature_std=arrays.get("feature_std"),
+            expression_pca=(
+                {"mean": arrays["expression_pca_mean"], "components": arrays["expression_pca_components"]}
+                if "expression_pca_mean" in arrays
+                else None
+            ),
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -196,6 +204,9 @@ class ReferenceData:
         if self.feature_pca is not None:
             out["feature_pca_mean"] = self.feature_pca["mean"]
             out["feature_pca_components"] = self.feature_pca["components"]
+        if self.expression_pca is not None:
+            out["expression_pca_mean"] = self.expression_pca["mean"]
+            out["expression_pca_components"] = self.expression_pca["components"]
         return out
 
     def meta(self) -> dict[str, Any]:
@@ -208,6 +219,39 @@ class ReferenceData:
             "feature_params": self.feature_params,
             "feature_settings": self.feature_settings,
         }
+
+    def expression_at_rank(self, rank: int) -> np.ndarray:
+        """:attr:`expression` on its first `rank` principal axes (:meth:`on_axes`), kept for the last rank asked."""
+        if self._at_rank is None or self._at_rank[:2] != (rank, id(self.expression)):
+            self._at_rank = (rank, id(self.expression), self.on_axes(self.expression, rank))
+        return self._at_rank[2]
+
+    def on_axes(self, x: np.ndarray, rank: int) -> np.ndarray:
+        """Rows `x` (spots x genes) on the first `rank` principal axes of :attr:`expression`, in its range; float32.
+
+        The axes are those of a centred PCA over the reference spots (exact: :class:`~sklearn.decomposition.PCA` with
+        the covariance eigendecomposition when there are more spots than genes, else a full SVD), computed once and
+        kept (saved with the model); each gene is then clipped to its reference range. `rank=0`, or a rank that spans
+        every axis, leaves `x` as it is.
+        """
+        y = self.expression
+        n, g = y.shape
+        if rank == 0 or rank >= min(g, n - 1):
+            return np.asarray(x, dtype=np.float32)
+        pca = self.expression_pca
+        if pca is None or pca["components"].shape[0] < rank:
+            from sklearn.decomposition import PCA
+
+            fit = PCA(n_components=rank, svd_solver="covariance_eigh" if n >= g else "full", random_state=0)
+            fit.fit(np.asarray(y, dtype=np.float64))
+            pca = {"mean": fit.mean_.astype(np.float32), "components": fit.components_.astype(np.float32)}
+            self.expression_pca = pca
+        v, mean = pca["components"][:rank], pca["mean"]
+        low, lo, hi = np.empty(x.shape, dtype=np.float32), y.min(axis=0), y.max(axis=0)
+        for start in range(0, x.shape[0], 65536):  # chunks: a reference of 10^6 bins never needs a float64 copy
+            part = (np.asarray(x[start : start + 65536], dtype=np.float32) - mean) @ v.T @ v + mean
+            low[start : start + 65536] = np.clip(part, lo, hi)
+        return low
 
     def scale(self, feats: np.ndarray) -> np.ndarray:
         """Standardise image features with the reference's mean and standard deviation (when `scale_features`)."""

@@ -148,8 +148,10 @@ def mclstexp_cross_validate(
         `min(256, n_train - 1, n_features)` principal components, fitted on the training spots) and `'knn'`
         (:class:`~sklearn.neighbors.KNeighborsRegressor`, `knn_k` neighbours, uniform weights). The regression
         baselines use the image features standardised with the training mean and standard deviation; with
-        `smooth_neighbors > 0` in `predict_kwargs` they are smoothed over the same spatial neighbours, and with the
-        model's `smooth_predictions > 0` their predictions are smoothed as the model's are. `()`: none.
+        `smooth_neighbors > 0` in `predict_kwargs` they are smoothed over the same spatial neighbours; their
+        predictions are put on the model's principal axes of the training expression (`expression_rank`, 16 by
+        default) and, with the model's `smooth_predictions > 0`, smoothed as the model's are, so that neither step
+        is credited to the model. `()`: none.
     knn_k, ridge_alphas
         Baseline settings.
     groups
@@ -336,7 +338,9 @@ def mclstexp_cross_validate(
                 p, tt, tp = _regression_baseline(
                     b, xtr, y_train, xte, ridge_alphas=ridge_alphas, knn_k=knn_k, random_state=random_state
                 )
-                if ring1 is not None:  # the model's smoothing of the predictions, so that it is not credited to it
+                # the model's principal axes of the expression and its smoothing, so that they are not credited to it
+                p = model.reference.on_axes(p, model.expression_rank)
+                if ring1 is not None:
                     p = smooth_rows(p, ring1, model.smooth_predictions)
                 preds[b] = (p, tt + t_prep, tp, None)
 

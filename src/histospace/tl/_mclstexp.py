@@ -319,6 +319,8 @@ def mclstexp_predict(
                 "preset": model.preset,
                 "spot_encoder": model.config["spot_encoder"],
                 "spatial_context": int(model.spatial_context),
+                "smooth_predictions": float(model.smooth_predictions),
+                "expression_rank": int(model.expression_rank),
                 "n_reference_spots": int(model.reference_expression.shape[0]),
                 "n_models": int(model.n_models_),
                 "genes": list(model.genes),
