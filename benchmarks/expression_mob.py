@@ -21,8 +21,10 @@ Evaluations (`hs.tl.mclstexp_cross_validate`, same folds, genes, targets and fea
 - the cross-animal fold again at seeds 1 and 2 (`--evaluations animal_seed1 animal_seed2`), for its seed spread.
 `--merge` keeps the evaluations already on the page, so they can be computed by separate runs.
 Methods: mclSTExp with the defaults of `hs.models.MclSTExp` / `hs.tl.mclstexp_train` (30 epochs, 5 seeds, softmax
-weights over 200 neighbours), ridge-PCA256 (the HEST-Benchmark protocol) and kNN (k = 50) on the same standardised
-features. Targets: `ln(1 + 1e4 x / s)` per spot over the genes. Scores: mean per-gene Pearson r over the held-out
+weights over 200 neighbours, the reference expression on its first 16 principal axes), ridge-PCA256 (the
+HEST-Benchmark protocol) and kNN (k = 50) on the same standardised features, their predictions put on the same 16
+axes by `hs.tl.mclstexp_cross_validate` (as it smooths them when the model smooths); the baselines without that step
+are rows of `benchmarks/expression_retrieval.py --dataset mob`. Targets: `ln(1 + 1e4 x / s)` per spot over the genes. Scores: mean per-gene Pearson r over the held-out
 spots, over all genes (constant genes left out) and over the 300 genes with the highest mean expression in the
 held-out section; MSE/MAE; genes with a positive r at FDR < 0.05 (Dutilleul's spatial test).
 Spread over spots: for every held-out section, a paired spatial block bootstrap of the difference mclSTExp -
@@ -52,6 +54,7 @@ import torch
 
 import histospace as hs
 from histospace._image import mclstexp_features as _mclstexp_features
+from histospace.models._mclstexp_config import DEFAULT_RANK
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _spread
@@ -298,9 +301,13 @@ def write(args, adata, genes, feat, summaries, overall, pearson, runs) -> None:
             else []
         ),
         "Methods: mclSTExp with the defaults of `hs.models.MclSTExp` / `hs.tl.mclstexp_train` (L2-normalised "
-        "embeddings with a learned temperature, 30 epochs, 5 seeds averaged, softmax weights over 200 neighbours); "
+        "embeddings with a learned temperature, 30 epochs, 5 seeds averaged, softmax weights over 200 neighbours, "
+        f"the reference expression on its first {DEFAULT_RANK} principal axes: `expression_rank={DEFAULT_RANK}`); "
         "ridge-PCA256 (RidgeCV on the first 256 principal components of the standardised training features, the "
-        "HEST-Benchmark protocol) and kNN (k = 50) on the same features. In the evaluation with smoothed "
+        "HEST-Benchmark protocol) and kNN (k = 50) on the same features, their predictions put on the same "
+        f"{DEFAULT_RANK} axes of the training expression by `hs.tl.mclstexp_cross_validate`, so that the step is "
+        "not credited to mclSTExp (the baselines without it: `expression_retrieval.md`, section `mob`). In the "
+        "evaluation with smoothed "
         f"predictions, mclSTExp is trained with `smooth_predictions={SMOOTH}` and every method's predictions (the "
         "baselines' too, by `hs.tl.mclstexp_cross_validate`) are mixed with their mean over ring 1 of the held-out "
         f"section's spatial graph: `(1 - {SMOOTH}) p + {SMOOTH} mean(p over ring 1)`.",

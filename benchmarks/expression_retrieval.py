@@ -10,22 +10,26 @@ all 1,000 genes, the 300 most expressed as the top set; its fold MOB3 is the cro
 Written as the section `mob` of the page.)
 
 For each held-out section, one seed ensemble of mclSTExp with the defaults of `hs.models.MclSTExp` (5 models, 30
-epochs, features `stages224+448` of `benchmarks/expression.py`) is trained on the other sections, and four
-predictions are made from the same trained models, so that the table isolates two components:
+epochs, features `stages224+448` of `benchmarks/expression.py`) is trained on the other sections, and six
+predictions are made from the same trained models, so that the table isolates three components:
 
 - cross-slide retrieval on (the model's prediction: the softmax-weighted mean expression of the 200 reference spots
   whose expression embeddings are nearest to the query spot's image embedding, averaged over the 5 models) or off
   (a regression head instead: `RidgeCV` from the 5 models' image embeddings, side by side, of the training spots to
-  their expression; no reference spot is searched at prediction);
+  their expression; no reference spot is searched at prediction; its predictions are put on the model's principal
+  axes of the expression, as the retrieval's are);
+- the reference expression on its first 16 principal axes (`expression_rank=16`, the default) or as measured
+  (`expression_rank=0`);
 - query context off or on (the prediction mixed with its mean over ring 1 of the held-out section's
   `hs.pp.spatial_graph`, weight 0.5: `smooth_predictions=0.5`).
 
-ridge-PCA256 on the image features (the HEST-Benchmark protocol) is scored beside them, with and without the same
-smoothing. Scores: mean per-gene Pearson r over the 785 panel genes (pcc_all) and over the 50 most expressed genes of
+ridge-PCA256 on the image features (the HEST-Benchmark protocol) is scored beside them, as it is and with its
+predictions put on the same 16 axes of the training expression (`ReferenceData.on_axes`, what
+`hs.tl.mclstexp_cross_validate` does to its baselines), with and without the same smoothing. Scores: mean per-gene Pearson r over the 785 panel genes (pcc_all) and over the 50 most expressed genes of
 the held-out section (pcc_top; MOB: all 1,000 genes and the top 300), targets `ln(1 + CP10k)` over the genes, as in
 `benchmarks/expression.py`; per-gene wins of retrieval over the head are counted over the genes of all folds.
-Spread over spots: retrieval - ridge-PCA256 (context off) by the paired spatial block bootstrap of `_spread.py`,
-per section and for the mean over sections (positions in µm from the array coordinates: 200 µm per step on her2st's
+Spread over spots: retrieval - ridge-PCA256 and retrieval - ridge-PCA256 on the 16 axes (context off) by the paired
+spatial block bootstrap of `_spread.py`, per section and for the mean over sections (positions in µm from the array coordinates: 200 µm per step on her2st's
 ST array, 100 µm on MOB's '2k' array).
 
 Writes `benchmarks/results/expression_retrieval.md` and `.json`.
@@ -53,6 +57,7 @@ from expression import SECTIONS, _data_dir, read_panel
 import histospace as hs
 from histospace._utils._data import normalize_expression
 from histospace.models._context import ring_operators, smooth_rows
+from histospace.models._mclstexp_config import DEFAULT_RANK
 from histospace.tl._evaluate import _pearson_columns, _regression_baseline
 
 #: dataset: (sections, feature key, number of top genes, µm per step of the array coordinates: her2st's ST array has
@@ -70,13 +75,22 @@ ROWS = [
     ("regression head (cross-slide off)", "on"),
     ("ridge-PCA256", "off"),
     ("ridge-PCA256", "on"),
+    ("retrieval, expression as measured (`expression_rank=0`)", "off"),
+    ("retrieval, expression as measured (`expression_rank=0`)", "on"),
+    (f"ridge-PCA256 on the same {DEFAULT_RANK} axes", "off"),
+    (f"ridge-PCA256 on the same {DEFAULT_RANK} axes", "on"),
+]
+#: the pairs of the block bootstrap: (label, method a, method b), context off
+PAIRS = [
+    ("retrieval - ridge-PCA256", ROWS[0][0], ROWS[4][0]),
+    (f"retrieval - ridge-PCA256 on the {DEFAULT_RANK} axes", ROWS[0][0], ROWS[8][0]),
 ]
 
 
 def fold(adata, genes: list[str], held_out: str, ring1, key: str, n_top: int, step_um: float, seed: int) -> tuple:
-    """Scores `{(method, context): (pcc_all, pcc_top)}`, per-gene r, training seconds and the paired block bootstrap
-    of retrieval - ridge-PCA256 (context off; `{side: (observed, draws, n_blocks)}`, see `_spread`) of one held-out
-    section; `step_um`: µm per step of the array coordinates.
+    """Scores `{(method, context): (pcc_all, pcc_top)}`, per-gene r, training seconds and the paired block bootstraps
+    of `PAIRS` (context off; `{pair: {side: (observed, draws, n_blocks)}}`, see `_spread`) of one held-out section;
+    `step_um`: µm per step of the array coordinates.
     """
     lib = adata.obs["library_id"].astype(str).to_numpy()
     tr, te = adata[lib != held_out].copy(), adata[lib == held_out].copy()
@@ -88,7 +102,8 @@ def fold(adata, genes: list[str], held_out: str, ring1, key: str, n_top: int, st
     model = hs.models.MclSTExp(tr, features_key=key, genes=genes)
     model.train(random_state=0, progress_bar=False, device="cpu")
     train_s = time.perf_counter() - t0
-    retrieval, emb_tr, emb_te, n = 0.0, [], [], model.n_models_
+    rank = model.expression_rank
+    retrieval, measured, emb_tr, emb_te, n = 0.0, 0.0, [], [], model.n_models_
     for i in range(n):
         if n > 1:
             model._use_member(i)
@@ -96,6 +111,9 @@ def fold(adata, genes: list[str], held_out: str, ring1, key: str, n_top: int, st
         emb_te.append(e)
         emb_tr.append(model.get_image_embedding(tr))
         retrieval = retrieval + model.predict_from_embedding(e) / n
+        model.expression_rank = 0
+        measured = measured + model.predict_from_embedding(e) / n
+        model.expression_rank = rank
     if n > 1:
         model._use_member(0)
     from sklearn.linear_model import RidgeCV
@@ -106,7 +124,14 @@ def fold(adata, genes: list[str], held_out: str, ring1, key: str, n_top: int, st
     ridge, _, _ = _regression_baseline(
         "ridge_pca256", (f - mu) / sd, ytr, (g - mu) / sd, ridge_alphas=ALPHAS, knn_k=50, random_state=0
     )
-    preds = {ROWS[0][0]: retrieval, ROWS[2][0]: head, ROWS[4][0]: ridge}
+    on_axes = model.reference.on_axes  # the model's axes of the training expression (ytr: the same expression)
+    preds = {
+        ROWS[0][0]: retrieval,
+        ROWS[2][0]: on_axes(head, rank),
+        ROWS[4][0]: ridge,
+        ROWS[6][0]: measured,
+        ROWS[8][0]: on_axes(ridge, rank),
+    }
     scores, per_gene = {}, {}
     for method, context in ROWS:
         p = np.asarray(preds[method], dtype=np.float32)
@@ -116,8 +141,12 @@ def fold(adata, genes: list[str], held_out: str, ring1, key: str, n_top: int, st
         scores[(method, context)] = (float(np.nanmean(r)), float(np.nanmean(r[top])))
         per_gene[(method, context)] = r
     xy_um = te.obs[["array_row", "array_col"]].to_numpy(np.float64) * step_um
-    pa, pb = (np.asarray(preds[m], dtype=np.float64) for m in (ROWS[0][0], ROWS[4][0]))
-    boot = {side: _spread.block_draws(y, pa, pb, xy_um, top=top, side_um=side, seed=seed) for side in _spread.BLOCKS_UM}
+    boot = {}
+    for label, ma, mb in PAIRS:
+        pa, pb = (np.asarray(preds[m], dtype=np.float64) for m in (ma, mb))
+        boot[label] = {
+            side: _spread.block_draws(y, pa, pb, xy_um, top=top, side_um=side, seed=seed) for side in _spread.BLOCKS_UM
+        }
     return scores, per_gene, train_s, boot
 
 
@@ -182,29 +211,38 @@ def main() -> None:
         f"{100 * wins['on']:.0f} % (context on). Training per fold (5 models): {np.mean(train_s):.0f} s on average "
         "(shared 2-core machine; not a quiet figure).",
         "",
-        "Spread over spots of retrieval (the default) - ridge-PCA256, context off: paired spatial block bootstrap "
-        f"(square blocks of the side given, {_spread.N_BOOT} draws of blocks with replacement per section, both "
-        "methods' r recomputed on the same drawn spots; the mean over sections averages one draw of each section); "
-        "95 % percentile interval.",
-        "",
-        "| held-out section | block | blocks | difference all genes [95 % interval] | difference top "
-        f"{n_top} [95 % interval] | draws below 0 (all) |",
-        "|---|---|---|---|---|---|",
+        f"Spread over spots of retrieval (the default) - ridge-PCA256, as it is and on the same {DEFAULT_RANK} axes, "
+        "context off: "
+        f"paired spatial block bootstrap (square blocks of the side given, {_spread.N_BOOT} draws of blocks with "
+        "replacement per section, both methods' r recomputed on the same drawn spots; the mean over sections "
+        "averages one draw of each section); 95 % percentile interval.",
     ]
     spread = {}
-    for side in _spread.BLOCKS_UM:
-        per = {s: boots[s][side] for s in sections}
-        mean_obs = np.mean([o for o, _, _ in per.values()], axis=0)
-        mean_draws = np.mean([d for _, d, _ in per.values()], axis=0)
-        spread[str(side)] = {s: _spread.summary(*per[s]) for s in sections}
-        spread[str(side)]["mean"] = _spread.summary(mean_obs, mean_draws, sum(n for _, _, n in per.values()))
-    md += [_spread.table_row(s, side, spread[side][s]) for s in [*sections, "mean"] for side in spread]
+    for label, _, _ in PAIRS:
+        md += [
+            "",
+            f"{label}:",
+            "",
+            "| held-out section | block | blocks | difference all genes [95 % interval] | difference top "
+            f"{n_top} [95 % interval] | draws below 0 (all) |",
+            "|---|---|---|---|---|---|",
+        ]
+        spread[label] = {}
+        for side in _spread.BLOCKS_UM:
+            per = {s: boots[s][label][side] for s in sections}
+            mean_obs = np.mean([o for o, _, _ in per.values()], axis=0)
+            mean_draws = np.mean([d for _, d, _ in per.values()], axis=0)
+            spread[label][str(side)] = {s: _spread.summary(*per[s]) for s in sections}
+            spread[label][str(side)]["mean"] = _spread.summary(mean_obs, mean_draws, sum(n for _, _, n in per.values()))
+        md += [
+            _spread.table_row(s, side, spread[label][side][s]) for s in [*sections, "mean"] for side in spread[label]
+        ]
     data = {
         "folds": {s: {f"{m} | {c}": v for (m, c), v in folds[s].items()} for s in sections},
         "mean": {f"{m} | {c}": v for (m, c), v in mean.items()},
         "retrieval_wins_fraction": wins,
         "train_seconds": train_s,
-        "spread_retrieval_minus_ridge": spread,
+        "spread": spread,
     }
     section = None if args.dataset == "her2st" else args.dataset
     heading = None if section is None else md[0][2:] + " (`--dataset mob`)"
