@@ -6,9 +6,10 @@ Run from the repository root (features cached by `benchmarks/expression.py --cac
 
 One call of `hs.tl.mclstexp_cross_validate` with the defaults of `hs.models.MclSTExp` (the validated settings:
 L2-normalised embeddings with a learned temperature, 30 epochs, a 5-model seed ensemble, softmax weights over 200
-neighbours) on the stage features of the 224-px patch and a 448-px context patch (`stages224+448`, see
+neighbours, the reference expression on its first 16 principal axes) on the stage features of the 224-px patch and a 448-px context patch (`stages224+448`, see
 `expression.py`), with BLEEP-style, ridge, ridge-PCA256 and kNN on the same folds, genes, targets and features, and
-`return_predictions=True`. It reports:
+`return_predictions=True` (the regressions' predictions are put on the model's principal axes, as
+`hs.tl.mclstexp_cross_validate` does). It reports:
 
 - the methods side by side (mean per-gene Pearson over the panel and over the 50 most expressed genes, MSE, MAE, genes
   at FDR < 0.05 per fold, training and prediction time per fold);
@@ -31,6 +32,8 @@ import argparse
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -216,17 +219,17 @@ def main() -> None:
     md = [
         "# Per-gene trust of mclSTExp on her2st (leave-one-slide-out)",
         "",
-        f"Command: `OMP_NUM_THREADS={args.threads} .venv/bin/python benchmarks/expression_trust.py"
-        + (f" --sections {' '.join(args.sections)}" if args.sections != expression.SECTIONS else "")
-        + (f" --epochs {args.epochs}" if args.epochs is not None else "")
-        + (f" --n-models {args.n_models}" if args.n_models is not None else "")
-        + "` (seed 0).",
+        f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} .venv/bin/python "
+        f"benchmarks/expression_trust.py{''.join(' ' + shlex.quote(a) for a in sys.argv[1:])}` (seed 0; "
+        f"{args.threads} torch thread(s)).",
         f"Environment: {json.dumps(env)}.",
         *([f"Note: {args.note}"] if args.note else []),
         "",
         f"{adata.n_obs} spots of {', '.join(args.sections)}, {len(genes)} panel genes, features `{FEATURES}`. mclSTExp "
         "and BLEEP-style: the defaults of `hs.models.MclSTExp` (30 epochs, 5-model seed ensemble, softmax weights over "
-        "200 neighbours) unless the command says otherwise. All methods on the same folds, genes and targets "
+        "200 neighbours, the reference expression on its first 16 principal axes: `expression_rank=16`) unless the "
+        "command says otherwise; ridge, ridge-PCA256 and kNN with their predictions on the same axes (as "
+        "`hs.tl.mclstexp_cross_validate` puts them). All methods on the same folds, genes and targets "
         "(`ln(1 + CP10k)` over the panel). Times in seconds per fold (training includes embedding the reference).",
         "",
         "## Methods side by side (mean over the held-out sections)",
