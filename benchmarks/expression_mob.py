@@ -24,9 +24,10 @@ Methods: mclSTExp with the defaults of `hs.models.MclSTExp` / `hs.tl.mclstexp_tr
 weights over 200 neighbours, the reference expression on its first 16 principal axes), ridge-PCA256 (the
 HEST-Benchmark protocol) and kNN (k = 50) on the same standardised features, their predictions put on the same 16
 axes by `hs.tl.mclstexp_cross_validate` (as it smooths them when the model smooths); the baselines without that step
-are rows of `benchmarks/expression_retrieval.py --dataset mob`. Targets: `ln(1 + 1e4 x / s)` per spot over the genes. Scores: mean per-gene Pearson r over the held-out
-spots, over all genes (constant genes left out) and over the 300 genes with the highest mean expression in the
-held-out section; MSE/MAE; genes with a positive r at FDR < 0.05 (Dutilleul's spatial test).
+are rows of `benchmarks/expression_retrieval.py --dataset mob`. Targets: `ln(1 + 1e4 x / s)` per spot over the genes.
+Scores: mean per-gene Pearson r over the held-out spots, over all genes (constant genes left out) and over the 300
+genes with the highest mean expression in the held-out section; MSE/MAE; genes with a positive r at FDR < 0.05
+(Dutilleul's spatial test).
 Spread over spots: for every held-out section, a paired spatial block bootstrap of the difference mclSTExp -
 ridge-PCA256 (`block_bootstrap`: square blocks of 300 / 500 / 800 µm drawn with replacement, 1,000 draws, both
 methods' r recomputed on the same drawn spots), stored with the evaluation's run in the JSON.

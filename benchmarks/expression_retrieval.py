@@ -25,12 +25,13 @@ predictions are made from the same trained models, so that the table isolates th
 
 ridge-PCA256 on the image features (the HEST-Benchmark protocol) is scored beside them, as it is and with its
 predictions put on the same 16 axes of the training expression (`ReferenceData.on_axes`, what
-`hs.tl.mclstexp_cross_validate` does to its baselines), with and without the same smoothing. Scores: mean per-gene Pearson r over the 785 panel genes (pcc_all) and over the 50 most expressed genes of
-the held-out section (pcc_top; MOB: all 1,000 genes and the top 300), targets `ln(1 + CP10k)` over the genes, as in
-`benchmarks/expression.py`; per-gene wins of retrieval over the head are counted over the genes of all folds.
-Spread over spots: retrieval - ridge-PCA256 and retrieval - ridge-PCA256 on the 16 axes (context off) by the paired
-spatial block bootstrap of `_spread.py`, per section and for the mean over sections (positions in µm from the array coordinates: 200 µm per step on her2st's
-ST array, 100 µm on MOB's '2k' array).
+`hs.tl.mclstexp_cross_validate` does to its baselines), with and without the same smoothing. Scores: mean per-gene
+Pearson r over the 785 panel genes (pcc_all) and over the 50 most expressed genes of the held-out section (pcc_top;
+MOB: all 1,000 genes and the top 300), targets `ln(1 + CP10k)` over the genes, as in `benchmarks/expression.py`;
+per-gene wins of retrieval over the head are counted over the genes of all folds. Spread over spots: retrieval -
+ridge-PCA256 and retrieval - ridge-PCA256 on the 16 axes (context off) by the paired spatial block bootstrap of
+`_spread.py`, per section and for the mean over sections (positions in µm from the array coordinates: 200 µm per step
+on her2st's ST array, 100 µm on MOB's '2k' array).
 
 Writes `benchmarks/results/expression_retrieval.md` and `.json`.
 """

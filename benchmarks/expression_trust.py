@@ -6,10 +6,10 @@ Run from the repository root (features cached by `benchmarks/expression.py --cac
 
 One call of `hs.tl.mclstexp_cross_validate` with the defaults of `hs.models.MclSTExp` (the validated settings:
 L2-normalised embeddings with a learned temperature, 30 epochs, a 5-model seed ensemble, softmax weights over 200
-neighbours, the reference expression on its first 16 principal axes) on the stage features of the 224-px patch and a 448-px context patch (`stages224+448`, see
-`expression.py`), with BLEEP-style, ridge, ridge-PCA256 and kNN on the same folds, genes, targets and features, and
-`return_predictions=True` (the regressions' predictions are put on the model's principal axes, as
-`hs.tl.mclstexp_cross_validate` does). It reports:
+neighbours, the reference expression on its first 16 principal axes) on the stage features of the 224-px patch and a
+448-px context patch (`stages224+448`, see `expression.py`), with BLEEP-style, ridge, ridge-PCA256 and kNN on the
+same folds, genes, targets and features, and `return_predictions=True` (the regressions' predictions are put on the
+model's principal axes, as `hs.tl.mclstexp_cross_validate` does). It reports:
 
 - the methods side by side (mean per-gene Pearson over the panel and over the 50 most expressed genes, MSE, MAE, genes
   at FDR < 0.05 per fold, training and prediction time per fold);
