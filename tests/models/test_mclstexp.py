@@ -89,7 +89,7 @@ def test_model_expression_rank(adata, tmp_path):
     genes = list(adata.var_names)  # 30 genes: rank 16 is a real reduction
     assert hs.models.MclSTExp(adata, genes=genes, **TINY).expression_rank == 16
     assert hs.models.MclSTExp(adata, genes=genes, preset="reference", **TINY).expression_rank == 0
-    for bad in (-1, 1.5, "16"):
+    for bad in (-1, 1.5, "16", False):  # a bool is not a rank (False was taken as 0 before)
         with pytest.raises((ValueError, TypeError), match="expression_rank"):
             hs.models.MclSTExp(adata, genes=genes, expression_rank=bad, **TINY)
     model = hs.models.MclSTExp(adata, genes=genes, expression_rank=4, **TINY).train(random_state=0, **FIT)

@@ -257,8 +257,9 @@ class MclSTExp(QueryMixin, BaseModelClass):
         #: weight of the ring-1 mean of the predictions over the query's graph (0: none)
         self.smooth_predictions = float(check_number(smooth_predictions, "smooth_predictions", low=0, high=1))
         self.init_params_["smooth_predictions"] = self.smooth_predictions
-        rank = settings.DEFAULT_RANK if expression_rank is None and preset is None else expression_rank or 0
-        self.expression_rank = int(check_number(rank, "expression_rank", integer=True, low=0))  # 0: as measured
+        if expression_rank is None:
+            expression_rank = 0 if preset == "reference" else settings.DEFAULT_RANK
+        self.expression_rank = int(check_number(expression_rank, "expression_rank", integer=True, low=0))
         self.init_params_["expression_rank"] = self.expression_rank
         self.connectivity_key = connectivity_key
         self._encoder_spec = (encoder, None if encoder_weights is None else str(encoder_weights))

@@ -21,7 +21,7 @@ from histospace._image.features._slot import (
 from histospace._utils import check_no_nan, check_unique_obs_names, get_matrix
 from histospace._utils._data import as_dense, check_genes, library_labels, log_normalize, normalize_expression
 from histospace._utils._library import PatchStream
-from histospace._utils._preprocess import highly_variable_genes
+from histospace._utils._preprocess import covariance_pca, highly_variable_genes
 
 
 def grid_positions(xy: np.ndarray, libs: np.ndarray) -> np.ndarray:
@@ -65,7 +65,7 @@ class ReferenceData:
     features: np.ndarray | None = None
     views: list[np.ndarray] = field(default_factory=list)
     patches: PatchStream | None = None
-    #: principal axes of :attr:`expression` (`'mean'`, `'components'`), computed once by :meth:`expression_at_rank`
+    #: principal axes of :attr:`expression` (`'mean'`, `'components'` rows), computed once by :meth:`on_axes`
     expression_pca: dict | None = None
     _at_rank: tuple[int, int, np.ndarray] | None = field(default=None, repr=False)
 
@@ -229,10 +229,10 @@ class ReferenceData:
     def on_axes(self, x: np.ndarray, rank: int) -> np.ndarray:
         """Rows `x` (spots x genes) on the first `rank` principal axes of :attr:`expression`, in its range; float32.
 
-        The axes are those of a centred PCA over the reference spots (exact: :class:`~sklearn.decomposition.PCA` with
-        the covariance eigendecomposition when there are more spots than genes, else a full SVD), computed once and
-        kept (saved with the model); each gene is then clipped to its reference range. `rank=0`, or a rank that spans
-        every axis, leaves `x` as it is.
+        The axes are those of a centred PCA over the reference spots (exact: :func:`covariance_pca`, the covariance
+        accumulated in row chunks and eigendecomposed, as for image features), computed once and kept (saved with the
+        model); each gene is then clipped to its reference range. `rank=0`, or a rank that spans every axis, leaves
+        `x` as it is.
         """
         y = self.expression
         n, g = y.shape
@@ -240,11 +240,8 @@ class ReferenceData:
             return np.asarray(x, dtype=np.float32)
         pca = self.expression_pca
         if pca is None or pca["components"].shape[0] < rank:
-            from sklearn.decomposition import PCA
-
-            fit = PCA(n_components=rank, svd_solver="covariance_eigh" if n >= g else "full", random_state=0)
-            fit.fit(np.asarray(y, dtype=np.float64))
-            pca = {"mean": fit.mean_.astype(np.float32), "components": fit.components_.astype(np.float32)}
+            mean, comps = covariance_pca(y, rank)
+            pca = {"mean": mean.astype(np.float32), "components": comps.T.astype(np.float32)}
             self.expression_pca = pca
         v, mean = pca["components"][:rank], pca["mean"]
         low, lo, hi = np.empty(x.shape, dtype=np.float32), y.min(axis=0), y.max(axis=0)
